@@ -1,0 +1,874 @@
+"""Shared primitives for reproducing two papers on normalization and adversarial robustness.
+
+P1: "Batch normalization increases adversarial vulnerability: disentangling usefulness and
+    robustness of model features" (LIGS, Ilyas-style feature datasets).
+P2: Galloway et al., "Batch Normalization is a Cause of Adversarial Vulnerability".
+
+What lives here (the stable, boring pieces; each exp_*.py owns its recipe, sweep, table and plot):
+  - a norm factory (none | bn | in | ln | gn) and every architecture of both papers, incl. Fixup;
+  - hand-written attacks: FGSM, BIM, PGD-linf/l2 with CE or CW margin loss;
+  - LIGS (P1 Eq. 1) and its differentiable regularizer.
+
+Input-space conventions (SPEC 1.1) -- the attacks do not care which one a script uses:
+  - P1: data in [0,1] pixels; the model standardizes inside (`mean=`, `std=` -> a `Standardize`
+    first layer); eps in pixel units; attacks use clip=(0, 1).
+  - P2: data standardized outside the model (no `mean`/`std`); eps in standardized units; attacks
+    use the paper's clip range, e.g. clip=(-2, 2) for CIFAR-10, (-1, 1) for SVHN, None for MNIST.
+
+Importing this module has no side effects (no argparse, no global torch flags, no I/O).
+"""
+import contextlib
+import math
+import random
+import re
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+NORMS = ("none", "bn", "in", "ln", "gn")
+ACTS = ("relu", "leaky_relu", "selu")
+ATTACK_NORMS = ("linf", "l2")
+ATTACK_LOSSES = ("ce", "cw")
+PERTURBATIONS = ("gaussian", "uniform", "fgsm", "pgd")
+
+
+def check_choice(name, value, choices):
+    """Raise one clear line when `value` is not one of `choices` (used for every string option)."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def set_seed(seed):
+    """Seed python, numpy and torch (CPU and all CUDA devices). Generators owned by a run
+    (data order, augmentation, attack starts, LIGS noise) are seeded separately by their caller."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+# ================================================================================================
+# Normalization layers (SPEC 1.2)
+# ================================================================================================
+
+def norm_layer(norm, channels, dim=2, gn_groups=None, bn_eps=1e-5, bn_momentum=0.1):
+    """The one norm factory of the project (P1 Sec. 3 / Table 2 compare exactly these five).
+
+    norm: none | bn | in | ln | gn.  dim=2 for conv feature maps (B, C, H, W), dim=1 for MLP
+    features (B, C).
+      bn: BatchNorm{1,2}d (PyTorch defaults eps=1e-5, momentum=0.1; P2 Fig 2 uses bn_eps=1e-3,
+          P2's spheres code bn_momentum=None, i.e. an exact cumulative average).
+      in: GroupNorm(C, C) with affine -- used instead of InstanceNorm2d, whose default is
+          affine=False with confusing running-stat options. Undefined for dim=1 (one value per
+          group), so it raises there.
+      ln: GroupNorm(1, C) (normalizes over C, H, W; over the features for dim=1).
+      gn: GroupNorm(G, C), G = gcd(gn_groups, C) with gn_groups defaulting to 32 (Wu & He).
+          Note: for C <= 32 the default makes GN identical to IN; smoke widths should pass a
+          smaller gn_groups so the code paths differ.
+      none: nn.Identity (the preceding conv/linear then keeps its bias, see `_has_bias`).
+    """
+    check_choice("norm", norm, NORMS)
+    if norm == "none":
+        return nn.Identity()
+    if norm == "bn":
+        return (nn.BatchNorm2d if dim == 2 else nn.BatchNorm1d)(channels, eps=bn_eps, momentum=bn_momentum)
+    if norm == "in":
+        if dim == 1:
+            raise ValueError("norm='in' is undefined for fully-connected layers (one value per instance-channel)")
+        return nn.GroupNorm(channels, channels)
+    if norm == "ln":
+        return nn.GroupNorm(1, channels)
+    return nn.GroupNorm(math.gcd(gn_groups or 32, channels), channels)
+
+
+def _has_bias(norm):
+    # A norm with a learned shift makes a preceding bias redundant (SPEC 1.2): bias only for 'none'.
+    return norm == "none"
+
+
+def make_act(act):
+    """relu | leaky_relu (slope 0.1, P1 Fig 8 [DEFAULT]) | selu. Never in-place: LIGS needs
+    double backprop and attacks need clean graphs."""
+    check_choice("act", act, ACTS)
+    return {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.1), "selu": nn.SELU}[act]()
+
+
+class Standardize(nn.Module):
+    """(x - mean) / std per channel as the model's first layer, so that attacks and LIGS work in
+    [0,1] pixel space (P1 convention; the robustness-library `Normalize` layer)."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+        if mean.shape != std.shape or (std <= 0).any():
+            raise ValueError(f"Standardize: mean and std need the same shape and std > 0, got {mean.tolist()} / {std.tolist()}")
+        self.register_buffer("mean", mean.reshape(-1))
+        self.register_buffer("std", std.reshape(-1))
+
+    def forward(self, x):
+        shape = (1, -1) + (1,) * (x.dim() - 2)  # (1, C, 1, 1) for images, (1, D) for vectors
+        return (x - self.mean.view(shape)) / self.std.view(shape)
+
+
+def _input_layer(mean, std):
+    return nn.Identity() if mean is None and std is None else Standardize(mean, std)
+
+
+def _ch(c, width):
+    return max(1, int(round(c * width)))
+
+
+def conv3x3(c_in, c_out, stride=1, bias=False):
+    return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=bias)
+
+
+def conv1x1(c_in, c_out, stride=1, bias=False):
+    return nn.Conv2d(c_in, c_out, 1, stride=stride, bias=bias)
+
+
+# ================================================================================================
+# VGG (SPEC 1.3; P1 Table 1, P2 Tables 1-3, 8)
+# ================================================================================================
+
+VGG_CFGS = {  # numbers = 3x3 conv output channels, "M" = 2x2 max-pool
+    8: [64, "M", 128, "M", 256, "M", 512, "M", 512, "M"],
+    11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    13: [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    16: [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    19: [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
+}
+
+
+class VGG(nn.Module):
+    """VGG for 32x32 inputs (SPEC 1.3). conv -> norm -> act after every conv; the hidden FC layers
+    get no norm (torchvision vgg*_bn convention). n_fc=3 gives 512-512-n_classes, so the name counts
+    weight layers (VGG8 = 5 conv + 3 FC, [DEFAULT] A9); n_fc=1 is the common one-FC CIFAR variant.
+
+    Pools use ceil_mode=True: identical to floor mode on 32x32 (all sizes even) while letting small
+    inputs (8x8 digits, 16x16 smoke images) pass all five pools at 1x1. A final global average pool
+    is the identity at 32x32. He init (P2: "standard He initialization"), zero biases.
+    """
+
+    def __init__(self, depth=16, norm="bn", width=1.0, num_classes=10, in_channels=3, n_fc=3,
+                 act="relu", gn_groups=None, mean=None, std=None):
+        super().__init__()
+        check_choice("vgg depth", depth, tuple(VGG_CFGS))
+        if n_fc < 1:
+            raise ValueError(f"n_fc={n_fc}: expected >= 1")
+        self.input_norm = _input_layer(mean, std)
+        layers, c_in = [], in_channels
+        for v in VGG_CFGS[depth]:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, ceil_mode=True))
+            else:
+                c = _ch(v, width)
+                layers += [conv3x3(c_in, c, bias=_has_bias(norm)), norm_layer(norm, c, gn_groups=gn_groups), make_act(act)]
+                c_in = c
+        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        hidden, h = [], _ch(512, width)
+        for _ in range(n_fc - 1):
+            hidden += [nn.Linear(c_in, h), make_act(act)]
+            c_in = h
+        self.hidden = nn.Sequential(*hidden)
+        self.fc = nn.Linear(c_in, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def features(self, x):
+        """Penultimate representation g(x): last hidden FC after its act (flattened conv output if n_fc=1)."""
+        return self.hidden(self.body(self.input_norm(x)))
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+# ================================================================================================
+# ResNets: CIFAR ResNet-18/34/50 (P1) and ResNet-20/56/110 (P1 Fig 9), with Fixup variants
+# ================================================================================================
+
+def _pad_shortcut(x, c_out, stride):
+    """He et al. 2016 option A: parameter-free subsample + zero-pad channels (ResNet-20/56/110 and
+    the hongyi-zhang Fixup code, REFERENCE_NOTES 2a)."""
+    x = x[:, :, ::stride, ::stride]
+    return F.pad(x, (0, 0, 0, 0, 0, c_out - x.shape[1]))
+
+
+class BasicBlock(nn.Module):
+    """conv-norm-act-conv-norm (+ shortcut) -> act. shortcut=False drops the identity path and any
+    projection: the block output is act(residual branch) (P1 Figs 9, 16). proj='conv' is the 1x1
+    conv + norm projection (kuangliu/MadryLab ResNet-18); proj='pad' is option A."""
+    expansion = 1
+
+    def __init__(self, c_in, c, stride=1, norm="bn", act="relu", shortcut=True, proj="conv", gn_groups=None):
+        super().__init__()
+        b = _has_bias(norm)
+        self.conv1, self.n1, self.act1 = conv3x3(c_in, c, stride, b), norm_layer(norm, c, gn_groups=gn_groups), make_act(act)
+        self.conv2, self.n2, self.act2 = conv3x3(c, c, 1, b), norm_layer(norm, c, gn_groups=gn_groups), make_act(act)
+        self.shortcut, self.proj = shortcut, None
+        self.c_out, self.stride = c, stride
+        if shortcut and (stride != 1 or c_in != c) and proj == "conv":
+            self.proj = nn.Sequential(conv1x1(c_in, c, stride, b), norm_layer(norm, c, gn_groups=gn_groups))
+
+    def branch(self, x):
+        return self.n2(self.conv2(self.act1(self.n1(self.conv1(x)))))
+
+    def forward(self, x):
+        out = self.branch(x)
+        if self.shortcut:
+            out = out + (self.proj(x) if self.proj is not None else _identity_or_pad(x, self.c_out, self.stride))
+        return self.act2(out)
+
+
+def _identity_or_pad(x, c_out, stride):
+    return x if stride == 1 and x.shape[1] == c_out else _pad_shortcut(x, c_out, stride)
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 -> 1x1 (x4 channels) bottleneck of CIFAR ResNet-50 (kuangliu/MadryLab layout)."""
+    expansion = 4
+
+    def __init__(self, c_in, c, stride=1, norm="bn", act="relu", shortcut=True, proj="conv", gn_groups=None):
+        super().__init__()
+        b, c_out = _has_bias(norm), 4 * c
+        self.conv1, self.n1, self.act1 = conv1x1(c_in, c, 1, b), norm_layer(norm, c, gn_groups=gn_groups), make_act(act)
+        self.conv2, self.n2, self.act2 = conv3x3(c, c, stride, b), norm_layer(norm, c, gn_groups=gn_groups), make_act(act)
+        self.conv3, self.n3, self.act3 = conv1x1(c, c_out, 1, b), norm_layer(norm, c_out, gn_groups=gn_groups), make_act(act)
+        self.shortcut, self.proj = shortcut, None
+        self.c_out, self.stride = c_out, stride
+        if shortcut and (stride != 1 or c_in != c_out) and proj == "conv":
+            self.proj = nn.Sequential(conv1x1(c_in, c_out, stride, b), norm_layer(norm, c_out, gn_groups=gn_groups))
+
+    def branch(self, x):
+        out = self.act1(self.n1(self.conv1(x)))
+        out = self.act2(self.n2(self.conv2(out)))
+        return self.n3(self.conv3(out))
+
+    def forward(self, x):
+        out = self.branch(x)
+        if self.shortcut:
+            out = out + (self.proj(x) if self.proj is not None else _identity_or_pad(x, self.c_out, self.stride))
+        return self.act3(out)
+
+
+def _scalar(value):
+    return nn.Parameter(torch.full((1,), float(value)))
+
+
+def _he_fan_out_(weight, scale=1.0):
+    # normal with std = sqrt(2 / (out_channels * k * k)) * scale, as in the Fixup code (REFERENCE_NOTES 2a)
+    fan_out = weight.shape[0] * weight[0, 0].numel()
+    with torch.no_grad():
+        weight.normal_(0.0, math.sqrt(2.0 / fan_out) * scale)
+
+
+class FixupBasicBlock(nn.Module):
+    """Fixup basic block (Zhang et al. 2019; REFERENCE_NOTES 2a), no normalization:
+        out = conv1(x + b1a); out = act(out + b1b); out = conv2(out + b2a); out = scale*out + b2b
+        return act(out + shortcut(x + b1a))
+    Init (L = number of residual blocks, m = 2 layers per branch): conv1 He fan_out * L^(-1/2),
+    conv2 = 0, so every branch outputs exactly 0 at init; a 1x1 projection keeps unscaled He."""
+    expansion = 1
+
+    def __init__(self, c_in, c, stride=1, act="relu", proj="conv", num_blocks=1):
+        super().__init__()
+        self.bias1a, self.bias1b, self.bias2a, self.bias2b = _scalar(0), _scalar(0), _scalar(0), _scalar(0)
+        self.scale = _scalar(1)
+        self.conv1, self.act1 = conv3x3(c_in, c, stride), make_act(act)
+        self.conv2, self.act2 = conv3x3(c, c), make_act(act)
+        self.c_out, self.stride, self.proj = c, stride, None
+        if (stride != 1 or c_in != c) and proj == "conv":
+            self.proj = conv1x1(c_in, c, stride)
+            _he_fan_out_(self.proj.weight)
+        _he_fan_out_(self.conv1.weight, num_blocks ** -0.5)
+        nn.init.zeros_(self.conv2.weight)
+
+    def branch(self, x):
+        out = self.act1(self.conv1(x + self.bias1a) + self.bias1b)
+        return self.conv2(out + self.bias2a) * self.scale + self.bias2b
+
+    def forward(self, x):
+        xb = x + self.bias1a
+        sc = self.proj(xb) if self.proj is not None else _identity_or_pad(xb, self.c_out, self.stride)
+        return self.act2(self.branch(x) + sc)
+
+
+class FixupBottleneck(nn.Module):
+    """Fixup bottleneck (REFERENCE_NOTES 2a, ImageNet variant): m = 3, so conv1 and conv2 get
+    He fan_out * L^(-1/4) and conv3 = 0; scalar biases before each conv and activation."""
+    expansion = 4
+
+    def __init__(self, c_in, c, stride=1, act="relu", proj="conv", num_blocks=1):
+        super().__init__()
+        c_out = 4 * c
+        self.bias1a, self.bias1b, self.bias2a, self.bias2b, self.bias3a, self.bias3b = (_scalar(0) for _ in range(6))
+        self.scale = _scalar(1)
+        self.conv1, self.act1 = conv1x1(c_in, c), make_act(act)
+        self.conv2, self.act2 = conv3x3(c, c, stride), make_act(act)
+        self.conv3, self.act3 = conv1x1(c, c_out), make_act(act)
+        self.c_out, self.stride, self.proj = c_out, stride, None
+        if (stride != 1 or c_in != c_out) and proj == "conv":
+            self.proj = conv1x1(c_in, c_out, stride)
+            _he_fan_out_(self.proj.weight)
+        _he_fan_out_(self.conv1.weight, num_blocks ** -0.25)
+        _he_fan_out_(self.conv2.weight, num_blocks ** -0.25)
+        nn.init.zeros_(self.conv3.weight)
+
+    def branch(self, x):
+        out = self.act1(self.conv1(x + self.bias1a) + self.bias1b)
+        out = self.act2(self.conv2(out + self.bias2a) + self.bias2b)
+        return self.conv3(out + self.bias3a) * self.scale + self.bias3b
+
+    def forward(self, x):
+        xb = x + self.bias1a
+        sc = self.proj(xb) if self.proj is not None else _identity_or_pad(xb, self.c_out, self.stride)
+        return self.act3(self.branch(x) + sc)
+
+
+class ResNet(nn.Module):
+    """CIFAR ResNet: 3x3 stride-1 stem, no max-pool, stages of `widths` channels, global average
+    pool, linear classifier (SPEC 1.3).
+
+    ResNet-18/34/50: widths 64/128/256/512, 1x1-conv projections (MadryLab layout used by P1's
+    authors; PyTorch default init, as in their code, REFERENCE_NOTES 1b).
+    ResNet-20/56/110: widths 16/32/64, (depth-2)/6 basic blocks per stage, option-A shortcuts.
+    fixup=True builds the Fixup network instead (no norm layers; scalar bias after the stem and
+    before the classifier; classifier weight and bias zero, so all logits are 0 at init).
+    """
+
+    def __init__(self, block, num_blocks, widths=(64, 128, 256, 512), norm="bn", width=1.0, num_classes=10,
+                 in_channels=3, act="relu", shortcut=True, proj="conv", fixup=False, gn_groups=None, mean=None, std=None):
+        super().__init__()
+        self.input_norm = _input_layer(mean, std)
+        self.fixup = fixup
+        widths = [_ch(w, width) for w in widths]
+        self.stem = conv3x3(in_channels, widths[0], bias=_has_bias(norm) and not fixup)
+        self.stem_norm = nn.Identity() if fixup else norm_layer(norm, widths[0], gn_groups=gn_groups)
+        self.stem_act = make_act(act)
+        if fixup:
+            self.bias1, self.bias2 = _scalar(0), _scalar(0)
+        layers, c_in, L = [], widths[0], sum(num_blocks)
+        for i, (w, n) in enumerate(zip(widths, num_blocks)):
+            for j in range(n):
+                stride = 2 if i > 0 and j == 0 else 1
+                if fixup:
+                    layers.append(block(c_in, w, stride, act=act, proj=proj, num_blocks=L))
+                else:
+                    layers.append(block(c_in, w, stride, norm=norm, act=act, shortcut=shortcut, proj=proj, gn_groups=gn_groups))
+                c_in = w * block.expansion
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(c_in, num_classes)
+        if fixup:
+            nn.init.zeros_(self.fc.weight)
+            nn.init.zeros_(self.fc.bias)
+
+    def features(self, x):
+        """Penultimate representation g(x): the globally average-pooled vector before the classifier."""
+        out = self.stem(self.input_norm(x))
+        out = self.stem_act(self.stem_norm(out) + self.bias1 if self.fixup else self.stem_norm(out))
+        out = F.adaptive_avg_pool2d(self.layers(out), 1).flatten(1)
+        return out + self.bias2 if self.fixup else out
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+# ================================================================================================
+# WideResNet (P2 Tables 2, 4, 9): pre-activation blocks, BN or Fixup
+# ================================================================================================
+
+class WideBlock(nn.Module):
+    """Pre-activation wide block (Zagoruyko & Komodakis; dropout 0):
+    o = act(n1(x)); shortcut = x or 1x1conv(o); return conv2(act(n2(conv1(o)))) + shortcut."""
+
+    def __init__(self, c_in, c, stride, norm="bn", act="relu", gn_groups=None):
+        super().__init__()
+        b = _has_bias(norm)
+        self.n1, self.act1, self.conv1 = norm_layer(norm, c_in, gn_groups=gn_groups), make_act(act), conv3x3(c_in, c, stride, b)
+        self.n2, self.act2, self.conv2 = norm_layer(norm, c, gn_groups=gn_groups), make_act(act), conv3x3(c, c, 1, b)
+        self.proj = conv1x1(c_in, c, stride, b) if (stride != 1 or c_in != c) else None
+
+    def forward(self, x):
+        o = self.act1(self.n1(x))
+        sc = x if self.proj is None else self.proj(o)
+        return self.conv2(self.act2(self.n2(self.conv1(o)))) + sc
+
+
+class FixupWideBlock(nn.Module):
+    """Fixup version of the pre-activation wide block, defined explicitly here because the public
+    WRN-Fixup code changed materially between commits (REFERENCE_NOTES 2b, 8.4):
+        o = act(x + b1a); shortcut = x or 1x1conv(o)
+        o = act(conv1(o) + b1b); o = scale * conv2(o + b2a) + b2b; return o + shortcut
+    conv1: He fan_out * L^(-1/2) (L = number of blocks, 12 for WRN-28-10); conv2 = 0; the 1x1
+    projection: unscaled He fan_out."""
+
+    def __init__(self, c_in, c, stride, act="relu", num_blocks=1):
+        super().__init__()
+        self.bias1a, self.bias1b, self.bias2a, self.bias2b = _scalar(0), _scalar(0), _scalar(0), _scalar(0)
+        self.scale = _scalar(1)
+        self.act1, self.conv1 = make_act(act), conv3x3(c_in, c, stride)
+        self.act2, self.conv2 = make_act(act), conv3x3(c, c)
+        self.proj = conv1x1(c_in, c, stride) if (stride != 1 or c_in != c) else None
+        if self.proj is not None:
+            _he_fan_out_(self.proj.weight)
+        _he_fan_out_(self.conv1.weight, num_blocks ** -0.5)
+        nn.init.zeros_(self.conv2.weight)
+
+    def branch(self, o):
+        o = self.act2(self.conv1(o) + self.bias1b)
+        return self.conv2(o + self.bias2a) * self.scale + self.bias2b
+
+    def forward(self, x):
+        o = self.act1(x + self.bias1a)
+        sc = x if self.proj is None else self.proj(o)
+        return self.branch(o) + sc
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-k (SPEC 1.3): stem conv 16, three stages of 16k/32k/64k channels with (depth-4)/6
+    blocks each, then final norm -> act -> global average pool -> linear.
+
+    fixup=True: no norm anywhere (FixupWideBlock), zero classifier; final_bn=True keeps the single
+    BatchNorm before the classifier that P2's Fixup WRN-28-10 has (P2 footnote 7), off by default
+    so that plain Fixup is the default meaning of "fixup".
+    """
+
+    def __init__(self, depth=28, k=10, norm="bn", num_classes=10, in_channels=3, act="relu", fixup=False,
+                 final_bn=False, gn_groups=None, mean=None, std=None):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"WideResNet depth={depth}: expected 6n+4 (e.g. 16, 22, 28, 40)")
+        if final_bn and not fixup:
+            raise ValueError("final_bn=True is only meaningful with norm='fixup' (a normed WRN always has a final norm)")
+        n = (depth - 4) // 6
+        widths = [16 * k, 32 * k, 64 * k]
+        self.input_norm = _input_layer(mean, std)
+        self.fixup = fixup
+        self.stem = conv3x3(in_channels, 16, bias=_has_bias(norm) and not fixup)
+        blocks, c_in = [], 16
+        for i, w in enumerate(widths):
+            for j in range(n):
+                stride = 2 if i > 0 and j == 0 else 1
+                blocks.append(FixupWideBlock(c_in, w, stride, act, num_blocks=3 * n) if fixup
+                              else WideBlock(c_in, w, stride, norm, act, gn_groups))
+                c_in = w
+        self.blocks = nn.Sequential(*blocks)
+        if fixup:
+            self.final_norm = nn.BatchNorm2d(c_in) if final_bn else nn.Identity()
+            self.bias1, self.bias2 = _scalar(0), _scalar(0)
+        else:
+            self.final_norm = norm_layer(norm, c_in, gn_groups=gn_groups)
+        self.final_act = make_act(act)
+        self.fc = nn.Linear(c_in, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d) and not fixup:
+                _he_fan_out_(m.weight)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+        if fixup:
+            _he_fan_out_(self.stem.weight)
+            nn.init.zeros_(self.fc.weight)
+
+    def features(self, x):
+        """Penultimate representation g(x): the pooled vector before the classifier."""
+        out = self.final_norm(self.blocks(self.stem(self.input_norm(x))))
+        out = self.final_act(out + self.bias1 if self.fixup else out)
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return out + self.bias2 if self.fixup else out
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+# ================================================================================================
+# MLPs (P2 Sec. 4, Figs 2-5, 8) and the deep linear network (P2 Figs 1, 7)
+# ================================================================================================
+
+class MLP(nn.Module):
+    """Fully connected net: for each hidden width, Linear -> [norm] -> act (P2 Eq. 1), then a linear
+    classifier. Inputs of any shape are flattened.
+
+    norm_positions: indices of the hidden layers that get `norm` (None = all of them), e.g. [0] for
+    P2 Table 6's single BN after the first hidden layer. A Linear followed by a norm has no bias.
+    init='he' (Kaiming normal for ReLU, zero biases; P2 Fig 2 [DEFAULT]) or 'default' (PyTorch's).
+    """
+
+    def __init__(self, in_dim, hidden=(256, 256), num_classes=10, norm="none", norm_positions=None, act="relu",
+                 bn_eps=1e-5, bn_momentum=0.1, gn_groups=None, init="he", mean=None, std=None):
+        super().__init__()
+        check_choice("init", init, ("he", "default"))
+        if norm_positions is not None and any(not 0 <= p < len(hidden) for p in norm_positions):
+            raise ValueError(f"norm_positions={list(norm_positions)}: expected indices in [0, {len(hidden)})")
+        self.input_norm = _input_layer(mean, std)
+        positions = set(range(len(hidden)) if norm_positions is None else norm_positions)
+        layers, d = [], in_dim
+        for i, h in enumerate(hidden):
+            n = norm if i in positions else "none"
+            layers += [nn.Linear(d, h, bias=_has_bias(n)),
+                       norm_layer(n, h, dim=1, gn_groups=gn_groups, bn_eps=bn_eps, bn_momentum=bn_momentum), make_act(act)]
+            d = h
+        self.hidden = nn.Sequential(*layers)
+        self.fc = nn.Linear(d, num_classes)
+        if init == "he":
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+
+    def features(self, x):
+        """Penultimate representation g(x): the last hidden layer's activations."""
+        return self.hidden(self.input_norm(x).flatten(1))
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+class DeepLinear(nn.Module):
+    """Deep *linear* network of P2 Figs 1 and 7: `depth` x (Linear(width) -> [BN]) with no
+    nonlinearity, then Linear(num_classes). PyTorch default init (P2: the dynamic range shrinks with
+    depth "under default initialization"). Without BN the whole net is one linear map; with BN in
+    train mode each mini-batch gets its own affine map (SPEC 12)."""
+
+    def __init__(self, in_dim=2, width=128, depth=16, num_classes=2, norm="none", bn_momentum=0.1):
+        super().__init__()
+        check_choice("norm", norm, ("none", "bn"))
+        self.layers = nn.ModuleList()
+        d = in_dim
+        for _ in range(depth):
+            self.layers.append(nn.Sequential(nn.Linear(d, width), norm_layer(norm, width, dim=1, bn_momentum=bn_momentum)))
+            d = width
+        self.fc = nn.Linear(d, num_classes)
+
+    def layer_outputs(self, x):
+        """[x, h_1, ..., h_depth]: the input and every layer's (normalized) output, for the per-layer PCA plots."""
+        outs = [x]
+        for layer in self.layers:
+            outs.append(layer(outs[-1]))
+        return outs
+
+    def features(self, x):
+        return self.layer_outputs(x)[-1]
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+# ================================================================================================
+# make_model: the single entry point for scripts
+# ================================================================================================
+
+RESNET_SPECS = {  # name -> (block kind, blocks per stage)
+    "resnet18": ("basic", [2, 2, 2, 2]), "resnet34": ("basic", [3, 4, 6, 3]), "resnet50": ("bottleneck", [3, 4, 6, 3]),
+    **{f"resnet{d}": ("basic", [(d - 2) // 6] * 3) for d in (20, 32, 44, 56, 110)},
+}
+ARCHS = tuple(f"vgg{d}" for d in VGG_CFGS) + tuple(RESNET_SPECS) + ("wrn<depth>_<k>", "mlp", "deep_linear")
+
+
+def make_model(arch, norm="bn", width=1.0, num_classes=10, in_channels=3, **kw):
+    """Build any model of both papers by name.
+
+    arch: vgg8|vgg11|vgg13|vgg16|vgg19, resnet18|resnet34|resnet50, resnet20|32|44|56|110,
+          wrn<depth>_<k> (e.g. wrn28_10), mlp (needs in_dim=, hidden=), deep_linear.
+    norm: none|bn|in|ln|gn, or 'fixup' for the ResNets and WRNs (Fixup init, no norm layers).
+    width: channel multiplier (smoke runs use e.g. 1/16); for wrn the width is k.
+    kw: passed to the class (act, shortcut, gn_groups, n_fc, final_bn, mean/std, ...).
+    Returns an nn.Module with forward(x) -> logits and features(x) -> penultimate g(x).
+    """
+    arch = str(arch).lower()
+    fixup = norm == "fixup"
+    wrn = re.fullmatch(r"wrn(\d+)_(\d+)", arch)
+    if fixup and not (arch in RESNET_SPECS or wrn):
+        raise ValueError(f"norm='fixup' applies to resnet*/wrn* only, not arch={arch!r}")
+    if not fixup:
+        check_choice("norm", norm, NORMS)
+    if arch.startswith("vgg") and arch[3:].isdigit() and int(arch[3:]) in VGG_CFGS:
+        return VGG(int(arch[3:]), norm, width, num_classes, in_channels, **kw)
+    if arch in RESNET_SPECS:
+        kind, blocks = RESNET_SPECS[arch]
+        cifar_small = arch not in ("resnet18", "resnet34", "resnet50")
+        if fixup and kw.get("shortcut", True) is False:
+            raise ValueError("norm='fixup' needs shortcut=True (a zero-initialized branch without identity outputs 0)")
+        if fixup:
+            kw.pop("shortcut", None)
+            block = FixupBottleneck if kind == "bottleneck" else FixupBasicBlock
+        else:
+            block = Bottleneck if kind == "bottleneck" else BasicBlock
+        widths = (16, 32, 64) if cifar_small else (64, 128, 256, 512)
+        return ResNet(block, blocks, widths, "none" if fixup else norm, width, num_classes, in_channels,
+                      proj="pad" if cifar_small else "conv", fixup=fixup, **kw)
+    if wrn:
+        if width != 1.0:
+            raise ValueError("wrn: set the width through the name (wrn28_10 has k=10), not width=")
+        return WideResNet(int(wrn[1]), int(wrn[2]), "none" if fixup else norm, num_classes, in_channels, fixup=fixup, **kw)
+    if arch == "mlp":
+        if "in_dim" not in kw:
+            raise ValueError("arch='mlp' needs in_dim= (number of input features)")
+        if "hidden" not in kw and width != 1.0:
+            kw["hidden"] = [_ch(256, width)] * 2
+        return MLP(num_classes=num_classes, norm=norm, **kw)
+    if arch == "deep_linear":
+        return DeepLinear(num_classes=num_classes, norm=norm, **kw)
+    raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
+
+
+# ================================================================================================
+# Attacks (P1 App. B.2; P2 Sec. 3 and App. A.2). All work on any input shape (B, ...).
+# ================================================================================================
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Run `model` in eval mode (BN uses running statistics, which stay untouched) and restore every
+    submodule's train/eval flag afterwards, even if they were mixed."""
+    flags = [m.training for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in zip(model.modules(), flags):
+            m.training = flag
+
+
+def _bview(t, like):
+    # per-sample scalar (B,) -> (B, 1, 1, ...) broadcastable against `like`
+    return t.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _l2(t):
+    return t.flatten(1).norm(dim=1)
+
+
+def cw_margin(logits, y):
+    """z_y - max_{j != y} z_j per sample. The runner-up is taken by masking z_y with -inf, not by
+    multiplying with a one-hot mask: the latter returns 0 for the "other" max when every other
+    logit is negative, a bug in several public libraries."""
+    z_y = logits.gather(1, y[:, None]).squeeze(1)
+    z_other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+    return z_y - z_other
+
+
+def cw_loss(logits, y, kappa=50.0):
+    """Carlini-Wagner margin loss as used by P1's "CW" attack (PGD with this loss, after Zhang &
+    Wang 2019; kappa=50 as in their code, SPEC A5): -ReLU(z_y - max_{j!=y} z_j + kappa) per sample.
+    Always <= 0; the attacker maximizes it, i.e. pushes the margin below -kappa."""
+    return -F.relu(cw_margin(logits, y) + kappa)
+
+
+def attack_objective(logits, y, loss="ce", kappa=50.0, targeted=False):
+    """Per-sample objective that an attack *ascends*. Untargeted: CE(z, y) or cw_loss(z, y).
+    Targeted towards label y: -CE(z, y), or -ReLU(max_{j!=y} z_j - z_y + kappa)."""
+    if loss == "ce":
+        ce = F.cross_entropy(logits, y, reduction="none")
+        return -ce if targeted else ce
+    margin = cw_margin(logits, y)
+    return -F.relu(kappa - margin) if targeted else -F.relu(margin + kappa)
+
+
+def _check_attack_args(x, y, eps, steps, restarts, norm, loss):
+    check_choice("attack norm", norm, ATTACK_NORMS)
+    check_choice("attack loss", loss, ATTACK_LOSSES)
+    if not eps >= 0:
+        raise ValueError(f"eps={eps}: expected a number >= 0")
+    if steps < 1 or restarts < 1:
+        raise ValueError(f"steps={steps}, restarts={restarts}: expected >= 1")
+    if x.dim() < 2 or y.dim() != 1 or len(x) != len(y):
+        raise ValueError(f"expected x of shape (B, ...) and labels y of shape (B,), got {tuple(x.shape)} and {tuple(y.shape)}")
+
+
+def _clip(x, clip):
+    return x if clip is None else x.clamp(clip[0], clip[1])
+
+
+def _random_start(x0, eps, norm, generator):
+    if norm == "linf":  # uniform in the eps-box
+        return (torch.rand(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype) * 2 - 1) * eps
+    # uniform in the eps-ball: Gaussian direction, radius eps * U^(1/d)
+    d = x0[0].numel()
+    g = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    r = eps * torch.rand(len(x0), generator=generator, device=x0.device, dtype=x0.dtype) ** (1.0 / d)
+    return g / _bview(_l2(g).clamp_min(torch.finfo(g.dtype).tiny), g) * _bview(r, g)
+
+
+def pgd(model, x, y, eps, steps, step_size=None, norm="linf", loss="ce", kappa=50.0, targeted=False,
+        rand_init=False, restarts=1, clip=(0.0, 1.0), generator=None):
+    """Projected gradient ascent on `attack_objective` (Madry et al. 2018; P1 App. B.2, P2 Sec. 3).
+
+    x, y: inputs (B, ...) and labels (B,) -- true labels, or target labels when targeted=True.
+    eps: radius of the linf or l2 ball around x, in the units of x (see the module docstring).
+    step_size: None means 2.5 * eps / steps (MadryLab rule, P1); P2 passes eps/10 explicitly.
+    norm='linf': x <- clip(x0 + clamp(x + a*sign(g) - x0, -eps, eps)).
+    norm='l2':   x <- x + a * g/||g|| (per sample; a zero gradient gives a zero step), then
+                 delta = x - x0 is rescaled by min(1, eps/||delta||) per sample, then clipped.
+    loss: 'ce' or 'cw' (margin loss with kappa, P1's "CW" attack).
+    rand_init: uniform start in the eps-box (linf) or eps-ball (l2), drawn from `generator`.
+    restarts: per sample, keep the worst case over restarts (a successful attack beats an
+              unsuccessful one; ties go to the larger objective).
+    clip: (lo, hi) box for the adversarial input, or None for no box (P2 MNIST).
+
+    Runs the model in eval mode (restored afterwards), touches no parameter .grad and no BN
+    statistics, works under torch.no_grad(), and never modifies `x`. Returns a detached tensor.
+    """
+    _check_attack_args(x, y, eps, steps, restarts, norm, loss)
+    step_size = 2.5 * eps / steps if step_size is None else step_size
+    x0 = x.detach()
+    tiny = torch.finfo(x0.dtype).tiny
+    best_x, best_obj, best_succ = x0.clone(), None, None
+    with eval_mode(model), torch.enable_grad():
+        for _ in range(restarts):
+            delta = _random_start(x0, eps, norm, generator) if rand_init else torch.zeros_like(x0)
+            xa = _clip(x0 + delta, clip)
+            for _ in range(steps):
+                xa.requires_grad_(True)
+                obj = attack_objective(model(xa), y, loss, kappa, targeted)
+                g, = torch.autograd.grad(obj.sum(), xa)  # gradient w.r.t. the input only
+                with torch.no_grad():
+                    if norm == "linf":
+                        delta = (xa + step_size * g.sign() - x0).clamp(-eps, eps)
+                    else:
+                        delta = xa + step_size * g / _bview(_l2(g).clamp_min(tiny), g) - x0
+                        delta = delta * _bview((eps / _l2(delta).clamp_min(tiny)).clamp(max=1.0), delta)
+                    xa = _clip(x0 + delta, clip)
+            if restarts == 1:
+                return xa.detach()
+            with torch.no_grad():
+                logits = model(xa)
+                obj = attack_objective(logits, y, loss, kappa, targeted)
+                succ = (logits.argmax(1) == y) if targeted else (logits.argmax(1) != y)
+                if best_obj is None:
+                    better = torch.ones_like(succ)
+                else:
+                    better = (succ & ~best_succ) | ((succ == best_succ) & (obj > best_obj))
+                best_x = torch.where(_bview(better, xa), xa, best_x)
+                best_obj = obj if best_obj is None else torch.where(better, obj, best_obj)
+                best_succ = succ if best_succ is None else torch.where(better, succ, best_succ)
+    return best_x.detach()
+
+
+def fgsm(model, x, y, eps, clip=(0.0, 1.0)):
+    """Fast gradient sign method (Goodfellow et al. 2015; P1 App. G, Table 8):
+    x' = clip(x + eps * sign(grad_x CE)). Identical to one linf PGD step of size eps."""
+    return pgd(model, x, y, eps, steps=1, step_size=eps, norm="linf", clip=clip)
+
+
+def bim(model, x, y, eps, steps, step_size, clip=(0.0, 1.0)):
+    """Basic iterative method (Kurakin et al. 2017; P2 Sec. 4, App. A.2): `steps` sign steps of
+    `step_size`, each projected onto the linf eps-box and clipped; no random start."""
+    return pgd(model, x, y, eps, steps=steps, step_size=step_size, norm="linf", clip=clip)
+
+
+@torch.no_grad()
+def accuracy(model, x, y, batch_size=1000):
+    """Top-1 accuracy (fraction in [0, 1]) of `model` in eval mode on tensors x, y."""
+    with eval_mode(model):
+        correct = sum((model(xb).argmax(1) == yb).sum() for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
+    return float(correct) / len(y)
+
+
+# ================================================================================================
+# LIGS: Local Input Gradient Similarity (P1 Sec. 3.1 Eq. 1, App. B.4)
+# ================================================================================================
+
+def softmax_residual(logits, y):
+    """dCE/dz = softmax(z) - onehot(y), with the y entry computed as -sum_{j!=y} p_j instead of
+    p_y - 1: when the softmax saturates, p_y rounds to 1 in float32 and p_y - 1 cancels to 0 while
+    the other p_j are still representable, which would silently corrupt the gradient direction."""
+    mask = F.one_hot(y, logits.shape[1]).bool()
+    p_other = logits.log_softmax(1).exp().masked_fill(mask, 0.0)
+    return p_other - mask * p_other.sum(1, keepdim=True)
+
+
+def ce_input_grad(model, x, y, create_graph=False):
+    """Per-sample input gradient grad_x CE(f(x_i), y_i) (sum reduction, so each sample gets its own
+    gradient), as J^T (softmax - onehot) with `softmax_residual`. create_graph=True keeps it
+    differentiable w.r.t. the parameters (double backprop for `ligs_penalty`). Uses the model in
+    whatever mode it is in."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        logits = model(x)
+        g, = torch.autograd.grad(logits, x, grad_outputs=softmax_residual(logits, y), create_graph=create_graph)
+    return g
+
+
+def _cosine(g0, g1):
+    """Per-sample cosine of flattened gradients, in float64 with explicit norms; NaN where either
+    gradient is zero or non-finite (no clamping of tiny norms, which would bias it towards 0)."""
+    a, b = g0.flatten(1).double(), g1.flatten(1).double()
+    na, nb = a.norm(dim=1), b.norm(dim=1)
+    ok = (na > 0) & (nb > 0) & torch.isfinite(na) & torch.isfinite(nb)
+    cos = (a * b).sum(1) / (na * nb)
+    return torch.where(ok, cos.clamp(-1.0, 1.0), torch.full_like(cos, float("nan")))
+
+
+def ligs_per_sample(model, x, y, perturbation="gaussian", sigma=0.01, clip=None, draws=1, generator=None,
+                    pgd_steps=7, batch_size=250):
+    """Per-sample LIGS cos(grad_x l(x, y), grad_x l(x + nu, y)), shape (draws, B), NaN where skipped.
+
+    perturbation (P1 App. B.4, all with sigma = eps = 0.01 in [0,1] pixel units):
+      gaussian: nu ~ N(0, sigma^2 I) (P1's default);  uniform: nu ~ U[-sigma, sigma];
+      fgsm: nu = sigma * sign(grad_x CE);  pgd: linf PGD with eps=sigma, `pgd_steps` steps of
+      2.5*sigma/steps, no random start; nu = x_adv - x.
+    clip: box for x + nu, default None: the authors' code neither clips nor projects
+      (REFERENCE_NOTES 1b, 8.5; this overrides SPEC's [0,1] [DEFAULT]).
+    Runs in eval mode (in train mode BN couples the samples' gradients). Noise for all of x is drawn
+    up front from `generator`, so the value does not depend on batch_size.
+    """
+    check_choice("perturbation", perturbation, PERTURBATIONS)
+    if not sigma > 0 or draws < 1:
+        raise ValueError(f"sigma={sigma}, draws={draws}: expected sigma > 0 and draws >= 1")
+    out = torch.empty(draws, len(x), dtype=torch.float64)
+    with eval_mode(model):
+        for k in range(draws):
+            if perturbation == "gaussian":
+                noise = sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            elif perturbation == "uniform":
+                noise = sigma * (2 * torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) - 1)
+            for i in range(0, len(x), batch_size):
+                xb, yb = x[i:i + batch_size].detach(), y[i:i + batch_size]
+                g0 = ce_input_grad(model, xb, yb)
+                if perturbation in ("gaussian", "uniform"):
+                    nu = noise[i:i + batch_size]
+                elif perturbation == "fgsm":
+                    nu = sigma * g0.sign()
+                else:
+                    nu = pgd(model, xb, yb, sigma, pgd_steps, norm="linf", clip=clip) - xb
+                g1 = ce_input_grad(model, _clip(xb + nu, clip), yb)
+                out[k, i:i + batch_size] = _cosine(g0, g1).cpu()
+    return out
+
+
+def ligs(model, x, y, perturbation="gaussian", sigma=0.01, clip=None, draws=1, generator=None, pgd_steps=7,
+         batch_size=250):
+    """LIGS (P1 Eq. 1): mean over samples (and draws) of the cosine similarity between the
+    cross-entropy input gradients at x and at x + nu. Returns (ligs, n_skipped): samples whose
+    gradient is exactly zero or non-finite (saturated softmax) are left out of the mean and counted,
+    as the authors drop NaN cosines. Arguments as in `ligs_per_sample`."""
+    cos = ligs_per_sample(model, x, y, perturbation, sigma, clip, draws, generator, pgd_steps, batch_size)
+    ok = torch.isfinite(cos)
+    value = float(cos[ok].mean()) if ok.any() else float("nan")
+    return value, int((~ok).sum())
+
+
+def ligs_penalty(model, x, y, sigma=0.01, generator=None):
+    """Differentiable LIGS regularizer for P1 Fig 5 (SPEC 2.1 [DEFAULT]): returns
+    (penalty, logits) with penalty = mean_i (1 - cos(grad_x l(x_i), grad_x l(x_i + nu_i))),
+    nu ~ N(0, sigma^2), through double backprop (create_graph=True). Train with
+    CE(logits, y) + lam * penalty; `logits` are the clean forward pass, so no extra forward is needed.
+
+    It uses the model in its current mode: during training BN uses batch statistics, which couple
+    the samples' gradients (unlike the eval-mode metric), and both forward passes update BN
+    running statistics. Samples with a zero gradient are left out of the mean."""
+    x = x.detach().requires_grad_(True)
+    logits = model(x)
+    g0, = torch.autograd.grad(logits, x, grad_outputs=softmax_residual(logits, y), create_graph=True)
+    nu = sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    g1 = ce_input_grad(model, x + nu, y, create_graph=True)
+    a, b = g0.flatten(1), g1.flatten(1)
+    with torch.no_grad():
+        ok = (a.norm(dim=1) > 0) & (b.norm(dim=1) > 0)
+    a, b = a[ok], b[ok]  # index before the norm: the norm's gradient at 0 is undefined
+    cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+    penalty = (1 - cos).mean() if len(cos) else logits.sum() * 0.0
+    return penalty, logits
