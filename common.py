@@ -866,9 +866,11 @@ def ligs_penalty(model, x, y, sigma=0.01, generator=None):
     nu = sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     g1 = ce_input_grad(model, x + nu, y, create_graph=True)
     a, b = g0.flatten(1), g1.flatten(1)
-    with torch.no_grad():
-        ok = (a.norm(dim=1) > 0) & (b.norm(dim=1) > 0)
-    a, b = a[ok], b[ok]  # index before the norm: the norm's gradient at 0 is undefined
+    sa, sb = a.detach().abs().amax(1), b.detach().abs().amax(1)
+    ok = (sa > 0) & (sb > 0) & torch.isfinite(sa) & torch.isfinite(sb)
+    # Index before the norm (its gradient at 0 is undefined) and divide by the max-abs entry: the
+    # cosine is scale-free, and float32 squared norms of gradients ~1e-23 would underflow to 0.
+    a, b = a[ok] / sa[ok, None], b[ok] / sb[ok, None]
     cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
     penalty = (1 - cos).mean() if len(cos) else logits.sum() * 0.0
     return penalty, logits
