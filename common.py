@@ -120,10 +120,12 @@ def _ch(c, width):
 
 
 def conv3x3(c_in, c_out, stride=1, bias=False):
+    """3x3 convolution with padding 1 (bias only when no norm follows, SPEC 1.2)."""
     return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=bias)
 
 
 def conv1x1(c_in, c_out, stride=1, bias=False):
+    """1x1 convolution (projection shortcuts and bottlenecks)."""
     return nn.Conv2d(c_in, c_out, 1, stride=stride, bias=bias)
 
 
@@ -228,7 +230,8 @@ def _identity_or_pad(x, c_out, stride):
 
 
 class Bottleneck(nn.Module):
-    """1x1 -> 3x3 -> 1x1 (x4 channels) bottleneck of CIFAR ResNet-50 (kuangliu/MadryLab layout)."""
+    """1x1 -> 3x3 -> 1x1 (x4 channels) bottleneck of CIFAR ResNet-50 (kuangliu/MadryLab layout), the
+    ResNet50 of P1 Table 1 and of the feature-dataset source models (P1 App. E)."""
     expansion = 4
 
     def __init__(self, c_in, c, stride=1, norm="bn", act="relu", shortcut=True, proj="conv", gn_groups=None):
@@ -381,7 +384,7 @@ class ResNet(nn.Module):
 # ================================================================================================
 
 class WideBlock(nn.Module):
-    """Pre-activation wide block (Zagoruyko & Komodakis; dropout 0):
+    """Pre-activation wide block of the BN WRN-28-10 in P2 Tables 2, 4, 9 (Zagoruyko & Komodakis; dropout 0):
     o = act(n1(x)); shortcut = x or 1x1conv(o); return conv2(act(n2(conv1(o)))) + shortcut."""
 
     def __init__(self, c_in, c, stride, norm="bn", act="relu", gn_groups=None):
@@ -569,7 +572,7 @@ ARCHS = tuple(f"vgg{d}" for d in VGG_CFGS) + tuple(RESNET_SPECS) + ("wrn<depth>_
 
 
 def make_model(arch, norm="bn", width=1.0, num_classes=10, in_channels=3, **kw):
-    """Build any model of both papers by name.
+    """Build any model of both papers by name (architectures of SPEC 1.3).
 
     arch: vgg8|vgg11|vgg13|vgg16|vgg19, resnet18|resnet34|resnet50, resnet20|32|44|56|110,
           wrn<depth>_<k> (e.g. wrn28_10), mlp (needs in_dim=, hidden=), deep_linear.
@@ -642,7 +645,7 @@ def _l2(t):
 
 
 def cw_margin(logits, y):
-    """z_y - max_{j != y} z_j per sample. The runner-up is taken by masking z_y with -inf, not by
+    """z_y - max_{j != y} z_j per sample (the CW margin of P1 App. B.2). The runner-up is taken by masking z_y with -inf, not by
     multiplying with a one-hot mask: the latter returns 0 for the "other" max when every other
     logit is negative, a bug in several public libraries."""
     z_y = logits.gather(1, y[:, None]).squeeze(1)
@@ -658,7 +661,7 @@ def cw_loss(logits, y, kappa=50.0):
 
 
 def attack_objective(logits, y, loss="ce", kappa=50.0, targeted=False):
-    """Per-sample objective that an attack *ascends*. Untargeted: CE(z, y) or cw_loss(z, y).
+    """Per-sample objective that an attack *ascends* (SPEC 1.4). Untargeted: CE(z, y) or cw_loss(z, y).
     Targeted towards label y: -CE(z, y), or -ReLU(max_{j!=y} z_j - z_y + kappa)."""
     if loss == "ce":
         ce = F.cross_entropy(logits, y, reduction="none")
@@ -761,7 +764,8 @@ def bim(model, x, y, eps, steps, step_size, clip=(0.0, 1.0)):
 
 @torch.no_grad()
 def accuracy(model, x, y, batch_size=1000):
-    """Top-1 accuracy (fraction in [0, 1]) of `model` in eval mode on tensors x, y."""
+    """Top-1 accuracy (fraction in [0, 1]) of `model` in eval mode on tensors x, y (P1 "usefulness",
+    P1 Sec. 3.1; robust accuracy when x is adversarial)."""
     with eval_mode(model):
         correct = sum((model(xb).argmax(1) == yb).sum() for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
     return float(correct) / len(y)
@@ -781,7 +785,7 @@ def softmax_residual(logits, y):
 
 
 def ce_input_grad(model, x, y, create_graph=False):
-    """Per-sample input gradient grad_x CE(f(x_i), y_i) (sum reduction, so each sample gets its own
+    """Per-sample input gradient grad_x CE(f(x_i), y_i) of P1 Eq. 1 (sum reduction, so each sample gets its own
     gradient), as J^T (softmax - onehot) with `softmax_residual`. create_graph=True keeps it
     differentiable w.r.t. the parameters (double backprop for `ligs_penalty`). Uses the model in
     whatever mode it is in."""
