@@ -644,6 +644,14 @@ def _l2(t):
     return t.flatten(1).norm(dim=1)
 
 
+def _unit_l2(t):
+    """t / ||t||_2 per sample; 0 where t is 0. Divides by the max-abs entry first: the float32
+    squared norm of a gradient with entries ~1e-23 underflows to 0, which would blow up the step."""
+    s = t.flatten(1).abs().amax(1).clamp_min(torch.finfo(t.dtype).tiny)
+    t = t / _bview(s, t)
+    return t / _bview(_l2(t).clamp_min(torch.finfo(t.dtype).tiny), t)
+
+
 def cw_margin(logits, y):
     """z_y - max_{j != y} z_j per sample (the CW margin of P1 App. B.2). The runner-up is taken by masking z_y with -inf, not by
     multiplying with a one-hot mask: the latter returns 0 for the "other" max when every other
@@ -660,6 +668,27 @@ def cw_loss(logits, y, kappa=50.0):
     return -F.relu(cw_margin(logits, y) + kappa)
 
 
+def softmax_residual(logits, y):
+    """dCE/dz = softmax(z) - onehot(y), with the y entry computed as -sum_{j!=y} p_j instead of
+    p_y - 1: when the softmax saturates, p_y rounds to 1 in float32 and p_y - 1 cancels to 0 while
+    the other p_j are still representable, which would silently corrupt the gradient direction."""
+    mask = F.one_hot(y, logits.shape[1]).bool()
+    p_other = logits.log_softmax(1).exp().masked_fill(mask, 0.0)
+    return p_other - mask * p_other.sum(1, keepdim=True)
+
+
+def ce_input_grad(model, x, y, create_graph=False):
+    """Per-sample input gradient grad_x CE(f(x_i), y_i) of P1 Eq. 1 (sum reduction, so each sample gets its own
+    gradient), as J^T (softmax - onehot) with `softmax_residual`. create_graph=True keeps it
+    differentiable w.r.t. the parameters (double backprop for `ligs_penalty`). Uses the model in
+    whatever mode it is in."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        logits = model(x)
+        g, = torch.autograd.grad(logits, x, grad_outputs=softmax_residual(logits, y), create_graph=create_graph)
+    return g
+
+
 def attack_objective(logits, y, loss="ce", kappa=50.0, targeted=False):
     """Per-sample objective that an attack *ascends* (SPEC 1.4). Untargeted: CE(z, y) or cw_loss(z, y).
     Targeted towards label y: -CE(z, y), or -ReLU(max_{j!=y} z_j - z_y + kappa)."""
@@ -670,15 +699,23 @@ def attack_objective(logits, y, loss="ce", kappa=50.0, targeted=False):
     return -F.relu(kappa - margin) if targeted else -F.relu(margin + kappa)
 
 
-def _check_attack_args(x, y, eps, steps, restarts, norm, loss):
+def _check_xy(x, y):
+    if x.dim() < 2 or y.dim() != 1 or len(x) != len(y):
+        raise ValueError(f"expected x of shape (B, ...) and labels y of shape (B,), got {tuple(x.shape)} and {tuple(y.shape)}")
+    if not x.is_floating_point() or y.dtype != torch.long:
+        raise ValueError(f"expected floating-point x and int64 labels y, got {x.dtype} and {y.dtype}")
+
+
+def _check_attack_args(x, y, eps, steps, restarts, norm, loss, rand_init):
     check_choice("attack norm", norm, ATTACK_NORMS)
     check_choice("attack loss", loss, ATTACK_LOSSES)
     if not eps >= 0:
         raise ValueError(f"eps={eps}: expected a number >= 0")
     if steps < 1 or restarts < 1:
         raise ValueError(f"steps={steps}, restarts={restarts}: expected >= 1")
-    if x.dim() < 2 or y.dim() != 1 or len(x) != len(y):
-        raise ValueError(f"expected x of shape (B, ...) and labels y of shape (B,), got {tuple(x.shape)} and {tuple(y.shape)}")
+    if restarts > 1 and not rand_init:
+        raise ValueError(f"restarts={restarts} without rand_init=True would repeat the same deterministic attack")
+    _check_xy(x, y)
 
 
 def _clip(x, clip):
@@ -692,7 +729,20 @@ def _random_start(x0, eps, norm, generator):
     d = x0[0].numel()
     g = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     r = eps * torch.rand(len(x0), generator=generator, device=x0.device, dtype=x0.dtype) ** (1.0 / d)
-    return g / _bview(_l2(g).clamp_min(torch.finfo(g.dtype).tiny), g) * _bview(r, g)
+    return _unit_l2(g) * _bview(r, g)
+
+
+def _objective_grad(model, xa, y, loss, kappa, targeted):
+    """Input gradient of the summed `attack_objective`. For CE it is J^T (softmax - onehot) with the
+    cancellation-free `softmax_residual`: a confidently classified sample (p_y rounds to 1 in
+    float32) still gets its true step direction, instead of a zero or wrong one that would stall the
+    attack and overstate robustness."""
+    if loss == "ce":
+        g = ce_input_grad(model, xa, y)
+        return -g if targeted else g
+    xa = xa.detach().requires_grad_(True)
+    g, = torch.autograd.grad(attack_objective(model(xa), y, loss, kappa, targeted).sum(), xa)
+    return g
 
 
 def pgd(model, x, y, eps, steps, step_size=None, norm="linf", loss="ce", kappa=50.0, targeted=False,
@@ -708,13 +758,15 @@ def pgd(model, x, y, eps, steps, step_size=None, norm="linf", loss="ce", kappa=5
     loss: 'ce' or 'cw' (margin loss with kappa, P1's "CW" attack).
     rand_init: uniform start in the eps-box (linf) or eps-ball (l2), drawn from `generator`.
     restarts: per sample, keep the worst case over restarts (a successful attack beats an
-              unsuccessful one; ties go to the larger objective).
+              unsuccessful one; ties go to the larger objective). Needs rand_init=True.
     clip: (lo, hi) box for the adversarial input, or None for no box (P2 MNIST).
 
     Runs the model in eval mode (restored afterwards), touches no parameter .grad and no BN
     statistics, works under torch.no_grad(), and never modifies `x`. Returns a detached tensor.
+    The CE gradient is computed without softmax cancellation (see `_objective_grad`), so attacks on
+    confidently classified float32 samples do not stall.
     """
-    _check_attack_args(x, y, eps, steps, restarts, norm, loss)
+    _check_attack_args(x, y, eps, steps, restarts, norm, loss, rand_init)
     step_size = 2.5 * eps / steps if step_size is None else step_size
     x0 = x.detach()
     tiny = torch.finfo(x0.dtype).tiny
@@ -724,14 +776,12 @@ def pgd(model, x, y, eps, steps, step_size=None, norm="linf", loss="ce", kappa=5
             delta = _random_start(x0, eps, norm, generator) if rand_init else torch.zeros_like(x0)
             xa = _clip(x0 + delta, clip)
             for _ in range(steps):
-                xa.requires_grad_(True)
-                obj = attack_objective(model(xa), y, loss, kappa, targeted)
-                g, = torch.autograd.grad(obj.sum(), xa)  # gradient w.r.t. the input only
+                g = _objective_grad(model, xa, y, loss, kappa, targeted)  # w.r.t. the input only
                 with torch.no_grad():
                     if norm == "linf":
                         delta = (xa + step_size * g.sign() - x0).clamp(-eps, eps)
                     else:
-                        delta = xa + step_size * g / _bview(_l2(g).clamp_min(tiny), g) - x0
+                        delta = xa + step_size * _unit_l2(g) - x0
                         delta = delta * _bview((eps / _l2(delta).clamp_min(tiny)).clamp(max=1.0), delta)
                     xa = _clip(x0 + delta, clip)
             if restarts == 1:
@@ -775,27 +825,6 @@ def accuracy(model, x, y, batch_size=1000):
 # LIGS: Local Input Gradient Similarity (P1 Sec. 3.1 Eq. 1, App. B.4)
 # ================================================================================================
 
-def softmax_residual(logits, y):
-    """dCE/dz = softmax(z) - onehot(y), with the y entry computed as -sum_{j!=y} p_j instead of
-    p_y - 1: when the softmax saturates, p_y rounds to 1 in float32 and p_y - 1 cancels to 0 while
-    the other p_j are still representable, which would silently corrupt the gradient direction."""
-    mask = F.one_hot(y, logits.shape[1]).bool()
-    p_other = logits.log_softmax(1).exp().masked_fill(mask, 0.0)
-    return p_other - mask * p_other.sum(1, keepdim=True)
-
-
-def ce_input_grad(model, x, y, create_graph=False):
-    """Per-sample input gradient grad_x CE(f(x_i), y_i) of P1 Eq. 1 (sum reduction, so each sample gets its own
-    gradient), as J^T (softmax - onehot) with `softmax_residual`. create_graph=True keeps it
-    differentiable w.r.t. the parameters (double backprop for `ligs_penalty`). Uses the model in
-    whatever mode it is in."""
-    with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
-        logits = model(x)
-        g, = torch.autograd.grad(logits, x, grad_outputs=softmax_residual(logits, y), create_graph=create_graph)
-    return g
-
-
 def _cosine(g0, g1):
     """Per-sample cosine of flattened gradients, in float64 with explicit norms; NaN where either
     gradient is zero or non-finite (no clamping of tiny norms, which would bias it towards 0)."""
@@ -820,6 +849,7 @@ def ligs_per_sample(model, x, y, perturbation="gaussian", sigma=0.01, clip=None,
     up front from `generator`, so the value does not depend on batch_size.
     """
     check_choice("perturbation", perturbation, PERTURBATIONS)
+    _check_xy(x, y)
     if not sigma > 0 or draws < 1:
         raise ValueError(f"sigma={sigma}, draws={draws}: expected sigma > 0 and draws >= 1")
     out = torch.empty(draws, len(x), dtype=torch.float64)

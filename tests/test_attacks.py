@@ -108,6 +108,41 @@ def _project(delta, eps):
     return delta * (eps / delta.norm(dim=1, keepdim=True)).clamp(max=1)
 
 
+def test_fgsm_closed_form_holds_when_the_float32_softmax_saturates():
+    # margins ~30: p_y rounds to 1 in float32, so autograd of CE would return grad = p_o * w_o
+    # (direction sign(w_o), not sign(w_o - w_y)); the attack must still take the exact step.
+    model = binary_linear(16, seed=6, dtype=torch.float32)
+    x = torch.randn(8, 16, generator=gen(7))
+    y = torch.arange(8) % 2
+    biased = nn.Sequential(model, _AddToLabel(y, 30.0))
+    assert (biased(x).softmax(1).gather(1, y[:, None]) == 1).all()
+    m0, w = margin_and_w(model, x, y)
+    eps = 0.01
+    m1, _ = margin_and_w(model, fgsm(biased, x, y, eps, clip=INF_BOX), y)
+    torch.testing.assert_close(m0 - m1, eps * w.abs().sum(1), rtol=1e-4, atol=1e-4)
+
+
+class _AddToLabel(nn.Module):
+    """Adds `shift` to the logit of each sample's own label (a saturating but linear head)."""
+
+    def __init__(self, y, shift):
+        super().__init__()
+        self.onehot = F.one_hot(y, 2).float() * shift
+
+    def forward(self, z):
+        return z + self.onehot[: len(z)]
+
+
+def test_l2_step_is_exact_for_gradients_whose_squared_norm_underflows():
+    model = binary_linear(16, seed=8, dtype=torch.float32)
+    with torch.no_grad():
+        model[1].weight.mul_(1e-25)  # input gradients ~1e-25: their float32 squares underflow to 0
+    x = torch.randn(4, 16, generator=gen(9))
+    y = torch.arange(4) % 2
+    xa = pgd(model, x, y, eps=0.5, steps=1, step_size=0.2, norm="l2", clip=INF_BOX)
+    torch.testing.assert_close((xa - x).norm(dim=1), torch.full((4,), 0.2), rtol=1e-5, atol=0)
+
+
 # ---------------------------------------------------------------- invariants
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
@@ -319,3 +354,7 @@ def test_bad_arguments_give_one_clear_line():
             pgd(model, x, y, **args)
     with pytest.raises(ValueError, match="labels y of shape"):
         pgd(model, x, torch.arange(3), 0.1, 2)
+    with pytest.raises(ValueError, match="int64 labels"):
+        pgd(model, x, torch.zeros(2), 0.1, 2)
+    with pytest.raises(ValueError, match="without rand_init"):
+        pgd(model, x, y, 0.1, 2, restarts=3)

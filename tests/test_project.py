@@ -58,3 +58,9 @@ def test_public_api_is_documented_with_paper_sections():
                  "FixupWideBlock", "MLP", "DeepLinear", "Standardize", "fgsm", "bim", "pgd", "cw_loss", "ligs",
                  "ligs_per_sample", "ligs_penalty"]:
         assert cites.search(getattr(common, name).__doc__), f"{name}'s docstring cites no paper section"
+
+
+def test_attack_and_ligs_loops_do_not_sync_with_item():
+    # .item() inside a K-step loop forces a device sync per step (STYLE adaptation notes)
+    for f in (common.pgd, common._objective_grad, common.ce_input_grad, common.ligs_per_sample, common.ligs_penalty):
+        assert ".item()" not in inspect.getsource(f), f.__name__
