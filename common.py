@@ -102,7 +102,7 @@ class Standardize(nn.Module):
         super().__init__()
         mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
         if mean.shape != std.shape or (std <= 0).any():
-            raise ValueError(f"Standardize: mean and std need the same shape and std > 0, got {mean.tolist()} / {std.tolist()}")
+            raise ValueError(f"Standardize: mean and std need the same shape and std > 0, got {mean.tolist()}, {std.tolist()}")
         self.register_buffer("mean", mean.reshape(-1))
         self.register_buffer("std", std.reshape(-1))
 
@@ -360,7 +360,7 @@ class ResNet(nn.Module):
                 if fixup:
                     layers.append(block(c_in, w, stride, act=act, proj=proj, num_blocks=L))
                 else:
-                    layers.append(block(c_in, w, stride, norm=norm, act=act, shortcut=shortcut, proj=proj, gn_groups=gn_groups))
+                    layers.append(block(c_in, w, stride, norm, act, shortcut, proj, gn_groups))
                 c_in = w * block.expansion
         self.layers = nn.Sequential(*layers)
         self.fc = nn.Linear(c_in, num_classes)
@@ -370,10 +370,13 @@ class ResNet(nn.Module):
 
     def features(self, x):
         """Penultimate representation g(x): the globally average-pooled vector before the classifier."""
-        out = self.stem(self.input_norm(x))
-        out = self.stem_act(self.stem_norm(out) + self.bias1 if self.fixup else self.stem_norm(out))
-        out = F.adaptive_avg_pool2d(self.layers(out), 1).flatten(1)
-        return out + self.bias2 if self.fixup else out
+        out = self.stem_norm(self.stem(self.input_norm(x)))
+        if self.fixup:
+            out = out + self.bias1  # Fixup: scalar bias before the activation
+        out = F.adaptive_avg_pool2d(self.layers(self.stem_act(out)), 1).flatten(1)
+        if self.fixup:
+            out = out + self.bias2  # Fixup: scalar bias before the classifier
+        return out
 
     def forward(self, x):
         return self.fc(self.features(x))
@@ -390,7 +393,8 @@ class WideBlock(nn.Module):
     def __init__(self, c_in, c, stride, norm="bn", act="relu", gn_groups=None):
         super().__init__()
         b = _has_bias(norm)
-        self.n1, self.act1, self.conv1 = norm_layer(norm, c_in, gn_groups=gn_groups), make_act(act), conv3x3(c_in, c, stride, b)
+        self.n1, self.act1 = norm_layer(norm, c_in, gn_groups=gn_groups), make_act(act)
+        self.conv1 = conv3x3(c_in, c, stride, b)
         self.n2, self.act2, self.conv2 = norm_layer(norm, c, gn_groups=gn_groups), make_act(act), conv3x3(c, c, 1, b)
         self.proj = conv1x1(c_in, c, stride, b) if (stride != 1 or c_in != c) else None
 
@@ -478,9 +482,12 @@ class WideResNet(nn.Module):
     def features(self, x):
         """Penultimate representation g(x): the pooled vector before the classifier."""
         out = self.final_norm(self.blocks(self.stem(self.input_norm(x))))
-        out = self.final_act(out + self.bias1 if self.fixup else out)
-        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
-        return out + self.bias2 if self.fixup else out
+        if self.fixup:
+            out = out + self.bias1  # Fixup: scalar bias before the activation
+        out = F.adaptive_avg_pool2d(self.final_act(out), 1).flatten(1)
+        if self.fixup:
+            out = out + self.bias2  # Fixup: scalar bias before the classifier
+        return out
 
     def forward(self, x):
         return self.fc(self.features(x))
@@ -653,9 +660,9 @@ def _unit_l2(t):
 
 
 def cw_margin(logits, y):
-    """z_y - max_{j != y} z_j per sample (the CW margin of P1 App. B.2). The runner-up is taken by masking z_y with -inf, not by
-    multiplying with a one-hot mask: the latter returns 0 for the "other" max when every other
-    logit is negative, a bug in several public libraries."""
+    """z_y - max_{j != y} z_j per sample (the CW margin of P1 App. B.2). The runner-up is taken by
+    masking z_y with -inf, not by multiplying with a one-hot mask: the latter returns 0 for the
+    "other" max when every other logit is negative, a bug in several public libraries."""
     z_y = logits.gather(1, y[:, None]).squeeze(1)
     z_other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
     return z_y - z_other
@@ -678,10 +685,10 @@ def softmax_residual(logits, y):
 
 
 def ce_input_grad(model, x, y, create_graph=False):
-    """Per-sample input gradient grad_x CE(f(x_i), y_i) of P1 Eq. 1 (sum reduction, so each sample gets its own
-    gradient), as J^T (softmax - onehot) with `softmax_residual`. create_graph=True keeps it
-    differentiable w.r.t. the parameters (double backprop for `ligs_penalty`). Uses the model in
-    whatever mode it is in."""
+    """Per-sample input gradient grad_x CE(f(x_i), y_i) of P1 Eq. 1 (sum reduction, so each sample
+    gets its own gradient), as J^T (softmax - onehot) with `softmax_residual`. create_graph=True
+    keeps it differentiable w.r.t. the parameters (double backprop for `ligs_penalty`). Uses the
+    model in whatever mode it is in."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         logits = model(x)
@@ -690,8 +697,8 @@ def ce_input_grad(model, x, y, create_graph=False):
 
 
 def attack_objective(logits, y, loss="ce", kappa=50.0, targeted=False):
-    """Per-sample objective that an attack *ascends* (SPEC 1.4). Untargeted: CE(z, y) or cw_loss(z, y).
-    Targeted towards label y: -CE(z, y), or -ReLU(max_{j!=y} z_j - z_y + kappa)."""
+    """Per-sample objective that an attack *ascends* (SPEC 1.4). Untargeted: CE(z, y) or
+    cw_loss(z, y). Targeted towards label y: -CE(z, y), or -ReLU(max_{j!=y} z_j - z_y + kappa)."""
     if loss == "ce":
         ce = F.cross_entropy(logits, y, reduction="none")
         return -ce if targeted else ce

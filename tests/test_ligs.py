@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import PERTURBATIONS, ce_input_grad, ligs, ligs_penalty, ligs_per_sample, make_model, softmax_residual
+from common import PERTURBATIONS, ce_input_grad, ligs, ligs_penalty, ligs_per_sample, make_model
 
 
 def gen(seed):
