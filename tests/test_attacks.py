@@ -252,6 +252,7 @@ def test_more_pgd_steps_never_worse_than_fgsm(trained_mlp):
         acc_pgd = accuracy(model, pgd(model, x, y, eps, steps=20, clip=None), y)
         acc_bim = accuracy(model, bim(model, x, y, eps, steps=20, step_size=eps / 10, clip=None), y)
         assert acc_pgd <= acc_fgsm and acc_bim <= acc_fgsm
+    assert acc_pgd < acc_fgsm - 0.1  # at eps=1 the iterative attack is clearly stronger (measured 0.38 vs 0.57)
     # accuracy falls as eps grows
     accs = [accuracy(model, pgd(model, x, y, e, steps=10, clip=None), y) for e in (0.0, 0.25, 0.5, 1.0)]
     assert accs == sorted(accs, reverse=True) and accs[-1] < accs[0]
