@@ -763,7 +763,8 @@ def pgd(model, x, y, eps, steps, step_size=None, norm="linf", loss="ce", kappa=5
     norm='l2':   x <- x + a * g/||g|| (per sample; a zero gradient gives a zero step), then
                  delta = x - x0 is rescaled by min(1, eps/||delta||) per sample, then clipped.
     loss: 'ce' or 'cw' (margin loss with kappa, P1's "CW" attack).
-    rand_init: uniform start in the eps-box (linf) or eps-ball (l2), drawn from `generator`.
+    rand_init: uniform start in the eps-box (linf) or eps-ball (l2), drawn from `generator` (a
+               torch.Generator on x's device; None uses the global RNG).
     restarts: per sample, keep the worst case over restarts (a successful attack beats an
               unsuccessful one; ties go to the larger objective). Needs rand_init=True.
     clip: (lo, hi) box for the adversarial input, or None for no box (P2 MNIST).
@@ -853,7 +854,7 @@ def ligs_per_sample(model, x, y, perturbation="gaussian", sigma=0.01, clip=None,
     clip: box for x + nu, default None: the authors' code neither clips nor projects
       (REFERENCE_NOTES 1b, 8.5; this overrides SPEC's [0,1] [DEFAULT]).
     Runs in eval mode (in train mode BN couples the samples' gradients). Noise for all of x is drawn
-    up front from `generator`, so the value does not depend on batch_size.
+    up front from `generator` (on x's device), so the value does not depend on batch_size.
     """
     check_choice("perturbation", perturbation, PERTURBATIONS)
     _check_xy(x, y)
