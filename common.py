@@ -18,9 +18,27 @@ Input-space conventions (SPEC 1.1) -- the attacks do not care which one a script
 Importing this module has no side effects (no argparse, no global torch flags, no I/O).
 """
 import contextlib
+import csv
+import datetime
+import gzip
+import hashlib
+import http.client
+import io
+import json
 import math
+import os
+import pathlib
+import pickle
+import platform
 import random
 import re
+import struct
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.request
 
 import numpy as np
 import torch
@@ -916,3 +934,580 @@ def ligs_penalty(model, x, y, sigma=0.01, generator=None):
     cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
     penalty = (1 - cos).mean() if len(cos) else logits.sum() * 0.0
     return penalty, logits
+
+
+# ================================================================================================
+# Data: real on-disk formats, download with checksum, bundled digits, synthetic images (SPEC 0.6, 15)
+# ================================================================================================
+
+class DataError(ValueError):
+    """A dataset is missing, corrupt or mis-specified. The message is one line a user can act on."""
+
+
+# Per-channel statistics for the in-model `Standardize` layer (P1) or for standardizing outside (P2).
+STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+    "mnist": ((0.1307,), (0.3081,)),
+}
+# name -> (folder under --data-root, [(file, url, md5)] to fetch, files that must exist to read it)
+_MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+_MNIST_FILES = [("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+                ("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432"),
+                ("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
+                ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c")]
+SOURCES = {
+    "cifar10": ("", [("cifar-10-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                      "c58f30108f718f92721af3b95e74349a")],
+                [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)] + ["cifar-10-batches-py/test_batch"]),
+    "svhn": ("svhn", [("train_32x32.mat", "http://ufldl.stanford.edu/housenumbers/train_32x32.mat",
+                       "e26dedcc434d2e4c54c9b2d4a06d8373"),
+                      ("test_32x32.mat", "http://ufldl.stanford.edu/housenumbers/test_32x32.mat",
+                       "eb5a983be6a315427106f1b164d9cef3")],
+             ["train_32x32.mat", "test_32x32.mat"]),
+    "mnist": ("mnist", [(f, _MNIST_URL + f, md5) for f, md5 in _MNIST_FILES],
+              [f[:-3] for f, _ in _MNIST_FILES]),  # raw or .gz both accepted
+}
+DIGITS_FILE = pathlib.Path(__file__).resolve().parent / "data" / "digits.npz"
+
+
+def download(url, dest, md5, timeout=60.0, chunk=1 << 20):
+    """Fetch `url` to `dest`, checking the byte count announced by the server and the md5.
+    Streams into `dest.part` and renames only after both checks pass, so an interrupted or corrupt
+    transfer leaves nothing at `dest`."""
+    dest = pathlib.Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    h, n = hashlib.md5(), 0
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp, open(part, "wb") as f:
+            expected = resp.headers.get("Content-Length")
+            while True:
+                block = resp.read(chunk)
+                if not block:
+                    break
+                f.write(block)
+                h.update(block)
+                n += len(block)
+        if expected is not None and n != int(expected):
+            raise DataError(f"download of {url} was interrupted ({n} of {expected} bytes); run again")
+        if h.hexdigest() != md5:
+            raise DataError(f"download of {url} failed its checksum (md5 {h.hexdigest()}, expected {md5}); nothing was kept")
+        os.replace(part, dest)
+    except (OSError, http.client.HTTPException) as e:
+        raise DataError(f"download of {url} failed: {e.__class__.__name__}: {e}") from None
+    finally:
+        part.unlink(missing_ok=True)
+    return dest
+
+
+def fetch(name, root):
+    """--download: fetch `name` into `root` (md5-checked) and unpack it into the standard layout."""
+    folder, files, _ = SOURCES[name]
+    base = pathlib.Path(root) / folder
+    for fname, url, md5 in files:
+        path = download(url, base / fname, md5)
+        if fname.endswith(".tar.gz"):  # CIFAR-10: unpack into a temp folder, then rename into place
+            tmp = pathlib.Path(tempfile.mkdtemp(dir=base))
+            with tarfile.open(path) as tar:
+                tar.extractall(tmp, filter="data")
+            for child in tmp.iterdir():
+                os.replace(child, base / child.name)
+            tmp.rmdir()
+
+
+def _require(name, root, download_ok):
+    folder, _, needed = SOURCES[name]
+    base = pathlib.Path(root) / folder
+    missing = [p for p in needed if not (base / p).exists() and not (base / (p + ".gz")).exists()]
+    if missing and download_ok:
+        fetch(name, root)
+    elif missing:
+        raise DataError(f"{name} not found: expected {base / missing[0]} (under --data-root {root}); "
+                        f"pass --download to fetch it (md5-checked) or use --preset quick (bundled digits)")
+    return base
+
+
+def read_cifar10(root, download_ok=False):
+    """CIFAR-10 python pickle batches (cifar-10-batches-py/data_batch_1..5, test_batch) ->
+    dict of uint8 images (N, 3, 32, 32) and int64 labels."""
+    base = _require("cifar10", root, download_ok) / "cifar-10-batches-py"
+
+    def load(fname):
+        try:
+            with open(base / fname, "rb") as f:
+                d = pickle.load(f, encoding="bytes")
+            x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            y = np.asarray(d[b"labels"], dtype=np.int64)
+        except Exception as e:  # truncated pickle, wrong keys, wrong sizes: all one clear line
+            raise DataError(f"corrupt CIFAR-10 batch {base / fname}: {e.__class__.__name__}: {e}") from None
+        if len(x) != len(y) or (y < 0).any() or (y > 9).any():
+            raise DataError(f"corrupt CIFAR-10 batch {base / fname}: {len(x)} images, {len(y)} labels")
+        return x, y
+
+    train = [load(f"data_batch_{i}") for i in range(1, 6)]
+    x_te, y_te = load("test_batch")
+    return dict(x_train=np.concatenate([t[0] for t in train]), y_train=np.concatenate([t[1] for t in train]),
+                x_test=x_te, y_test=y_te)
+
+
+def read_svhn(root, download_ok=False):
+    """SVHN cropped digits (svhn/{train,test}_32x32.mat, MATLAB v5: X (32, 32, 3, N), y in 1..10 with
+    10 meaning digit 0) -> uint8 images (N, 3, 32, 32), labels 0..9. Needs scipy (optional dependency)."""
+    base = _require("svhn", root, download_ok)
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        raise DataError("reading SVHN .mat files needs scipy: pip install scipy") from None
+    out = {}
+    for split in ("train", "test"):
+        try:
+            m = loadmat(base / f"{split}_32x32.mat")
+            x = np.ascontiguousarray(np.asarray(m["X"], dtype=np.uint8).transpose(3, 2, 0, 1))
+            y = np.asarray(m["y"], dtype=np.int64).reshape(-1) % 10
+        except Exception as e:
+            raise DataError(f"corrupt SVHN file {base / f'{split}_32x32.mat'}: {e.__class__.__name__}: {e}") from None
+        if x.shape[1:] != (3, 32, 32) or len(x) != len(y):
+            raise DataError(f"corrupt SVHN file {base / f'{split}_32x32.mat'}: X {x.shape}, y {y.shape}")
+        out[f"x_{split}"], out[f"y_{split}"] = x, y
+    return out
+
+
+def _read_idx(path):
+    """One IDX file (raw or .gz): magic 0x00000803 for uint8 images (N, H, W), 0x00000801 for labels."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        path = path.with_name(path.name + ".gz")
+    try:
+        raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+        magic, n = struct.unpack(">II", raw[:8])
+        if magic == 0x803:
+            h, w = struct.unpack(">II", raw[8:16])
+            arr, shape = np.frombuffer(raw, np.uint8, offset=16), (n, h, w)
+        elif magic == 0x801:
+            arr, shape = np.frombuffer(raw, np.uint8, offset=8), (n,)
+        else:
+            raise ValueError(f"bad magic number {magic:#x}")
+        return arr.reshape(shape)  # raises on truncation
+    except Exception as e:
+        raise DataError(f"corrupt MNIST file {path}: {e.__class__.__name__}: {e}") from None
+
+
+def read_mnist(root, download_ok=False):
+    """MNIST IDX files (mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte, raw or .gz) ->
+    uint8 images (N, 1, 28, 28), int64 labels."""
+    base = _require("mnist", root, download_ok)
+    out = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        x = _read_idx(base / f"{prefix}-images-idx3-ubyte")
+        y = _read_idx(base / f"{prefix}-labels-idx1-ubyte").astype(np.int64)
+        if len(x) != len(y):
+            raise DataError(f"corrupt MNIST {split} split under {base}: {len(x)} images, {len(y)} labels")
+        out[f"x_{split}"], out[f"y_{split}"] = x[:, None], y
+    return out
+
+
+def imagenet_folder(root, split="val", size=224):
+    """ImageNet in the standard folder layout (root/{train,val}/<wnid>/*.JPEG) as a torchvision
+    ImageFolder with [0,1] tensors (resize 256, centre crop). The only place torchvision is needed,
+    so it is imported here, lazily (it cannot be imported with the CPU torch on our machines)."""
+    path = pathlib.Path(root) / split
+    if not path.is_dir():
+        raise DataError(f"ImageNet not found: expected class folders under {path}")
+    try:
+        import torchvision
+    except Exception as e:
+        raise DataError(f"ImageNet needs torchvision, which failed to import: {e.__class__.__name__}") from None
+    t = torchvision.transforms
+    tf = t.Compose([t.Resize(256 * size // 224), t.CenterCrop(size), t.ToTensor()])
+    return torchvision.datasets.ImageFolder(str(path), transform=tf)
+
+
+def resize_images(x, size, mode="nearest"):
+    """Upscale (B, C, H, W) images to size x size. 'nearest' with an integer factor k replicates every
+    pixel k*k times (P2 Sec. 4 upscales MNIST with PIL NEAREST); 'bilinear' interpolates."""
+    check_choice("upscale mode", mode, ("nearest", "bilinear"))
+    if x.shape[-1] == size:
+        return x
+    if mode == "nearest" and size % x.shape[-1] == 0:
+        k = size // x.shape[-1]
+        return x.repeat_interleave(k, dim=-2).repeat_interleave(k, dim=-1)
+    return F.interpolate(x, size=(size, size), mode=mode, **({} if mode == "nearest" else {"align_corners": False}))
+
+
+def load_digits(size=8, channels=1, upscale="nearest", n_test=297, split_seed=0):
+    """The bundled UCI digits (data/digits.npz; 1797 8x8 images) in [0,1] (pixel/16), upscaled to
+    size x size and repeated to `channels`. Fixed split: a permutation seeded with split_seed gives
+    1500 train / 297 test (SPEC 15), the same for every run."""
+    if not DIGITS_FILE.exists():
+        raise DataError(f"bundled digits not found at {DIGITS_FILE} (copy data/digits.npz along with common.py)")
+    d = np.load(DIGITS_FILE)
+    x = torch.from_numpy(d["images"].astype(np.float32) / 16.0)[:, None]
+    y = torch.from_numpy(d["labels"].astype(np.int64))
+    x = resize_images(x, size, upscale).repeat(1, channels, 1, 1)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(split_seed))
+    te, tr = perm[:n_test], perm[n_test:]
+    return dict(x_train=x[tr], y_train=y[tr], x_test=x[te], y_test=y[te])
+
+
+def make_synthetic_images(n, classes=10, size=16, channels=3, seed=0, template_seed=1234):
+    """Learnable synthetic images for smoke tests (SPEC 15): per class a smooth low-frequency template
+    (amplitude ~0.3, a "robust feature") plus a class-specific high-frequency +-0.03 pattern (a
+    "non-robust feature"), plus N(0, 0.1^2) pixel noise, clipped to [0,1]. Templates depend only on
+    template_seed, so train and test sets built with different `seed`s share them."""
+    gt = torch.Generator().manual_seed(template_seed)
+    coords = torch.linspace(0, math.pi, size)
+    basis = torch.stack([torch.outer(torch.cos(a * coords), torch.cos(b * coords)) for a in range(3) for b in range(3)])
+    coef = torch.randn(classes, channels, len(basis), generator=gt)
+    smooth = torch.einsum("kcb,bhw->kchw", coef, basis)
+    smooth = 0.3 * smooth / smooth.flatten(1).abs().amax(1).view(-1, 1, 1, 1)
+    checker = (torch.arange(size)[:, None] + torch.arange(size)[None, :]) % 2 * 2 - 1.0
+    hf = 0.03 * torch.sign(torch.randn(classes, channels, size, size, generator=gt)) * checker
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(classes, (n,), generator=g)
+    x = 0.5 + smooth[y] + hf[y] + 0.1 * torch.randn(n, channels, size, size, generator=g)
+    return x.clamp(0, 1), y
+
+
+class Data:
+    """A dataset resident as tensors on one device: x_* float in [0,1] (N, C, H, W), y_* int64.
+    `mean`/`std` are the per-channel statistics for standardization (inside the model for P1,
+    outside for P2, see `standardize`)."""
+
+    def __init__(self, name, x_train, y_train, x_test, y_test, mean, std, num_classes=10):
+        self.name, self.num_classes = name, num_classes
+        self.x_train, self.y_train, self.x_test, self.y_test = x_train, y_train, x_test, y_test
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+    @property
+    def shape(self):
+        return tuple(self.x_train.shape[1:])
+
+    def standardize(self, x):
+        """(x - mean) / std per channel: P2's convention of attacking in standardized space."""
+        return Standardize(self.mean, self.std).to(x.device)(x)
+
+
+DATASETS = ("cifar10", "svhn", "mnist", "digits", "synthetic")
+
+
+def build_dataset(name, root="data", device="cpu", download=False, size=None, channels=None, upscale="nearest",
+                  n_train=None, n_test=None, seed=0):
+    """Load `name` into memory on `device` as a `Data`.
+    cifar10 | svhn | mnist: the real files under `root` (see SOURCES), fetched when download=True.
+    digits: the bundled UCI digits (size default 8, channels default 1).
+    synthetic: make_synthetic_images (size default 16, channels default 3; n_train/n_test default 1000/200).
+    size/channels resize and repeat channels; n_train/n_test take the first samples (after the fixed
+    split), for smoke runs."""
+    check_choice("dataset", name, DATASETS)
+    if name == "digits":
+        d = load_digits(size or 8, channels or 1, upscale)
+    elif name == "synthetic":
+        s, c = size or 16, channels or 3
+        xtr, ytr = make_synthetic_images(n_train or 1000, size=s, channels=c, seed=seed)
+        xte, yte = make_synthetic_images(n_test or 200, size=s, channels=c, seed=seed + 1)
+        d = dict(x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
+    else:
+        raw = {"cifar10": read_cifar10, "svhn": read_svhn, "mnist": read_mnist}[name](root, download)
+        d = {k: torch.from_numpy(v) for k, v in raw.items()}
+        for split in ("train", "test"):
+            x = d[f"x_{split}"].float() / 255.0
+            if size:
+                x = resize_images(x, size, upscale)
+            if channels and channels != x.shape[1]:
+                x = x.repeat(1, channels // x.shape[1], 1, 1) if x.shape[1] == 1 else x.mean(1, keepdim=True)
+            d[f"x_{split}"] = x
+    d["x_train"], d["y_train"] = d["x_train"][:n_train], d["y_train"][:n_train]
+    d["x_test"], d["y_test"] = d["x_test"][:n_test], d["y_test"][:n_test]
+    if name in STATS and d["x_train"].shape[1] == len(STATS[name][0]):
+        mean, std = STATS[name]
+    else:  # computed from the training split (digits, synthetic, or channels changed)
+        mean = d["x_train"].mean((0, 2, 3)).tolist()
+        std = d["x_train"].std((0, 2, 3)).clamp_min(1e-3).tolist()
+    return Data(name, *(d[k].to(device) for k in ("x_train", "y_train", "x_test", "y_test")), mean, std)
+
+
+def class_balanced_subset(y, per_class, seed=0):
+    """Indices of a fixed class-balanced subset: the first `per_class` of each class in a seeded
+    permutation (P1 App. B.2: 1000 test samples, 100 per class, for robust accuracy and LIGS)."""
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed)).to(y.device)
+    idx = [perm[y[perm] == c][:per_class] for c in torch.unique(y).tolist()]
+    return torch.cat(idx).sort().values
+
+
+def augment_crop_flip(x, generator, pad=4, flip=True):
+    """Random crop with zero padding `pad` plus horizontal flip (standard CIFAR augmentation, SPEC
+    1.5), for a whole batch at once on x's device. Random numbers come from a CPU `generator`, so the
+    stream is the same on every device."""
+    B, C, H, W = x.shape
+    off = torch.randint(0, 2 * pad + 1, (2, B), generator=generator).to(x.device)
+    xp = F.pad(x, (pad, pad, pad, pad))
+    rows = (off[0][:, None] + torch.arange(H, device=x.device))[:, :, None]  # (B, H, 1)
+    cols = (off[1][:, None] + torch.arange(W, device=x.device))[:, None, :]  # (B, 1, W)
+    out = xp.permute(0, 2, 3, 1)[torch.arange(B, device=x.device)[:, None, None], rows, cols].permute(0, 3, 1, 2)
+    if flip:
+        mask = (torch.rand(B, generator=generator) < 0.5).to(x.device)
+        out = torch.where(mask[:, None, None, None], out.flip(3), out)
+    return out.contiguous()
+
+
+# ================================================================================================
+# Training and evaluation (SPEC 1.5)
+# ================================================================================================
+
+def pick_device(name="auto"):
+    """--device auto|cpu|cuda -> torch.device; 'cuda' without a GPU is one clear error."""
+    check_choice("--device", name, ("auto", "cpu", "cuda"))
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def make_optimizer(name, params, lr, momentum=0.9, weight_decay=0.0):
+    """sgd (momentum, default 0.9) | adam | adagrad, with L2 weight decay added to the gradient."""
+    check_choice("optimizer", name, ("sgd", "adam", "adagrad"))
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.Adagrad(params, lr=lr, weight_decay=weight_decay)
+
+
+def lr_at(epoch, base_lr, milestones=(), gamma=0.1, warmup_epochs=0.0):
+    """Learning rate at fractional `epoch`: linear warm-up from 0 over `warmup_epochs`, then base_lr
+    times gamma for every milestone passed (step schedule, applied per iteration as in the P1
+    authors' code)."""
+    lr = base_lr * gamma ** sum(epoch >= m for m in milestones)
+    return lr * min(1.0, epoch / warmup_epochs) if warmup_epochs > 0 else lr
+
+
+def run_attack(model, x, y, spec, generator=None):
+    """Apply one evaluation spec to a batch. spec['kind']: clean | noise (x + sigma*N(0, I), clipped
+    to spec['clip'] if given) | fgsm | bim | pgd (all other keys are passed on: eps, steps,
+    step_size, norm, loss, kappa, targeted, rand_init, clip)."""
+    kind = spec["kind"]
+    kw = {k: v for k, v in spec.items() if k not in ("kind", "name", "sigma")}
+    if kind == "clean":
+        return x
+    if kind == "noise":
+        return _clip(x + spec["sigma"] * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype),
+                     spec.get("clip"))
+    if kind == "fgsm":
+        return fgsm(model, x, y, **kw)
+    if kind == "bim":
+        return bim(model, x, y, **kw)
+    if kind == "pgd":
+        return pgd(model, x, y, generator=generator, **kw)
+    raise ValueError(f"attack kind={kind!r} is not one of clean, noise, fgsm, bim, pgd")
+
+
+def evaluate(model, x, y, specs, batch_size=500, seed=0):
+    """Accuracy (fraction) of `model` under every spec in `specs` ({name: spec}, see `run_attack`),
+    batched, in eval mode. Noise and random starts are drawn from a generator seeded with `seed`,
+    so repeated evaluations agree."""
+    out = {}
+    for name, spec in specs.items():
+        g = torch.Generator(device=x.device).manual_seed(seed)
+        correct = 0
+        for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+            xa = run_attack(model, xb, yb, spec, g)
+            with torch.no_grad(), eval_mode(model):
+                correct += (model(xa).argmax(1) == yb).sum()
+        out[name] = float(correct) / len(y)
+    return out
+
+
+def save_atomic(obj, path):
+    """torch.save to a temp file and rename, so an interrupted write never leaves a torn checkpoint."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train_model(model, data, recipe, seed=0, ckpt=None, log=print, amp=False, on_epoch=None, tag=""):
+    """Train `model` on data.x_train (already on the model's device) with `recipe`, a dict of
+      epochs, batch_size, lr, optimizer ('sgd'|'adam'|'adagrad'), momentum, weight_decay,
+      milestones (epochs), gamma, warmup_epochs, augment (crop+flip), adv (None, or an attack spec
+      for `run_attack`: adversarial training on adversarial examples only, SPEC 1.5), and
+      input_fn (optional: maps [0,1] batches to the model's input space, e.g. data.standardize).
+    Every random source is a seeded generator: data order and augmentation (CPU generator) and
+    attack starts (device generator). After every epoch the full state is checkpointed atomically to
+    `ckpt` (if given); calling again with the same ckpt resumes and ends with the same numbers as an
+    uninterrupted run. on_epoch(epoch, model) -> dict adds per-epoch measurements (epoch 0 = before
+    training). Divergence (non-finite loss) or a final training accuracy no better than chance stops
+    the run and is reported, not raised.
+    Returns dict(status='ok'|'failed', reason, history=[per-epoch dicts])."""
+    r = dict(optimizer="sgd", momentum=0.9, weight_decay=0.0, milestones=(), gamma=0.1, warmup_epochs=0.0,
+             augment=False, adv=None, input_fn=None) | recipe
+    dev = data.x_train.device
+    to_input = r["input_fn"] or (lambda t: t)
+    opt = make_optimizer(r["optimizer"], model.parameters(), r["lr"], r["momentum"], r["weight_decay"])
+    g_data = torch.Generator().manual_seed(seed)
+    g_attack = torch.Generator(device=dev).manual_seed(seed + 1)
+    state = dict(epoch=0, history=[], status="running", reason="")
+    if ckpt is not None and pathlib.Path(ckpt).exists():
+        saved = torch.load(ckpt, map_location=dev, weights_only=False)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        g_data.set_state(saved["g_data"])
+        g_attack.set_state(saved["g_attack"].to(g_attack.get_state().device))
+        state = saved["state"]
+        log(f"{tag} resumed from {ckpt} after epoch {state['epoch']} ({state['status']})")
+
+    def checkpoint():
+        if ckpt is not None:
+            save_atomic(dict(model=model.state_dict(), opt=opt.state_dict(), g_data=g_data.get_state(),
+                             g_attack=g_attack.get_state(), state=state), ckpt)
+
+    if state["epoch"] == 0 and not state["history"]:
+        state["history"].append(dict(epoch=0, **(on_epoch(0, model) if on_epoch else {})))
+    n, bs = len(data.y_train), r["batch_size"]
+    steps_per_epoch = math.ceil(n / bs)
+    use_amp = amp and dev.type == "cuda"
+    while state["status"] == "running" and state["epoch"] < r["epochs"]:
+        epoch, t0 = state["epoch"], time.time()
+        model.train()
+        perm = torch.randperm(n, generator=g_data).to(dev)
+        loss_sum, correct = torch.zeros((), device=dev), torch.zeros((), device=dev)
+        for i in range(steps_per_epoch):
+            idx = perm[i * bs:(i + 1) * bs]
+            xb, yb = data.x_train[idx], data.y_train[idx]
+            if r["augment"]:
+                xb = augment_crop_flip(xb, g_data)
+            xb = to_input(xb)
+            if r["adv"] is not None:  # adversarial examples only (Madry et al.; SPEC 1.5), made in eval mode
+                xb = run_attack(model, xb, yb, r["adv"], g_attack)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(epoch + i / steps_per_epoch, r["lr"], r["milestones"], r["gamma"], r["warmup_epochs"])
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                logits = model(xb)
+                loss = F.cross_entropy(logits.float(), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach() * len(yb)
+            correct += (logits.argmax(1) == yb).sum()
+        train_loss, train_acc = float(loss_sum) / n, float(correct) / n  # one sync per epoch
+        state["epoch"] = epoch + 1
+        if not math.isfinite(train_loss):
+            state["status"], state["reason"] = "failed", f"diverged: non-finite training loss in epoch {epoch + 1}"
+        elif state["epoch"] == r["epochs"] and train_acc <= 1.0 / data.num_classes + 0.05:
+            state["status"], state["reason"] = "failed", f"no better than chance: final training accuracy {train_acc:.3f}"
+        row = dict(epoch=epoch + 1, train_loss=train_loss, train_acc=train_acc, lr=opt.param_groups[0]["lr"],
+                   time_s=time.time() - t0)
+        if on_epoch and state["status"] == "running":
+            row |= on_epoch(epoch + 1, model)
+        state["history"].append(row)
+        base_keys = ("epoch", "train_loss", "train_acc", "lr", "time_s")
+        extra = "".join(f" | {k} {v:.4f}" for k, v in row.items() if k not in base_keys)
+        log(f"{tag} epoch {epoch + 1:3d}/{r['epochs']} | loss {train_loss:.4f} | train acc {train_acc:.4f} | "
+            f"lr {row['lr']:.4g} | {row['time_s']:.1f}s{extra}")
+        if state["status"] == "running" and state["epoch"] == r["epochs"]:
+            state["status"] = "ok"
+        checkpoint()
+    if state["status"] == "failed":
+        log(f"{tag} FAILED: {state['reason']}")
+    return dict(status=state["status"], reason=state["reason"], history=state["history"])
+
+
+# ================================================================================================
+# Run records, presets and command-line plumbing (every exp_*.py)
+# ================================================================================================
+
+def mean_sem(values):
+    """(mean, standard error of the mean, n) of the finite values; SEM = std(ddof=1)/sqrt(n), as P2 reports."""
+    v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
+    if not v:
+        return float("nan"), float("nan"), 0
+    m = sum(v) / len(v)
+    sem = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1) / len(v)) if len(v) > 1 else float("nan")
+    return m, sem, len(v)
+
+
+def fmt_mean_sem(values, scale=100.0, digits=1):
+    """'mean ± sem' in percent (P2's style); just the mean when n = 1; '–' when nothing finished."""
+    m, s, n = mean_sem(values)
+    if n == 0:
+        return "–"
+    return f"{m * scale:.{digits}f}" if n == 1 else f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
+
+
+def write_text_atomic(path, text):
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_records(run_dir, records, finished):
+    """results.json ({"records": [...], "finished": bool}) and results.csv, both written atomically.
+    Records are flat dicts of plain values (one per model/seed[/epoch])."""
+    run_dir = pathlib.Path(run_dir)
+    write_text_atomic(run_dir / "results.json", json.dumps(dict(records=records, finished=finished), indent=1, default=str))
+    keys = list(dict.fromkeys(k for r in records for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(records)
+    write_text_atomic(run_dir / "results.csv", buf.getvalue())
+
+
+def load_records(run_dir):
+    """The records list of a run directory (for --plot-only and --resume)."""
+    path = pathlib.Path(run_dir) / "results.json"
+    if not path.exists():
+        raise DataError(f"no results.json in {run_dir}: not a run directory of this project")
+    try:
+        return json.loads(path.read_text())["records"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise DataError(f"corrupt {path}: {e}") from None
+
+
+def prepare_run_dir(script, out=None, resume=False):
+    """Resolve --out (default runs/<script>/<timestamp>) and refuse to silently overwrite: an existing
+    run directory is only continued with --resume."""
+    out = pathlib.Path(out or pathlib.Path("runs") / script / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    if (out / "config.json").exists() and not resume:
+        raise ValueError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
+    if resume and not (out / "config.json").exists():
+        raise ValueError(f"--resume: {out} holds no run to continue (pass the run's --out)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def git_commit():
+    try:
+        root = pathlib.Path(__file__).resolve().parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_config(run_dir, args, script_path, device):
+    """config.json: every resolved argument, argv, versions, device and git commit; plus a copy of
+    the script's own source (code.py), so a run directory holds what is needed to redo it."""
+    cfg = dict(args=vars(args), argv=sys.argv, script=pathlib.Path(script_path).name, git_commit=git_commit(),
+               device=str(device), torch=torch.__version__, numpy=np.__version__, python=platform.python_version(),
+               cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+               time=datetime.datetime.now().isoformat(timespec="seconds"))
+    write_text_atomic(pathlib.Path(run_dir) / "config.json", json.dumps(cfg, indent=1, default=str))
+    write_text_atomic(pathlib.Path(run_dir) / "code.py", pathlib.Path(script_path).read_text())
+
+
+def apply_preset(args, presets, parser):
+    """Fill every argument left at None with the chosen preset's value (explicit flags win), and
+    print the resolved configuration. presets: {name: {dest: value}}."""
+    chosen = presets[args.preset]
+    for k, v in chosen.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    missing = [a.dest for a in parser._actions if a.default is None and getattr(args, a.dest, None) is None
+               and a.dest in chosen]
+    if missing:
+        parser.error(f"no value for {missing}")
+    print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
+    return args
