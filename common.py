@@ -1435,6 +1435,7 @@ def fmt_mean_sem(values, scale=100.0, digits=1):
 
 
 def write_text_atomic(path, text):
+    """Write text to a temp file and rename it into place (readers never see a half-written file)."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -1479,6 +1480,7 @@ def prepare_run_dir(script, out=None, resume=False):
 
 
 def git_commit():
+    """The project's current git commit (None outside a checkout), recorded in every config.json."""
     try:
         root = pathlib.Path(__file__).resolve().parent
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)

@@ -1,0 +1,363 @@
+"""White-box robustness of CNNs with and without normalization (SPEC §4).
+
+Reproduces P1 Tables 1, 2, 8 and P2 Tables 1, 2 (= Table 9), 3, 8 and P2 App. A.2 (PGD vs BIM):
+train each (dataset, arch, norm, seed), then measure clean, Gaussian-noise and adversarial
+accuracy. The papers' claim: normalization keeps or raises clean accuracy and lowers robust accuracy.
+
+    python exp_table1.py --preset quick                    # bundled digits, CPU, ~4 min (README table)
+    python exp_table1.py --artifact p1_t1 --data-root data  # P1 Table 1 (CIFAR-10 + SVHN; --download fetches them)
+    python exp_table1.py --artifact p2_t1 --device cuda     # P2 Table 1 (VGG8 on SVHN, 5 seeds)
+    python exp_table1.py --plot-only runs/exp_table1/<run> # redraw table.md and the figure
+
+Two eps conventions (REFERENCE_NOTES §8): P1 artifacts attack [0,1] pixels (the model standardizes
+inside); P2 artifacts attack standardized inputs with the papers' clip ranges. P2 Table 5 (torchvision
+ImageNet weights) and P1's ImageNet rows need files that cannot be had offline: they are listed as
+skipped. Deviations: P2 Table 2 selected the epoch with the best *test* accuracy; we report the
+final epoch (SPEC A8).
+"""
+import argparse
+import math
+import pathlib
+import sys
+import time
+
+import torch
+
+from common import (NORMS, DataError, Standardize, build_dataset, class_balanced_subset, evaluate, fmt_mean_sem,
+                    load_records, make_model, mean_sem, pick_device, prepare_run_dir, save_records, set_seed,
+                    train_model, write_config, write_text_atomic)
+
+# ================================================================================================
+# Args: artifacts (the paper recipes) and presets
+# ================================================================================================
+
+P1_CIFAR_VGG = dict(epochs=200, lr=0.01, milestones=(100, 150), augment=True)  # SPEC A1 [DEFAULT]
+P1_SVHN_VGG = dict(epochs=50, lr=0.01, milestones=(25, 40), augment=False)
+P1_RESNET50 = dict(epochs=350, lr=0.1, milestones=(150, 250), augment=True)  # P1 App. B.1
+P2_SVHN = dict(epochs=50, lr=0.01, milestones=(25, 40), augment=False)  # P2 Sec. 3
+P2_CIFAR = dict(epochs=150, lr=0.01, milestones=(), augment=True)  # P2 Table 2: fixed LR
+P2_DEPTH = dict(epochs=350, milestones=(150, 250), augment=True)  # P2 Table 3: lr 0.1 with BN, 0.01 without
+
+P1_MODELS = {"cifar10": ["vgg11", "vgg16", "resnet50"], "svhn": ["vgg11", "vgg16"]}
+ARTIFACTS = {  # name -> paper item, convention, {dataset: [archs]}, norms, default seeds, max tries
+    "p1_t1": dict(paper="P1 Table 1", conv="p1", models=P1_MODELS, norms=["none", "bn"], seeds=1),
+    "p1_t2": dict(paper="P1 Table 2", conv="p1", models=P1_MODELS, norms=list(NORMS), seeds=1),
+    "p1_t8": dict(paper="P1 Table 8", conv="p1", models={"cifar10": P1_MODELS["cifar10"]}, norms=["none", "bn"], seeds=1),
+    "p2_t1": dict(paper="P2 Table 1", conv="p2", models={"svhn": ["vgg8"]}, norms=["none", "bn"], seeds=5),
+    "p2_t2": dict(paper="P2 Tables 2 and 9", conv="p2", models={"cifar10": ["vgg8", "wrn28_10"]},
+                  norms=["none", "bn", "fixup"], seeds=3),
+    "p2_t3": dict(paper="P2 Table 3", conv="p2", models={"cifar10": ["vgg8", "vgg11", "vgg13", "vgg16", "vgg19"]},
+                  norms=["none", "bn"], seeds=3, max_tries=10),
+    "p2_t8": dict(paper="P2 Table 8", conv="p2", models={"svhn": ["vgg11", "vgg13", "vgg16", "vgg19"]}, norms=["bn"], seeds=5),
+    "p2_pgd_vs_bim": dict(paper="P2 App. A.2", conv="p2", models={"svhn": ["vgg8"]}, norms=["none", "bn"], seeds=5),
+}
+ARTIFACTS["p2_t9"] = ARTIFACTS["p2_t2"]
+SKIPPED = {"p2_t5": "P2 Table 5 needs ImageNet and torchvision's pretrained VGG weights, which cannot be fetched offline",
+           "p1_t1_imagenet": "P1 Table 1's ImageNet rows need ImageNet and pretrained weights (not available offline)"}
+
+PRESETS = {
+    "paper": dict(dataset=None, arch=None, norm=None, seeds=None, width=1.0, epochs=None, lr=None, batch_size=128,
+                  weight_decay=5e-4, n_eval=None, attack_steps=20, size=None, gn_groups=None, eps_scale=1.0),
+    # Bundled UCI digits at 32x32 (the CIFAR layout: at 16x16 VGG's last convs are 1x1 and IN outputs a
+    # constant). Same LR for every norm (lr 0.05 made the no-norm VGG diverge; 0.02 trains all).
+    # eps doubled from CIFAR's budgets: at 0.25/1-per-255 the no-norm digit models are barely touched.
+    "quick": dict(dataset="digits", arch=["vgg11", "resnet18"], norm=list(NORMS), seeds=3, width=0.125, epochs=12, lr=0.02,
+                  batch_size=64, weight_decay=5e-4, n_eval=None, attack_steps=20, size=32, gn_groups=2, eps_scale=4.0),
+    "smoke": dict(dataset="synthetic", arch=["vgg8", "resnet18"], norm=list(NORMS), seeds=1, width=1 / 16, epochs=3, lr=0.02,
+                  batch_size=64, weight_decay=5e-4, n_eval=100, attack_steps=3, size=32, gn_groups=2, eps_scale=4.0),
+}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--artifact", default="p1_t1", choices=sorted(ARTIFACTS) + sorted(SKIPPED), help="paper table to reproduce")
+    p.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="paper settings, quick (digits, CPU) or smoke")
+    p.add_argument("--dataset", default=None, help="override the artifact's datasets: cifar10|svhn|mnist|digits|synthetic")
+    p.add_argument("--arch", nargs="+", default=None, help="override the architectures (e.g. vgg11 resnet18)")
+    p.add_argument("--norm", nargs="+", default=None, choices=list(NORMS) + ["fixup"], help="override the norms")
+    p.add_argument("--seeds", type=int, default=None, help="successful seeds per model (P2: mean ± SEM over them)")
+    p.add_argument("--max-seed-tries", type=int, default=None, help="seeds tried per model before giving up (P2 Table 3: 10)")
+    p.add_argument("--width", type=float, default=None, help="channel multiplier (1 = the paper's models)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the artifact's recipe)")
+    p.add_argument("--lr", type=float, default=None, help="initial learning rate (default: the artifact's recipe)")
+    p.add_argument("--batch-size", type=int, default=None, help="SGD batch size (paper: 128)")
+    p.add_argument("--weight-decay", type=float, default=None, help="L2 weight decay (SPEC A1/A7: 5e-4)")
+    p.add_argument("--n-eval", type=int, default=None, help="test samples attacked (default: the full test set)")
+    p.add_argument("--attack-steps", type=int, default=None, help="PGD/CW/BIM iterations (paper: 20)")
+    p.add_argument("--eps-scale", type=float, default=None, help="multiply every attack budget (1 = the paper's)")
+    p.add_argument("--size", type=int, default=None, help="resize images to size x size (digits: 32)")
+    p.add_argument("--gn-groups", type=int, default=None, help="GroupNorm groups (default 32, capped at the width)")
+    p.add_argument("--data-root", default="data", help="folder holding cifar-10-batches-py/, svhn/, mnist/")
+    p.add_argument("--download", action="store_true", help="fetch missing datasets (md5-checked)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast for training on CUDA")
+    p.add_argument("--out", default=None, help="run directory (default runs/exp_table1/<timestamp>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out, keeping finished models")
+    p.add_argument("--plot-only", metavar="RUN_DIR", default=None, help="redraw table.md and the figure of a finished run")
+    args = p.parse_args(argv)
+    if args.plot_only:
+        return args
+    if args.artifact in SKIPPED:
+        p.exit(0, f"skipped {args.artifact}: {SKIPPED[args.artifact]}\n")
+    for k, v in PRESETS[args.preset].items():  # explicit flags win over the preset
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    art = ARTIFACTS[args.artifact]
+    args.seeds = args.seeds or art["seeds"]
+    args.max_seed_tries = args.max_seed_tries or art.get("max_tries", args.seeds)
+    if args.max_seed_tries < args.seeds:
+        p.error(f"--max-seed-tries {args.max_seed_tries} < --seeds {args.seeds}")
+    if args.dataset is not None and args.dataset not in ("cifar10", "svhn", "mnist", "digits", "synthetic"):
+        p.error(f"--dataset {args.dataset!r}: expected cifar10, svhn, mnist, digits or synthetic")
+    for name in ("epochs", "batch_size", "attack_steps", "n_eval", "seeds"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+# ================================================================================================
+# Experiment-local helpers: what is trained and how it is attacked
+# ================================================================================================
+
+def plan(args):
+    """[(dataset, arch, norm)] for this run, after --dataset/--arch/--norm overrides."""
+    art = ARTIFACTS[args.artifact]
+    models = {args.dataset: args.arch or sum(art["models"].values(), [])} if args.dataset else \
+        {d: args.arch or a for d, a in art["models"].items()}
+    norms = args.norm or art["norms"]
+    return [(d, a, n) for d, archs in models.items() for a in archs for n in norms
+            if n != "fixup" or a.startswith(("resnet", "wrn"))]
+
+
+def recipe(args, dataset, arch, norm):
+    """The paper's training recipe for this model (SPEC §4), with flag overrides."""
+    art = args.artifact
+    if art.startswith("p1"):
+        r = P1_RESNET50 if arch == "resnet50" else (P1_SVHN_VGG if dataset == "svhn" else P1_CIFAR_VGG)
+    elif art == "p2_t3":
+        r = P2_DEPTH | dict(lr=0.1 if norm == "bn" else 0.01)
+    else:
+        r = P2_SVHN if dataset == "svhn" else P2_CIFAR
+    r = dict(r, batch_size=args.batch_size, weight_decay=args.weight_decay)
+    if args.epochs is not None:  # keep milestones at the same fraction of training
+        scale = args.epochs / r["epochs"]
+        r |= dict(epochs=args.epochs, milestones=tuple(max(1, round(m * scale)) for m in r["milestones"]))
+    if args.lr is not None:
+        r["lr"] = args.lr
+    if dataset in ("digits", "synthetic", "mnist", "svhn"):
+        r["augment"] = False  # crop+flip is a CIFAR augmentation (flipping digits changes them)
+    return r
+
+
+def attack_suite(args, conv, dataset, std, n_pixels):
+    """{name: spec} of the artifact's measurements (P1 App. B.2; P2 Sec. 3, App. A.2). `std` is the
+    per-channel std, used to express P2's noise N(0, 1/4) in pixel units under the P1 convention."""
+    s, k = args.eps_scale, args.attack_steps
+    if conv == "p1":
+        clip, l2, linf = (0.0, 1.0), 0.25 * s, 1 / 255 * s
+        sigma = 0.5 * torch.tensor(std).view(1, -1, 1, 1)
+        specs = dict(clean=dict(kind="clean"), noise=dict(kind="noise", sigma=sigma),
+                     pgd_l2=dict(kind="pgd", norm="l2", eps=l2, steps=k, clip=clip),
+                     pgd_linf=dict(kind="pgd", norm="linf", eps=linf, steps=k, clip=clip),
+                     cw_l2=dict(kind="pgd", norm="l2", loss="cw", eps=l2, steps=k, clip=clip),
+                     cw_linf=dict(kind="pgd", norm="linf", loss="cw", eps=linf, steps=k, clip=clip),
+                     fgsm=dict(kind="fgsm", eps=4 / 255 * s, clip=clip))
+        return specs
+    clip = {"svhn": (-1.0, 1.0), "cifar10": (-2.0, 2.0)}.get(dataset)  # P2's clip ranges; none for MNIST
+    linf = 0.03 * s
+    l2 = linf * math.sqrt(n_pixels)  # P2: eps2 = eps_inf * sqrt(d)
+    specs = dict(clean=dict(kind="clean"), noise=dict(kind="noise", sigma=0.5),
+                 pgd_linf=dict(kind="pgd", norm="linf", eps=linf, steps=k, step_size=linf / 10, clip=clip),
+                 pgd_l2=dict(kind="pgd", norm="l2", eps=l2, steps=k, step_size=l2 / 10, clip=clip))
+    if args.artifact == "p2_pgd_vs_bim":
+        specs["bim"] = dict(kind="bim", eps=linf, steps=k, step_size=linf / 20, clip=clip)
+    return specs
+
+
+P2_INPUT = {"svhn": ((0.5,) * 3, (0.5,) * 3)}  # P2 SVHN: (x - 0.5) / 0.5, clip [-1, 1] (SPEC 1.1)
+
+
+def run_one(args, data, dataset, arch, norm, seed, device, ckpt, log):
+    """Train one model and measure it; returns the record (status 'failed' with a reason if training failed)."""
+    conv = ARTIFACTS[args.artifact]["conv"]
+    set_seed(seed)  # model init
+    kw = dict(norm=norm, width=args.width, num_classes=data.num_classes, in_channels=data.shape[0])
+    if args.gn_groups:
+        kw["gn_groups"] = args.gn_groups
+    if arch.startswith("wrn"):
+        kw.pop("width")
+        kw.pop("gn_groups", None)
+        if norm == "fixup":
+            kw["final_bn"] = True  # P2 footnote 7
+    mean, std = P2_INPUT.get(dataset, (data.mean, data.std))
+    if conv == "p1":
+        model = make_model(arch, mean=data.mean, std=data.std, **kw).to(device)
+        input_fn = None
+    else:
+        model = make_model(arch, **kw).to(device)
+        input_fn = Standardize(mean, std).to(device)
+    if device.type == "cuda" and not arch.startswith("mlp"):
+        model = model.to(memory_format=torch.channels_last)
+    r = recipe(args, dataset, arch, norm) | dict(input_fn=input_fn)
+    t0 = time.time()
+    res = train_model(model, data, r, seed=seed, ckpt=ckpt, log=log, amp=args.amp, tag=f"[{dataset} {arch} {norm} s{seed}]")
+    rec = dict(artifact=args.artifact, dataset=dataset, arch=arch, norm=norm, seed=seed, status=res["status"],
+               reason=res["reason"], epochs=r["epochs"], lr=r["lr"], train_acc=res["history"][-1].get("train_acc"))
+    if res["status"] != "ok":
+        return rec
+    idx = torch.arange(len(data.y_test), device=device)
+    if args.n_eval and args.n_eval < len(idx):  # a fixed class-balanced subset
+        idx = class_balanced_subset(data.y_test, max(1, args.n_eval // data.num_classes))
+    x, y = data.x_test[idx], data.y_test[idx]
+    x = input_fn(x) if input_fn is not None else x
+    specs = attack_suite(args, conv, dataset, std if conv == "p2" else data.std, data.x_test[0].numel())
+    for spec in specs.values():
+        if torch.is_tensor(spec.get("sigma")):
+            spec["sigma"] = spec["sigma"].to(device)
+    accs = evaluate(model, x, y, specs, batch_size=500, seed=seed)
+    rec |= {f"acc_{k}": v for k, v in accs.items()} | dict(n_eval=len(y), time_s=round(time.time() - t0, 1))
+    log(f"[{dataset} {arch} {norm} s{seed}] " + " | ".join(f"{k} {v:.4f}" for k, v in accs.items()))
+    return rec
+
+
+# ================================================================================================
+# Table and figure (regenerated from results.json by --plot-only)
+# ================================================================================================
+
+METRICS = ["clean", "noise", "pgd_l2", "pgd_linf", "cw_l2", "cw_linf", "fgsm", "bim"]
+COLORS = dict(none="0.25", bn="C0", **{"in": "C1"}, ln="C2", gn="C3", fixup="C4")  # one colour per norm in every panel
+LABELS = dict(clean="clean", noise="noise", pgd_l2="PGD-ℓ2", pgd_linf="PGD-ℓ∞", cw_l2="CW-ℓ2", cw_linf="CW-ℓ∞", fgsm="FGSM",
+              bim="BIM")
+
+
+def groups(records):
+    out = {}
+    for r in records:
+        out.setdefault((r["dataset"], r["arch"], r["norm"]), []).append(r)
+    return out
+
+
+def make_table(records, header):
+    ok = [r for r in records if r["status"] == "ok"]
+    metrics = [m for m in METRICS if any(f"acc_{m}" in r for r in ok)]
+    lines = [header, "", "Accuracy (%) on the test set, mean ± SEM over seeds (n = successful seeds).", "",
+             "| dataset | arch | norm | n | " + " | ".join(LABELS[m] for m in metrics) + " |",
+             "|---|---|---|---|" + "---|" * len(metrics)]
+    g = groups(ok)
+    for (d, a, n), rs in g.items():
+        lines.append(f"| {d} | {a} | {n} | {len(rs)} | " + " | ".join(fmt_mean_sem([r.get(f"acc_{m}") for r in rs])
+                                                                  for m in metrics) + " |")
+    diffs = []
+    for (d, a, n), rs in g.items():  # difference to the unnormalized model (Fixup for a Fixup-vs-BN WRN)
+        ref = g.get((d, a, "none")) or g.get((d, a, "fixup"))
+        if ref is None or rs is ref:
+            continue
+        cells = []
+        for m in metrics:
+            (m1, s1, n1) = mean_sem([r.get(f"acc_{m}") for r in rs])
+            (m0, s0, n0) = mean_sem([r.get(f"acc_{m}") for r in ref])
+            if not (n1 and n0):
+                cells.append("–")
+                continue
+            both = n1 > 1 and n0 > 1
+            cells.append(f"{100 * (m1 - m0):+.1f}" + (f" ± {100 * math.hypot(s1, s0):.1f}" if both else ""))
+        diffs.append(f"| {d} | {a} | {n} − {ref[0]['norm']} | " + " | ".join(cells) + " |")
+    if diffs:
+        lines += ["", "Difference to the unnormalized model (percentage points; SEMs added in quadrature).", "",
+                  "| dataset | arch | norms | " + " | ".join(LABELS[m] for m in metrics) + " |",
+                  "|---|---|---|" + "---|" * len(metrics)] + diffs
+    failed = [r for r in records if r["status"] != "ok"]
+    if failed:
+        lines += ["", "Failed runs (P2 reports these and retries seeds):", ""]
+        lines += [f"- {r['dataset']} {r['arch']} {r['norm']} seed {r['seed']}: {r['reason']}" for r in failed]
+    return "\n".join(lines) + "\n"
+
+
+def make_figure(records, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ok = [r for r in records if r["status"] == "ok"]
+    panels = sorted({(r["dataset"], r["arch"]) for r in ok})
+    metrics = [m for m in METRICS if any(f"acc_{m}" in r for r in ok)]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6 * max(1, len(panels)), 3.6), squeeze=False)
+    g = groups(ok)
+    for ax, (d, a) in zip(axes[0], panels):
+        norms = [n for n in list(NORMS) + ["fixup"] if (d, a, n) in g]
+        w = 0.8 / len(norms)
+        for i, n in enumerate(norms):
+            stats = [mean_sem([r.get(f"acc_{m}") for r in g[(d, a, n)]]) for m in metrics]
+            ax.bar([j + i * w for j in range(len(metrics))], [100 * s[0] for s in stats], w, color=COLORS[n],
+                   yerr=[100 * s[1] if s[2] > 1 else 0 for s in stats], capsize=2, label=n)
+        ax.set_xticks([j + 0.4 - w / 2 for j in range(len(metrics))], [LABELS[m] for m in metrics])
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(0, 115)
+        ax.set_yticks(range(0, 101, 20))
+        ax.set_title(f"{a} on {d}")
+        ax.legend(fontsize=8, ncol=len(norms), loc="upper center")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(run_dir, records, args_like):
+    datasets = ", ".join(sorted({r["dataset"] for r in records}))
+    art, preset = args_like["artifact"], args_like["preset"]
+    header = f"# {ARTIFACTS[art]['paper']} ({art}, preset {preset}, {datasets})"
+    write_text_atomic(run_dir / "table.md", make_table(records, header))
+    make_figure(records, run_dir / "figure.png", header[2:])
+
+
+# ================================================================================================
+# Main: seed -> data -> model -> train -> eval -> save -> plot, per (dataset, arch, norm, seed)
+# ================================================================================================
+
+def main(args):
+    if args.plot_only:
+        run_dir = pathlib.Path(args.plot_only)
+        import json
+        cfg = json.loads((run_dir / "config.json").read_text())["args"]
+        write_outputs(run_dir, load_records(run_dir), cfg)
+        print(f"redrew {run_dir / 'table.md'} and {run_dir / 'figure.png'}")
+        return
+    device = pick_device(args.device)
+    run_dir = prepare_run_dir("exp_table1", args.out, args.resume)
+    print(f"run directory: {run_dir} | device: {device} | artifact: {ARTIFACTS[args.artifact]['paper']}")
+    records = load_records(run_dir) if args.resume and (run_dir / "results.json").exists() else []
+    write_config(run_dir, args, __file__, device)
+    done = {(r["dataset"], r["arch"], r["norm"], r["seed"]) for r in records}
+    todo = plan(args)
+    print(f"{len(todo)} models x {args.seeds} seed(s) (up to {args.max_seed_tries} tries each)")
+    datasets = {}
+    for dataset, arch, norm in todo:
+        if dataset not in datasets:
+            datasets[dataset] = build_dataset(dataset, args.data_root, device, args.download, size=args.size,
+                                              n_train=1000 if dataset == "synthetic" else None, seed=0)
+            d = datasets[dataset]
+            print(f"{dataset}: train {tuple(d.x_train.shape)}, test {tuple(d.x_test.shape)}")
+        data = datasets[dataset]
+        n_ok = sum(1 for r in records if (r["dataset"], r["arch"], r["norm"]) == (dataset, arch, norm) and r["status"] == "ok")
+        for seed in range(args.max_seed_tries):
+            if n_ok >= args.seeds:
+                break
+            if (dataset, arch, norm, seed) in done:
+                continue
+            ckpt = run_dir / "ckpt" / f"{dataset}_{arch}_{norm}_s{seed}.pt"
+            rec = run_one(args, data, dataset, arch, norm, seed, device, ckpt, print)
+            records.append(rec)
+            n_ok += rec["status"] == "ok"
+            save_records(run_dir, records, finished=False)  # every finished model is kept
+        if n_ok < args.seeds:
+            print(f"[{dataset} {arch} {norm}] only {n_ok} of {args.seeds} seeds trained in {args.max_seed_tries} tries")
+    save_records(run_dir, records, finished=True)
+    write_outputs(run_dir, records, vars(args))
+    print((run_dir / "table.md").read_text())
+    print(f"wrote {run_dir}/results.json, results.csv, table.md, figure.png")
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args())
+    except (DataError, ValueError) as e:
+        sys.exit(f"error: {e}")
