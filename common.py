@@ -1500,16 +1500,15 @@ def write_config(run_dir, args, script_path, device):
     write_text_atomic(pathlib.Path(run_dir) / "code.py", pathlib.Path(script_path).read_text())
 
 
-def apply_preset(args, presets, parser):
-    """Fill every argument left at None with the chosen preset's value (explicit flags win), and
-    print the resolved configuration. presets: {name: {dest: value}}."""
-    chosen = presets[args.preset]
-    for k, v in chosen.items():
+def apply_preset(args, presets):
+    """--preset: fill every argument still at None with the preset's value, so explicit flags win.
+    presets: {preset name: {argument dest: value}}. Returns args."""
+    for k, v in presets[args.preset].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-    missing = [a.dest for a in parser._actions if a.default is None and getattr(args, a.dest, None) is None
-               and a.dest in chosen]
-    if missing:
-        parser.error(f"no value for {missing}")
-    print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
     return args
+
+
+def print_config(args):
+    """Print the resolved configuration at start (it is also saved to config.json)."""
+    print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))

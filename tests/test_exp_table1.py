@@ -1,0 +1,98 @@
+"""exp_table1.py end to end through subprocess (CleanRL style): smoke preset, records, plot-only,
+no silent overwrite, resume after a real kill, and one-line errors for bad input."""
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+from common import NORMS
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+METRICS = ["acc_clean", "acc_noise", "acc_pgd_l2", "acc_pgd_linf", "acc_cw_l2", "acc_cw_linf", "acc_fgsm"]
+
+
+def run(*args, timeout=300):
+    return subprocess.run([sys.executable, "exp_table1.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_smoke_preset_writes_records_table_and_figure(tmp_path):
+    out = tmp_path / "run"
+    r = run("--preset", "smoke", "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "config: " in r.stdout  # the resolved configuration is printed at start
+    res = json.loads((out / "results.json").read_text())
+    assert res["finished"] is True
+    recs = res["records"]
+    assert {(x["arch"], x["norm"]) for x in recs} == {(a, n) for a in ("vgg8", "resnet18") for n in NORMS}
+    for x in recs:
+        assert {"artifact", "dataset", "arch", "norm", "seed", "status"} <= set(x) and x["dataset"] == "synthetic"
+    ok = [x for x in recs if x["status"] == "ok"]
+    assert len(ok) >= 6, [(x["arch"], x["norm"], x["reason"]) for x in recs if x["status"] != "ok"]
+    for x in ok:
+        assert all(0.0 <= x[m] <= 1.0 for m in METRICS), x
+        assert x["acc_clean"] > 0.2  # well above chance on the synthetic task
+        for m in ("acc_pgd_l2", "acc_pgd_linf", "acc_cw_l2", "acc_cw_linf"):
+            assert x[m] <= x["acc_clean"] + 0.02, (m, x)  # an attack never helps (beyond float noise)
+    assert all(x["reason"] for x in recs if x["status"] != "ok")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["args"]["preset"] == "smoke" and cfg["args"]["epochs"] == 3 and "git_commit" in cfg and "torch" in cfg
+    assert (out / "code.py").read_text() == (ROOT / "exp_table1.py").read_text()
+    assert len((out / "results.csv").read_text().strip().splitlines()) == len(recs) + 1
+    table = (out / "table.md").read_text()
+    assert "| synthetic | vgg8 | bn |" in table and "Difference to the unnormalized model" in table
+    assert (out / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    (out / "table.md").unlink()
+    (out / "figure.png").unlink()
+    r = run("--plot-only", out)
+    assert r.returncode == 0, r.stderr
+    assert (out / "table.md").read_text() == table and (out / "figure.png").exists()
+
+    r = run("--preset", "smoke", "--out", out)  # a finished run is never silently overwritten
+    assert r.returncode != 0 and "already holds a run; pass --resume" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_killed_run_resumes_to_the_same_numbers(tmp_path):
+    args = ["--preset", "smoke", "--arch", "vgg8", "--norm", "none", "bn", "--epochs", "8"]
+    ref = tmp_path / "ref"
+    assert run(*args, "--out", ref).returncode == 0
+    out = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, "exp_table1.py", *args, "--out", str(out)], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while p.poll() is None and time.time() < deadline and not list((out / "ckpt").glob("*.pt")):
+        time.sleep(0.01)
+    p.kill()
+    p.wait()
+    assert p.returncode != 0, "the run finished before it could be interrupted"
+    assert not (out / "results.json").exists() or not json.loads((out / "results.json").read_text())["finished"]
+    r = run(*args, "--out", out, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout
+    strip = lambda recs: sorted([{k: v for k, v in x.items() if k != "time_s"} for x in recs], key=lambda x: x["norm"])
+    got = strip(json.loads((out / "results.json").read_text())["records"])
+    want = strip(json.loads((ref / "results.json").read_text())["records"])
+    assert got == want
+
+
+def test_bad_input_gives_one_clear_line(tmp_path):
+    r = run("--dataset", "cifar10", "--data-root", tmp_path / "nothing", "--out", tmp_path / "r")
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cifar10 not found" in lines[0] and "--download" in lines[0] and "--preset quick" in lines[0]
+    r = run("--norm", "batchnorm")
+    assert r.returncode == 2 and "argument --norm: invalid choice: 'batchnorm'" in r.stderr
+    r = run("--preset", "smoke", "--epochs", "0", "--out", tmp_path / "z")
+    assert r.returncode == 2 and "--epochs must be >= 1" in r.stderr
+    r = run("--plot-only", tmp_path / "nowhere")
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_help_and_skipped_artifacts():
+    r = run("--help")
+    assert r.returncode == 0 and "--artifact" in r.stdout and "--preset" in r.stdout
+    r = run("--artifact", "p2_t5")
+    assert r.returncode == 0 and "skipped p2_t5" in r.stdout
