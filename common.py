@@ -1107,6 +1107,23 @@ def read_mnist(root, download_ok=False):
     return out
 
 
+def read_cifar101(root):
+    """CIFAR-10.1 v6 (Recht et al.; P2 Tables 2, 9), local files only: root/cifar10.1/
+    cifar10.1_v6_data.npy (N, 32, 32, 3) uint8 and cifar10.1_v6_labels.npy -> uint8 (N, 3, 32, 32),
+    int64 labels."""
+    base = pathlib.Path(root) / "cifar10.1"
+    paths = [base / "cifar10.1_v6_data.npy", base / "cifar10.1_v6_labels.npy"]
+    if not all(p.exists() for p in paths):
+        raise DataError(f"CIFAR-10.1 not found: expected {paths[0]} and {paths[1].name} (CIFAR-10.1 columns are skipped)")
+    try:
+        x, y = np.load(paths[0]), np.load(paths[1]).astype(np.int64)
+        if x.dtype != np.uint8 or x.shape[1:] != (32, 32, 3) or len(x) != len(y):
+            raise ValueError(f"data {x.dtype} {x.shape}, labels {y.shape}")
+    except Exception as e:
+        raise DataError(f"corrupt CIFAR-10.1 files in {base}: {e.__class__.__name__}: {e}") from None
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)), y
+
+
 def imagenet_folder(root, split="val", size=224):
     """ImageNet in the standard folder layout (root/{train,val}/<wnid>/*.JPEG) as a torchvision
     ImageFolder with [0,1] tensors (resize 256, centre crop). The only place torchvision is needed,

@@ -26,7 +26,7 @@ import torch
 
 from common import (NORMS, DataError, Standardize, apply_preset, build_dataset, class_balanced_subset, evaluate,
                     fmt_mean_sem, load_records, make_model, mean_sem, pick_device, prepare_run_dir, print_config,
-                    save_records, set_seed, train_model, write_config, write_text_atomic)
+                    read_cifar101, save_records, set_seed, train_model, write_config, write_text_atomic)
 
 # ================================================================================================
 # Args: artifacts (the paper recipes) and presets
@@ -231,6 +231,15 @@ def run_one(args, data, dataset, arch, norm, seed, device, ckpt, log):
         if torch.is_tensor(spec.get("sigma")):
             spec["sigma"] = spec["sigma"].to(device)
     accs = evaluate(model, x, y, specs, batch_size=500, seed=seed)
+    if dataset == "cifar10" and args.artifact in ("p2_t2", "p2_t9"):  # CIFAR-10.1: clean and noise only (P2 Table 2)
+        try:
+            x1, y1 = read_cifar101(args.data_root)
+            x1 = input_fn(torch.from_numpy(x1).to(device).float() / 255.0)
+            y1 = torch.from_numpy(y1).to(device)
+            c101 = evaluate(model, x1, y1, {k: specs[k] for k in ("clean", "noise")}, batch_size=500, seed=seed)
+            accs |= {f"c101_{k}": v for k, v in c101.items()}
+        except DataError as e:
+            log(f"[{dataset} {arch} {norm} s{seed}] {e}")
     rec |= {f"acc_{k}": v for k, v in accs.items()} | dict(n_eval=len(y), time_s=round(time.time() - t0, 1))
     log(f"[{dataset} {arch} {norm} s{seed}] " + " | ".join(f"{k} {v:.4f}" for k, v in accs.items()))
     return rec
@@ -240,10 +249,10 @@ def run_one(args, data, dataset, arch, norm, seed, device, ckpt, log):
 # Table and figure (regenerated from results.json by --plot-only)
 # ================================================================================================
 
-METRICS = ["clean", "noise", "pgd_l2", "pgd_linf", "cw_l2", "cw_linf", "fgsm", "bim"]
+METRICS = ["clean", "noise", "pgd_l2", "pgd_linf", "cw_l2", "cw_linf", "fgsm", "bim", "c101_clean", "c101_noise"]
 COLORS = dict(none="0.25", bn="C0", **{"in": "C1"}, ln="C2", gn="C3", fixup="C4")  # one colour per norm in every panel
 LABELS = dict(clean="clean", noise="noise", pgd_l2="PGD-ℓ2", pgd_linf="PGD-ℓ∞", cw_l2="CW-ℓ2", cw_linf="CW-ℓ∞", fgsm="FGSM",
-              bim="BIM")
+              bim="BIM", c101_clean="CIFAR-10.1 clean", c101_noise="CIFAR-10.1 noise")
 
 
 def groups(records):

@@ -15,7 +15,7 @@ import torch
 
 import common
 from common import (DataError, augment_crop_flip, build_dataset, class_balanced_subset, download, load_digits,
-                    make_synthetic_images, read_cifar10, read_mnist, read_svhn, resize_images)
+                    make_synthetic_images, read_cifar10, read_cifar101, read_mnist, read_svhn, resize_images)
 
 
 def rng(seed=0):
@@ -257,3 +257,19 @@ def test_augmentation_crops_and_flips_on_device():
     many = augment_crop_flip(x, torch.Generator().manual_seed(0), pad=0)
     flipped = (many != x).flatten(1).any(1).float().mean()
     assert 0.45 < flipped < 0.55  # each image is flipped with probability 1/2
+
+
+def test_cifar101_reader(tmp_path):
+    with pytest.raises(DataError, match="CIFAR-10.1 not found"):
+        read_cifar101(tmp_path)
+    base = tmp_path / "cifar10.1"
+    base.mkdir()
+    data = rng(4).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    np.save(base / "cifar10.1_v6_data.npy", data)
+    np.save(base / "cifar10.1_v6_labels.npy", np.arange(6) % 10)
+    x, y = read_cifar101(tmp_path)
+    assert x.shape == (6, 3, 32, 32) and y.dtype == np.int64
+    np.testing.assert_array_equal(x[2, 1], data[2, :, :, 1])
+    np.save(base / "cifar10.1_v6_labels.npy", np.arange(5))
+    with pytest.raises(DataError, match="corrupt CIFAR-10.1"):
+        read_cifar101(tmp_path)

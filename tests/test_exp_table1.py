@@ -2,11 +2,15 @@
 no silent overwrite, resume after a real kill, and one-line errors for bad input."""
 import json
 import pathlib
+import pickle
 import subprocess
 import sys
 import time
 
-from common import NORMS
+import numpy as np
+import torch
+
+from common import NORMS, make_synthetic_images
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 METRICS = ["acc_clean", "acc_noise", "acc_pgd_l2", "acc_pgd_linf", "acc_cw_l2", "acc_cw_linf", "acc_fgsm"]
@@ -96,3 +100,38 @@ def test_help_and_skipped_artifacts():
     assert r.returncode == 0 and "--artifact" in r.stdout and "--preset" in r.stdout
     r = run("--artifact", "p2_t5")
     assert r.returncode == 0 and "skipped p2_t5" in r.stdout
+
+
+def write_fake_cifar(root):
+    """Learnable synthetic images stored in the real CIFAR-10 pickle layout, plus CIFAR-10.1 .npy files."""
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
+        x, y = make_synthetic_images(200, size=32, seed=i)
+        data = (x * 255).round().to(torch.uint8).reshape(200, -1).numpy()
+        with open(base / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": y.tolist()}, f)
+    x, y = make_synthetic_images(100, size=32, seed=9)
+    (root / "cifar10.1").mkdir()
+    np.save(root / "cifar10.1" / "cifar10.1_v6_data.npy", (x * 255).round().byte().permute(0, 2, 3, 1).numpy())
+    np.save(root / "cifar10.1" / "cifar10.1_v6_labels.npy", y.numpy())
+
+
+def test_p2_convention_on_cifar10_format_with_cifar101_and_bim(tmp_path):
+    write_fake_cifar(tmp_path / "data")
+    common_args = ["--preset", "smoke", "--dataset", "cifar10", "--arch", "vgg8", "--norm", "none", "bn",
+                   "--data-root", tmp_path / "data", "--epochs", "4"]
+    out = tmp_path / "p2t2"
+    r = run("--artifact", "p2_t2", *common_args, "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = [x for x in json.loads((out / "results.json").read_text())["records"] if x["status"] == "ok"]
+    assert recs, r.stdout[-3000:]
+    for x in recs:  # P2 columns: clean, noise, PGD-linf, PGD-l2 (standardized space, clip [-2, 2]), CIFAR-10.1 clean/noise
+        assert {"acc_clean", "acc_noise", "acc_pgd_linf", "acc_pgd_l2", "acc_c101_clean", "acc_c101_noise"} <= set(x)
+        assert "acc_cw_l2" not in x and x["n_eval"] == 100
+    assert "CIFAR-10.1 clean" in (out / "table.md").read_text()
+    out = tmp_path / "bim"
+    r = run("--artifact", "p2_pgd_vs_bim", *common_args, "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = [x for x in json.loads((out / "results.json").read_text())["records"] if x["status"] == "ok"]
+    assert recs and all("acc_bim" in x for x in recs)
