@@ -273,3 +273,10 @@ def test_cifar101_reader(tmp_path):
     np.save(base / "cifar10.1_v6_labels.npy", np.arange(5))
     with pytest.raises(DataError, match="corrupt CIFAR-10.1"):
         read_cifar101(tmp_path)
+
+
+def test_imagenet_folder_missing_is_clear_and_does_not_import_torchvision(tmp_path):
+    import sys
+    with pytest.raises(DataError, match="ImageNet not found: expected class folders under"):
+        common.imagenet_folder(tmp_path)
+    assert "torchvision" not in sys.modules
