@@ -1348,7 +1348,8 @@ def train_model(model, data, recipe, seed=0, ckpt=None, log=print, amp=False, on
       epochs, batch_size, lr, optimizer ('sgd'|'adam'|'adagrad'), momentum, weight_decay,
       milestones (epochs), gamma, warmup_epochs, augment (crop+flip), adv (None, or an attack spec
       for `run_attack`: adversarial training on adversarial examples only, SPEC 1.5), and
-      input_fn (optional: maps [0,1] batches to the model's input space, e.g. data.standardize).
+      input_fn (optional: maps [0,1] batches to the model's input space, e.g. data.standardize),
+      ligs_lambda, ligs_sigma (P1 Fig 5: loss = CE + lambda * ligs_penalty, double backprop).
     Every random source is a seeded generator: data order and augmentation (CPU generator) and
     attack starts (device generator). After every epoch the full state is checkpointed atomically to
     `ckpt` (if given); calling again with the same ckpt resumes and ends with the same numbers as an
@@ -1357,7 +1358,7 @@ def train_model(model, data, recipe, seed=0, ckpt=None, log=print, amp=False, on
     the run and is reported, not raised.
     Returns dict(status='ok'|'failed', reason, history=[per-epoch dicts])."""
     r = dict(optimizer="sgd", momentum=0.9, weight_decay=0.0, milestones=(), gamma=0.1, warmup_epochs=0.0,
-             augment=False, adv=None, input_fn=None) | recipe
+             augment=False, adv=None, input_fn=None, ligs_lambda=0.0, ligs_sigma=0.01) | recipe
     dev = data.x_train.device
     to_input = r["input_fn"] or (lambda t: t)
     opt = make_optimizer(r["optimizer"], model.parameters(), r["lr"], r["momentum"], r["weight_decay"])
@@ -1399,8 +1400,12 @@ def train_model(model, data, recipe, seed=0, ckpt=None, log=print, amp=False, on
             for group in opt.param_groups:
                 group["lr"] = lr_at(epoch + i / steps_per_epoch, r["lr"], r["milestones"], r["gamma"], r["warmup_epochs"])
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                logits = model(xb)
-                loss = F.cross_entropy(logits.float(), yb)
+                if r["ligs_lambda"] > 0:  # P1 Fig 5: CE + lambda * (1 - LIGS), noise from the checkpointed generator
+                    penalty, logits = ligs_penalty(model, xb, yb, r["ligs_sigma"], g_attack)
+                    loss = F.cross_entropy(logits.float(), yb) + r["ligs_lambda"] * penalty
+                else:
+                    logits = model(xb)
+                    loss = F.cross_entropy(logits.float(), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -1,0 +1,352 @@
+"""Feature robustness (LIGS) apart from usefulness (clean accuracy) over the whole of training (SPEC §5).
+
+Reproduces P1 Figs 4 and 10 (clean accuracy, robust accuracy and LIGS per epoch, standard vs
+adversarial training, five norms), Fig 2 (LIGS under four perturbation types), Fig 5 (the LIGS
+regularizer), Fig 8 (width, depth, activation, weight decay, learning rate, optimizer) and an
+empirical Fig 3 (clean accuracy vs LIGS, coloured by robust accuracy). Every run is measured at
+epoch 0 (before any step) and after every epoch, on a fixed class-balanced evaluation subset.
+
+    python exp_ligs_trend.py --norm bn                      # P1 Fig 4, BN only (CIFAR-10; --download fetches it)
+    python exp_ligs_trend.py --preset quick                 # Figs 4/10 on the bundled digits, CPU, ~4 min
+    python exp_ligs_trend.py --preset quick --artifact fig5 # the regularizer; also fig2, fig8
+    python exp_ligs_trend.py --plot-only runs/exp_ligs_trend/<run>
+
+P1 Table 4/5 are empty, so the training setup is SPEC §5.1 [DEFAULT]: ResNet18, SGD 0.9, WD 5e-4,
+batch 128, LR 0.01, 150 epochs, /10 at 50 and 100, crop+flip. Adversarial training: l2 PGD eps 0.5,
+7 steps of 0.1, adversarial examples only (SPEC A2), generated in eval mode (the authors' code used
+targeted random labels in train mode, REFERENCE_NOTES 1b). LIGS: Gaussian sigma 0.01, no clipping,
+eval mode (REFERENCE_NOTES 1b). Fig 11 (ImageNet) is not implemented: it is listed as skipped.
+"""
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import torch
+
+from common import (NORMS, DataError, apply_preset, build_dataset, class_balanced_subset, evaluate, fmt_mean_sem,
+                    ligs, load_records, make_model, mean_sem, pick_device, prepare_run_dir, print_config, save_records,
+                    set_seed, train_model, write_config, write_text_atomic)
+
+# ================================================================================================
+# Args: artifacts (what varies), presets
+# ================================================================================================
+
+ARTIFACTS = {
+    "fig4": "P1 Figs 4 and 10: {standard, adversarial} x norms",
+    "fig2": "P1 Fig 2: LIGS with Gaussian, uniform, FGSM and PGD perturbations, none vs bn",
+    "fig5": "P1 Fig 5: LIGS regularizer, BN, lambda in {0, 0.1, 1, 10}",
+    "fig8": "P1 Fig 8: width, depth, activation, weight decay, learning rate, optimizer (ResNet18-BN)",
+}
+SKIPPED = {"fig11": "P1 Fig 11 trains ResNet18/50 on ImageNet, which is not implemented here (no ImageNet offline)"}
+LAMBDAS = [0.0, 0.1, 1.0, 10.0]  # SPEC A12
+FACTORS = {  # P1 Fig 8 [DEFAULT]s, SPEC §5.5; the base run is ResNet18-BN, standard training
+    "width": [0.5, 1.0, 2.0], "depth": ["resnet18", "resnet34", "resnet50"], "act": ["relu", "leaky_relu", "selu"],
+    "weight_decay": [0.0, 5e-4, 5e-3], "lr": [0.01, 0.1, 0.5], "optimizer": ["sgd", "adagrad", "adam"],
+}
+OPT_LR = {"adagrad": 0.01, "adam": 1e-3}  # SPEC §5.5 [DEFAULT] learning rates for the other optimizers
+
+PRESETS = {
+    "paper": dict(dataset="cifar10", arch="resnet18", width=1.0, seeds=1, epochs=150, lr=0.01, milestones=[50, 100],
+                  batch_size=128, weight_decay=5e-4, warmup_epochs=0.0, per_class=100, attack_steps=10, eps_scale=1.0,
+                  adv_steps=7, size=None, gn_groups=None),
+    # The bundled digits at 16x16 with the exp_table1 quick recipe (the one setting found to train every norm:
+    # batch 16, LR 0.02, two warm-up epochs). Budgets x4 as in exp_table1 (robust eps 1.0, adversarial training
+    # eps 2.0); adversarial training with 3 PGD steps of 2.5*eps/3 to fit the CPU budget.
+    "quick": dict(dataset="digits", arch="resnet18", width=0.125, seeds=1, epochs=8, lr=0.02, milestones=[4, 6],
+                  batch_size=16, weight_decay=5e-4, warmup_epochs=2.0, per_class=20, attack_steps=10, eps_scale=4.0,
+                  adv_steps=3, size=16, gn_groups=2),
+    "smoke": dict(dataset="synthetic", arch="resnet18", width=1 / 16, seeds=1, epochs=2, lr=0.05, milestones=[1],
+                  batch_size=32, weight_decay=5e-4, warmup_epochs=0.0, per_class=5, attack_steps=3, eps_scale=1.0,
+                  adv_steps=2, size=16, gn_groups=2),
+}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--artifact", default="fig4", choices=sorted(ARTIFACTS) + sorted(SKIPPED), help="figure to reproduce")
+    p.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="paper settings, quick (digits, CPU) or smoke")
+    p.add_argument("--norm", nargs="+", default=None, choices=list(NORMS), help="narrow the norms (fig4 default: all five)")
+    p.add_argument("--training", nargs="+", default=["standard", "adversarial"], choices=["standard", "adversarial"],
+                   help="fig4: standard and/or adversarial training")
+    p.add_argument("--lambdas", nargs="+", type=float, default=LAMBDAS, help="fig5: regularizer weights")
+    p.add_argument("--factors", nargs="+", default=list(FACTORS), choices=list(FACTORS), help="fig8: factors to vary")
+    p.add_argument("--dataset", default=None, choices=["cifar10", "svhn", "mnist", "digits", "synthetic"])
+    p.add_argument("--arch", default=None, help="base architecture (P1: resnet18)")
+    p.add_argument("--width", type=float, default=None, help="channel multiplier of the base model")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per run (P1 reports one)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (SPEC A3: 150)")
+    p.add_argument("--lr", type=float, default=None, help="initial learning rate (SPEC A3: 0.01)")
+    p.add_argument("--milestones", type=int, nargs="*", default=None, help="epochs where the LR is divided by 10")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--warmup-epochs", type=float, default=None)
+    p.add_argument("--per-class", type=int, default=None, help="evaluation subset per class (P1 App. B.2: 100)")
+    p.add_argument("--attack-steps", type=int, default=None, help="steps of the l2 PGD for robust accuracy (P1: 10)")
+    p.add_argument("--eps-scale", type=float, default=None, help="multiply the budgets (eps 0.25; adversarial training 0.5)")
+    p.add_argument("--adv-steps", type=int, default=None, help="PGD steps for adversarial training (SPEC A2: 7)")
+    p.add_argument("--sigma", type=float, default=0.01, help="LIGS perturbation scale (P1 App. B.4)")
+    p.add_argument("--size", type=int, default=None, help="resize images to size x size")
+    p.add_argument("--gn-groups", type=int, default=None)
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--download", action="store_true", help="fetch missing datasets (md5-checked)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--out", default=None, help="run directory (default runs/exp_ligs_trend/<timestamp>)")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--plot-only", metavar="RUN_DIR", default=None)
+    args = p.parse_args(argv)
+    if args.plot_only:
+        return args
+    if args.artifact in SKIPPED:
+        print(f"skipped {args.artifact}: {SKIPPED[args.artifact]}")
+        sys.exit(0)
+    apply_preset(args, PRESETS)
+    for name in ("epochs", "batch_size", "attack_steps", "per_class", "seeds", "adv_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+# ================================================================================================
+# Experiment-local helpers: the runs of each figure, and the per-epoch measurement
+# ================================================================================================
+
+def runs(args):
+    """[(variant, overrides)] for the chosen figure; overrides change one thing of the base run
+    (P1 Sec. 4.2: only the variable under study changes)."""
+    if args.artifact == "fig4":
+        return [(f"{t} {n}", dict(norm=n, adversarial=t == "adversarial"))
+                for t in args.training for n in (args.norm or NORMS)]
+    if args.artifact == "fig2":
+        return [(f"standard {n}", dict(norm=n, all_perturbations=True)) for n in (args.norm or ["none", "bn"])]
+    if args.artifact == "fig5":
+        return [(f"lambda={lam:g}", dict(norm="bn", ligs_lambda=lam)) for lam in args.lambdas]
+    out = []
+    for f in args.factors:  # fig8
+        for v in FACTORS[f]:
+            o = dict(norm="bn", factor=f, value=v)
+            if f == "width":
+                o["width"] = args.width * v
+            elif f == "depth":
+                o["arch"] = v
+            elif f == "optimizer":
+                o |= dict(optimizer=v, lr=OPT_LR.get(v, args.lr))
+            else:
+                o[f] = v
+            out.append((f"{f}={v}", o))
+    return out
+
+
+def measure(model, x_all, y_all, x_sub, y_sub, args, seed, all_perturbations):
+    """P1 Sec. 4 per-epoch metrics: clean accuracy on the whole test set; l2 PGD robust accuracy
+    (eps 0.25, 10 steps of 2.5*eps/10) and LIGS on the fixed class-balanced subset. LIGS noise is
+    the same draw at every epoch, so the curve shows the model changing, not the noise."""
+    eps = 0.25 * args.eps_scale
+    acc = evaluate(model, x_all, y_all, {"clean": dict(kind="clean")})
+    rob = evaluate(model, x_sub, y_sub, {"pgd": dict(kind="pgd", norm="l2", eps=eps, steps=args.attack_steps)})
+    out = dict(clean_acc=acc["clean"], robust_acc=rob["pgd"])
+    for p in (["gaussian", "uniform", "fgsm", "pgd"] if all_perturbations else ["gaussian"]):
+        g = torch.Generator(device=x_sub.device).manual_seed(seed)
+        value, skipped = ligs(model, x_sub, y_sub, perturbation=p, sigma=args.sigma, generator=g)
+        out["ligs" if p == "gaussian" else f"ligs_{p}"] = value
+        out["ligs_skipped" if p == "gaussian" else f"ligs_{p}_skipped"] = skipped
+    return out
+
+
+def run_one(args, data, subset, variant, o, seed, device, ckpt):
+    """Train one variant with per-epoch measurements; returns one record per epoch."""
+    set_seed(seed)
+    arch, width = o.get("arch", args.arch), o.get("width", args.width)
+    kw = dict(gn_groups=args.gn_groups) if args.gn_groups else {}
+    model = make_model(arch, norm=o["norm"], width=width, num_classes=data.num_classes, in_channels=data.shape[0],
+                       act=o.get("act", "relu"), mean=data.mean, std=data.std, **kw).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    eps_adv = 0.5 * args.eps_scale
+    adv = dict(kind="pgd", norm="l2", eps=eps_adv, steps=args.adv_steps, step_size=2.5 * eps_adv / args.adv_steps,
+               clip=(0.0, 1.0)) if o.get("adversarial") else None
+    recipe = dict(epochs=args.epochs, batch_size=args.batch_size, lr=o.get("lr", args.lr), milestones=args.milestones,
+                  optimizer=o.get("optimizer", "sgd"), weight_decay=o.get("weight_decay", args.weight_decay),
+                  warmup_epochs=args.warmup_epochs, augment=args.dataset == "cifar10", adv=adv,
+                  ligs_lambda=o.get("ligs_lambda", 0.0), ligs_sigma=args.sigma)
+    x_sub, y_sub = data.x_test[subset], data.y_test[subset]
+    on_epoch = lambda e, m: measure(m, data.x_test, data.y_test, x_sub, y_sub, args, seed, o.get("all_perturbations"))
+    res = train_model(model, data, recipe, seed=seed, ckpt=ckpt, amp=args.amp, on_epoch=on_epoch,
+                      tag=f"[{variant} s{seed}]")
+    base = dict(artifact=args.artifact, dataset=args.dataset, arch=arch, norm=o["norm"], seed=seed, variant=variant,
+                training="adversarial" if adv else "standard", factor=o.get("factor"), value=str(o.get("value")),
+                ligs_lambda=o.get("ligs_lambda", 0.0), status=res["status"], reason=res["reason"])
+    return [base | h for h in res["history"]]
+
+
+# ================================================================================================
+# Table and figures (regenerated from results.json by --plot-only)
+# ================================================================================================
+
+def by_variant(records):
+    out = {}
+    for r in records:
+        out.setdefault(r["variant"], {}).setdefault(r["epoch"], []).append(r)
+    return out
+
+
+def curve(rows_by_epoch, key):
+    epochs = sorted(e for e, rs in rows_by_epoch.items() if any(key in r and r[key] is not None for r in rs))
+    stats = [mean_sem([r.get(key) for r in rows_by_epoch[e]]) for e in epochs]
+    return epochs, [s[0] for s in stats], [s[1] if s[2] > 1 else 0.0 for s in stats]
+
+
+def make_table(records, header):
+    cols = ["clean_acc", "robust_acc", "ligs", "ligs_uniform", "ligs_fgsm", "ligs_pgd"]
+    cols = [c for c in cols if any(c in r for r in records)]
+    lines = [header, "", "Epoch 0 and final epoch, mean ± SEM over seeds; accuracies in %, LIGS as a cosine; time = seconds",
+             "per training epoch (mean over epochs).", "",
+             "| variant | status | " + " | ".join(f"{c} (ep 0)" for c in cols) + " | "
+             + " | ".join(f"{c} (final)" for c in cols) + " | time/epoch |", "|---|---|" + "---|" * (2 * len(cols) + 1)]
+    for variant, rows in by_variant(records).items():
+        last = max(rows)
+        cells = []
+        for e in (0, last):
+            for c in cols:
+                vals = [r.get(c) for r in rows.get(e, [])]
+                acc = c.endswith("acc")
+                cells.append(fmt_mean_sem(vals, scale=100.0 if acc else 1.0, digits=1 if acc else 3))
+        times = [r["time_s"] for e, rs in rows.items() if e > 0 for r in rs if "time_s" in r]
+        status = ",".join(sorted({r["status"] for rs in rows.values() for r in rs}))
+        lines.append(f"| {variant} | {status} | " + " | ".join(cells) + f" | {sum(times) / max(1, len(times)):.1f} |")
+    failed = {(r["variant"], r["seed"]): r["reason"] for r in records if r["status"] == "failed"}
+    lines += [""] + [f"- failed: {v} seed {s}: {why}" for (v, s), why in failed.items()]
+    return "\n".join(lines) + "\n"
+
+
+def make_figures(records, run_dir, artifact, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    V = by_variant(records)
+
+    def panel(ax, variants, key, ylabel, label=lambda v: v, scale=1.0):
+        for v in variants:
+            e, m, s = curve(V[v], key)
+            if e:
+                ax.errorbar(e, [scale * x for x in m], yerr=[scale * x for x in s], marker="o", ms=3, capsize=2,
+                            label=label(v))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+
+    metrics = [("clean_acc", "clean accuracy (%)", 100.0), ("robust_acc", "robust accuracy (%)", 100.0), ("ligs", "LIGS", 1.0)]
+    if artifact == "fig4":
+        trainings = [t for t in ("standard", "adversarial") if any(v.startswith(t) for v in V)]
+        fig, axes = plt.subplots(3, len(trainings), figsize=(5 * len(trainings), 9), squeeze=False)
+        for j, t in enumerate(trainings):
+            for i, (k, yl, sc) in enumerate(metrics):
+                panel(axes[i][j], [v for v in V if v.startswith(t)], k, yl, lambda v: v.split()[1], sc)
+            axes[0][j].set_title(f"{t} training")
+            axes[0][j].legend(fontsize=8)
+        fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(run_dir / "fig4.png", dpi=110)
+        plt.close(fig)
+        fig, ax = plt.subplots(figsize=(6, 4.5))  # empirical P1 Fig 3: usefulness vs robustness
+        pts = [r for r in records if r.get("ligs") is not None]
+        sc = ax.scatter([100 * r["clean_acc"] for r in pts], [r["ligs"] for r in pts], c=[100 * r["robust_acc"] for r in pts],
+                        cmap="viridis", marker="o", s=[12 + 4 * r["epoch"] for r in pts])
+        for v in V:
+            e, m_acc, _ = curve(V[v], "clean_acc")
+            _, m_l, _ = curve(V[v], "ligs")
+            if e:
+                ax.annotate(v, (100 * m_acc[-1], m_l[-1]), fontsize=7)
+        fig.colorbar(sc, label="robust accuracy (%)")
+        ax.set_xlabel("clean accuracy (%)  [usefulness]")
+        ax.set_ylabel("LIGS  [robustness]")
+        ax.set_title("P1 Fig 3, measured: every epoch of every run (marker size = epoch)")
+        fig.tight_layout()
+        fig.savefig(run_dir / "fig3_scatter.png", dpi=110)
+        plt.close(fig)
+    elif artifact == "fig2":
+        fig, axes = plt.subplots(1, 4, figsize=(18, 4), squeeze=False)
+        for ax, (k, name) in zip(axes[0], [("ligs", "Gaussian"), ("ligs_uniform", "uniform"), ("ligs_fgsm", "FGSM"),
+                                           ("ligs_pgd", "PGD")]):
+            panel(ax, list(V), k, "LIGS")
+            ax.set_title(name)
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(run_dir / "fig2.png", dpi=110)
+        plt.close(fig)
+    elif artifact == "fig5":
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4), squeeze=False)
+        for ax, (k, yl, sc) in zip(axes[0], [metrics[2], metrics[1], metrics[0]]):
+            panel(ax, list(V), k, yl, scale=sc)
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(run_dir / "fig5.png", dpi=110)
+        plt.close(fig)
+    else:
+        factors = list(dict.fromkeys(r["factor"] for r in records if r.get("factor")))
+        fig, axes = plt.subplots(2, len(factors), figsize=(3.6 * len(factors), 7), squeeze=False)
+        for j, f in enumerate(factors):
+            vs = [v for v in V if v.startswith(f + "=")]
+            panel(axes[0][j], vs, "ligs", "LIGS", lambda v: v.split("=", 1)[1])
+            panel(axes[1][j], vs, "clean_acc", "clean accuracy (%)", lambda v: v.split("=", 1)[1], 100.0)
+            axes[0][j].set_title(f)
+            axes[0][j].legend(fontsize=7)
+        fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(run_dir / "fig8.png", dpi=110)
+        plt.close(fig)
+
+
+def write_outputs(run_dir, records, artifact, preset):
+    header = f"# {ARTIFACTS[artifact]} (preset {preset}, {', '.join(sorted({r['dataset'] for r in records}))})"
+    write_text_atomic(run_dir / "table.md", make_table(records, header))
+    make_figures(records, run_dir, artifact, header[2:])
+
+
+# ================================================================================================
+# Main: seed -> data -> model -> train (measuring every epoch) -> save -> plot
+# ================================================================================================
+
+def main(args):
+    if args.plot_only:
+        run_dir = pathlib.Path(args.plot_only)
+        if not (run_dir / "config.json").exists():
+            raise DataError(f"--plot-only {run_dir}: no config.json there (not a run directory of exp_ligs_trend.py)")
+        cfg = json.loads((run_dir / "config.json").read_text())["args"]
+        write_outputs(run_dir, load_records(run_dir), cfg["artifact"], cfg["preset"])
+        print(f"redrew the table and figures in {run_dir}")
+        return
+    print_config(args)
+    device = pick_device(args.device)
+    data = build_dataset(args.dataset, args.data_root, device, args.download, size=args.size,
+                         n_train=1000 if args.dataset == "synthetic" else None)
+    run_dir = prepare_run_dir("exp_ligs_trend", args.out, args.resume)
+    write_config(run_dir, args, __file__, device)
+    subset = class_balanced_subset(data.y_test, args.per_class)
+    print(f"run directory: {run_dir} | {args.dataset}: train {tuple(data.x_train.shape)}, eval subset {len(subset)} "
+          f"({args.per_class}/class) | robust eps {0.25 * args.eps_scale:g} (l2, {args.attack_steps} steps)")
+    records = load_records(run_dir) if args.resume and (run_dir / "results.json").exists() else []
+    done = {(r["variant"], r["seed"]) for r in records}
+    t0 = time.time()
+    for variant, o in runs(args):
+        for seed in range(args.seeds):
+            if (variant, seed) in done:
+                continue
+            ckpt = run_dir / "ckpt" / f"{variant.replace(' ', '_').replace('=', '-')}_s{seed}.pt"
+            records += run_one(args, data, subset, variant, o, seed, device, ckpt)
+            save_records(run_dir, records, finished=False)  # every finished run is kept
+    save_records(run_dir, records, finished=True)
+    write_outputs(run_dir, records, args.artifact, args.preset)
+    print((run_dir / "table.md").read_text())
+    print(f"wrote {run_dir} in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args())
+    except (DataError, ValueError) as e:
+        sys.exit(f"error: {e}")
