@@ -227,12 +227,14 @@ def make_figures(records, run_dir, artifact, title):
     import matplotlib.pyplot as plt
     V = by_variant(records)
 
+    colors = dict(none="0.25", bn="C0", ln="C2", gn="C3", **{"in": "C1"})  # one colour per norm, as in exp_table1
+
     def panel(ax, variants, key, ylabel, label=lambda v: v, scale=1.0):
         for v in variants:
             e, m, s = curve(V[v], key)
             if e:
                 ax.errorbar(e, [scale * x for x in m], yerr=[scale * x for x in s], marker="o", ms=3, capsize=2,
-                            label=label(v))
+                            label=label(v), color=colors.get(label(v)))
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -270,7 +272,7 @@ def make_figures(records, run_dir, artifact, title):
         fig, axes = plt.subplots(1, 4, figsize=(18, 4), squeeze=False)
         for ax, (k, name) in zip(axes[0], [("ligs", "Gaussian"), ("ligs_uniform", "uniform"), ("ligs_fgsm", "FGSM"),
                                            ("ligs_pgd", "PGD")]):
-            panel(ax, list(V), k, "LIGS")
+            panel(ax, list(V), k, "LIGS", lambda v: v.split()[-1])
             ax.set_title(name)
         axes[0][0].legend(fontsize=8)
         fig.suptitle(title)
