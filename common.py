@@ -1334,6 +1334,63 @@ def evaluate(model, x, y, specs, batch_size=500, seed=0):
     return out
 
 
+def epoch_metrics(model, x_all, y_all, x_sub, y_sub, eps, steps, sigma=0.01, seed=0, perturbations=("gaussian",)):
+    """P1 Sec. 4 per-epoch measurements (App. B.2): clean accuracy on the whole test set; l2 PGD
+    robust accuracy (eps, `steps` steps of 2.5*eps/steps) and LIGS (P1 Eq. 1) for each perturbation on
+    a fixed class-balanced subset. LIGS noise is the same draw at every call (seeded), so a curve
+    over epochs shows the model changing, not the noise. Keys: clean_acc, robust_acc, ligs (Gaussian),
+    ligs_<perturbation>, and the matching *_skipped counts."""
+    out = dict(clean_acc=evaluate(model, x_all, y_all, {"c": dict(kind="clean")})["c"],
+               robust_acc=evaluate(model, x_sub, y_sub, {"p": dict(kind="pgd", norm="l2", eps=eps, steps=steps)})["p"])
+    for p in perturbations:
+        g = torch.Generator(device=x_sub.device).manual_seed(seed)
+        value, skipped = ligs(model, x_sub, y_sub, perturbation=p, sigma=sigma, generator=g)
+        key = "ligs" if p == "gaussian" else f"ligs_{p}"
+        out[key], out[key + "_skipped"] = value, skipped
+    return out
+
+
+def landscape_probe(model, x, y, step_sizes):
+    """Santurkar et al. 2018 probes along the gradient (P1 Sec. 4.4, App. H; SPEC 2.4): with
+    g = grad_w L(w; B) on the batch B, for every s in step_sizes evaluate L and its gradient at
+    w - s*g on the same batch. Returns loss_min/loss_max (loss variation), gdiff_min/gdiff_max
+    (l2 gradient change ||g - g_s||) and beta = max_s ||g - g_s|| / (s ||g||) (effective smoothness).
+    Runs in train mode like the training step (BN uses batch statistics) through
+    torch.func.functional_call on copies of the parameters and buffers, so the model's parameters, BN
+    running statistics and any optimizer state are left bit-identical."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+
+    def loss_and_grad(p):
+        p = {k: v.clone().requires_grad_(True) for k, v in p.items()}
+        b = {k: v.clone() for k, v in buffers.items()}  # running-stat updates land on throw-away copies
+        with torch.enable_grad():
+            loss = F.cross_entropy(torch.func.functional_call(model, {**p, **b}, (x,)), y)
+            grads = torch.autograd.grad(loss, list(p.values()), allow_unused=True)
+        return loss.detach(), torch.cat([(gr if gr is not None else torch.zeros_like(v)).flatten()
+                                         for gr, v in zip(grads, p.values())])
+
+    flags = [m.training for m in model.modules()]
+    model.train()
+    try:
+        _, g = loss_and_grad(params)
+        sizes = [v.numel() for v in params.values()]
+        losses, diffs, betas = [], [], []
+        for s in step_sizes:
+            shifted = {k: v - s * gk.view_as(v) for (k, v), gk in zip(params.items(), g.split(sizes))}
+            loss_s, g_s = loss_and_grad(shifted)
+            d = (g - g_s).norm()
+            losses.append(loss_s)
+            diffs.append(d)
+            betas.append(d / (s * g.norm()).clamp_min(torch.finfo(g.dtype).tiny))
+    finally:
+        for m, flag in zip(model.modules(), flags):
+            m.training = flag
+    losses, diffs = torch.stack(losses), torch.stack(diffs)
+    return dict(loss_min=float(losses.min()), loss_max=float(losses.max()), gdiff_min=float(diffs.min()),
+                gdiff_max=float(diffs.max()), beta=float(torch.stack(betas).max()))
+
+
 def save_atomic(obj, path):
     """torch.save to a temp file and rename, so an interrupted write never leaves a torn checkpoint."""
     path = pathlib.Path(path)
@@ -1343,7 +1400,7 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def train_model(model, data, recipe, seed=0, ckpt=None, log=print, amp=False, on_epoch=None, tag=""):
+def train_model(model, data, recipe, seed=0, ckpt=None, log=print, amp=False, on_epoch=None, on_step=None, tag=""):
     """Train `model` on data.x_train (already on the model's device) with `recipe`, a dict of
       epochs, batch_size, lr, optimizer ('sgd'|'adam'|'adagrad'), momentum, weight_decay,
       milestones (epochs), gamma, warmup_epochs, augment (crop+flip), adv (None, or an attack spec
@@ -1354,8 +1411,10 @@ def train_model(model, data, recipe, seed=0, ckpt=None, log=print, amp=False, on
     attack starts (device generator). After every epoch the full state is checkpointed atomically to
     `ckpt` (if given); calling again with the same ckpt resumes and ends with the same numbers as an
     uninterrupted run. on_epoch(epoch, model) -> dict adds per-epoch measurements (epoch 0 = before
-    training). Divergence (non-finite loss) or a final training accuracy no better than chance stops
-    the run and is reported, not raised.
+    training); on_step(step, model, x, y) -> dict or None runs before each optimizer step on that
+    step's batch (landscape probes), its results kept as history rows with a "step" key. Divergence
+    (non-finite loss) or a final training accuracy no better than chance stops the run and is
+    reported, not raised.
     Returns dict(status='ok'|'failed', reason, history=[per-epoch dicts])."""
     r = dict(optimizer="sgd", momentum=0.9, weight_decay=0.0, milestones=(), gamma=0.1, warmup_epochs=0.0,
              augment=False, adv=None, input_fn=None, ligs_lambda=0.0, ligs_sigma=0.01) | recipe
@@ -1399,6 +1458,9 @@ def train_model(model, data, recipe, seed=0, ckpt=None, log=print, amp=False, on
                 xb = run_attack(model, xb, yb, r["adv"], g_attack)
             for group in opt.param_groups:
                 group["lr"] = lr_at(epoch + i / steps_per_epoch, r["lr"], r["milestones"], r["gamma"], r["warmup_epochs"])
+            probe = on_step(epoch * steps_per_epoch + i, model, xb, yb) if on_step else None
+            if probe:
+                state["history"].append(dict(epoch=epoch + i / steps_per_epoch, step=epoch * steps_per_epoch + i, **probe))
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                 if r["ligs_lambda"] > 0:  # P1 Fig 5: CE + lambda * (1 - LIGS), noise from the checkpointed generator
                     penalty, logits = ligs_penalty(model, xb, yb, r["ligs_sigma"], g_attack)

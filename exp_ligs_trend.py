@@ -25,9 +25,9 @@ import time
 
 import torch
 
-from common import (NORMS, DataError, apply_preset, build_dataset, class_balanced_subset, evaluate, fmt_mean_sem,
-                    ligs, load_records, make_model, mean_sem, pick_device, prepare_run_dir, print_config, save_records,
-                    set_seed, train_model, write_config, write_text_atomic)
+from common import (NORMS, DataError, apply_preset, build_dataset, class_balanced_subset, epoch_metrics, fmt_mean_sem,
+                    load_records, make_model, mean_sem, pick_device, prepare_run_dir, print_config, save_records, set_seed,
+                    train_model, write_config, write_text_atomic)
 
 # ================================================================================================
 # Args: artifacts (what varies), presets
@@ -139,22 +139,6 @@ def runs(args):
     return out
 
 
-def measure(model, x_all, y_all, x_sub, y_sub, args, seed, all_perturbations):
-    """P1 Sec. 4 per-epoch metrics: clean accuracy on the whole test set; l2 PGD robust accuracy
-    (eps 0.25, 10 steps of 2.5*eps/10) and LIGS on the fixed class-balanced subset. LIGS noise is
-    the same draw at every epoch, so the curve shows the model changing, not the noise."""
-    eps = 0.25 * args.eps_scale
-    acc = evaluate(model, x_all, y_all, {"clean": dict(kind="clean")})
-    rob = evaluate(model, x_sub, y_sub, {"pgd": dict(kind="pgd", norm="l2", eps=eps, steps=args.attack_steps)})
-    out = dict(clean_acc=acc["clean"], robust_acc=rob["pgd"])
-    for p in (["gaussian", "uniform", "fgsm", "pgd"] if all_perturbations else ["gaussian"]):
-        g = torch.Generator(device=x_sub.device).manual_seed(seed)
-        value, skipped = ligs(model, x_sub, y_sub, perturbation=p, sigma=args.sigma, generator=g)
-        out["ligs" if p == "gaussian" else f"ligs_{p}"] = value
-        out["ligs_skipped" if p == "gaussian" else f"ligs_{p}_skipped"] = skipped
-    return out
-
-
 def run_one(args, data, subset, variant, o, seed, device, ckpt):
     """Train one variant with per-epoch measurements; returns one record per epoch."""
     set_seed(seed)
@@ -172,7 +156,9 @@ def run_one(args, data, subset, variant, o, seed, device, ckpt):
                   warmup_epochs=args.warmup_epochs, augment=args.dataset == "cifar10", adv=adv,
                   ligs_lambda=o.get("ligs_lambda", 0.0), ligs_sigma=args.sigma)
     x_sub, y_sub = data.x_test[subset], data.y_test[subset]
-    on_epoch = lambda e, m: measure(m, data.x_test, data.y_test, x_sub, y_sub, args, seed, o.get("all_perturbations"))
+    perturbations = ("gaussian", "uniform", "fgsm", "pgd") if o.get("all_perturbations") else ("gaussian",)
+    on_epoch = lambda e, m: epoch_metrics(m, data.x_test, data.y_test, x_sub, y_sub, 0.25 * args.eps_scale, args.attack_steps,
+                                          args.sigma, seed, perturbations)  # P1 Sec. 4: eps 0.25, 10 steps
     res = train_model(model, data, recipe, seed=seed, ckpt=ckpt, amp=args.amp, on_epoch=on_epoch,
                       tag=f"[{variant} s{seed}]")
     base = dict(artifact=args.artifact, dataset=args.dataset, arch=arch, norm=o["norm"], seed=seed, variant=variant,

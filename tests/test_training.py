@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from common import (build_dataset, evaluate, accuracy, fmt_mean_sem, load_records, lr_at, make_model, make_optimizer,
-                    mean_sem, pick_device, prepare_run_dir, save_records, train_model)
+from common import (accuracy, build_dataset, epoch_metrics, evaluate, fmt_mean_sem, landscape_probe, load_records, lr_at,
+                    make_model, make_optimizer, mean_sem, pick_device, prepare_run_dir, save_records, train_model)
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +146,95 @@ def test_pick_device():
         assert pick_device("auto").type == "cpu"
         with pytest.raises(ValueError, match="no CUDA device"):
             pick_device("cuda")
+
+
+def test_ligs_regularizer_runs_and_resumes_exactly(data, tmp_path):
+    recipe = dict(RECIPE, ligs_lambda=1.0, ligs_sigma=0.05)
+    ref_model = mlp()
+    ref = train_model(ref_model, data, recipe, seed=1, ckpt=tmp_path / "a.pt", log=lambda s: None)
+    plain = train_model(mlp(), data, RECIPE, seed=1, log=lambda s: None)
+    assert ref["status"] == "ok" and ref["history"][-1]["train_loss"] != plain["history"][-1]["train_loss"]
+
+    class Stop(Exception):
+        pass
+
+    def stop(epoch, model):
+        if epoch == 2:
+            raise Stop
+        return {}
+
+    with pytest.raises(Stop):
+        train_model(mlp(), data, recipe, seed=1, ckpt=tmp_path / "b.pt", log=lambda s: None, on_epoch=stop)
+    resumed = mlp(seed=7)
+    out = train_model(resumed, data, recipe, seed=1, ckpt=tmp_path / "b.pt", log=lambda s: None)
+    assert [h["train_loss"] for h in out["history"][1:]] == [h["train_loss"] for h in ref["history"][1:]]
+    assert all(torch.equal(a, b) for a, b in zip(ref_model.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_epoch_metrics_matches_its_parts(data):
+    from common import ligs
+    model = mlp()
+    train_model(model, data, RECIPE, seed=0, log=lambda s: None)
+    xs, ys = data.x_test[:40], data.y_test[:40]
+    m = epoch_metrics(model, data.x_test, data.y_test, xs, ys, eps=0.5, steps=3, sigma=0.05, seed=4,
+                      perturbations=("gaussian", "fgsm"))
+    assert m["clean_acc"] == accuracy(model, data.x_test, data.y_test)
+    assert m["robust_acc"] == evaluate(model, xs, ys, {"p": dict(kind="pgd", norm="l2", eps=0.5, steps=3)})["p"]
+    assert m["ligs"] == ligs(model, xs, ys, sigma=0.05, generator=torch.Generator().manual_seed(4))[0]
+    assert set(m) == {"clean_acc", "robust_acc", "ligs", "ligs_skipped", "ligs_fgsm", "ligs_fgsm_skipped"}
+    assert epoch_metrics(model, data.x_test, data.y_test, xs, ys, 0.5, 3, 0.05, 4)["ligs"] == m["ligs"]  # same draw
+
+
+def naive_probe(model, x, y, step_sizes):
+    """Reference: mutate a deep copy's parameters for every step length."""
+    import copy
+    import torch.nn.functional as F
+    m = copy.deepcopy(model).train()
+    params = list(m.parameters())
+    w0 = [p.detach().clone() for p in params]
+    g = torch.cat([t.flatten() for t in torch.autograd.grad(F.cross_entropy(m(x), y), params)])
+    losses, diffs, betas = [], [], []
+    for s in step_sizes:
+        m2 = copy.deepcopy(model).train()
+        with torch.no_grad():
+            off = 0
+            for p, w in zip(m2.parameters(), w0):
+                p.copy_(w - s * g[off:off + p.numel()].view_as(p))
+                off += p.numel()
+        loss = F.cross_entropy(m2(x), y)
+        gs = torch.cat([t.flatten() for t in torch.autograd.grad(loss, list(m2.parameters()))])
+        losses.append(loss.item())
+        diffs.append((g - gs).norm().item())
+        betas.append(diffs[-1] / (s * g.norm().item()))
+    return dict(loss_min=min(losses), loss_max=max(losses), gdiff_min=min(diffs), gdiff_max=max(diffs), beta=max(betas))
+
+
+def test_landscape_probe_matches_a_naive_reference_and_leaves_state_bit_identical(data):
+    model = small().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = data.x_train[:32].double(), data.y_train[:32]
+    for _ in range(2):  # non-trivial momentum buffers and BN statistics
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    opt_state = [{k: v.clone() for k, v in s.items()} for s in opt.state.values()]
+    grads = [p.grad.clone() for p in model.parameters()]
+    steps = [0.05, 0.1, 0.2, 0.4]
+    got = landscape_probe(model, x, y, steps)
+    want = naive_probe(model, x, y, steps)
+    for k in want:
+        assert abs(got[k] - want[k]) <= 1e-8 * max(1.0, abs(want[k])), (k, got[k], want[k])
+    assert got["loss_min"] <= got["loss_max"] and got["gdiff_min"] <= got["gdiff_max"] and got["beta"] >= 0
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # incl. BN running stats
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(opt.state.values(), opt_state) for k in a)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    assert not model.training  # mode restored
+
+
+def test_on_step_probes_are_recorded(data):
+    rows = train_model(mlp(), data, dict(RECIPE, epochs=1), seed=0, log=lambda s: None,
+                       on_step=lambda step, m, x, y: {"probe": float(step)} if step % 3 == 0 else None)["history"]
+    probed = [r for r in rows if "step" in r]
+    assert [r["step"] for r in probed] == [0, 3, 6] and all(r["probe"] == r["step"] for r in probed)
