@@ -245,12 +245,13 @@ def make_figures(records, run_dir, artifact, title):
         for v in V:
             e, m_acc, _ = curve(V[v], "clean_acc")
             _, m_l, _ = curve(V[v], "ligs")
-            if e:
-                ax.annotate(v, (100 * m_acc[-1], m_l[-1]), fontsize=7)
+            if e:  # label the final epoch of each run: "std bn", "adv ln", ...
+                ax.annotate(v.replace("standard", "std").replace("adversarial", "adv"), (100 * m_acc[-1], m_l[-1]),
+                            fontsize=6, xytext=(2, -8 if v.startswith("adv") else 3), textcoords="offset points")
         fig.colorbar(sc, label="robust accuracy (%)")
         ax.set_xlabel("clean accuracy (%)  [usefulness]")
         ax.set_ylabel("LIGS  [robustness]")
-        ax.set_title("P1 Fig 3, measured: every epoch of every run (marker size = epoch)")
+        ax.set_title("P1 Fig 3, measured (all epochs; size = epoch)", fontsize=10)
         fig.tight_layout()
         fig.savefig(run_dir / "fig3_scatter.png", dpi=110)
         plt.close(fig)
