@@ -1551,6 +1551,15 @@ def load_records(run_dir):
         raise DataError(f"corrupt {path}: {e}") from None
 
 
+def load_run_config(run_dir, script):
+    """The resolved arguments saved in RUN_DIR/config.json (for --plot-only); one clear error if RUN_DIR
+    is not a run directory of `script`."""
+    path = pathlib.Path(run_dir) / "config.json"
+    if not path.exists():
+        raise DataError(f"--plot-only {run_dir}: no config.json there (not a run directory of {script})")
+    return json.loads(path.read_text())["args"]
+
+
 def prepare_run_dir(script, out=None, resume=False):
     """Resolve --out (default runs/<script>/<timestamp>) and refuse to silently overwrite: an existing
     run directory is only continued with --resume."""

@@ -17,14 +17,13 @@ SPEC §5.1 [DEFAULT] (SGD 0.9, WD 5e-4, batch 128, LR 0.01, 150 epochs, /10 at 5
 The Fig 9 Fixup network is ResNet-20 (SPEC A18).
 """
 import argparse
-import json
 import pathlib
 import sys
 import time
 
 from common import (NORMS, DataError, apply_preset, build_dataset, class_balanced_subset, epoch_metrics, fmt_mean_sem,
-                    landscape_probe, load_records, make_model, mean_sem, pick_device, prepare_run_dir, print_config,
-                    save_records, set_seed, train_model, write_config, write_text_atomic)
+                    landscape_probe, load_records, load_run_config, make_model, mean_sem, pick_device, prepare_run_dir,
+                    print_config, save_records, set_seed, train_model, write_config, write_text_atomic)
 
 # ================================================================================================
 # Args: artifacts (the compared models) and presets
@@ -248,9 +247,7 @@ def write_outputs(run_dir, records, artifact, preset):
 def main(args):
     if args.plot_only:
         run_dir = pathlib.Path(args.plot_only)
-        if not (run_dir / "config.json").exists():
-            raise DataError(f"--plot-only {run_dir}: no config.json there (not a run directory of exp_landscape.py)")
-        cfg = json.loads((run_dir / "config.json").read_text())["args"]
+        cfg = load_run_config(run_dir, "exp_landscape.py")
         write_outputs(run_dir, load_records(run_dir), cfg["artifact"], cfg["preset"])
         print(f"redrew the table and figure in {run_dir}")
         return

@@ -18,7 +18,6 @@ targeted random labels in train mode, REFERENCE_NOTES 1b). LIGS: Gaussian sigma 
 eval mode (REFERENCE_NOTES 1b). Fig 11 (ImageNet) is not implemented: it is listed as skipped.
 """
 import argparse
-import json
 import pathlib
 import sys
 import time
@@ -26,8 +25,8 @@ import time
 import torch
 
 from common import (NORMS, DataError, apply_preset, build_dataset, class_balanced_subset, epoch_metrics, fmt_mean_sem,
-                    load_records, make_model, mean_sem, pick_device, prepare_run_dir, print_config, save_records, set_seed,
-                    train_model, write_config, write_text_atomic)
+                    load_records, load_run_config, make_model, mean_sem, pick_device, prepare_run_dir, print_config,
+                    save_records, set_seed, train_model, write_config, write_text_atomic)
 
 # ================================================================================================
 # Args: artifacts (what varies), presets
@@ -303,9 +302,7 @@ def write_outputs(run_dir, records, artifact, preset):
 def main(args):
     if args.plot_only:
         run_dir = pathlib.Path(args.plot_only)
-        if not (run_dir / "config.json").exists():
-            raise DataError(f"--plot-only {run_dir}: no config.json there (not a run directory of exp_ligs_trend.py)")
-        cfg = json.loads((run_dir / "config.json").read_text())["args"]
+        cfg = load_run_config(run_dir, "exp_ligs_trend.py")
         write_outputs(run_dir, load_records(run_dir), cfg["artifact"], cfg["preset"])
         print(f"redrew the table and figures in {run_dir}")
         return

@@ -16,7 +16,6 @@ skipped. Deviations: P2 Table 2 selected the epoch with the best *test* accuracy
 final epoch (SPEC A8).
 """
 import argparse
-import json
 import math
 import pathlib
 import sys
@@ -24,8 +23,8 @@ import time
 
 import torch
 
-from common import (NORMS, DataError, Standardize, apply_preset, build_dataset, class_balanced_subset, evaluate,
-                    fmt_mean_sem, load_records, make_model, mean_sem, pick_device, prepare_run_dir, print_config,
+from common import (NORMS, DataError, Standardize, apply_preset, build_dataset, class_balanced_subset, evaluate, fmt_mean_sem,
+                    load_records, load_run_config, make_model, mean_sem, pick_device, prepare_run_dir, print_config,
                     read_cifar101, save_records, set_seed, train_model, write_config, write_text_atomic)
 
 # ================================================================================================
@@ -341,9 +340,7 @@ def write_outputs(run_dir, records, args_like):
 def main(args):
     if args.plot_only:
         run_dir = pathlib.Path(args.plot_only)
-        if not (run_dir / "config.json").exists():
-            raise DataError(f"--plot-only {run_dir}: no config.json there (not a run directory of exp_table1.py)")
-        cfg = json.loads((run_dir / "config.json").read_text())["args"]
+        cfg = load_run_config(run_dir, "exp_table1.py")
         write_outputs(run_dir, load_records(run_dir), cfg)
         print(f"redrew {run_dir / 'table.md'} and {run_dir / 'figure.png'}")
         return
