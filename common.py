@@ -1186,6 +1186,15 @@ def make_synthetic_images(n, classes=10, size=16, channels=3, seed=0, template_s
     return x.clamp(0, 1), y
 
 
+def make_spheres(n_per_class, dim=2, radii=(1.0, 1.3), generator=None):
+    """Adversarial spheres (Gilmer et al. 2018; P2 App. C, Figs 1, 7, 8): z ~ N(0, I_d), x = R z/||z||,
+    class 0 on the inner sphere (R = radii[0] = 1), class 1 on the outer (R = 1.3). Returns (x, y)."""
+    z = torch.randn(2 * n_per_class, dim, generator=generator)
+    r = torch.tensor([radii[0]] * n_per_class + [radii[1]] * n_per_class)
+    x = z / z.norm(dim=1, keepdim=True) * r[:, None]
+    return x, torch.arange(2).repeat_interleave(n_per_class)
+
+
 class Data:
     """A dataset resident as tensors on one device: x_* float in [0,1] (N, C, H, W), y_* int64.
     `mean`/`std` are the per-channel statistics for standardization (inside the model for P1,
@@ -1494,6 +1503,49 @@ def train_model(model, data, recipe, seed=0, ckpt=None, log=print, amp=False, on
     if state["status"] == "failed":
         log(f"{tag} FAILED: {state['reason']}")
     return dict(status=state["status"], reason=state["reason"], history=state["history"])
+
+
+# ================================================================================================
+# P2's mechanism analyses: Yang et al.'s depth limit and the plug-in entropy of the output (P2 Figs 2, 3)
+# ================================================================================================
+
+def lambda_G(batch_size):
+    """Per-layer growth rate of the squared gradient norm in a ReLU-BN fully connected net at
+    initialization, Yang et al. 2019 Thm 8 with alpha = 1 (REFERENCE_NOTES 6):
+        lambda_G(B) = (J'(c) + B - 1) / ((B - 3)(1 - J(c))) - 1/(B - 3),  c = -1/(B - 1),
+    with the arc-cosine kernel J(x) = (sqrt(1 - x^2) + (pi - arccos x) x) / pi and
+    J'(x) = (pi - arccos x) / pi. Decreases to pi/(pi - 1) as B -> infinity; needs B > 3."""
+    B = float(batch_size)
+    if not B > 3:
+        raise ValueError(f"batch size {batch_size}: Yang et al.'s formula needs B > 3")
+    c = -1.0 / (B - 1)
+    J = (math.sqrt(1 - c * c) + (math.pi - math.acos(c)) * c) / math.pi
+    dJ = (math.pi - math.acos(c)) / math.pi
+    return (dJ + B - 1) / ((B - 3) * (1 - J)) - 1 / (B - 3)
+
+
+def max_trainable_depth(batch_size):
+    """Yang et al.'s depth scale drawn over P2 Fig 2: L_max(B) = 16 / ln lambda_G(B) (about 41.8 layers
+    for large B; REFERENCE_NOTES 6)."""
+    return 16.0 / math.log(lambda_G(batch_size))
+
+
+def quantized_entropy_bits(probs, bits=7):
+    """Plug-in (maximum-likelihood) entropy in bits of the softmax outputs quantized to `bits` bits per
+    class (P2 Fig 3: I(X;T) = H(T) for a deterministic net). probs: (N, K) rows of probabilities."""
+    levels = 2 ** bits
+    codes = (probs * levels).floor().clamp(max=levels - 1).to(torch.int64)
+    _, counts = torch.unique(codes, dim=0, return_counts=True)
+    p = counts.double() / counts.sum()
+    return float(-(p * p.log2()).sum())
+
+
+def entropy_ci_bits(n_samples, bits=7, n_classes=10):
+    """Half-width of P2 Fig 3's confidence interval for the plug-in entropy (Paninski 2003 bound as
+    used by P2): [log2(1 + (m - 1)/N) + N^(-1/2) log2 m] * K with m = 2^bits symbols per class;
+    about 0.316 bits for N = 60000, m = 128, K = 10 (SPEC 11)."""
+    m = 2 ** bits
+    return (math.log2(1 + (m - 1) / n_samples) + math.log2(m) / math.sqrt(n_samples)) * n_classes
 
 
 # ================================================================================================
