@@ -1,0 +1,303 @@
+"""Batch norm on the adversarial-spheres task (P2 Figs 1, 7, 8; App. C; SPEC §12).
+
+Figs 1/7: two mini-batches of 2-D sphere points (radius 1 vs 1.3) through a deep *linear* network at
+initialization, with and without BN, each layer projected jointly onto its first two principal
+components. Without BN the net is one linear map, so the nested circles stay nested (separable by a
+quadratic); with BN each mini-batch gets its own affine map and the classes mix. The separability of
+the pooled projection is measured with a quadratic-feature logistic fit.
+Fig 8: a 2-hidden-layer, 1000-unit ReLU MLP with and without BN, trained with plain SGD (batch 50) at
+several learning rates and seeds; training loss/accuracy with 95 % bands; noisy-test accuracy of the
+models that reached 100 % training accuracy at the smallest learning rate (P2: BN 94.83 %, none 96.06 %).
+
+    python exp_spheres.py                     # both figures at the paper's scale (CPU, ~3 min)
+    python exp_spheres.py --artifact fig1     # or fig8; --preset smoke for seconds
+    python exp_spheres.py --plot-only runs/exp_spheres/<run>
+
+[DEFAULT]s (SPEC A26, A27): test noise variance 0.005, 200 epochs, a 2-way softmax head; deep linear net
+width 128, depth 16, 2 batches x 32, PyTorch default init. BN sits after each hidden linear layer
+(Galloway's code puts it before; SPEC §12). --bn-stats first-batch reproduces the notebook's subtlety
+(REFERENCE_NOTES 1a): running statistics set by one pass over batch 1, then eval mode for both batches.
+"""
+import argparse
+import pathlib
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+from common import (Data, DataError, DeepLinear, accuracy, apply_preset, fmt_mean_sem, load_records, load_run_config,
+                    make_model, make_spheres, mean_sem, pick_device, prepare_run_dir, print_config, save_records, set_seed,
+                    train_model, write_config, write_text_atomic)
+
+# ================================================================================================
+# Args
+# ================================================================================================
+
+LRS = {"none": [0.001, 0.01, 0.1], "bn": [0.001, 0.01]}  # P2 App. C: no-BN reaches zero training error up to 0.1
+
+PRESETS = {  # the paper's scale is cheap, so quick = paper
+    "paper": dict(seeds=5, epochs=200, n_train=250, n_test=10000, width=1000, lin_width=128, lin_depth=16),
+    "quick": dict(seeds=5, epochs=200, n_train=250, n_test=10000, width=1000, lin_width=128, lin_depth=16),
+    "smoke": dict(seeds=2, epochs=15, n_train=100, n_test=500, width=64, lin_width=16, lin_depth=6),
+}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--artifact", default="all", choices=["all", "fig1", "fig8"], help="figure(s) to reproduce")
+    p.add_argument("--preset", default="paper", choices=sorted(PRESETS))
+    p.add_argument("--seeds", type=int, default=None, help="Fig 8 seeds (P2: 5)")
+    p.add_argument("--epochs", type=int, default=None, help="Fig 8 training epochs (SPEC A26: 200)")
+    p.add_argument("--n-train", type=int, default=None, help="training points per class (SPEC: 250)")
+    p.add_argument("--n-test", type=int, default=None, help="noisy test points per class (P2: 10000)")
+    p.add_argument("--noise-var", type=float, default=0.005, help="test noise variance (SPEC A26)")
+    p.add_argument("--width", type=int, default=None, help="Fig 8 hidden width (P2: 1000)")
+    p.add_argument("--batch-size", type=int, default=50, help="P2 App. C: 50")
+    p.add_argument("--dim", type=int, default=2, help="sphere dimension (P2: 2)")
+    p.add_argument("--lin-width", type=int, default=None, help="Figs 1/7 deep linear net width (SPEC A27: 128)")
+    p.add_argument("--lin-depth", type=int, default=None, help="Figs 1/7 depth (SPEC A27: 16; layers 0..14 shown)")
+    p.add_argument("--batch-points", type=int, default=32, help="Figs 1/7 points per mini-batch (16 per class)")
+    p.add_argument("--bn-stats", default="batch", choices=["batch", "first-batch"],
+                   help="Figs 1/7: each batch's own statistics, or the notebook's running statistics of batch 1")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", default=None)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--plot-only", metavar="RUN_DIR", default=None)
+    args = p.parse_args(argv)
+    if args.plot_only:
+        return args
+    apply_preset(args, PRESETS)
+    for name in ("seeds", "epochs", "n_train", "n_test", "width", "lin_width", "lin_depth", "batch_size", "dim"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.batch_points < 4 or args.batch_points % 2:
+        p.error("--batch-points must be an even number >= 4")
+    return args
+
+
+# ================================================================================================
+# Figs 1/7: the deep linear network at initialization
+# ================================================================================================
+
+def joint_pca(a, b):
+    """Project two batches' activations jointly onto their first two principal components."""
+    z = torch.cat([a, b]).double()
+    z = z - z.mean(0)
+    _, _, v = torch.linalg.svd(z, full_matrices=False)
+    p = z @ v[:2].T
+    return p[: len(a)], p[len(a):]
+
+
+def quadratic_separability(p, y, steps=300):
+    """Training accuracy of a logistic fit on quadratic features [p1, p2, p1^2, p2^2, p1 p2] of the
+    pooled 2-D projection: 1.0 when the classes stay nested ellipses (SPEC 15)."""
+    p = (p - p.mean(0)) / p.std(0).clamp_min(1e-12)
+    f = torch.cat([p, p ** 2, p[:, :1] * p[:, 1:]], 1)
+    f = (f - f.mean(0)) / f.std(0).clamp_min(1e-12)
+    w = torch.zeros(f.shape[1], dtype=f.dtype, requires_grad=True)
+    b = torch.zeros((), dtype=f.dtype, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.binary_cross_entropy_with_logits(f @ w + b, y.double()) + 1e-6 * (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return float(((f @ w + b > 0).long() == y).double().mean())
+
+
+def run_fig1(args, device):
+    """Both nets at init on the same two batches; returns records and the projections for the figure."""
+    g = torch.Generator().manual_seed(3)  # the notebook shuffles with seed 3
+    half = args.batch_points // 2
+    batches = [make_spheres(half, args.dim, generator=g) for _ in range(2)]
+    records, proj = [], {}
+    for norm in ("bn", "none"):
+        set_seed(0)
+        net = DeepLinear(args.dim, args.lin_width, args.lin_depth, 2, norm, bn_momentum=None).double().to(device)
+        with torch.no_grad():
+            if norm == "bn" and args.bn_stats == "first-batch":
+                net.train()
+                net.layer_outputs(batches[0][0].double().to(device))  # momentum=None: running stats := batch 1's
+                net.eval()
+            else:
+                net.train()  # BN normalizes each batch with its own statistics
+            outs = [net.layer_outputs(x.double().to(device)) for x, _ in batches]
+        y = torch.cat([batches[0][1], batches[1][1]])
+        for layer in range(0, args.lin_depth, 2):
+            a, b = joint_pca(outs[0][layer].cpu(), outs[1][layer].cpu())
+            proj[(norm, layer)] = (a, b)
+            records.append(dict(artifact="fig1", norm=norm, layer=layer, bn_stats=args.bn_stats,
+                                separability=quadratic_separability(torch.cat([a, b]), y)))
+    return records, proj, [bt[1] for bt in batches]
+
+
+def plot_fig1(proj, labels, path, depth):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    layers = list(range(0, depth, 2))
+    fig, axes = plt.subplots(2, len(layers), figsize=(2.2 * len(layers), 4.8), squeeze=False)
+    for i, norm in enumerate(("bn", "none")):
+        for j, layer in enumerate(layers):
+            ax = axes[i][j]
+            for k, (pts, lab) in enumerate(zip(proj[(norm, layer)], labels)):
+                scale = 100.0 if norm == "none" else 1.0  # P2 Fig 7b scales the shrinking unnormalized net by 100
+                for c in (0, 1):
+                    sel = lab == c
+                    ax.scatter(scale * pts[sel, 0], scale * pts[sel, 1], s=12, color="C0" if c == 0 else "C3",
+                               facecolors="none" if k == 1 else None, linewidths=0.8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"layer {layer}", fontsize=8)
+        axes[i][0].set_ylabel("with BN" if norm == "bn" else "without BN (x100)")
+    fig.suptitle("P2 Figs 1/7: two mini-batches (filled / hollow), classes by colour, deep linear net at init")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ================================================================================================
+# Fig 8: learning-rate sensitivity of the 2 x 1000 ReLU MLP
+# ================================================================================================
+
+def run_fig8(args, device, run_dir, records, log):
+    done = {(r["norm"], r["lr"], r["seed"]) for r in records if r.get("artifact") == "fig8"}
+    std = args.noise_var ** 0.5
+    for norm, lrs in LRS.items():
+        for lr in lrs:
+            for seed in range(args.seeds):
+                if (norm, lr, seed) in done:
+                    continue
+                g = torch.Generator().manual_seed(1000 + seed)
+                x_tr, y_tr = make_spheres(args.n_train, args.dim, generator=g)
+                x_te, y_te = make_spheres(args.n_test, args.dim, generator=g)
+                x_te = x_te + std * torch.randn(x_te.shape, generator=g)  # noisy test set, variance 0.005
+                data = Data("spheres", x_tr.to(device), y_tr.to(device), x_te.to(device), y_te.to(device),
+                            (0.0,), (1.0,), num_classes=2)
+                set_seed(seed)
+                model = make_model("mlp", norm=norm, in_dim=args.dim, hidden=[args.width] * 2, num_classes=2,
+                                   init="default").to(device)
+                recipe = dict(epochs=args.epochs, batch_size=args.batch_size, lr=lr, momentum=0.0, weight_decay=0.0)
+                ckpt = run_dir / "ckpt" / f"{norm}_lr{lr:g}_s{seed}.pt"
+                res = train_model(model, data, recipe, seed=seed, ckpt=ckpt, log=lambda s: None)
+                base = dict(artifact="fig8", norm=norm, lr=lr, seed=seed, status=res["status"], reason=res["reason"])
+                rows = [base | h for h in res["history"] if h["epoch"] > 0]
+                final = dict(train_acc_eval=accuracy(model, data.x_train, data.y_train),
+                             noisy_test_acc=accuracy(model, data.x_test, data.y_test)) if res["status"] == "ok" else {}
+                rows.append(base | dict(epoch="final") | final)
+                records += rows
+                last_loss = rows[-2].get("train_loss", float("nan")) if len(rows) > 1 else float("nan")
+                log(f"[{norm} lr={lr:g} s{seed}] {res['status']} final train loss {last_loss:.4f} "
+                    + " ".join(f"{k} {v:.4f}" for k, v in final.items()))
+                save_records(run_dir, records, finished=False)
+
+
+def plot_fig8(records, path, steps_per_epoch):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), squeeze=False)
+    runs = sorted({(r["norm"], r["lr"]) for r in records if r.get("artifact") == "fig8"}, key=lambda t: (t[1], t[0]))
+    for k, (norm, lr) in enumerate(runs):
+        rows = [r for r in records if r.get("artifact") == "fig8" and (r["norm"], r["lr"]) == (norm, lr)
+                and r["epoch"] != "final"]
+        epochs = sorted({r["epoch"] for r in rows})
+        for ax, key in zip(axes[0], ("train_loss", "train_acc")):
+            stats = [mean_sem([r[key] for r in rows if r["epoch"] == e]) for e in epochs]
+            m = [s[0] for s in stats]
+            h = [1.96 * s[1] if s[2] > 1 else 0.0 for s in stats]  # 95 % band
+            xs = [e * steps_per_epoch for e in epochs]
+            color = f"C{sorted({t[1] for t in runs}).index(lr)}"
+            ax.plot(xs, m, linestyle="--" if norm == "bn" else "-", color=color, label=f"{norm}, η={lr:g}")
+            ax.fill_between(xs, [a - b for a, b in zip(m, h)], [a + b for a, b in zip(m, h)], color=color, alpha=0.2)
+    axes[0][0].set_ylabel("training loss")
+    axes[0][0].set_yscale("log")
+    axes[0][1].set_ylabel("training accuracy")
+    for ax in axes[0]:
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    axes[0][1].legend(fontsize=8)
+    fig.suptitle("P2 Fig 8: 2x1000 ReLU MLP on 2-D spheres, plain SGD, batch 50 (BN dashed; 95 % bands over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def make_table(records, args_like):
+    lines = [f"# P2 Figs 1, 7, 8 on the adversarial spheres (preset {args_like['preset']})", ""]
+    fig1 = [r for r in records if r.get("artifact") == "fig1"]
+    if fig1:
+        layers = sorted({r["layer"] for r in fig1})
+        lines += ["Figs 1/7: accuracy of a quadratic-feature logistic fit on the joint 2-PC projection of both",
+                  f"mini-batches (BN statistics: {fig1[0]['bn_stats']}); 1.0 = classes still nested.", "",
+                  "| norm | " + " | ".join(f"layer {ly}" for ly in layers) + " |", "|---|" + "---|" * len(layers)]
+        for norm in ("bn", "none"):
+            lines.append(f"| {norm} | " + " | ".join(f"{r['separability']:.2f}" for r in fig1 if r["norm"] == norm) + " |")
+        lines.append("")
+    fig8 = [r for r in records if r.get("artifact") == "fig8" and r["epoch"] == "final"]
+    if fig8:
+        lines += ["Fig 8: per (norm, learning rate): seeds that trained (not diverged / above chance), seeds at",
+                  "100 % training accuracy (eval mode), and noisy-test accuracy (%) of those, mean ± SEM.", "",
+                  "| norm | η | seeds | trained | 100 % train | noisy test acc (100 % train) | noisy test acc (trained) |",
+                  "|---|---|---|---|---|---|---|"]
+        for norm, lrs in LRS.items():
+            for lr in lrs:
+                rs = [r for r in fig8 if r["norm"] == norm and r["lr"] == lr]
+                if not rs:
+                    continue
+                ok = [r for r in rs if r["status"] == "ok"]
+                full = [r for r in ok if r.get("train_acc_eval") == 1.0]
+                lines.append(f"| {norm} | {lr:g} | {len(rs)} | {len(ok)} | {len(full)} | "
+                             f"{fmt_mean_sem([r['noisy_test_acc'] for r in full], digits=2)} | "
+                             f"{fmt_mean_sem([r['noisy_test_acc'] for r in ok], digits=2)} |")
+        failed = [r for r in fig8 if r["status"] != "ok"]
+        lines += [""] + [f"- {r['norm']} η={r['lr']:g} seed {r['seed']}: {r['reason']}" for r in failed]
+    return "\n".join(lines) + "\n"
+
+
+# ================================================================================================
+# Main
+# ================================================================================================
+
+def main(args):
+    if args.plot_only:
+        run_dir = pathlib.Path(args.plot_only)
+        cfg = load_run_config(run_dir, "exp_spheres.py")
+        records = load_records(run_dir)
+        write_text_atomic(run_dir / "table.md", make_table(records, cfg))
+        if any(r.get("artifact") == "fig8" for r in records):
+            plot_fig8(records, run_dir / "fig8.png", -(-2 * cfg["n_train"] // cfg["batch_size"]))
+        print(f"redrew {run_dir / 'table.md'} (and fig8.png; fig1.png needs the activations, rerun --artifact fig1)")
+        return
+    print_config(args)
+    device = pick_device(args.device)
+    run_dir = prepare_run_dir("exp_spheres", args.out, args.resume)
+    write_config(run_dir, args, __file__, device)
+    records = load_records(run_dir) if args.resume and (run_dir / "results.json").exists() else []
+    t0 = time.time()
+    if args.artifact in ("all", "fig1"):
+        records = [r for r in records if r.get("artifact") != "fig1"]  # recomputed: it is instant
+        fig1, proj, labels = run_fig1(args, device)
+        records += fig1
+        plot_fig1(proj, labels, run_dir / "fig1.png", args.lin_depth)
+        save_records(run_dir, records, finished=False)
+        print(f"fig1 done in {time.time() - t0:.1f}s")
+    if args.artifact in ("all", "fig8"):
+        run_fig8(args, device, run_dir, records, print)
+        plot_fig8(records, run_dir / "fig8.png", -(-2 * args.n_train // args.batch_size))
+    save_records(run_dir, records, finished=True)
+    write_text_atomic(run_dir / "table.md", make_table(records, vars(args)))
+    print((run_dir / "table.md").read_text())
+    print(f"wrote {run_dir} in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args())
+    except (DataError, ValueError) as e:
+        sys.exit(f"error: {e}")
