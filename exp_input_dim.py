@@ -1,0 +1,326 @@
+"""Input dimension, weight decay and BN (P2 Sec. 4, App. B; SPEC §10): Tables 11, 6, 12, 7 and Fig 4.
+
+Images are upscaled by nearest neighbour (k = 1..4: MNIST 28 -> 56/84/112, digits 8 -> 16/24/32) and
+standardized; attacks are in standardized units with no clipping (SPEC A22).
+  Table 11: a linear softmax model, FGSM eps 0.1 (accuracy and loss) and 0.05 (loss), without weight
+            decay and with the lambda that P2 tuned per size; ratios to the k = 1 baseline vs the
+            predicted growth k (Simon-Gabriel et al.).
+  Tables 6/12: the d -> d/2 -> d/2 -> 10 ReLU MLP with and without one BN layer (after the first
+            hidden layer, SPEC A24): clean, noise N(0, 1) added before upscaling (P2 footnote 6) and
+            BIM (eps 0.1, 100 steps of 1e-3); Table 12 as ratios to the k = 1 no-BN row.
+  Table 7:  the same MLPs trained with the linear model's weight decay.
+  Fig 4:    the 2-unit bottleneck's pre-activations over training, with and without BN (SPEC A29).
+
+    python exp_input_dim.py --preset quick      # bundled digits, all tables and Fig 4, CPU, ~2 min
+    python exp_input_dim.py --dataset mnist     # paper preset on MNIST (--download fetches it)
+"""
+import argparse
+import pathlib
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common import (Data, DataError, apply_preset, build_dataset, eval_mode, fmt_mean_sem, load_records, load_run_config,
+                    make_model, mean_sem, pick_device, prepare_run_dir, print_config, resize_images, run_attack,
+                    save_records, set_seed, train_model, write_config, write_text_atomic)
+
+# ================================================================================================
+# Args
+# ================================================================================================
+
+LAMBDA = {2: 0.01, 3: 0.0225, 4: 0.05}  # P2 Table 11's weight decay per upscaling factor (used again in Table 7)
+
+PRESETS = {
+    "paper": dict(dataset="mnist", seeds=5, mlp_seeds=5, epochs=50, mlp_epochs=50, bottleneck_epochs=500,
+                  bim_steps=100, bim_step=1e-3, snapshots=[0, 20, 500], n_plot=2000),
+    # Digits (8x8) upscaled x1..x4 stand in for MNIST 28 -> 112 (SPEC 15); BIM with 20 steps of 5e-3.
+    "quick": dict(dataset="digits", seeds=5, mlp_seeds=3, epochs=50, mlp_epochs=30, bottleneck_epochs=200,
+                  bim_steps=20, bim_step=5e-3, snapshots=[0, 20, 200], n_plot=1500),
+    "smoke": dict(dataset="digits", seeds=2, mlp_seeds=1, epochs=3, mlp_epochs=2, bottleneck_epochs=4,
+                  bim_steps=3, bim_step=0.04, snapshots=[0, 2, 4], n_plot=300),
+}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--artifact", default="all", choices=["all", "t11", "t6", "t7", "fig4"],
+                   help="Table 11 (linear), Tables 6/12 (MLP), Table 7 (MLP + WD), Fig 4 (bottleneck)")
+    p.add_argument("--preset", default="paper", choices=sorted(PRESETS))
+    p.add_argument("--dataset", default=None, choices=["mnist", "digits"])
+    p.add_argument("--seeds", type=int, default=None, help="seeds for Table 11 (SPEC: 5)")
+    p.add_argument("--mlp-seeds", type=int, default=None, help="seeds for Tables 6, 7, 12 (P2: 5)")
+    p.add_argument("--epochs", type=int, default=None, help="linear model epochs (P2: 50)")
+    p.add_argument("--mlp-epochs", type=int, default=None, help="MLP epochs (P2: 50)")
+    p.add_argument("--bottleneck-epochs", type=int, default=None, help="Fig 4 epochs (P2: 500)")
+    p.add_argument("--snapshots", type=int, nargs="+", default=None, help="Fig 4 epochs to plot (P2: init, ~20, end)")
+    p.add_argument("--bim-steps", type=int, default=None, help="BIM iterations (P2: 100)")
+    p.add_argument("--bim-step", type=float, default=None, help="BIM step size (P2: 1e-3)")
+    p.add_argument("--n-plot", type=int, default=None, help="training points drawn in Fig 4")
+    p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate, no momentum (P2: 1e-2)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--post-relu", action="store_true", help="Fig 4: plot the 2-unit layer after its ReLU (SPEC A29)")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--download", action="store_true")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", default=None)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--plot-only", metavar="RUN_DIR", default=None)
+    args = p.parse_args(argv)
+    if args.plot_only:
+        return args
+    apply_preset(args, PRESETS)
+    for name in ("seeds", "mlp_seeds", "epochs", "mlp_epochs", "bottleneck_epochs", "bim_steps", "batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+# ================================================================================================
+# Experiment-local helpers
+# ================================================================================================
+
+def base_data(args, device):
+    """Standardized base-resolution images (28x28 MNIST or 8x8 digits), 1 channel, on `device`."""
+    d = build_dataset(args.dataset, args.data_root, device, args.download)
+    m, s = d.mean[0], d.std[0]
+    return (d.x_train - m) / s, d.y_train, (d.x_test - m) / s, d.y_test
+
+
+def upscaled(base, k):
+    x_tr, y_tr, x_te, y_te = base
+    side = x_tr.shape[-1] * k
+    return Data(f"x{k}", resize_images(x_tr, side), y_tr, resize_images(x_te, side), y_te, (0.0,), (1.0,))
+
+
+def acc_and_loss(model, x, y, spec, generator=None, batch_size=1000):
+    """Accuracy and mean cross-entropy of `model` under one attack spec (Table 11 reports both)."""
+    correct, loss = 0.0, 0.0
+    for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+        xa = run_attack(model, xb, yb, spec, generator)
+        with torch.no_grad(), eval_mode(model):
+            z = model(xa)
+        correct += float((z.argmax(1) == yb).sum())
+        loss += float(F.cross_entropy(z, yb, reduction="sum"))
+    return correct / len(y), loss / len(y)
+
+
+def train(args, data, model, epochs, weight_decay, seed, ckpt, on_epoch=None):
+    recipe = dict(epochs=epochs, batch_size=args.batch_size, lr=args.lr, momentum=0.0, weight_decay=weight_decay)
+    return train_model(model, data, recipe, seed=seed, ckpt=ckpt, log=lambda s: None, on_epoch=on_epoch)
+
+
+def run_t11(args, base, device, run_dir, done):
+    """Linear model x {k, lambda} x seeds: clean / FGSM accuracy and loss."""
+    out = []
+    configs = [(k, 0.0) for k in (1, 2, 3, 4)] + [(k, lam) for k, lam in LAMBDA.items()]
+    for k, lam in configs:
+        data = upscaled(base, k)
+        for seed in range(args.seeds):
+            if ("t11", k, lam, "none", seed) in done:
+                continue
+            set_seed(seed)
+            model = make_model("mlp", norm="none", in_dim=data.x_train[0].numel(), hidden=[], init="default").to(device)
+            res = train(args, data, model, args.epochs, lam, seed, run_dir / "ckpt" / f"t11_k{k}_l{lam:g}_s{seed}.pt")
+            rec = dict(table="t11", k=k, lam=lam, norm="none", seed=seed, status=res["status"], reason=res["reason"])
+            if res["status"] == "ok":
+                for name, spec in [("clean", dict(kind="clean")), ("fgsm01", dict(kind="fgsm", eps=0.1, clip=None)),
+                                   ("fgsm005", dict(kind="fgsm", eps=0.05, clip=None))]:
+                    rec[f"acc_{name}"], rec[f"loss_{name}"] = acc_and_loss(model, data.x_test, data.y_test, spec)
+            out.append(rec)
+    return out
+
+
+def run_mlp(args, base, device, run_dir, done, table):
+    """Tables 6/12 (no WD, k = 1..3) or Table 7 (WD = Table 11's lambda, k = 2, 3): MLP +- one BN layer."""
+    out = []
+    ks = (1, 2, 3) if table == "t6" else (2, 3)
+    x_te_base = base[2]
+    for k in ks:
+        data = upscaled(base, k)
+        lam = LAMBDA[k] if table == "t7" else 0.0
+        d = data.x_train[0].numel()
+        for norm in ("none", "bn"):
+            for seed in range(args.mlp_seeds):
+                if (table, k, lam, norm, seed) in done:
+                    continue
+                set_seed(seed)
+                model = make_model("mlp", norm=norm, in_dim=d, hidden=[d // 2, d // 2], norm_positions=[0]).to(device)
+                ckpt = run_dir / "ckpt" / f"{table}_k{k}_{norm}_s{seed}.pt"
+                res = train(args, data, model, args.mlp_epochs, lam, seed, ckpt)
+                rec = dict(table=table, k=k, lam=lam, norm=norm, seed=seed, status=res["status"], reason=res["reason"])
+                if res["status"] == "ok":
+                    g = torch.Generator(device=device).manual_seed(seed)
+                    # P2 footnote 6: N(0, 1) noise is added at the base resolution, then upscaled
+                    noise = torch.randn(x_te_base.shape, generator=g, device=device)
+                    noisy = resize_images(x_te_base + noise, data.shape[-1])
+                    bim = dict(kind="bim", eps=0.1, steps=args.bim_steps, step_size=args.bim_step, clip=None)
+                    rec["acc_clean"], rec["loss_clean"] = acc_and_loss(model, data.x_test, data.y_test, dict(kind="clean"))
+                    rec["acc_noise"], rec["loss_noise"] = acc_and_loss(model, noisy, data.y_test, dict(kind="clean"))
+                    rec["acc_bim"], rec["loss_bim"] = acc_and_loss(model, data.x_test, data.y_test, bim)
+                out.append(rec)
+    return out
+
+
+def run_fig4(args, base, device, run_dir):
+    """Bottleneck MLP (MNIST 784-392-196-2-49-10; digits 64-32-16-2-8-10) +- BN on the two widest hidden
+    layers; WD 1e-3. Returns {norm: {epoch: (n, 2) activations}} of the 2-unit layer on training points."""
+    data = upscaled(base, 1)
+    d = data.x_train[0].numel()
+    hidden = [d // 2, d // 4, 2, d // 16]
+    x_plot, y_plot = data.x_train[: args.n_plot], data.y_train[: args.n_plot]
+    acts, labels = {}, y_plot.cpu().numpy()
+    for norm in ("none", "bn"):
+        set_seed(0)
+        model = make_model("mlp", norm=norm, in_dim=d, hidden=hidden, norm_positions=[0, 1]).to(device)
+        layer = model.hidden[3 * 2 + (2 if args.post_relu else 0)]  # Linear of the 2-unit layer (or its ReLU)
+        snaps = {}
+
+        def on_epoch(epoch, m):
+            if epoch in args.snapshots:
+                got = []
+                h = layer.register_forward_hook(lambda mod, inp, out: got.append(out.detach().cpu()))
+                with torch.no_grad(), eval_mode(m):
+                    m(x_plot)
+                h.remove()
+                snaps[epoch] = got[0].numpy()
+            return {}
+
+        train(args, data, model, args.bottleneck_epochs, 1e-3, 0, run_dir / "ckpt" / f"fig4_{norm}.pt", on_epoch)
+        acts[norm] = snaps
+    np.savez_compressed(run_dir / "fig4_activations.npz", labels=labels,
+                        **{f"{n}_{e}": a for n, s in acts.items() for e, a in s.items()})
+    return acts, labels
+
+
+# ================================================================================================
+# Tables and figure
+# ================================================================================================
+
+def make_tables(records, cfg):
+    lines = [f"# P2 Sec. 4 / App. B: input dimension, weight decay and BN (preset {cfg['preset']}, {cfg['dataset']})", ""]
+    ok = [r for r in records if r["status"] == "ok"]
+    get = lambda table, k, lam, norm: [r for r in ok if (r["table"], r["k"], r["lam"], r["norm"]) == (table, k, lam, norm)]
+    ms = lambda rs, m, sc=100.0, d=1: fmt_mean_sem([r[m] for r in rs], sc, d)  # one table cell
+    base = get("t11", 1, 0.0, "none")
+    if base:
+        b = {m: mean_sem([r[m] for r in base])[0] for m in ("acc_clean", "acc_fgsm01", "loss_clean", "loss_fgsm01")}
+        lines += ["## Table 11: linear model, FGSM (k = 1 absolute; k > 1 as ratios to k = 1, lambda = 0)", "",
+                  "| k | lambda | clean acc | eps=0.1 acc | clean loss | eps=0.1 loss | Pred. | damage 0.05 | damage 0.1 |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for k, lam in [(1, 0.0)] + [(k, lam) for k in (2, 3, 4) for lam in (0.0, LAMBDA[k])]:
+            rs = get("t11", k, lam, "none")
+            if not rs:
+                continue
+            if k == 1:
+                cells = [ms(rs, "acc_clean"), ms(rs, "acc_fgsm01"), ms(rs, "loss_clean", 1.0, 3),
+                         ms(rs, "loss_fgsm01", 1.0, 3), "–"]
+            else:
+                cells = [fmt_mean_sem([r[m] / b[m] for r in rs], 1.0, 3) for m in b]  # ratios to k = 1
+                cells.append(str(k) if lam == 0 else "")
+            cells += [fmt_mean_sem([r["loss_fgsm005"] - r["loss_clean"] for r in rs], 1.0, 3),
+                      fmt_mean_sem([r["loss_fgsm01"] - r["loss_clean"] for r in rs], 1.0, 3)]
+            lines.append(f"| {k} | {lam:g} | " + " | ".join(cells) + " |")
+        lines.append("")
+    for table, title in [("t6", "Tables 6 and 12: MLP, no weight decay"), ("t7", "Table 7: MLP with Table 11's weight decay")]:
+        rows = [(k, lam) for k, lam in sorted({(r["k"], r["lam"]) for r in ok if r["table"] == table})]
+        if not rows:
+            continue
+        lines += [f"## {title} (accuracy %, mean ± SEM; BIM eps 0.1)", "",
+                  "| k | lambda | norm | n | clean | noise | BIM | clean loss | BIM loss |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for k, lam in rows:
+            for norm in ("none", "bn"):
+                rs = get(table, k, lam, norm)
+                cells = [ms(rs, m) for m in ("acc_clean", "acc_noise", "acc_bim")]
+                cells += [ms(rs, m, 1.0, 3) for m in ("loss_clean", "loss_bim")]
+                lines.append(f"| {k} | {lam:g} | {norm} | {len(rs)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    ref = get("t6", 1, 0.0, "none")
+    if ref:
+        b = {m: mean_sem([r[m] for r in ref])[0] for m in ("acc_clean", "acc_bim", "loss_clean", "loss_bim")}
+        lines += ["## Table 12: MLP ratios to the k = 1 no-BN row", "",
+                  "| k | norm | clean acc | BIM acc | clean loss | BIM loss |", "|---|---|---|---|---|---|"]
+        for k in (1, 2, 3):
+            for norm in ("none", "bn"):
+                rs = get("t6", k, 0.0, norm)
+                if rs and not (k == 1 and norm == "none"):
+                    ratios = [fmt_mean_sem([r[m] / b[m] for r in rs], 1.0, 3) for m in b]
+                    lines.append(f"| {k} | {norm} | " + " | ".join(ratios) + " |")
+        lines.append("")
+    failed = [r for r in records if r["status"] != "ok"]
+    lines += [f"- failed: {r['table']} k={r['k']} lambda={r['lam']:g} {r['norm']} seed {r['seed']}: {r['reason']}"
+              for r in failed]
+    return "\n".join(lines) + "\n"
+
+
+def plot_fig4(acts, labels, path, snapshots):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, len(snapshots), figsize=(3.4 * len(snapshots), 6.6), squeeze=False)
+    for i, norm in enumerate(("none", "bn")):
+        for j, e in enumerate(snapshots):
+            ax = axes[i][j]
+            a = acts[norm].get(e)
+            if a is not None:
+                ax.scatter(a[:, 0], a[:, 1], c=labels, cmap="tab10", s=3, vmin=0, vmax=9)
+            ax.set_xlim(-10, 10)
+            ax.set_ylim(-10, 10)
+            ax.set_title(f"{'BN' if norm == 'bn' else 'no BN'}, epoch {e}", fontsize=9)
+    fig.suptitle("P2 Fig 4: 2-unit bottleneck activations of training points (colour = digit)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ================================================================================================
+# Main
+# ================================================================================================
+
+def main(args):
+    if args.plot_only:
+        run_dir = pathlib.Path(args.plot_only)
+        cfg = load_run_config(run_dir, "exp_input_dim.py")
+        write_text_atomic(run_dir / "table.md", make_tables(load_records(run_dir), cfg))
+        npz = run_dir / "fig4_activations.npz"
+        if npz.exists():
+            z = np.load(npz)
+            acts = {n: {int(k.split("_")[1]): z[k] for k in z.files if k.startswith(n + "_")} for n in ("none", "bn")}
+            plot_fig4(acts, z["labels"], run_dir / "fig4.png", cfg["snapshots"])
+        print(f"redrew the tables and figure in {run_dir}")
+        return
+    print_config(args)
+    device = pick_device(args.device)
+    base = base_data(args, device)
+    run_dir = prepare_run_dir("exp_input_dim", args.out, args.resume)
+    write_config(run_dir, args, __file__, device)
+    print(f"run directory: {run_dir} | base images {tuple(base[0].shape[1:])}, upscaled x1..x4 by nearest neighbour")
+    records = load_records(run_dir) if args.resume and (run_dir / "results.json").exists() else []
+    done = {(r["table"], r["k"], r["lam"], r["norm"], r["seed"]) for r in records}
+    t0 = time.time()
+    steps = [("t11", lambda: run_t11(args, base, device, run_dir, done)),
+             ("t6", lambda: run_mlp(args, base, device, run_dir, done, "t6")),
+             ("t7", lambda: run_mlp(args, base, device, run_dir, done, "t7"))]
+    for name, fn in steps:
+        if args.artifact in ("all", name):
+            records += fn()
+            save_records(run_dir, records, finished=False)
+            print(f"{name} done ({time.time() - t0:.0f}s)")
+    if args.artifact in ("all", "fig4"):
+        acts, labels = run_fig4(args, base, device, run_dir)
+        plot_fig4(acts, labels, run_dir / "fig4.png", args.snapshots)
+        print(f"fig4 done ({time.time() - t0:.0f}s)")
+    save_records(run_dir, records, finished=True)
+    write_text_atomic(run_dir / "table.md", make_tables(records, vars(args)))
+    print((run_dir / "table.md").read_text())
+    print(f"wrote {run_dir} in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args())
+    except (DataError, ValueError) as e:
+        sys.exit(f"error: {e}")
