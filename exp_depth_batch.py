@@ -1,0 +1,278 @@
+"""Depth x batch size for fully connected ReLU nets with and without BN (P2 Figs 2, 3, 5; SPEC §11).
+
+Every cell of a depth x batch-size grid trains a constant-width ReLU MLP (Linear -> [BN] -> ReLU) with
+plain SGD at a learning rate proportional to the batch size (eta = c * B, P2/Yang et al.: c = 1e-5),
+BN epsilon 1e-3. Heatmaps of clean, noise (N(0, 1/4)) and BIM accuracy, failed cells marked, with
+Yang et al.'s maximum trainable depth 16 / ln lambda_G(B) drawn over the BN panels (REFERENCE_NOTES 6).
+Fig 3: the plug-in entropy of the 7-bit-quantized softmax output on the training set (I(X;T) = H(T))
+with Paninski's interval. The grid runs cell by cell; --resume continues an interrupted sweep.
+
+    python exp_depth_batch.py --preset quick                 # digits, a reduced grid, CPU (~4 min)
+    python exp_depth_batch.py --dataset mnist --download     # paper preset: depths 10..60 x batch 5..500
+    python exp_depth_batch.py --artifact fig5b               # both nets 40 epochs (fig5a: 10; fig2: BN 10 / none 40)
+
+[DEFAULT]s (SPEC A25): width 384, depths 10, 15, ..., 60, batches 5, 10, 15, 20, 50, 100, 200, 500; BIM eps 0.1,
+20 steps of 0.01 (standardized units, no clipping); SGD without momentum; after training, the BN
+running statistics are recomputed exactly over the training set (cumulative average, one pass).
+"""
+import argparse
+import math
+import pathlib
+import sys
+import time
+
+import torch
+
+from common import (DataError, apply_preset, build_dataset, entropy_ci_bits, eval_mode, evaluate,
+                    load_records, load_run_config, make_model, max_trainable_depth, mean_sem, pick_device, prepare_run_dir,
+                    print_config, quantized_entropy_bits, save_records, set_seed, train_model, write_config,
+                    write_text_atomic)
+from common import Data
+
+# ================================================================================================
+# Args
+# ================================================================================================
+
+EPOCHS = {"fig2": (10, 40), "fig5a": (10, 10), "fig5b": (40, 40)}  # (BN, none) epochs of each figure
+
+PRESETS = {
+    "paper": dict(dataset="mnist", depths=list(range(10, 61, 5)), batches=[5, 10, 15, 20, 50, 100, 200, 500], width=384,
+                  lr_per_sample=1e-5, seeds=3, n_eval=None, epoch_scale=1.0),
+    # Digits (1,500 training images) give ~40x fewer steps per epoch than MNIST, so c = 1e-3 (SPEC 15) and a
+    # reduced grid with width 64 and one seed to fit a CPU; epochs as in the paper's figure.
+    "quick": dict(dataset="digits", depths=[2, 6, 10, 20, 30, 40], batches=[8, 32, 128], width=64, lr_per_sample=1e-3,
+                  seeds=1, n_eval=None, epoch_scale=1.0),
+    "smoke": dict(dataset="digits", depths=[2, 6], batches=[8, 32], width=16, lr_per_sample=1e-3, seeds=1, n_eval=100,
+                  epoch_scale=0.1),
+}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--artifact", default="fig2", choices=sorted(EPOCHS), help="epochs: fig2 BN 10 / none 40; fig5a, fig5b")
+    p.add_argument("--preset", default="paper", choices=sorted(PRESETS))
+    p.add_argument("--dataset", default=None, choices=["mnist", "digits"])
+    p.add_argument("--depths", type=int, nargs="+", default=None, help="numbers of hidden layers L")
+    p.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes B")
+    p.add_argument("--width", type=int, default=None, help="hidden width (P2/Yang: 384)")
+    p.add_argument("--lr-per-sample", type=float, default=None, help="c in eta = c * B (P2: 1e-5)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per cell (P2: 3)")
+    p.add_argument("--epoch-scale", type=float, default=None, help="multiply the figure's epochs (smoke runs)")
+    p.add_argument("--n-eval", type=int, default=None, help="test samples evaluated (default all)")
+    p.add_argument("--bn-eps", type=float, default=1e-3, help="BN epsilon c (P2: 1e-3)")
+    p.add_argument("--noise-var", type=float, default=0.25, help="Gaussian noise variance (SPEC A22)")
+    p.add_argument("--bim-eps", type=float, default=0.1)
+    p.add_argument("--bim-steps", type=int, default=20)
+    p.add_argument("--bim-step", type=float, default=0.01)
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--download", action="store_true")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", default=None)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--plot-only", metavar="RUN_DIR", default=None)
+    args = p.parse_args(argv)
+    if args.plot_only:
+        return args
+    apply_preset(args, PRESETS)
+    if min(args.depths) < 1 or min(args.batches) < 2 or args.width < 1 or args.seeds < 1:
+        p.error("--depths >= 1, --batches >= 2, --width >= 1 and --seeds >= 1 are required")
+    return args
+
+
+# ================================================================================================
+# Experiment-local helpers
+# ================================================================================================
+
+def standardized(args, device):
+    d = build_dataset(args.dataset, args.data_root, device, args.download)
+    m, s = d.mean[0], d.std[0]
+    x_tr, x_te = ((d.x_train - m) / s).flatten(1), ((d.x_test - m) / s).flatten(1)
+    return Data(args.dataset, x_tr, d.y_train, x_te[: args.n_eval], d.y_test[: args.n_eval], (0.0,), (1.0,))
+
+
+@torch.no_grad()
+def recompute_bn_stats(model, x, batch_size):
+    """Exact BN running statistics over the training set: reset, momentum=None (cumulative average),
+    one train-mode pass in batches of the training batch size (SPEC A25)."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    model.train()
+    for xb in x.split(batch_size):
+        if len(xb) > 1:
+            model(xb)
+    model.eval()
+
+
+def run_cell(args, data, norm, depth, batch, seed, device, ckpt):
+    epochs_bn, epochs_none = EPOCHS[args.artifact]
+    epochs = max(1, round((epochs_bn if norm == "bn" else epochs_none) * args.epoch_scale))
+    set_seed(seed)
+    model = make_model("mlp", norm=norm, in_dim=data.x_train.shape[1], hidden=[args.width] * depth,
+                       bn_eps=args.bn_eps).to(device)
+    recipe = dict(epochs=epochs, batch_size=batch, lr=args.lr_per_sample * batch, momentum=0.0, weight_decay=0.0)
+    res = train_model(model, data, recipe, seed=seed, ckpt=ckpt, log=lambda s: None)
+    rec = dict(artifact=args.artifact, dataset=args.dataset, norm=norm, depth=depth, batch=batch, seed=seed, epochs=epochs,
+               lr=recipe["lr"], status=res["status"], reason=res["reason"])
+    if res["status"] != "ok":
+        return rec
+    if norm == "bn":
+        recompute_bn_stats(model, data.x_train, batch)
+    specs = dict(clean=dict(kind="clean"), noise=dict(kind="noise", sigma=math.sqrt(args.noise_var)),
+                 bim=dict(kind="bim", eps=args.bim_eps, steps=args.bim_steps, step_size=args.bim_step, clip=None))
+    rec |= {f"acc_{k}": v for k, v in evaluate(model, data.x_test, data.y_test, specs, seed=seed).items()}
+    with torch.no_grad(), eval_mode(model):
+        probs = torch.cat([model(xb).softmax(1) for xb in data.x_train.split(2000)]).cpu()
+    rec["entropy_bits"] = quantized_entropy_bits(probs, bits=7)  # P2 Fig 3: H(T) of the 7-bit softmax output
+    return rec
+
+
+# ================================================================================================
+# Figures and table
+# ================================================================================================
+
+def cell_stats(records, norm, depth, batch, key):
+    rs = [r for r in records if (r["norm"], r["depth"], r["batch"]) == (norm, depth, batch)]
+    ok = [r[key] for r in rs if r["status"] == "ok"]
+    return (mean_sem(ok)[0] if ok else None), len(rs) - len(ok), len(rs)
+
+
+def plot_grid(records, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    depths = sorted({r["depth"] for r in records})
+    batches = sorted({r["batch"] for r in records})
+    metrics = [("acc_clean", "clean"), ("acc_noise", "noise"), ("acc_bim", "BIM")]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 8), squeeze=False)
+    for i, norm in enumerate(("bn", "none")):
+        for j, (key, name) in enumerate(metrics):
+            ax = axes[i][j]
+            grid = np.full((len(depths), len(batches)), np.nan)
+            for a, d in enumerate(depths):
+                for b, bs in enumerate(batches):
+                    v, n_failed, n = cell_stats(records, norm, d, bs, key)
+                    if v is not None:
+                        grid[a, b] = 100 * v
+                    if n and n_failed == n:
+                        ax.text(b, a, "x", ha="center", va="center", color="red", fontsize=12)  # every seed failed
+            im = ax.imshow(grid, origin="lower", aspect="auto", vmin=0, vmax=100, cmap="viridis")
+            ax.set_xticks(range(len(batches)), batches)
+            ax.set_yticks(range(len(depths)), depths)
+            ax.set_xlabel("batch size")
+            ax.set_ylabel("depth (hidden layers)")
+            ax.set_title(f"{'BN' if norm == 'bn' else 'no BN'}: {name} accuracy (%)")
+            if norm == "bn":  # Yang et al.'s depth limit, on the depth axis by linear interpolation of the rows
+                xs = [b for b, bs in enumerate(batches) if bs > 3]
+                ys = [np.interp(max_trainable_depth(batches[b]), depths, range(len(depths))) for b in xs]
+                ax.plot(xs, ys, "w--", lw=2, label="16 / ln λ_G(B)")
+                ax.legend(fontsize=7, loc="upper right")
+            fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_entropy(records, path, n_train, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ci = entropy_ci_bits(n_train, bits=7, n_classes=10)
+    depths = sorted({r["depth"] for r in records})
+    for norm, style in (("bn", "-"), ("none", ":")):
+        for k, bs in enumerate(sorted({r["batch"] for r in records})):
+            vals = [cell_stats(records, norm, d, bs, "entropy_bits")[0] for d in depths]
+            pts = [(d, v) for d, v in zip(depths, vals) if v is not None]
+            if pts:
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=ci, linestyle=style, marker="o", ms=3,
+                            capsize=2, color=f"C{k}", label=f"{norm}, B={bs}")
+    ax.axhline(math.log2(10), color="gray", lw=0.8)
+    ax.axhline(math.log2(n_train), color="gray", lw=0.8)
+    ax.set_xlabel("depth (hidden layers)")
+    ax.set_ylabel("Î(X;T) = Ĥ(T), bits")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def make_table(records, cfg):
+    depths = sorted({r["depth"] for r in records})
+    batches = sorted({r["batch"] for r in records})
+    lines = [f"# P2 Figs 2/3/5 grid ({cfg['artifact']}, preset {cfg['preset']}, {cfg['dataset']}, width {cfg['width']}, "
+             f"eta = {cfg['lr_per_sample']:g} x B)", "",
+             "Accuracy (%) clean / noise / BIM per cell, mean over successful seeds; 'x' = every seed failed to train.",
+             "Yang et al.'s depth limit 16/ln lambda_G(B): " + ", ".join(f"B={b}: {max_trainable_depth(b):.1f}"
+                                                                        for b in batches if b > 3), ""]
+    for norm in ("bn", "none"):
+        lines += [f"## {'BN' if norm == 'bn' else 'no BN'}", "", "| depth | " + " | ".join(f"B={b}" for b in batches) + " |",
+                  "|---|" + "---|" * len(batches)]
+        for d in depths:
+            cells = []
+            for b in batches:
+                vals = [cell_stats(records, norm, d, b, k) for k in ("acc_clean", "acc_noise", "acc_bim", "entropy_bits")]
+                if vals[0][2] == 0:
+                    cells.append("")
+                elif vals[0][0] is None:
+                    cells.append("x")
+                else:
+                    cells.append(" / ".join(f"{100 * v[0]:.0f}" for v in vals[:3]) + f" ({vals[3][0]:.1f} b)")
+            lines.append(f"| {d} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines.append("(b) = plug-in entropy of the 7-bit softmax output on the training set, bits (P2 Fig 3); "
+                 f"Paninski half-width ±{entropy_ci_bits(cfg.get('n_train', 60000)):.2f} bits.")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(run_dir, records, cfg):
+    write_text_atomic(run_dir / "table.md", make_table(records, cfg))
+    title = f"P2 Fig {'2' if cfg['artifact'] == 'fig2' else '5'} ({cfg['artifact']}, {cfg['dataset']}, preset {cfg['preset']})"
+    plot_grid(records, run_dir / "heatmaps.png", title)
+    plot_entropy(records, run_dir / "entropy.png", cfg.get("n_train", 60000), "P2 Fig 3: plug-in entropy of the output")
+
+
+# ================================================================================================
+# Main
+# ================================================================================================
+
+def main(args):
+    if args.plot_only:
+        run_dir = pathlib.Path(args.plot_only)
+        write_outputs(run_dir, load_records(run_dir), load_run_config(run_dir, "exp_depth_batch.py"))
+        print(f"redrew the table and figures in {run_dir}")
+        return
+    print_config(args)
+    device = pick_device(args.device)
+    data = standardized(args, device)
+    args.n_train = len(data.y_train)
+    run_dir = prepare_run_dir("exp_depth_batch", args.out, args.resume)
+    write_config(run_dir, args, __file__, device)
+    records = load_records(run_dir) if args.resume and (run_dir / "results.json").exists() else []
+    done = {(r["norm"], r["depth"], r["batch"], r["seed"]) for r in records}
+    cells = [(n, d, b, s) for n in ("bn", "none") for d in args.depths for b in args.batches for s in range(args.seeds)]
+    print(f"run directory: {run_dir} | {len(cells)} cells ({len(done)} done) | d = {data.x_train.shape[1]}")
+    t0 = time.time()
+    for i, (norm, depth, batch, seed) in enumerate(cells):
+        if (norm, depth, batch, seed) in done:
+            continue
+        rec = run_cell(args, data, norm, depth, batch, seed, device, run_dir / "ckpt" / f"{norm}_L{depth}_B{batch}_s{seed}.pt")
+        records.append(rec)
+        save_records(run_dir, records, finished=False)  # cell by cell: an interrupted sweep resumes here
+        accs = " ".join(f"{k[4:]} {v:.3f}" for k, v in rec.items() if k.startswith("acc_"))
+        print(f"[{i + 1}/{len(cells)}] {norm} L={depth} B={batch} s{seed}: {rec['status']} {accs} ({time.time() - t0:.0f}s)")
+    save_records(run_dir, records, finished=True)
+    write_outputs(run_dir, records, vars(args))
+    print((run_dir / "table.md").read_text())
+    print(f"wrote {run_dir} in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args())
+    except (DataError, ValueError) as e:
+        sys.exit(f"error: {e}")
