@@ -1197,8 +1197,8 @@ def make_spheres(n_per_class, dim=2, radii=(1.0, 1.3), generator=None):
 
 class Data:
     """A dataset resident as tensors on one device: x_* float in [0,1] (N, C, H, W), y_* int64.
-    `mean`/`std` are the per-channel statistics for standardization (inside the model for P1,
-    outside for P2, see `standardize`)."""
+    `mean`/`std` are the per-channel statistics for standardization (inside the model for P1, or
+    outside it with a `Standardize` layer as input_fn for P2)."""
 
     def __init__(self, name, x_train, y_train, x_test, y_test, mean, std, num_classes=10):
         self.name, self.num_classes = name, num_classes
@@ -1208,10 +1208,6 @@ class Data:
     @property
     def shape(self):
         return tuple(self.x_train.shape[1:])
-
-    def standardize(self, x):
-        """(x - mean) / std per channel: P2's convention of attacking in standardized space."""
-        return Standardize(self.mean, self.std).to(x.device)(x)
 
 
 DATASETS = ("cifar10", "svhn", "mnist", "digits", "synthetic")
@@ -1414,7 +1410,7 @@ def train_model(model, data, recipe, seed=0, ckpt=None, log=print, amp=False, on
       epochs, batch_size, lr, optimizer ('sgd'|'adam'|'adagrad'), momentum, weight_decay,
       milestones (epochs), gamma, warmup_epochs, augment (crop+flip), adv (None, or an attack spec
       for `run_attack`: adversarial training on adversarial examples only, SPEC 1.5), and
-      input_fn (optional: maps [0,1] batches to the model's input space, e.g. data.standardize),
+      input_fn (optional: maps [0,1] batches to the model's input space, e.g. a Standardize layer),
       ligs_lambda, ligs_sigma (P1 Fig 5: loss = CE + lambda * ligs_penalty, double backprop).
     Every random source is a seeded generator: data order and augmentation (CPU generator) and
     attack starts (device generator). After every epoch the full state is checkpointed atomically to

@@ -23,11 +23,10 @@ import time
 
 import torch
 
-from common import (DataError, apply_preset, build_dataset, entropy_ci_bits, eval_mode, evaluate,
+from common import (Data, DataError, apply_preset, build_dataset, entropy_ci_bits, eval_mode, evaluate,
                     load_records, load_run_config, make_model, max_trainable_depth, mean_sem, pick_device, prepare_run_dir,
                     print_config, quantized_entropy_bits, save_records, set_seed, train_model, write_config,
                     write_text_atomic)
-from common import Data
 
 # ================================================================================================
 # Args
