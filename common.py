@@ -4,19 +4,32 @@ P1: "Batch normalization increases adversarial vulnerability: disentangling usef
     robustness of model features" (LIGS, Ilyas-style feature datasets).
 P2: Galloway et al., "Batch Normalization is a Cause of Adversarial Vulnerability".
 
-What lives here (the stable, boring pieces; each exp_*.py owns its recipe, sweep, table and plot):
-  - a norm factory (none | bn | in | ln | gn) and every architecture of both papers, incl. Fixup;
-  - hand-written attacks: FGSM, BIM, PGD-linf/l2 with CE or CW margin loss;
-  - LIGS (P1 Eq. 1) and its differentiable regularizer.
+What lives here: what two or more scripts use, and the primitives the papers name. Each exp_*.py
+owns its recipe, sweep, table, figure and claims. Sections (banners below):
+   1. Basics: choices, seeds
+   2. Normalization layers
+   3. VGG
+   4. ResNets (with Fixup variants)
+   5. WideResNet
+   6. MLPs and the deep linear network
+   7. make_model: the single entry point for scripts
+   8. Attacks: FGSM, BIM, PGD-linf/l2 with CE or CW margin loss
+   9. LIGS (P1 Eq. 1) and its differentiable regularizer
+  10. Data: readers, checksummed download, bundled digits, synthetic images
+  11. Training and evaluation
+  12. P2's mechanism analyses
+  13. Claims: intervals, verdicts, attack sanity checks, the checkpoint cache
+  14. Run records, presets and command-line plumbing
 
-Input-space conventions (SPEC 1.1) -- the attacks do not care which one a script uses:
+Input-space conventions (DECISIONS.md D2) -- the attacks do not care which one a script uses:
   - P1: data in [0,1] pixels; the model standardizes inside (`mean=`, `std=` -> a `Standardize`
     first layer); eps in pixel units; attacks use clip=(0, 1).
   - P2: data standardized outside the model (no `mean`/`std`); eps in standardized units; attacks
     use the paper's clip range, e.g. clip=(-2, 2) for CIFAR-10, (-1, 1) for SVHN, None for MNIST.
 
-Importing this module has no side effects (no argparse, no global torch flags, no I/O).
+Importing this module has no side effects (no argparse parsing, no global torch flags, no I/O).
 """
+import argparse
 import contextlib
 import csv
 import datetime
@@ -52,6 +65,10 @@ ATTACK_LOSSES = ("ce", "cw")
 PERTURBATIONS = ("gaussian", "uniform", "fgsm", "pgd")
 
 
+# ================================================================================================
+# 1. Basics: choices, seeds
+# ================================================================================================
+
 def check_choice(name, value, choices):
     """Raise one clear line when `value` is not one of `choices` (used for every string option)."""
     if value not in choices:
@@ -67,7 +84,7 @@ def set_seed(seed):
 
 
 # ================================================================================================
-# Normalization layers (SPEC 1.2)
+# 2. Normalization layers (P1 Sec. 4.3, Table 2; P2 Sec. 1)
 # ================================================================================================
 
 def norm_layer(norm, channels, dim=2, gn_groups=None, bn_eps=1e-5, bn_momentum=0.1):
@@ -101,12 +118,12 @@ def norm_layer(norm, channels, dim=2, gn_groups=None, bn_eps=1e-5, bn_momentum=0
 
 
 def _has_bias(norm):
-    # A norm with a learned shift makes a preceding bias redundant (SPEC 1.2): bias only for 'none'.
+    # A norm with a learned shift makes a preceding bias redundant: bias only for 'none'.
     return norm == "none"
 
 
 def make_act(act):
-    """relu | leaky_relu (slope 0.1, P1 Fig 8 [DEFAULT]) | selu. Never in-place: LIGS needs
+    """relu | leaky_relu (slope 0.1, P1 Fig 8; DECISIONS.md D16) | selu. Never in-place: LIGS needs
     double backprop and attacks need clean graphs."""
     check_choice("act", act, ACTS)
     return {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.1), "selu": nn.SELU}[act]()
@@ -138,7 +155,7 @@ def _ch(c, width):
 
 
 def conv3x3(c_in, c_out, stride=1, bias=False):
-    """3x3 convolution with padding 1 (bias only when no norm follows, SPEC 1.2)."""
+    """3x3 convolution with padding 1 (bias only when no norm follows)."""
     return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=bias)
 
 
@@ -148,7 +165,7 @@ def conv1x1(c_in, c_out, stride=1, bias=False):
 
 
 # ================================================================================================
-# VGG (SPEC 1.3; P1 Table 1, P2 Tables 1-3, 8)
+# 3. VGG (P1 Table 1, P2 Tables 1-3, 8; DECISIONS.md D8)
 # ================================================================================================
 
 VGG_CFGS = {  # numbers = 3x3 conv output channels, "M" = 2x2 max-pool
@@ -161,9 +178,9 @@ VGG_CFGS = {  # numbers = 3x3 conv output channels, "M" = 2x2 max-pool
 
 
 class VGG(nn.Module):
-    """VGG for 32x32 inputs (SPEC 1.3). conv -> norm -> act after every conv; the hidden FC layers
+    """VGG for 32x32 inputs (P1 Table 1, P2 Table 1; DECISIONS.md D8). conv -> norm -> act after every conv; the hidden FC layers
     get no norm (torchvision vgg*_bn convention). n_fc=3 gives 512-512-n_classes, so the name counts
-    weight layers (VGG8 = 5 conv + 3 FC, [DEFAULT] A9); n_fc=1 is the common one-FC CIFAR variant.
+    weight layers (VGG8 = 5 conv + 3 FC, DECISIONS.md D8); n_fc=1 is the common one-FC CIFAR variant.
 
     Pools use ceil_mode=True: identical to floor mode on 32x32 (all sizes even) while letting small
     inputs (8x8 digits, 16x16 smoke images) pass all five pools at 1x1. A final global average pool
@@ -207,12 +224,12 @@ class VGG(nn.Module):
 
 
 # ================================================================================================
-# ResNets: CIFAR ResNet-18/34/50 (P1) and ResNet-20/56/110 (P1 Fig 9), with Fixup variants
+# 4. ResNets: CIFAR ResNet-18/34/50 (P1) and ResNet-20/56/110 (P1 Fig 9), with Fixup variants
 # ================================================================================================
 
 def _pad_shortcut(x, c_out, stride):
     """He et al. 2016 option A: parameter-free subsample + zero-pad channels (ResNet-20/56/110 and
-    the hongyi-zhang Fixup code, REFERENCE_NOTES 2a)."""
+    the Fixup authors' code, DECISIONS.md D11)."""
     x = x[:, :, ::stride, ::stride]
     return F.pad(x, (0, 0, 0, 0, 0, c_out - x.shape[1]))
 
@@ -280,14 +297,14 @@ def _scalar(value):
 
 
 def _he_fan_out_(weight, scale=1.0):
-    # normal with std = sqrt(2 / (out_channels * k * k)) * scale, as in the Fixup code (REFERENCE_NOTES 2a)
+    # normal with std = sqrt(2 / (out_channels * k * k)) * scale, as in the Fixup authors' code (DECISIONS.md D11)
     fan_out = weight.shape[0] * weight[0, 0].numel()
     with torch.no_grad():
         weight.normal_(0.0, math.sqrt(2.0 / fan_out) * scale)
 
 
 class FixupBasicBlock(nn.Module):
-    """Fixup basic block (Zhang et al. 2019; REFERENCE_NOTES 2a), no normalization:
+    """Fixup basic block (Zhang et al. 2019; DECISIONS.md D11), no normalization:
         out = conv1(x + b1a); out = act(out + b1b); out = conv2(out + b2a); out = scale*out + b2b
         return act(out + shortcut(x + b1a))
     Init (L = number of residual blocks, m = 2 layers per branch): conv1 He fan_out * L^(-1/2),
@@ -318,7 +335,7 @@ class FixupBasicBlock(nn.Module):
 
 
 class FixupBottleneck(nn.Module):
-    """Fixup bottleneck (REFERENCE_NOTES 2a, ImageNet variant): m = 3, so conv1 and conv2 get
+    """Fixup bottleneck (DECISIONS.md D11, ImageNet variant): m = 3, so conv1 and conv2 get
     He fan_out * L^(-1/4) and conv3 = 0; scalar biases before each conv and activation."""
     expansion = 4
 
@@ -351,10 +368,10 @@ class FixupBottleneck(nn.Module):
 
 class ResNet(nn.Module):
     """CIFAR ResNet: 3x3 stride-1 stem, no max-pool, stages of `widths` channels, global average
-    pool, linear classifier (SPEC 1.3).
+    pool, linear classifier (P1 Table 1).
 
     ResNet-18/34/50: widths 64/128/256/512, 1x1-conv projections (MadryLab layout used by P1's
-    authors; PyTorch default init, as in their code, REFERENCE_NOTES 1b).
+    authors; PyTorch default init, as in their code, DECISIONS.md D10).
     ResNet-20/56/110: widths 16/32/64, (depth-2)/6 basic blocks per stage, option-A shortcuts.
     fixup=True builds the Fixup network instead (no norm layers; scalar bias after the stem and
     before the classifier; classifier weight and bias zero, so all logits are 0 at init).
@@ -401,7 +418,7 @@ class ResNet(nn.Module):
 
 
 # ================================================================================================
-# WideResNet (P2 Tables 2, 4, 9): pre-activation blocks, BN or Fixup
+# 5. WideResNet (P2 Tables 2, 4, 9): pre-activation blocks, BN or Fixup
 # ================================================================================================
 
 class WideBlock(nn.Module):
@@ -424,7 +441,7 @@ class WideBlock(nn.Module):
 
 class FixupWideBlock(nn.Module):
     """Fixup version of the pre-activation wide block, defined explicitly here because the public
-    WRN-Fixup code changed materially between commits (REFERENCE_NOTES 2b, 8.4):
+    WRN-Fixup code changed materially between commits (DECISIONS.md D11):
         o = act(x + b1a); shortcut = x or 1x1conv(o)
         o = act(conv1(o) + b1b); o = scale * conv2(o + b2a) + b2b; return o + shortcut
     conv1: He fan_out * L^(-1/2) (L = number of blocks, 12 for WRN-28-10); conv2 = 0; the 1x1
@@ -453,7 +470,7 @@ class FixupWideBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
-    """WRN-depth-k (SPEC 1.3): stem conv 16, three stages of 16k/32k/64k channels with (depth-4)/6
+    """WRN-depth-k (P2 Tables 2, 4, 9): stem conv 16, three stages of 16k/32k/64k channels with (depth-4)/6
     blocks each, then final norm -> act -> global average pool -> linear.
 
     fixup=True: no norm anywhere (FixupWideBlock), zero classifier; final_bn=True keeps the single
@@ -512,7 +529,7 @@ class WideResNet(nn.Module):
 
 
 # ================================================================================================
-# MLPs (P2 Sec. 4, Figs 2-5, 8) and the deep linear network (P2 Figs 1, 7)
+# 6. MLPs (P2 Sec. 4, Figs 2-5, 8) and the deep linear network (P2 Figs 1, 7)
 # ================================================================================================
 
 class MLP(nn.Module):
@@ -521,7 +538,7 @@ class MLP(nn.Module):
 
     norm_positions: indices of the hidden layers that get `norm` (None = all of them), e.g. [0] for
     P2 Table 6's single BN after the first hidden layer. A Linear followed by a norm has no bias.
-    init='he' (Kaiming normal for ReLU, zero biases; P2 Fig 2 [DEFAULT]) or 'default' (PyTorch's).
+    init='he' (Kaiming normal for ReLU, zero biases; P2 Fig 2; DECISIONS.md D10) or 'default' (PyTorch's).
     """
 
     def __init__(self, in_dim, hidden=(256, 256), num_classes=10, norm="none", norm_positions=None, act="relu",
@@ -559,7 +576,7 @@ class DeepLinear(nn.Module):
     """Deep *linear* network of P2 Figs 1 and 7: `depth` x (Linear(width) -> [BN]) with no
     nonlinearity, then Linear(num_classes). PyTorch default init (P2: the dynamic range shrinks with
     depth "under default initialization"). Without BN the whole net is one linear map; with BN in
-    train mode each mini-batch gets its own affine map (SPEC 12)."""
+    train mode each mini-batch gets its own affine map (P2 Figs 1, 7)."""
 
     def __init__(self, in_dim=2, width=128, depth=16, num_classes=2, norm="none", bn_momentum=0.1):
         super().__init__()
@@ -586,7 +603,7 @@ class DeepLinear(nn.Module):
 
 
 # ================================================================================================
-# make_model: the single entry point for scripts
+# 7. make_model: the single entry point for scripts
 # ================================================================================================
 
 RESNET_SPECS = {  # name -> (block kind, blocks per stage)
@@ -597,7 +614,7 @@ ARCHS = tuple(f"vgg{d}" for d in VGG_CFGS) + tuple(RESNET_SPECS) + ("wrn<depth>_
 
 
 def make_model(arch, norm="bn", width=1.0, num_classes=10, in_channels=3, **kw):
-    """Build any model of both papers by name (architectures of SPEC 1.3).
+    """Build any model of both papers by name (the architectures of P1 and P2).
 
     arch: vgg8|vgg11|vgg13|vgg16|vgg19, resnet18|resnet34|resnet50, resnet20|32|44|56|110,
           wrn<depth>_<k> (e.g. wrn28_10), mlp (needs in_dim=, hidden=), deep_linear.
@@ -644,7 +661,7 @@ def make_model(arch, norm="bn", width=1.0, num_classes=10, in_channels=3, **kw):
 
 
 # ================================================================================================
-# Attacks (P1 App. B.2; P2 Sec. 3 and App. A.2). All work on any input shape (B, ...).
+# 8. Attacks (P1 App. B.2; P2 Sec. 3 and App. A.2). All work on any input shape (B, ...)
 # ================================================================================================
 
 @contextlib.contextmanager
@@ -688,7 +705,7 @@ def cw_margin(logits, y):
 
 def cw_loss(logits, y, kappa=50.0):
     """Carlini-Wagner margin loss as used by P1's "CW" attack (PGD with this loss, after Zhang &
-    Wang 2019; kappa=50 as in their code, SPEC A5): -ReLU(z_y - max_{j!=y} z_j + kappa) per sample.
+    Wang 2019; kappa=50 as in their code, DECISIONS.md D4): -ReLU(z_y - max_{j!=y} z_j + kappa) per sample.
     Always <= 0; the attacker maximizes it, i.e. pushes the margin below -kappa."""
     return -F.relu(cw_margin(logits, y) + kappa)
 
@@ -715,7 +732,7 @@ def ce_input_grad(model, x, y, create_graph=False):
 
 
 def attack_objective(logits, y, loss="ce", kappa=50.0, targeted=False):
-    """Per-sample objective that an attack *ascends* (SPEC 1.4). Untargeted: CE(z, y) or
+    """Per-sample objective that an attack *ascends* (P1 App. B.2, P2 Sec. 3). Untargeted: CE(z, y) or
     cw_loss(z, y). Targeted towards label y: -CE(z, y), or -ReLU(max_{j!=y} z_j - z_y + kappa)."""
     if loss == "ce":
         ce = F.cross_entropy(logits, y, reduction="none")
@@ -731,11 +748,15 @@ def _check_xy(x, y):
         raise ValueError(f"expected floating-point x and int64 labels y, got {x.dtype} and {y.dtype}")
 
 
-def _check_attack_args(x, y, eps, steps, restarts, norm, loss, rand_init):
+def _check_attack_args(x, y, eps, steps, restarts, norm, loss, rand_init, step_size=None, kappa=50.0):
     check_choice("attack norm", norm, ATTACK_NORMS)
     check_choice("attack loss", loss, ATTACK_LOSSES)
-    if not eps >= 0:
-        raise ValueError(f"eps={eps}: expected a number >= 0")
+    if not (eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"eps={eps}: expected a finite number >= 0")
+    if step_size is not None and not (step_size > 0 and math.isfinite(step_size)):  # a negative step is a defence
+        raise ValueError(f"step_size={step_size}: expected a finite number > 0")
+    if not kappa >= 0:
+        raise ValueError(f"kappa={kappa}: expected a number >= 0")
     if steps < 1 or restarts < 1:
         raise ValueError(f"steps={steps}, restarts={restarts}: expected >= 1")
     if restarts > 1 and not rand_init:
@@ -771,7 +792,7 @@ def _objective_grad(model, xa, y, loss, kappa, targeted):
 
 
 def pgd(model, x, y, eps, steps, step_size=None, norm="linf", loss="ce", kappa=50.0, targeted=False,
-        rand_init=False, restarts=1, clip=(0.0, 1.0), generator=None):
+        rand_init=False, restarts=1, clip=(0.0, 1.0), generator=None, grad0=None):
     """Projected gradient ascent on `attack_objective` (Madry et al. 2018; P1 App. B.2, P2 Sec. 3).
 
     x, y: inputs (B, ...) and labels (B,) -- true labels, or target labels when targeted=True.
@@ -786,13 +807,16 @@ def pgd(model, x, y, eps, steps, step_size=None, norm="linf", loss="ce", kappa=5
     restarts: per sample, keep the worst case over restarts (a successful attack beats an
               unsuccessful one; ties go to the larger objective). Needs rand_init=True.
     clip: (lo, hi) box for the adversarial input, or None for no box (P2 MNIST).
+    grad0: the CE input gradient at x in eval mode, if the caller already has it (`epoch_metrics`
+           shares one clean gradient between LIGS and PGD); used for the first step of an
+           untargeted CE attack without random start. The result is bit-identical to recomputing it.
 
     Runs the model in eval mode (restored afterwards), touches no parameter .grad and no BN
     statistics, works under torch.no_grad(), and never modifies `x`. Returns a detached tensor.
     The CE gradient is computed without softmax cancellation (see `_objective_grad`), so attacks on
     confidently classified float32 samples do not stall.
     """
-    _check_attack_args(x, y, eps, steps, restarts, norm, loss, rand_init)
+    _check_attack_args(x, y, eps, steps, restarts, norm, loss, rand_init, step_size, kappa)
     step_size = 2.5 * eps / steps if step_size is None else step_size
     x0 = x.detach()
     tiny = torch.finfo(x0.dtype).tiny
@@ -801,8 +825,11 @@ def pgd(model, x, y, eps, steps, step_size=None, norm="linf", loss="ce", kappa=5
         for _ in range(restarts):
             delta = _random_start(x0, eps, norm, generator) if rand_init else torch.zeros_like(x0)
             xa = _clip(x0 + delta, clip)
-            for _ in range(steps):
-                g = _objective_grad(model, xa, y, loss, kappa, targeted)  # w.r.t. the input only
+            for k in range(steps):
+                if k == 0 and grad0 is not None and loss == "ce" and not targeted and not rand_init and torch.equal(xa, x0):
+                    g = grad0
+                else:
+                    g = _objective_grad(model, xa, y, loss, kappa, targeted)  # w.r.t. the input only
                 with torch.no_grad():
                     if norm == "linf":
                         delta = (xa + step_size * g.sign() - x0).clamp(-eps, eps)
@@ -848,7 +875,7 @@ def accuracy(model, x, y, batch_size=1000):
 
 
 # ================================================================================================
-# LIGS: Local Input Gradient Similarity (P1 Sec. 3.1 Eq. 1, App. B.4)
+# 9. LIGS: Local Input Gradient Similarity (P1 Sec. 3.1 Eq. 1, App. B.4)
 # ================================================================================================
 
 def _cosine(g0, g1):
@@ -862,7 +889,7 @@ def _cosine(g0, g1):
 
 
 def ligs_per_sample(model, x, y, perturbation="gaussian", sigma=0.01, clip=None, draws=1, generator=None,
-                    pgd_steps=7, batch_size=250):
+                    pgd_steps=7, batch_size=250, g0=None):
     """Per-sample LIGS cos(grad_x l(x, y), grad_x l(x + nu, y)), shape (draws, B), NaN where skipped.
 
     perturbation (P1 App. B.4, all with sigma = eps = 0.01 in [0,1] pixel units):
@@ -870,9 +897,10 @@ def ligs_per_sample(model, x, y, perturbation="gaussian", sigma=0.01, clip=None,
       fgsm: nu = sigma * sign(grad_x CE);  pgd: linf PGD with eps=sigma, `pgd_steps` steps of
       2.5*sigma/steps, no random start; nu = x_adv - x.
     clip: box for x + nu, default None: the authors' code neither clips nor projects
-      (REFERENCE_NOTES 1b, 8.5; this overrides SPEC's [0,1] [DEFAULT]).
+      (DECISIONS.md D12).
     Runs in eval mode (in train mode BN couples the samples' gradients). Noise for all of x is drawn
     up front from `generator` (on x's device), so the value does not depend on batch_size.
+    g0: the clean CE input gradients of all of x in eval mode, if the caller already has them.
     """
     check_choice("perturbation", perturbation, PERTURBATIONS)
     _check_xy(x, y)
@@ -887,32 +915,32 @@ def ligs_per_sample(model, x, y, perturbation="gaussian", sigma=0.01, clip=None,
                 noise = sigma * (2 * torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) - 1)
             for i in range(0, len(x), batch_size):
                 xb, yb = x[i:i + batch_size].detach(), y[i:i + batch_size]
-                g0 = ce_input_grad(model, xb, yb)
+                gb = ce_input_grad(model, xb, yb) if g0 is None else g0[i:i + batch_size]
                 if perturbation in ("gaussian", "uniform"):
                     nu = noise[i:i + batch_size]
                 elif perturbation == "fgsm":
-                    nu = sigma * g0.sign()
+                    nu = sigma * gb.sign()
                 else:
-                    nu = pgd(model, xb, yb, sigma, pgd_steps, norm="linf", clip=clip) - xb
+                    nu = pgd(model, xb, yb, sigma, pgd_steps, norm="linf", clip=clip, grad0=gb) - xb
                 g1 = ce_input_grad(model, _clip(xb + nu, clip), yb)
-                out[k, i:i + batch_size] = _cosine(g0, g1).cpu()
+                out[k, i:i + batch_size] = _cosine(gb, g1).cpu()
     return out
 
 
 def ligs(model, x, y, perturbation="gaussian", sigma=0.01, clip=None, draws=1, generator=None, pgd_steps=7,
-         batch_size=250):
+         batch_size=250, g0=None):
     """LIGS (P1 Eq. 1): mean over samples (and draws) of the cosine similarity between the
     cross-entropy input gradients at x and at x + nu. Returns (ligs, n_skipped): samples whose
     gradient is exactly zero or non-finite (saturated softmax) are left out of the mean and counted,
     as the authors drop NaN cosines. Arguments as in `ligs_per_sample`."""
-    cos = ligs_per_sample(model, x, y, perturbation, sigma, clip, draws, generator, pgd_steps, batch_size)
+    cos = ligs_per_sample(model, x, y, perturbation, sigma, clip, draws, generator, pgd_steps, batch_size, g0)
     ok = torch.isfinite(cos)
     value = float(cos[ok].mean()) if ok.any() else float("nan")
     return value, int((~ok).sum())
 
 
 def ligs_penalty(model, x, y, sigma=0.01, generator=None):
-    """Differentiable LIGS regularizer for P1 Fig 5 (SPEC 2.1 [DEFAULT]): returns
+    """Differentiable LIGS regularizer for P1 Fig 5 (DECISIONS.md D13): returns
     (penalty, logits) with penalty = mean_i (1 - cos(grad_x l(x_i), grad_x l(x_i + nu_i))),
     nu ~ N(0, sigma^2), through double backprop (create_graph=True). Train with
     CE(logits, y) + lam * penalty; `logits` are the clean forward pass, so no extra forward is needed.
@@ -937,7 +965,7 @@ def ligs_penalty(model, x, y, sigma=0.01, generator=None):
 
 
 # ================================================================================================
-# Data: real on-disk formats, download with checksum, bundled digits, synthetic images (SPEC 0.6, 15)
+# 10. Data: real on-disk formats, download with checksum, bundled digits, synthetic images (DECISIONS.md D23)
 # ================================================================================================
 
 class DataError(ValueError):
@@ -1155,7 +1183,7 @@ def resize_images(x, size, mode="nearest"):
 def load_digits(size=8, channels=1, upscale="nearest", n_test=297, split_seed=0):
     """The bundled UCI digits (data/digits.npz; 1797 8x8 images) in [0,1] (pixel/16), upscaled to
     size x size and repeated to `channels`. Fixed split: a permutation seeded with split_seed gives
-    1500 train / 297 test (SPEC 15), the same for every run."""
+    1500 train / 297 test (DECISIONS.md D23), the same for every run."""
     if not DIGITS_FILE.exists():
         raise DataError(f"bundled digits not found at {DIGITS_FILE} (copy data/digits.npz along with common.py)")
     d = np.load(DIGITS_FILE)
@@ -1168,7 +1196,7 @@ def load_digits(size=8, channels=1, upscale="nearest", n_test=297, split_seed=0)
 
 
 def make_synthetic_images(n, classes=10, size=16, channels=3, seed=0, template_seed=1234):
-    """Learnable synthetic images for smoke tests (SPEC 15): per class a smooth low-frequency template
+    """Learnable synthetic images for smoke tests: per class a smooth low-frequency template
     (amplitude ~0.3, a "robust feature") plus a class-specific high-frequency +-0.03 pattern (a
     "non-robust feature"), plus N(0, 0.1^2) pixel noise, clipped to [0,1]. Templates depend only on
     template_seed, so train and test sets built with different `seed`s share them."""
@@ -1258,7 +1286,7 @@ def class_balanced_subset(y, per_class, seed=0):
 
 
 def augment_crop_flip(x, generator, pad=4, flip=True):
-    """Random crop with zero padding `pad` plus horizontal flip (standard CIFAR augmentation, SPEC
+    """Random crop with zero padding `pad` plus horizontal flip (standard CIFAR augmentation,
     1.5), for a whole batch at once on x's device. Random numbers come from a CPU `generator`, so the
     stream is the same on every device."""
     B, C, H, W = x.shape
@@ -1274,7 +1302,7 @@ def augment_crop_flip(x, generator, pad=4, flip=True):
 
 
 # ================================================================================================
-# Training and evaluation (SPEC 1.5)
+# 11. Training and evaluation (P1 App. B.1, P2 Sec. 3)
 # ================================================================================================
 
 def pick_device(name="auto"):
@@ -1339,24 +1367,35 @@ def evaluate(model, x, y, specs, batch_size=500, seed=0):
     return out
 
 
-def epoch_metrics(model, x_all, y_all, x_sub, y_sub, eps, steps, sigma=0.01, seed=0, perturbations=("gaussian",)):
+def epoch_metrics(model, x_all, y_all, x_sub, y_sub, eps, steps, sigma=0.01, seed=0, perturbations=("gaussian",),
+                  batch_size=250):
     """P1 Sec. 4 per-epoch measurements (App. B.2): clean accuracy on the whole test set; l2 PGD
     robust accuracy (eps, `steps` steps of 2.5*eps/steps) and LIGS (P1 Eq. 1) for each perturbation on
     a fixed class-balanced subset. LIGS noise is the same draw at every call (seeded), so a curve
-    over epochs shows the model changing, not the noise. Keys: clean_acc, robust_acc, ligs (Gaussian),
-    ligs_<perturbation>, and the matching *_skipped counts."""
-    out = dict(clean_acc=evaluate(model, x_all, y_all, {"c": dict(kind="clean")})["c"],
-               robust_acc=evaluate(model, x_sub, y_sub, {"p": dict(kind="pgd", norm="l2", eps=eps, steps=steps)})["p"])
+    over epochs shows the model changing, not the noise. The clean input gradient of the subset is
+    computed once and shared by the PGD's first step and every LIGS perturbation (bit-identical to
+    computing it in each). Keys: clean_acc, robust_acc, ligs (Gaussian), ligs_<perturbation>, and the
+    matching *_skipped counts."""
+    out = dict(clean_acc=evaluate(model, x_all, y_all, {"c": dict(kind="clean")})["c"])
+    with eval_mode(model):
+        g0 = torch.cat([ce_input_grad(model, xb, yb) for xb, yb in zip(x_sub.split(batch_size), y_sub.split(batch_size))])
+    correct = 0
+    for i in range(0, len(y_sub), batch_size):
+        xb, yb = x_sub[i:i + batch_size], y_sub[i:i + batch_size]
+        xa = pgd(model, xb, yb, eps, steps, norm="l2", grad0=g0[i:i + batch_size])
+        with torch.no_grad(), eval_mode(model):
+            correct += (model(xa).argmax(1) == yb).sum()
+    out["robust_acc"] = float(correct) / len(y_sub)
     for p in perturbations:
         g = torch.Generator(device=x_sub.device).manual_seed(seed)
-        value, skipped = ligs(model, x_sub, y_sub, perturbation=p, sigma=sigma, generator=g)
+        value, skipped = ligs(model, x_sub, y_sub, perturbation=p, sigma=sigma, generator=g, batch_size=batch_size, g0=g0)
         key = "ligs" if p == "gaussian" else f"ligs_{p}"
         out[key], out[key + "_skipped"] = value, skipped
     return out
 
 
 def landscape_probe(model, x, y, step_sizes):
-    """Santurkar et al. 2018 probes along the gradient (P1 Sec. 4.4, App. H; SPEC 2.4): with
+    """Santurkar et al. 2018 probes along the gradient (P1 Sec. 4.4, App. H; DECISIONS.md D17): with
     g = grad_w L(w; B) on the batch B, for every s in step_sizes evaluate L and its gradient at
     w - s*g on the same batch. Returns loss_min/loss_max (loss variation), gdiff_min/gdiff_max
     (l2 gradient change ||g - g_s||) and beta = max_s ||g - g_s|| / (s ||g||) (effective smoothness).
@@ -1405,11 +1444,17 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def train_model(model, data, recipe, seed=0, ckpt=None, log=print, amp=False, on_epoch=None, on_step=None, tag=""):
+RECIPE_DEFAULTS = dict(optimizer="sgd", momentum=0.9, weight_decay=0.0, milestones=(), gamma=0.1, warmup_epochs=0.0,
+                       augment=False, adv=None, input_fn=None, ligs_lambda=0.0, ligs_sigma=0.01)
+RECIPE_REQUIRED = ("epochs", "batch_size", "lr")
+
+
+def train_model(model, data, recipe, seed=0, ckpt=None, log=print, amp=False, on_epoch=None, on_step=None, tag="",
+                key=None):
     """Train `model` on data.x_train (already on the model's device) with `recipe`, a dict of
       epochs, batch_size, lr, optimizer ('sgd'|'adam'|'adagrad'), momentum, weight_decay,
       milestones (epochs), gamma, warmup_epochs, augment (crop+flip), adv (None, or an attack spec
-      for `run_attack`: adversarial training on adversarial examples only, SPEC 1.5), and
+      for `run_attack`: adversarial training on adversarial examples only, DECISIONS.md D15), and
       input_fn (optional: maps [0,1] batches to the model's input space, e.g. a Standardize layer),
       ligs_lambda, ligs_sigma (P1 Fig 5: loss = CE + lambda * ligs_penalty, double backprop).
     Every random source is a seeded generator: data order and augmentation (CPU generator) and
@@ -1420,9 +1465,17 @@ def train_model(model, data, recipe, seed=0, ckpt=None, log=print, amp=False, on
     step's batch (landscape probes), its results kept as history rows with a "step" key. Divergence
     (non-finite loss) or a final training accuracy no better than chance stops the run and is
     reported, not raised.
+    A recipe key that is not one of RECIPE_REQUIRED or RECIPE_DEFAULTS is an error (a misspelt key
+    would otherwise be silently ignored). `key` (any JSON-able value, see `cache_path`) is stored in
+    the checkpoint; an existing checkpoint with another key is refused rather than resumed.
     Returns dict(status='ok'|'failed', reason, history=[per-epoch dicts])."""
-    r = dict(optimizer="sgd", momentum=0.9, weight_decay=0.0, milestones=(), gamma=0.1, warmup_epochs=0.0,
-             augment=False, adv=None, input_fn=None, ligs_lambda=0.0, ligs_sigma=0.01) | recipe
+    unknown = sorted(set(recipe) - set(RECIPE_DEFAULTS) - set(RECIPE_REQUIRED))
+    missing = [k for k in RECIPE_REQUIRED if k not in recipe]
+    if unknown or missing:
+        raise ValueError(f"training recipe: unknown key(s) {unknown}, missing {missing}; expected "
+                         f"{', '.join(RECIPE_REQUIRED)} and optionally {', '.join(RECIPE_DEFAULTS)}")
+    r = RECIPE_DEFAULTS | recipe
+    key = json.loads(json.dumps(key, sort_keys=True, default=str))  # compare as stored (tuples -> lists)
     dev = data.x_train.device
     to_input = r["input_fn"] or (lambda t: t)
     opt = make_optimizer(r["optimizer"], model.parameters(), r["lr"], r["momentum"], r["weight_decay"])
@@ -1431,6 +1484,8 @@ def train_model(model, data, recipe, seed=0, ckpt=None, log=print, amp=False, on
     state = dict(epoch=0, history=[], status="running", reason="")
     if ckpt is not None and pathlib.Path(ckpt).exists():
         saved = torch.load(ckpt, map_location=dev, weights_only=False)
+        if saved.get("key") != key:
+            raise ValueError(f"checkpoint {ckpt} was trained with another configuration ({saved.get('key')}), not {key}")
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
         g_data.set_state(saved["g_data"])
@@ -1441,7 +1496,7 @@ def train_model(model, data, recipe, seed=0, ckpt=None, log=print, amp=False, on
     def checkpoint():
         if ckpt is not None:
             save_atomic(dict(model=model.state_dict(), opt=opt.state_dict(), g_data=g_data.get_state(),
-                             g_attack=g_attack.get_state(), state=state), ckpt)
+                             g_attack=g_attack.get_state(), state=state, key=key), ckpt)
 
     if state["epoch"] == 0 and not state["history"]:
         state["history"].append(dict(epoch=0, **(on_epoch(0, model) if on_epoch else {})))
@@ -1459,7 +1514,7 @@ def train_model(model, data, recipe, seed=0, ckpt=None, log=print, amp=False, on
             if r["augment"]:
                 xb = augment_crop_flip(xb, g_data)
             xb = to_input(xb)
-            if r["adv"] is not None:  # adversarial examples only (Madry et al.; SPEC 1.5), made in eval mode
+            if r["adv"] is not None:  # adversarial examples only (Madry et al.; DECISIONS.md D15), made in eval mode
                 xb = run_attack(model, xb, yb, r["adv"], g_attack)
             for group in opt.param_groups:
                 group["lr"] = lr_at(epoch + i / steps_per_epoch, r["lr"], r["milestones"], r["gamma"], r["warmup_epochs"])
@@ -1502,12 +1557,12 @@ def train_model(model, data, recipe, seed=0, ckpt=None, log=print, amp=False, on
 
 
 # ================================================================================================
-# P2's mechanism analyses: Yang et al.'s depth limit and the plug-in entropy of the output (P2 Figs 2, 3)
+# 12. P2's mechanism analyses: Yang et al.'s depth limit and the plug-in entropy of the output (P2 Figs 2, 3)
 # ================================================================================================
 
 def lambda_G(batch_size):
     """Per-layer growth rate of the squared gradient norm in a ReLU-BN fully connected net at
-    initialization, Yang et al. 2019 Thm 8 with alpha = 1 (REFERENCE_NOTES 6):
+    initialization, Yang et al. 2019 Thm 8 with alpha = 1 (DECISIONS.md D21):
         lambda_G(B) = (J'(c) + B - 1) / ((B - 3)(1 - J(c))) - 1/(B - 3),  c = -1/(B - 1),
     with the arc-cosine kernel J(x) = (sqrt(1 - x^2) + (pi - arccos x) x) / pi and
     J'(x) = (pi - arccos x) / pi. Decreases to pi/(pi - 1) as B -> infinity; needs B > 3."""
@@ -1522,7 +1577,7 @@ def lambda_G(batch_size):
 
 def max_trainable_depth(batch_size):
     """Yang et al.'s depth scale drawn over P2 Fig 2: L_max(B) = 16 / ln lambda_G(B) (about 41.8 layers
-    for large B; REFERENCE_NOTES 6)."""
+    for large B; DECISIONS.md D21)."""
     return 16.0 / math.log(lambda_G(batch_size))
 
 
@@ -1539,13 +1594,235 @@ def quantized_entropy_bits(probs, bits=7):
 def entropy_ci_bits(n_samples, bits=7, n_classes=10):
     """Half-width of P2 Fig 3's confidence interval for the plug-in entropy (Paninski 2003 bound as
     used by P2): [log2(1 + (m - 1)/N) + N^(-1/2) log2 m] * K with m = 2^bits symbols per class;
-    about 0.316 bits for N = 60000, m = 128, K = 10 (SPEC 11)."""
+    about 0.316 bits for N = 60000, m = 128, K = 10 (P2 Fig 3)."""
     m = 2 ** bits
     return (math.log2(1 + (m - 1) / n_samples) + math.log2(m) / math.sqrt(n_samples)) * n_classes
 
 
 # ================================================================================================
-# Run records, presets and command-line plumbing (every exp_*.py)
+# 13. Claims: intervals, verdicts, attack sanity checks, the checkpoint cache (DECISIONS.md D7, D25)
+# ================================================================================================
+
+def t_quantile(p, df):
+    """Quantile of Student's t distribution with `df` (> 0, may be fractional) degrees of freedom,
+    for p in (0, 1): Simpson integration of the density from 0 and bisection, accurate to ~1e-8
+    (tested against scipy; scipy is not a runtime dependency)."""
+    if not (0 < p < 1 and df > 0):
+        raise ValueError(f"t_quantile(p={p}, df={df}): expected 0 < p < 1 and df > 0")
+    logc = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(t):  # P(T <= t) for t >= 0
+        n = 2000  # even number of Simpson intervals
+        h = t / n
+        f = [math.exp(logc - (df + 1) / 2 * math.log1p((i * h) ** 2 / df)) for i in range(n + 1)]
+        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+    q = p if p >= 0.5 else 1 - p
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < q:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < q else (lo, mid)
+    t = (lo + hi) / 2
+    return t if p >= 0.5 else -t
+
+
+def welch_interval(a, b=None, level=0.95):
+    """Difference of means mean(a) - mean(b) with Welch's t interval (unequal variances,
+    Welch-Satterthwaite degrees of freedom); with b=None the one-sample t interval of mean(a).
+    Returns (effect, lo, hi, n_a, n_b); lo = hi = NaN when a group has fewer than 2 values, and
+    lo = hi = effect when every value is identical (zero spread)."""
+    a = [float(v) for v in a if v is not None and math.isfinite(float(v))]
+    b = None if b is None else [float(v) for v in b if v is not None and math.isfinite(float(v))]
+    nb = 0 if b is None else len(b)
+    if not a or (b is not None and not b):
+        return float("nan"), float("nan"), float("nan"), len(a), nb
+    effect = sum(a) / len(a) - (sum(b) / nb if b else 0.0)
+    if len(a) < 2 or (b is not None and nb < 2):
+        return effect, float("nan"), float("nan"), len(a), nb
+    groups = [a] if b is None else [a, b]
+    v = [sum((x - sum(g) / len(g)) ** 2 for x in g) / (len(g) - 1) / len(g) for g in groups]  # squared SEMs
+    se = math.sqrt(sum(v))
+    if se == 0:
+        return effect, effect, effect, len(a), nb
+    df = se ** 4 / sum(vi ** 2 / (len(g) - 1) for vi, g in zip(v, groups))
+    half = t_quantile(0.5 + level / 2, df) * se
+    return effect, effect - half, effect + half, len(a), nb
+
+
+def _matches(row, flt):
+    """A record matches a filter {key: value or [values]} when every key has one of the values."""
+    return all(row.get(k) in (v if isinstance(v, (list, tuple)) else [v]) for k, v in (flt or {}).items())
+
+
+def evaluate_claims(claims, rows, level=0.95):
+    """Test the papers' claims on per-run rows (one dict per trained model and seed).
+    Each claim is a dict (declared next to its artifact in every exp_*.py):
+      id, paper ("P1 Table 1"), claim (one sentence), paper_value (the paper's number, as text),
+      metric (row key), a (filter), b (filter, or None for a one-sample claim against `ref`, default 0),
+      where (filter applied to both groups), per (keys: the claim is tested separately in every
+      group of their values, e.g. ("dataset", "arch")), expect ("<" or ">": the sign of
+      mean(a) - mean(b) the paper predicts), scale (display factor: 100 for accuracies in points).
+    The effect mean(a) - mean(b) gets Welch's t interval at `level` across seeds (`welch_interval`);
+    the verdict is "held" when the interval lies entirely on the predicted side, "reversed" when
+    entirely on the other, and "inconclusive" when it contains 0 or a group has fewer than 2 seeds.
+    Rows with status other than "ok" are left out."""
+    expanded = []
+    for c in claims:  # `per`: test the claim separately in every group of these keys (e.g. each dataset and arch)
+        keys = c.get("per") or ()
+        groups = dict.fromkeys(tuple(r.get(k) for k in keys) for r in rows
+                               if r.get("status", "ok") == "ok" and _matches(r, c.get("where")))
+        expanded += [c | dict(where=(c.get("where") or {}) | dict(zip(keys, g))) for g in groups] or [c]
+    out = []
+    for c in expanded:
+        rows_c = [r for r in rows if r.get("status", "ok") == "ok" and _matches(r, c.get("where"))]
+        va = [r.get(c["metric"]) for r in rows_c if _matches(r, c["a"])]
+        vb = None if c.get("b") is None else [r.get(c["metric"]) for r in rows_c if _matches(r, c["b"])]
+        effect, lo, hi, na, nb = welch_interval(va, vb, level)
+        if c.get("b") is None:
+            ref = c.get("ref", 0.0)
+            effect, lo, hi = effect - ref, lo - ref, hi - ref
+        sign = 1 if c["expect"] == ">" else -1
+        if not math.isfinite(lo):
+            verdict = "not run" if (na == 0 or (c.get("b") is not None and nb == 0)) else "inconclusive"
+        elif min(sign * lo, sign * hi) > 0:
+            verdict = "held"
+        elif max(sign * lo, sign * hi) < 0:
+            verdict = "reversed"
+        else:
+            verdict = "inconclusive"
+        out.append({k: c.get(k) for k in ("id", "paper", "claim", "paper_value", "metric", "expect", "scale")} |
+                   dict(a=c["a"], b=c.get("b"), where=c.get("where"), ref=c.get("ref", 0.0), effect=effect, lo=lo, hi=hi,
+                        n_a=na, n_b=nb, level=level, method="Welch t" if c.get("b") is not None else "one-sample t",
+                        verdict=verdict))
+    return out
+
+
+def _describe(flt):
+    return ", ".join(f"{k}={'/'.join(map(str, v)) if isinstance(v, (list, tuple)) else v}" for k, v in (flt or {}).items())
+
+
+def fmt_effect(c):
+    """'+1.2 [−0.3, +2.7]' in the claim's display scale (the interval is omitted when undefined)."""
+    s = c.get("scale") or 1.0
+    if not math.isfinite(c["effect"]):
+        return "–"
+    digits = 1 if s >= 100 else 3
+    text = f"{s * c['effect']:+.{digits}f}"
+    return text + (f" [{s * c['lo']:+.{digits}f}, {s * c['hi']:+.{digits}f}]" if math.isfinite(c["lo"]) else "")
+
+
+def comparison_text(c):
+    """The measured comparison of a claim in words, e.g. 'pgd_l2: norm=bn − norm=none < 0 (arch=resnet18)'."""
+    rhs = _describe(c["b"]) if c.get("b") is not None else f"{c.get('ref', 0.0):g}"
+    where = f" ({_describe(c['where'])})" if c.get("where") else ""
+    return f"{c['metric']}: {_describe(c['a'])} − {rhs} {c['expect']} 0{where}"
+
+
+CLAIMS_LEGEND = ("Effect = mean(a) − mean(b) over seeds (accuracies in percentage points), with a 95 % Welch t interval "
+                 "(one-sample t where the claim compares to a fixed value; DECISIONS.md D25). Verdict: **held** (interval "
+                 "on the paper's side of 0), **reversed** (entirely on the other side), **inconclusive** (contains 0, or "
+                 "fewer than 2 seeds per group).")
+
+
+def claims_table(results):
+    """Markdown table lines, one row per evaluated claim (used by claims.md and the README)."""
+    lines = ["| claim | source | paper's number | measured comparison | effect [95 % CI] | n | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for c in results:
+        n = f"{c['n_a']}" + (f" vs {c['n_b']}" if c.get("b") is not None else "")
+        lines.append(f"| {c['claim']} | {c['paper']} | {c['paper_value']} | {comparison_text(c)} | {fmt_effect(c)} | {n} | "
+                     f"**{c['verdict']}** |")
+    return lines
+
+
+def claims_markdown(results, header, checks=None):
+    """claims.md: one row per claim (paper, claim, paper's number, measured comparison, effect with
+    its interval, n per group, verdict), then the attack sanity checks (`check_attack`) if any."""
+    lines = [header, "", CLAIMS_LEGEND, ""] + claims_table(results)
+    if checks is not None:
+        lines += ["", "Attack sanity checks (Carlini et al. 2019, \"On evaluating adversarial robustness\"), per model on "
+                  "the first evaluation samples: share of zero input gradients; accuracy must not rise with eps "
+                  "(0.5, 1, 2 × eps); the iterative attack must not be weaker than its one-step version; a 10 × eps "
+                  "budget must drive accuracy to ≤ 10 %.", ""]
+        failed = [(who, f) for who, f in checks if f]
+        lines.append(f"{len(checks)} model × attack checks, {len(failed)} flagged." +
+                     ("" if failed else " Nothing flagged."))
+        lines += [f"- **flagged** {who}: {f}" for who, f in failed]
+    return "\n".join(lines) + "\n"
+
+
+def write_claims(run_dir, claims, rows, header, records=None, label=None):
+    """Evaluate `claims` on the per-run `rows`, write claims.md (with the attack checks found in
+    `records` under chk_*_flags keys, each model named by `label(record)`) and add the results to
+    results.json under "claims". Claims with no run of either group are left out. Returns them."""
+    run_dir = pathlib.Path(run_dir)
+    results = [c for c in evaluate_claims(claims, rows) if c["verdict"] != "not run"]
+    checks = None
+    if records is not None:
+        checks = [(f"{label(r)} {k[4:-6]}", r[k]) for r in records for k in r if k.startswith("chk_") and k.endswith("_flags")]
+    write_text_atomic(run_dir / "claims.md", claims_markdown(results, header, checks if checks else None))
+    path = run_dir / "results.json"
+    saved = json.loads(path.read_text())
+    write_text_atomic(path, json.dumps(saved | dict(claims=results), indent=1, default=str))
+    return results
+
+
+def check_attack(model, x, y, spec, n=100, large=10.0, seed=0):
+    """The cheap checks against a broken or masked attack of Carlini et al. 2019 for one attack
+    `spec` (see `run_attack`: pgd, bim or fgsm), on the first `n` of (x, y). Returns flat keys
+    zero_grad (share of samples whose CE input gradient is exactly 0), acc_x0.5/acc_x1/acc_x2
+    (accuracy at 0.5, 1, 2 times eps), acc_onestep (one step of size eps in the same norm: FGSM
+    for linf), acc_large (`large` times eps), and flags: "" or the failed checks joined by "; "."""
+    x, y = x[:n], y[:n]
+    eps = spec["eps"]
+    acc = {}
+
+    def run(sp):
+        return evaluate(model, x, y, {"a": sp}, batch_size=n, seed=seed)["a"]
+
+    for f in (0.5, 1.0, 2.0, large):
+        sp = dict(spec, eps=eps * f)
+        if "step_size" in sp and sp.get("kind") != "fgsm":
+            sp["step_size"] = spec["step_size"] * f
+        acc[f] = run(sp)
+    if spec["kind"] == "fgsm":
+        one = acc[1.0]
+    else:
+        one = run(dict(kind="pgd", norm=spec.get("norm", "linf"), loss=spec.get("loss", "ce"), eps=eps, steps=1, step_size=eps,
+                       clip=spec.get("clip")))
+    with eval_mode(model):
+        g = ce_input_grad(model, x, y)
+    zero = float((g.flatten(1).abs().amax(1) == 0).float().mean())
+    tol = 1.0 / len(y) + 1e-9  # one sample
+    flags = []
+    if not (acc[0.5] + tol >= acc[1.0] and acc[1.0] + tol >= acc[2.0] and acc[2.0] + tol >= acc[large]):
+        flags.append(f"accuracy rises with eps ({acc[0.5]:.2f}, {acc[1.0]:.2f}, {acc[2.0]:.2f}, {acc[large]:.2f})")
+    if spec["kind"] != "fgsm" and acc[1.0] > one + tol:
+        flags.append(f"iterative attack weaker than one step ({acc[1.0]:.2f} > {one:.2f})")
+    if acc[large] > 0.10:
+        flags.append(f"{large:g} x eps leaves {acc[large]:.0%} accuracy")
+    if zero > 0:
+        flags.append(f"{zero:.0%} zero input gradients")
+    return {"zero_grad": zero, "acc_x0.5": acc[0.5], "acc_x1": acc[1.0], "acc_x2": acc[2.0], "acc_onestep": one,
+            "acc_large": acc[large], "flags": "; ".join(flags)}
+
+
+def cache_path(cache_dir, key):
+    """Checkpoint path for a trained model in the shared cache (--cache DIR): the file name is a hash
+    of `key`, a JSON-able dict of everything that determines the weights (dataset and its
+    preprocessing, architecture, norm, width, every recipe value, seed). `train_model` stores the key
+    in the checkpoint and refuses one whose key differs, so a cached model is reused only when all of
+    it matches. None when cache_dir is None."""
+    if cache_dir is None:
+        return None
+    text = json.dumps(key, sort_keys=True, default=str)
+    return pathlib.Path(cache_dir) / f"{hashlib.sha256(text.encode()).hexdigest()[:20]}.pt"
+
+
+# ================================================================================================
+# 14. Run records, presets and command-line plumbing (every exp_*.py)
 # ================================================================================================
 
 def mean_sem(values):
@@ -1605,7 +1882,13 @@ def load_run_config(run_dir, script):
     path = pathlib.Path(run_dir) / "config.json"
     if not path.exists():
         raise DataError(f"--plot-only {run_dir}: no config.json there (not a run directory of {script})")
-    return json.loads(path.read_text())["args"]
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"--plot-only {run_dir}: corrupt config.json ({e})") from None
+    if cfg.get("script") != script:
+        raise DataError(f"--plot-only {run_dir}: that run was made by {cfg.get('script')}, not {script}")
+    return cfg["args"]
 
 
 def prepare_run_dir(script, out=None, resume=False):
@@ -1618,6 +1901,27 @@ def prepare_run_dir(script, out=None, resume=False):
         raise ValueError(f"--resume: {out} holds no run to continue (pass the run's --out)")
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+class _Tee:
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for st in self.streams:
+            st.write(text)
+        return len(text)
+
+    def flush(self):
+        for st in self.streams:
+            st.flush()
+
+
+def log_to(run_dir):
+    """From now on, copy everything the script prints into RUN_DIR/log.txt (appended on --resume),
+    so every run keeps its own log."""
+    f = open(pathlib.Path(run_dir) / "log.txt", "a", buffering=1, encoding="utf-8")
+    sys.stdout = _Tee(sys.stdout, f)
 
 
 def git_commit():
@@ -1641,13 +1945,23 @@ def write_config(run_dir, args, script_path, device):
     write_text_atomic(pathlib.Path(run_dir) / "code.py", pathlib.Path(script_path).read_text())
 
 
-def apply_preset(args, presets):
-    """--preset: fill every argument still at None with the preset's value, so explicit flags win.
-    presets: {preset name: {argument dest: value}}. Returns args."""
-    for k, v in presets[args.preset].items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
-    return args
+def parse_with_presets(parser, resolve, argv=None):
+    """Parse the command line with the values that will actually run as defaults: `resolve(preset,
+    artifact)` -> {dest: value} (the chosen preset's settings for the chosen artifact) becomes the
+    parser's defaults, so explicit flags win and `--help` shows the resolved values instead of None.
+    --preset and --artifact are read first by a small parser without -h."""
+    pre = argparse.ArgumentParser(add_help=False)
+    valid = True
+    for a in parser._actions:
+        if a.dest in ("preset", "artifact"):
+            pre.add_argument(*a.option_strings, dest=a.dest, default=a.default)
+    known, _ = pre.parse_known_args(argv)
+    for a in parser._actions:  # a bad --preset/--artifact is reported by the full parser below
+        if a.dest in ("preset", "artifact") and a.choices and getattr(known, a.dest) not in a.choices:
+            valid = False
+    if valid:
+        parser.set_defaults(**resolve(known.preset, getattr(known, "artifact", None)))
+    return parser.parse_args(argv)
 
 
 def print_config(args):

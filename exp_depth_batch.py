@@ -1,9 +1,9 @@
-"""Depth x batch size for fully connected ReLU nets with and without BN (P2 Figs 2, 3, 5; SPEC §11).
+"""Depth x batch size for fully connected ReLU nets with and without BN (P2 Figs 2, 3, 5).
 
 Every cell of a depth x batch-size grid trains a constant-width ReLU MLP (Linear -> [BN] -> ReLU) with
 plain SGD at a learning rate proportional to the batch size (eta = c * B, P2/Yang et al.: c = 1e-5),
 BN epsilon 1e-3. Heatmaps of clean, noise (N(0, 1/4)) and BIM accuracy, failed cells marked, with
-Yang et al.'s maximum trainable depth 16 / ln lambda_G(B) drawn over the BN panels (REFERENCE_NOTES 6).
+Yang et al.'s maximum trainable depth 16 / ln lambda_G(B) drawn over the BN panels (DECISIONS.md D21).
 Fig 3: the plug-in entropy of the 7-bit-quantized softmax output on the training set (I(X;T) = H(T))
 with Paninski's interval. The grid runs cell by cell; --resume continues an interrupted sweep.
 
@@ -11,7 +11,7 @@ with Paninski's interval. The grid runs cell by cell; --resume continues an inte
     python exp_depth_batch.py --dataset mnist --download     # paper preset: depths 10..60 x batch 5..500
     python exp_depth_batch.py --artifact fig5b               # both nets 40 epochs (fig5a: 10; fig2: BN 10 / none 40)
 
-[DEFAULT]s (SPEC A25): width 384, depths 10, 15, ..., 60, batches 5, 10, 15, 20, 50, 100, 200, 500; BIM eps 0.1,
+Settings the paper leaves open (DECISIONS.md D21): width 384, depths 10, 15, ..., 60, batches 5, 10, 15, 20, 50, 100, 200, 500; BIM eps 0.1,
 20 steps of 0.01 (standardized units, no clipping); SGD without momentum; after training, the BN
 running statistics are recomputed exactly over the training set (cumulative average, one pass).
 """
@@ -23,21 +23,46 @@ import time
 
 import torch
 
-from common import (Data, DataError, apply_preset, build_dataset, entropy_ci_bits, eval_mode, evaluate,
-                    load_records, load_run_config, make_model, max_trainable_depth, mean_sem, pick_device, prepare_run_dir,
-                    print_config, quantized_entropy_bits, save_records, set_seed, train_model, write_config,
+from common import (Data, DataError, build_dataset, entropy_ci_bits, eval_mode, evaluate, load_records, load_run_config,
+                    log_to, make_model, max_trainable_depth, mean_sem, parse_with_presets, pick_device, prepare_run_dir,
+                    print_config, quantized_entropy_bits, save_records, set_seed, train_model, write_claims, write_config,
                     write_text_atomic)
 
 # ================================================================================================
-# Args
+# 1. Artifacts: what each one trains, and the papers' claims it tests
 # ================================================================================================
 
-EPOCHS = {"fig2": (10, 40), "fig5a": (10, 10), "fig5b": (40, 40)}  # (BN, none) epochs of each figure
 
-PRESETS = {
+def claim(id, paper, text, paper_value, metric, a, b=None, expect="<", per=(), scale=100.0, **kw):
+    """A claim as data, tested by common.evaluate_claims on one row per trained cell and seed; `trained` marks
+    cells with >= 90 % clean accuracy, `largest_batch`/`smallest_batch` the grid's extreme batch sizes. Cells of
+    different depths are pooled as replicates (the paper's grid has 3 seeds; the quick grid one)."""
+    return dict(id=id, paper=paper, claim=text, paper_value=paper_value, metric=metric, a=a, b=b, expect=expect, per=per,
+                scale=scale, **kw)
+
+
+GRID_CLAIMS = [
+    claim("grid_bim", "P2 Figs 2, 5", "At trainable depths BN nets are less robust to BIM than unnormalized ones "
+          "(cells >= 90 % clean, pooled over depths)", "figure only", "acc_bim", dict(norm="bn", trained=True),
+          dict(norm="none", trained=True), per=("batch",)),
+    claim("grid_bn_batch", "P2 Fig 2", "BN's BIM accuracy falls as the batch size grows (largest vs smallest B, "
+          "trained cells)", "figure only", "acc_bim", dict(norm="bn", trained=True, largest_batch=True),
+          dict(norm="bn", trained=True, smallest_batch=True)),
+]
+ARTIFACTS = {  # name -> title, runs ((BN, none) epochs of each figure), claims
+    "fig2": dict(title="P2 Figs 2/3: depth x batch, BN 10 epochs / none 40", runs=dict(epochs=(10, 40)), claims=GRID_CLAIMS),
+    "fig5a": dict(title="P2 Fig 5(a): depth x batch, 10 epochs each", runs=dict(epochs=(10, 10)), claims=GRID_CLAIMS),
+    "fig5b": dict(title="P2 Fig 5(b): depth x batch, 40 epochs each", runs=dict(epochs=(40, 40)), claims=GRID_CLAIMS),
+}
+
+# ================================================================================================
+# 2. Arguments and presets
+# ================================================================================================
+
+PRESETS = {  # DECISIONS.md D21
     "paper": dict(dataset="mnist", depths=list(range(10, 61, 5)), batches=[5, 10, 15, 20, 50, 100, 200, 500], width=384,
                   lr_per_sample=1e-5, seeds=3, n_eval=None, epoch_scale=1.0),
-    # Digits (1,500 training images) give ~40x fewer steps per epoch than MNIST, so c = 1e-3 (SPEC 15) and a
+    # Digits (1,500 training images) give ~40x fewer steps per epoch than MNIST, so c = 1e-3 (DECISIONS.md D23) and a
     # reduced grid with width 64 and one seed to fit a CPU; epochs as in the paper's figure.
     "quick": dict(dataset="digits", depths=[2, 6, 10, 20, 30, 40], batches=[8, 32, 128], width=64, lr_per_sample=1e-3,
                   seeds=1, n_eval=None, epoch_scale=1.0),
@@ -46,40 +71,53 @@ PRESETS = {
 }
 
 
+def resolve(preset, artifact):
+    """The values that run for this preset (shown by --help, saved in config.json)."""
+    return dict(PRESETS[preset])
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--artifact", default="fig2", choices=sorted(EPOCHS), help="epochs: fig2 BN 10 / none 40; fig5a, fig5b")
-    p.add_argument("--preset", default="paper", choices=sorted(PRESETS))
-    p.add_argument("--dataset", default=None, choices=["mnist", "digits"])
-    p.add_argument("--depths", type=int, nargs="+", default=None, help="numbers of hidden layers L")
-    p.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes B")
-    p.add_argument("--width", type=int, default=None, help="hidden width (P2/Yang: 384)")
-    p.add_argument("--lr-per-sample", type=float, default=None, help="c in eta = c * B (P2: 1e-5)")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per cell (P2: 3)")
-    p.add_argument("--epoch-scale", type=float, default=None, help="multiply the figure's epochs (smoke runs)")
-    p.add_argument("--n-eval", type=int, default=None, help="test samples evaluated (default all)")
+    p.add_argument("--artifact", default="fig2", choices=sorted(ARTIFACTS), help="epochs: fig2 BN 10 / none 40; fig5a, fig5b")
+    p.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="paper settings, quick (digits or CPU scale) or smoke")
+    p.add_argument("--dataset", choices=["mnist", "digits"], help="dataset")
+    p.add_argument("--depths", type=int, nargs="+", help="numbers of hidden layers L")
+    p.add_argument("--batches", type=int, nargs="+", help="batch sizes B")
+    p.add_argument("--width", type=int, help="hidden width (P2/Yang: 384)")
+    p.add_argument("--lr-per-sample", type=float, help="c in eta = c * B (P2: 1e-5)")
+    p.add_argument("--seeds", type=int, help="seeds per cell (P2: 3)")
+    p.add_argument("--epoch-scale", type=float, help="multiply the figure's epochs (smoke runs)")
+    p.add_argument("--n-eval", type=int, help="test samples evaluated (None = all)")
     p.add_argument("--bn-eps", type=float, default=1e-3, help="BN epsilon c (P2: 1e-3)")
-    p.add_argument("--noise-var", type=float, default=0.25, help="Gaussian noise variance (SPEC A22)")
-    p.add_argument("--bim-eps", type=float, default=0.1)
-    p.add_argument("--bim-steps", type=int, default=20)
-    p.add_argument("--bim-step", type=float, default=0.01)
-    p.add_argument("--data-root", default="data")
-    p.add_argument("--download", action="store_true")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--out", default=None)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--plot-only", metavar="RUN_DIR", default=None)
-    args = p.parse_args(argv)
+    p.add_argument("--noise-var", type=float, default=0.25, help="Gaussian noise variance (DECISIONS.md D19)")
+    p.add_argument("--bim-eps", type=float, default=0.1, help="BIM budget, standardized units (P2: 0.1)")
+    p.add_argument("--bim-steps", type=int, default=20, help="BIM iterations")
+    p.add_argument("--bim-step", type=float, default=0.01, help="BIM step size")
+    p.add_argument("--data-root", default="data", help="folder holding the datasets")
+    p.add_argument("--download", action="store_true", help="fetch missing datasets (md5-checked)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
+    p.add_argument("--out", default=None, help="run directory (default runs/exp_depth_batch/<timestamp>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out, keeping finished runs")
+    p.add_argument("--plot-only", metavar="RUN_DIR", default=None, help="redraw table.md, claims.md and the figures")
+    args = parse_with_presets(p, resolve, argv)
     if args.plot_only:
         return args
-    apply_preset(args, PRESETS)
     if min(args.depths) < 1 or min(args.batches) < 2 or args.width < 1 or args.seeds < 1:
         p.error("--depths >= 1, --batches >= 2, --width >= 1 and --seeds >= 1 are required")
+    if args.n_eval is not None and args.n_eval < 1:
+        p.error(f"--n-eval {args.n_eval}: expected an integer >= 1")
+    if args.bim_steps < 1:
+        p.error(f"--bim-steps {args.bim_steps}: expected an integer >= 1")
+    for name in ("lr_per_sample", "epoch_scale", "bn_eps", "bim_eps", "bim_step"):
+        if not (getattr(args, name) > 0 and math.isfinite(getattr(args, name))):
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a finite number > 0")
+    if not (args.noise_var >= 0 and math.isfinite(args.noise_var)):
+        p.error(f"--noise-var {args.noise_var}: expected a finite variance >= 0")
     return args
 
 
 # ================================================================================================
-# Experiment-local helpers
+# 3. Experiment
 # ================================================================================================
 
 def standardized(args, device):
@@ -92,7 +130,7 @@ def standardized(args, device):
 @torch.no_grad()
 def recompute_bn_stats(model, x, batch_size):
     """Exact BN running statistics over the training set: reset, momentum=None (cumulative average),
-    one train-mode pass in batches of the training batch size (SPEC A25)."""
+    one train-mode pass in batches of the training batch size (DECISIONS.md D21)."""
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
     for bn in bns:
         bn.reset_running_stats()
@@ -105,7 +143,7 @@ def recompute_bn_stats(model, x, batch_size):
 
 
 def run_cell(args, data, norm, depth, batch, seed, device, ckpt):
-    epochs_bn, epochs_none = EPOCHS[args.artifact]
+    epochs_bn, epochs_none = ARTIFACTS[args.artifact]["runs"]["epochs"]
     epochs = max(1, round((epochs_bn if norm == "bn" else epochs_none) * args.epoch_scale))
     set_seed(seed)
     model = make_model("mlp", norm=norm, in_dim=data.x_train.shape[1], hidden=[args.width] * depth,
@@ -129,6 +167,8 @@ def run_cell(args, data, norm, depth, batch, seed, device, ckpt):
 
 # ================================================================================================
 # Figures and table
+# ================================================================================================
+# 4. Tables, figures and claims (regenerated from results.json by --plot-only)
 # ================================================================================================
 
 def cell_stats(records, norm, depth, batch, key):
@@ -233,23 +273,28 @@ def write_outputs(run_dir, records, cfg):
     title = f"P2 Fig {'2' if cfg['artifact'] == 'fig2' else '5'} ({cfg['artifact']}, {cfg['dataset']}, preset {cfg['preset']})"
     plot_grid(records, run_dir / "heatmaps.png", title)
     plot_entropy(records, run_dir / "entropy.png", cfg.get("n_train", 60000), "P2 Fig 3: plug-in entropy of the output")
+    batches = [r["batch"] for r in records]
+    rows = [r | dict(trained=r.get("acc_clean", 0) >= 0.9, largest_batch=r["batch"] == max(batches),
+                     smallest_batch=r["batch"] == min(batches)) for r in records]
+    write_claims(run_dir, ARTIFACTS[cfg["artifact"]]["claims"], rows, "# Claims: " + title)
 
 
 # ================================================================================================
-# Main
+# 5. Main
 # ================================================================================================
 
 def main(args):
     if args.plot_only:
         run_dir = pathlib.Path(args.plot_only)
         write_outputs(run_dir, load_records(run_dir), load_run_config(run_dir, "exp_depth_batch.py"))
-        print(f"redrew the table and figures in {run_dir}")
+        print(f"redrew the table, claims and figures in {run_dir}")
         return
-    print_config(args)
     device = pick_device(args.device)
     data = standardized(args, device)
     args.n_train = len(data.y_train)
     run_dir = prepare_run_dir("exp_depth_batch", args.out, args.resume)
+    log_to(run_dir)
+    print_config(args)
     write_config(run_dir, args, __file__, device)
     records = load_records(run_dir) if args.resume and (run_dir / "results.json").exists() else []
     done = {(r["norm"], r["depth"], r["batch"], r["seed"]) for r in records}
@@ -267,6 +312,7 @@ def main(args):
     save_records(run_dir, records, finished=True)
     write_outputs(run_dir, records, vars(args))
     print((run_dir / "table.md").read_text())
+    print((run_dir / "claims.md").read_text())
     print(f"wrote {run_dir} in {time.time() - t0:.0f}s")
 
 

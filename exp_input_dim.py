@@ -1,20 +1,21 @@
-"""Input dimension, weight decay and BN (P2 Sec. 4, App. B; SPEC §10): Tables 11, 6, 12, 7 and Fig 4.
+"""Input dimension, weight decay and BN (P2 Sec. 4, App. B): Tables 11, 6, 12, 7 and Fig 4.
 
 Images are upscaled by nearest neighbour (k = 1..4: MNIST 28 -> 56/84/112, digits 8 -> 16/24/32) and
-standardized; attacks are in standardized units with no clipping (SPEC A22).
+standardized; attacks are in standardized units with no clipping (DECISIONS.md D19).
   Table 11: a linear softmax model, FGSM eps 0.1 (accuracy and loss) and 0.05 (loss), without weight
             decay and with the lambda that P2 tuned per size; ratios to the k = 1 baseline vs the
             predicted growth k (Simon-Gabriel et al.).
   Tables 6/12: the d -> d/2 -> d/2 -> 10 ReLU MLP with and without one BN layer (after the first
-            hidden layer, SPEC A24): clean, noise N(0, 1) added before upscaling (P2 footnote 6) and
+            hidden layer, DECISIONS.md D20): clean, noise N(0, 1) added before upscaling (P2 footnote 6) and
             BIM (eps 0.1, 100 steps of 1e-3); Table 12 as ratios to the k = 1 no-BN row.
   Table 7:  the same MLPs trained with the linear model's weight decay.
-  Fig 4:    the 2-unit bottleneck's pre-activations over training, with and without BN (SPEC A29).
+  Fig 4:    the 2-unit bottleneck's pre-activations over training, with and without BN (DECISIONS.md D20).
 
     python exp_input_dim.py --preset quick      # bundled digits, all tables and Fig 4, CPU, ~2 min
     python exp_input_dim.py --dataset mnist     # paper preset on MNIST (--download fetches it)
 """
 import argparse
+import math
 import pathlib
 import sys
 import time
@@ -23,20 +24,57 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (Data, DataError, apply_preset, build_dataset, eval_mode, fmt_mean_sem, load_records, load_run_config,
-                    make_model, mean_sem, pick_device, prepare_run_dir, print_config, resize_images, run_attack,
-                    save_records, set_seed, train_model, write_config, write_text_atomic)
+from common import (Data, DataError, build_dataset, eval_mode, fmt_mean_sem, load_records, load_run_config, log_to, make_model,
+                    mean_sem, parse_with_presets, pick_device, prepare_run_dir, print_config, resize_images, run_attack,
+                    save_records, set_seed, train_model, write_claims, write_config, write_text_atomic)
 
 # ================================================================================================
-# Args
+# 1. Artifacts: what each one trains, and the papers' claims it tests
 # ================================================================================================
 
 LAMBDA = {2: 0.01, 3: 0.0225, 4: 0.05}  # P2 Table 11's weight decay per upscaling factor (used again in Table 7)
 
+
+def claim(id, paper, text, paper_value, metric, a, b=None, expect="<", per=(), scale=100.0, **kw):
+    """A claim as data, tested by common.evaluate_claims on one row per trained model (plus damage01 =
+    FGSM loss - clean loss)."""
+    return dict(id=id, paper=paper, claim=text, paper_value=paper_value, metric=metric, a=a, b=b, expect=expect, per=per,
+                scale=scale, **kw)
+
+
+T11 = dict(table="t11", lam=0.0)
+ARTIFACTS = {  # name -> title, runs, claims
+    "t11": dict(title="P2 Table 11: linear model, FGSM, input dimension x weight decay",
+                runs=dict(ks=[1, 2, 3, 4], lambdas=LAMBDA), claims=[
+                    claim("t11_acc", "P2 Table 11", "Without weight decay, FGSM accuracy falls as the input dimension "
+                          "grows (k = 4 vs 1)", "accuracy ratio 0.1 at k = 4", "acc_fgsm01", T11 | dict(k=4), T11 | dict(k=1)),
+                    claim("t11_damage", "P2 Table 11", "The adversarial damage (FGSM loss - clean loss) grows with the "
+                          "input dimension (k = 4 vs 1)", "×4 predicted (∝ √d)", "damage01", T11 | dict(k=4),
+                          T11 | dict(k=1), ">", scale=1.0),
+                    claim("t11_wd", "P2 Table 11", "Weight decay restores FGSM accuracy at k = 4", "ratio back to ≈ 1",
+                          "acc_fgsm01", dict(table="t11", k=4, wd=True), T11 | dict(k=4), ">")]),
+    "t6": dict(title="P2 Tables 6 and 12: MLP with and without one BN layer", runs=dict(ks=[1, 2, 3], norms=["none", "bn"]),
+               claims=[claim("t6_bim", "P2 Tables 6, 12", "One BN layer lowers BIM accuracy", "about −40 points at every k",
+                             "acc_bim", dict(table="t6", norm="bn"), dict(table="t6", norm="none"), per=("k",)),
+                       claim("t6_noise", "P2 Tables 6, 12", "One BN layer lowers noise accuracy", "−13 to −16 points",
+                             "acc_noise", dict(table="t6", norm="bn"), dict(table="t6", norm="none"), per=("k",))]),
+    "t7": dict(title="P2 Table 7: the MLPs with Table 11's weight decay", runs=dict(ks=[2, 3], norms=["none", "bn"]),
+               claims=[claim("t7_wd", "P2 Table 7", "Weight decay raises BIM accuracy", "always helps",
+                             "acc_bim", dict(table="t7"), dict(table="t6"), ">", per=("k", "norm")),
+                       claim("t7_bn", "P2 Table 7", "BN lowers BIM accuracy also with weight decay", "always hurts",
+                             "acc_bim", dict(table="t7", norm="bn"), dict(table="t7", norm="none"), per=("k",))]),
+    "fig4": dict(title="P2 Fig 4: 2-unit bottleneck activations over training", runs=dict(norms=["none", "bn"]),
+                 claims=[]),  # a picture (P2: BN spreads the points from init); nothing to test as a number
+}
+
+# ================================================================================================
+# 2. Arguments and presets
+# ================================================================================================
+
 PRESETS = {
     "paper": dict(dataset="mnist", seeds=5, mlp_seeds=5, epochs=50, mlp_epochs=50, bottleneck_epochs=500,
                   bim_steps=100, bim_step=1e-3, snapshots=[0, 20, 500], n_plot=2000),
-    # The paper's settings on the digits (8x8, upscaled x1..x4 in place of MNIST 28 -> 112; SPEC 15): cheap on a CPU.
+    # The paper's settings on the digits (8x8, upscaled x1..x4 in place of MNIST 28 -> 112; DECISIONS.md D23): cheap on a CPU.
     "quick": dict(dataset="digits", seeds=5, mlp_seeds=5, epochs=50, mlp_epochs=50, bottleneck_epochs=500,
                   bim_steps=100, bim_step=1e-3, snapshots=[0, 20, 500], n_plot=1500),
     "smoke": dict(dataset="digits", seeds=2, mlp_seeds=1, epochs=3, mlp_epochs=2, bottleneck_epochs=4,
@@ -44,42 +82,57 @@ PRESETS = {
 }
 
 
+def resolve(preset, artifact):
+    """The values that run for this preset (shown by --help, saved in config.json)."""
+    return dict(PRESETS[preset])
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--artifact", default="all", choices=["all", "t11", "t6", "t7", "fig4"],
+    p.add_argument("--artifact", default="all", choices=["all"] + list(ARTIFACTS),
                    help="Table 11 (linear), Tables 6/12 (MLP), Table 7 (MLP + WD), Fig 4 (bottleneck)")
-    p.add_argument("--preset", default="paper", choices=sorted(PRESETS))
-    p.add_argument("--dataset", default=None, choices=["mnist", "digits"])
-    p.add_argument("--seeds", type=int, default=None, help="seeds for Table 11 (SPEC: 5)")
-    p.add_argument("--mlp-seeds", type=int, default=None, help="seeds for Tables 6, 7, 12 (P2: 5)")
-    p.add_argument("--epochs", type=int, default=None, help="linear model epochs (P2: 50)")
-    p.add_argument("--mlp-epochs", type=int, default=None, help="MLP epochs (P2: 50)")
-    p.add_argument("--bottleneck-epochs", type=int, default=None, help="Fig 4 epochs (P2: 500)")
-    p.add_argument("--snapshots", type=int, nargs="+", default=None, help="Fig 4 epochs to plot (P2: init, ~20, end)")
-    p.add_argument("--bim-steps", type=int, default=None, help="BIM iterations (P2: 100)")
-    p.add_argument("--bim-step", type=float, default=None, help="BIM step size (P2: 1e-3)")
-    p.add_argument("--n-plot", type=int, default=None, help="training points drawn in Fig 4")
+    p.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="paper settings, quick (digits or CPU scale) or smoke")
+    p.add_argument("--dataset", choices=["mnist", "digits"], help="dataset")
+    p.add_argument("--seeds", type=int, help="seeds for Table 11")
+    p.add_argument("--mlp-seeds", type=int, help="seeds for Tables 6, 7, 12 (P2: 5)")
+    p.add_argument("--epochs", type=int, help="linear model epochs (P2: 50)")
+    p.add_argument("--mlp-epochs", type=int, help="MLP epochs (P2: 50)")
+    p.add_argument("--bottleneck-epochs", type=int, help="Fig 4 epochs (P2: 500)")
+    p.add_argument("--snapshots", type=int, nargs="+", help="Fig 4 epochs to plot (P2: init, ~20, end)")
+    p.add_argument("--fgsm-eps", type=float, default=0.1, help="Table 11 FGSM budget; the loss is also taken at half of it "
+                   "(P2: 0.1 and 0.05, standardized units)")
+    p.add_argument("--bim-eps", type=float, default=0.1, help="BIM budget (P2: 0.1)")
+    p.add_argument("--bim-steps", type=int, help="BIM iterations (P2: 100)")
+    p.add_argument("--bim-step", type=float, help="BIM step size (P2: 1e-3)")
+    p.add_argument("--noise-std", type=float, default=1.0, help="std of the noise added before upscaling (P2 footnote 6)")
+    p.add_argument("--n-plot", type=int, help="training points drawn in Fig 4")
     p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate, no momentum (P2: 1e-2)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--post-relu", action="store_true", help="Fig 4: plot the 2-unit layer after its ReLU (SPEC A29)")
-    p.add_argument("--data-root", default="data")
-    p.add_argument("--download", action="store_true")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--out", default=None)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--plot-only", metavar="RUN_DIR", default=None)
-    args = p.parse_args(argv)
+    p.add_argument("--batch-size", type=int, default=128, help="SGD batch size (P2: 128)")
+    p.add_argument("--post-relu", action="store_true", help="Fig 4: plot the 2-unit layer after its ReLU (DECISIONS.md D20)")
+    p.add_argument("--data-root", default="data", help="folder holding the datasets")
+    p.add_argument("--download", action="store_true", help="fetch missing datasets (md5-checked)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
+    p.add_argument("--out", default=None, help="run directory (default runs/exp_input_dim/<timestamp>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out, keeping finished runs")
+    p.add_argument("--plot-only", metavar="RUN_DIR", default=None, help="redraw table.md, claims.md and fig4.png")
+    args = parse_with_presets(p, resolve, argv)
     if args.plot_only:
         return args
-    apply_preset(args, PRESETS)
-    for name in ("seeds", "mlp_seeds", "epochs", "mlp_epochs", "bottleneck_epochs", "bim_steps", "batch_size"):
+    for name in ("seeds", "mlp_seeds", "epochs", "mlp_epochs", "bottleneck_epochs", "bim_steps", "batch_size", "n_plot"):
         if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected an integer >= 1")
+    for name in ("fgsm_eps", "bim_eps", "bim_step", "lr"):
+        if not (getattr(args, name) > 0 and math.isfinite(getattr(args, name))):
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a finite number > 0")
+    if not (args.noise_std >= 0 and math.isfinite(args.noise_std)):
+        p.error(f"--noise-std {args.noise_std}: expected a finite number >= 0")
+    if any(not 0 <= e <= args.bottleneck_epochs for e in args.snapshots):
+        p.error(f"--snapshots {args.snapshots}: expected epochs in 0..{args.bottleneck_epochs} (--bottleneck-epochs)")
     return args
 
 
 # ================================================================================================
-# Experiment-local helpers
+# 3. Experiment
 # ================================================================================================
 
 def base_data(args, device):
@@ -126,8 +179,8 @@ def run_t11(args, base, device, run_dir, done):
             res = train(args, data, model, args.epochs, lam, seed, run_dir / "ckpt" / f"t11_k{k}_l{lam:g}_s{seed}.pt")
             rec = dict(table="t11", k=k, lam=lam, norm="none", seed=seed, status=res["status"], reason=res["reason"])
             if res["status"] == "ok":
-                for name, spec in [("clean", dict(kind="clean")), ("fgsm01", dict(kind="fgsm", eps=0.1, clip=None)),
-                                   ("fgsm005", dict(kind="fgsm", eps=0.05, clip=None))]:
+                for name, spec in [("clean", dict(kind="clean")), ("fgsm01", dict(kind="fgsm", eps=args.fgsm_eps, clip=None)),
+                                   ("fgsm005", dict(kind="fgsm", eps=args.fgsm_eps / 2, clip=None))]:
                     rec[f"acc_{name}"], rec[f"loss_{name}"] = acc_and_loss(model, data.x_test, data.y_test, spec)
             out.append(rec)
     return out
@@ -154,9 +207,9 @@ def run_mlp(args, base, device, run_dir, done, table):
                 if res["status"] == "ok":
                     g = torch.Generator(device=device).manual_seed(seed)
                     # P2 footnote 6: N(0, 1) noise is added at the base resolution, then upscaled
-                    noise = torch.randn(x_te_base.shape, generator=g, device=device)
+                    noise = args.noise_std * torch.randn(x_te_base.shape, generator=g, device=device)
                     noisy = resize_images(x_te_base + noise, data.shape[-1])
-                    bim = dict(kind="bim", eps=0.1, steps=args.bim_steps, step_size=args.bim_step, clip=None)
+                    bim = dict(kind="bim", eps=args.bim_eps, steps=args.bim_steps, step_size=args.bim_step, clip=None)
                     rec["acc_clean"], rec["loss_clean"] = acc_and_loss(model, data.x_test, data.y_test, dict(kind="clean"))
                     rec["acc_noise"], rec["loss_noise"] = acc_and_loss(model, noisy, data.y_test, dict(kind="clean"))
                     rec["acc_bim"], rec["loss_bim"] = acc_and_loss(model, data.x_test, data.y_test, bim)
@@ -196,7 +249,7 @@ def run_fig4(args, base, device, run_dir):
 
 
 # ================================================================================================
-# Tables and figure
+# 4. Tables, figures and claims (regenerated from results.json by --plot-only)
 # ================================================================================================
 
 def make_tables(records, cfg):
@@ -256,6 +309,14 @@ def make_tables(records, cfg):
     return "\n".join(lines) + "\n"
 
 
+def write_outputs(run_dir, records, cfg):
+    write_text_atomic(run_dir / "table.md", make_tables(records, cfg))
+    rows = [r | dict(wd=r["lam"] > 0, damage01=r["loss_fgsm01"] - r["loss_clean"] if "loss_fgsm01" in r else None)
+            for r in records]
+    claims = [c for name, art in ARTIFACTS.items() if any(r["table"] == name for r in records) for c in art["claims"]]
+    write_claims(run_dir, claims, rows, f"# Claims: P2 Sec. 4 / App. B (preset {cfg['preset']}, {cfg['dataset']})")
+
+
 def plot_fig4(acts, labels, path, snapshots):
     import matplotlib
     matplotlib.use("Agg")
@@ -277,25 +338,26 @@ def plot_fig4(acts, labels, path, snapshots):
 
 
 # ================================================================================================
-# Main
+# 5. Main
 # ================================================================================================
 
 def main(args):
     if args.plot_only:
         run_dir = pathlib.Path(args.plot_only)
         cfg = load_run_config(run_dir, "exp_input_dim.py")
-        write_text_atomic(run_dir / "table.md", make_tables(load_records(run_dir), cfg))
+        write_outputs(run_dir, load_records(run_dir), cfg)
         npz = run_dir / "fig4_activations.npz"
         if npz.exists():
             z = np.load(npz)
             acts = {n: {int(k.split("_")[1]): z[k] for k in z.files if k.startswith(n + "_")} for n in ("none", "bn")}
             plot_fig4(acts, z["labels"], run_dir / "fig4.png", cfg["snapshots"])
-        print(f"redrew the tables and figure in {run_dir}")
+        print(f"redrew the tables, claims and figure in {run_dir}")
         return
-    print_config(args)
     device = pick_device(args.device)
     base = base_data(args, device)
     run_dir = prepare_run_dir("exp_input_dim", args.out, args.resume)
+    log_to(run_dir)
+    print_config(args)
     write_config(run_dir, args, __file__, device)
     print(f"run directory: {run_dir} | base images {tuple(base[0].shape[1:])}, upscaled x1..x4 by nearest neighbour")
     records = load_records(run_dir) if args.resume and (run_dir / "results.json").exists() else []
@@ -314,8 +376,9 @@ def main(args):
         plot_fig4(acts, labels, run_dir / "fig4.png", args.snapshots)
         print(f"fig4 done ({time.time() - t0:.0f}s)")
     save_records(run_dir, records, finished=True)
-    write_text_atomic(run_dir / "table.md", make_tables(records, vars(args)))
+    write_outputs(run_dir, records, vars(args))
     print((run_dir / "table.md").read_text())
+    print((run_dir / "claims.md").read_text())
     print(f"wrote {run_dir} in {time.time() - t0:.0f}s")
 
 

@@ -1,4 +1,4 @@
-"""Training stability vs feature robustness (P1 Sec. 4.4, App. H; SPEC §7).
+"""Training stability vs feature robustness (P1 Sec. 4.4, App. H).
 
 Fig 9: ResNet-20/56 with and without identity shortcuts (BN), and Fixup vs BN (ResNet-20): clean
 accuracy, robust accuracy and LIGS per epoch. Figs 14-17: Santurkar et al.'s probes along the
@@ -10,53 +10,97 @@ shortcut (16) and Fixup vs BN ResNet18 (17).
     python exp_landscape.py --preset quick --artifact fig9  # bundled digits, CPU; also fig14..fig17
     python exp_landscape.py --plot-only runs/exp_landscape/<run>
 
-Probes (SPEC 2.4, A17): on the step's own minibatch, step lengths lr x {0.5, 1, ..., 4}, every 20
+Probes (DECISIONS.md D17): on the step's own minibatch, step lengths lr x {0.5, 1, ..., 4}, every 20
 steps during the first 10 epochs (paper preset), in train mode through common.landscape_probe, which
 leaves parameters, optimizer state and BN running statistics bit-identical (tested). Training setup:
-SPEC §5.1 [DEFAULT] (SGD 0.9, WD 5e-4, batch 128, LR 0.01, 150 epochs, /10 at 50 and 100, crop+flip).
-The Fig 9 Fixup network is ResNet-20 (SPEC A18).
+DECISIONS.md D14 (SGD 0.9, WD 5e-4, batch 128, LR 0.01, 150 epochs, /10 at 50 and 100, crop+flip).
+The Fig 9 Fixup network is ResNet-20 (DECISIONS.md D17).
 """
 import argparse
+import math
 import pathlib
 import sys
 import time
 
-from common import (NORMS, DataError, apply_preset, build_dataset, class_balanced_subset, epoch_metrics, fmt_mean_sem,
-                    landscape_probe, load_records, load_run_config, make_model, mean_sem, pick_device, prepare_run_dir,
-                    print_config, save_records, set_seed, train_model, write_config, write_text_atomic)
+import torch
+
+from common import (NORMS, DataError, build_dataset, check_attack, class_balanced_subset, epoch_metrics, fmt_mean_sem,
+                    landscape_probe, load_records, load_run_config, log_to, make_model, mean_sem, parse_with_presets,
+                    pick_device, prepare_run_dir, print_config, save_records, set_seed, train_model, write_claims,
+                    write_config, write_text_atomic)
 
 # ================================================================================================
-# Args: artifacts (the compared models) and presets
+# 1. Artifacts: what each one trains, and the papers' claims it tests
 # ================================================================================================
 
-ARTIFACTS = {  # name -> (title, [(variant, arch, norm, shortcut)], measure: "epoch" metrics or "probe"s)
-    "fig9": ("P1 Fig 9: shortcuts (ResNet-20/56, BN) and Fixup vs BN (ResNet-20): accuracy and LIGS", [
-        ("resnet20 shortcut", "resnet20", "bn", True), ("resnet20 no shortcut", "resnet20", "bn", False),
-        ("resnet56 shortcut", "resnet56", "bn", True), ("resnet56 no shortcut", "resnet56", "bn", False),
-        ("resnet20 fixup", "resnet20", "fixup", True)], "epoch"),
-    "fig14": ("P1 Fig 14: landscape of ResNet18 x norms", [(n, "resnet18", n, True) for n in NORMS], "probe"),
-    "fig15": ("P1 Fig 15: landscape of VGG16 x norms", [(n, "vgg16", n, True) for n in NORMS], "probe"),
-    "fig16": ("P1 Fig 16: landscape of ResNet18-BN with vs without shortcut", [
-        ("shortcut", "resnet18", "bn", True), ("no shortcut", "resnet18", "bn", False)], "probe"),
-    "fig17": ("P1 Fig 17: landscape of Fixup vs BN ResNet18", [
-        ("bn", "resnet18", "bn", True), ("fixup", "resnet18", "fixup", True)], "probe"),
+
+def claim(id, paper, text, paper_value, metric, a, b=None, expect="<", per=(), scale=1.0, **kw):
+    """A claim as data, tested by common.evaluate_claims on one row per run: Fig 9 its final epoch; Figs
+    14-17 the means over its probes (loss_range, gdiff_max, beta). Claims of "no effect" (P1: the shortcut
+    changes LIGS trivially, Fixup and BN reach similar accuracy) would need an equivalence margin the
+    paper does not give, so they are shown in the figures and not tested."""
+    return dict(id=id, paper=paper, claim=text, paper_value=paper_value, metric=metric, a=a, b=b, expect=expect, per=per,
+                scale=scale, **kw)
+
+
+def probe_claims(fig, bigger, smaller, text):
+    return [claim(f"{fig}_{m}", f"P1 {fig.replace('fig', 'Fig ')}", f"{text} ({name})", "figure only", m,
+                  dict(variant=smaller), dict(variant=bigger)) for m, name in (("beta", "β-smoothness"),
+                                                                                ("gdiff_max", "gradient change"))]
+
+
+ARTIFACTS = {  # name -> title, runs ([(variant, arch, norm, shortcut)], measure: "epoch" metrics or "probe"s), claims
+    "fig9": dict(title="P1 Fig 9: shortcuts (ResNet-20/56, BN) and Fixup vs BN (ResNet-20): accuracy and LIGS",
+                 runs=dict(models=[("resnet20 shortcut", "resnet20", "bn", True),
+                                   ("resnet20 no shortcut", "resnet20", "bn", False),
+                                   ("resnet56 shortcut", "resnet56", "bn", True),
+                                   ("resnet56 no shortcut", "resnet56", "bn", False),
+                                   ("resnet20 fixup", "resnet20", "fixup", True)], measure="epoch"),
+                 claims=[claim("fig9_ligs", "P1 Fig 9", "BN gives lower LIGS than Fixup (ResNet-20)", "figure only", "ligs",
+                               dict(variant="resnet20 shortcut"), dict(variant="resnet20 fixup"))]),
+    "fig14": dict(title="P1 Fig 14: landscape of ResNet18 x norms",
+                  runs=dict(models=[(n, "resnet18", n, True) for n in NORMS], measure="probe"),
+                  claims=probe_claims("fig14", "none", "bn", "BN makes the ResNet18 landscape smoother than none")),
+    "fig15": dict(title="P1 Fig 15: landscape of VGG16 x norms",
+                  runs=dict(models=[(n, "vgg16", n, True) for n in NORMS], measure="probe"),
+                  claims=probe_claims("fig15", "none", "bn", "BN makes the VGG16 landscape smoother than none") + [
+                      claim(f"fig15_{n}_beta", "P1 Fig 15", f"{n.upper()} smooths less than BN (β-smoothness)",
+                            "figure only", "beta", dict(variant=n), dict(variant="bn"), ">") for n in ("in", "ln", "gn")]),
+    "fig16": dict(title="P1 Fig 16: landscape of ResNet18-BN with vs without shortcut",
+                  runs=dict(models=[("shortcut", "resnet18", "bn", True), ("no shortcut", "resnet18", "bn", False)],
+                            measure="probe"), claims=[]),  # P1: a trivial effect (not tested, see `claim`)
+    "fig17": dict(title="P1 Fig 17: landscape of Fixup vs BN ResNet18",
+                  runs=dict(models=[("bn", "resnet18", "bn", True), ("fixup", "resnet18", "fixup", True)], measure="probe"),
+                  claims=[
+                      claim(f"fig17_{m}", "P1 Fig 17", f"Fixup gives less stable gradients than BN ({name})",
+                            "figure only", m, dict(variant="fixup"), dict(variant="bn"), ">")
+                      for m, name in (("beta", "β-smoothness"), ("gdiff_max", "gradient change"))]),
 }
-STEP_MULTIPLIERS = [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0]  # x base LR (SPEC A17: 0.05..0.4 at LR 0.1)
+STEP_MULTIPLIERS = [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0]  # x base LR (DECISIONS.md D17)
 
-PRESETS = {
+# ================================================================================================
+# 2. Arguments and presets
+# ================================================================================================
+
+PRESETS = {  # DECISIONS.md D14 (training), D17 (probes)
     "paper": dict(dataset="cifar10", width=1.0, seeds=1, epochs=150, lr=0.01, milestones=[50, 100], batch_size=128,
                   weight_decay=5e-4, warmup_epochs=0.0, probe_every=20, probe_epochs=10, per_class=100, attack_steps=10,
-                  eps_scale=1.0, size=None, gn_groups=None),
+                  eps=0.25, size=None, gn_groups=None),
     # Bundled digits with the exp_table1 quick recipe (batch 16, LR 0.02, 2 warm-up epochs: trains every norm);
     # ResNets see 16x16 digits, VGG16 32x32 (IN on 1x1 maps outputs a constant). ResNet-20/56 at width 0.5.
     # 10 epochs: Fixup ResNet-20 stays at chance for the first ~4 epochs (measured: 14 % train accuracy after 6).
     "quick": dict(dataset="digits", width=0.125, seeds=1, epochs=10, lr=0.02, milestones=[5, 8], batch_size=16,
                   weight_decay=5e-4, warmup_epochs=2.0, probe_every=10, probe_epochs=10, per_class=20, attack_steps=10,
-                  eps_scale=4.0, size=None, gn_groups=2),
+                  eps=1.0, size=None, gn_groups=2),
     "smoke": dict(dataset="synthetic", width=1 / 16, seeds=1, epochs=2, lr=0.05, milestones=[1], batch_size=32,
                   weight_decay=5e-4, warmup_epochs=0.0, probe_every=10, probe_epochs=2, per_class=5, attack_steps=3,
-                  eps_scale=1.0, size=None, gn_groups=2),
+                  eps=0.25, size=None, gn_groups=2),
 }
+
+
+def resolve(preset, artifact):
+    """The values that run for this preset (shown by --help, saved in config.json)."""
+    return dict(PRESETS[preset])
 
 
 def get_args(argv=None):
@@ -64,42 +108,48 @@ def get_args(argv=None):
     p.add_argument("--artifact", default="fig14", choices=sorted(ARTIFACTS), help="figure to reproduce")
     p.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="paper settings, quick (digits, CPU) or smoke")
     p.add_argument("--norm", nargs="+", default=None, choices=list(NORMS) + ["fixup"], help="narrow the compared norms")
-    p.add_argument("--dataset", default=None, choices=["cifar10", "svhn", "mnist", "digits", "synthetic"])
-    p.add_argument("--width", type=float, default=None, help="channel multiplier (ResNet-20/56 use 4x this, 0.5 in quick)")
-    p.add_argument("--seeds", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (SPEC A3: 150)")
-    p.add_argument("--lr", type=float, default=None, help="initial learning rate (SPEC A3: 0.01)")
-    p.add_argument("--milestones", type=int, nargs="*", default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--weight-decay", type=float, default=None)
-    p.add_argument("--warmup-epochs", type=float, default=None)
-    p.add_argument("--probe-every", type=int, default=None, help="probe every k optimizer steps (SPEC A17: 20)")
-    p.add_argument("--probe-epochs", type=int, default=None, help="probe during the first k epochs (SPEC A17: 10)")
-    p.add_argument("--per-class", type=int, default=None, help="Fig 9 evaluation subset per class (P1: 100)")
-    p.add_argument("--attack-steps", type=int, default=None)
-    p.add_argument("--eps-scale", type=float, default=None)
-    p.add_argument("--sigma", type=float, default=0.01, help="LIGS perturbation scale")
-    p.add_argument("--size", type=int, default=None, help="resize images (digits: 32 for VGG, 16 for ResNets)")
-    p.add_argument("--gn-groups", type=int, default=None)
-    p.add_argument("--data-root", default="data")
-    p.add_argument("--download", action="store_true")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--dataset", choices=["cifar10", "svhn", "mnist", "digits", "synthetic"], help="dataset")
+    p.add_argument("--width", type=float, help="channel multiplier (ResNet-20/56 use min(1, 4x this))")
+    p.add_argument("--seeds", type=int, help="seeds per model")
+    p.add_argument("--epochs", type=int, help="training epochs")
+    p.add_argument("--lr", type=float, help="initial learning rate")
+    p.add_argument("--milestones", type=int, nargs="*", help="epochs where the LR is divided by 10")
+    p.add_argument("--batch-size", type=int, help="SGD batch size")
+    p.add_argument("--weight-decay", type=float, help="L2 weight decay")
+    p.add_argument("--warmup-epochs", type=float, help="linear LR warm-up epochs")
+    p.add_argument("--probe-every", type=int, help="probe every k optimizer steps")
+    p.add_argument("--probe-epochs", type=int, help="probe during the first k epochs")
+    p.add_argument("--per-class", type=int, help="Fig 9 evaluation subset per class (P1 App. B.2: 100)")
+    p.add_argument("--eps", type=float, help="Fig 9: l2 budget of the robust accuracy (P1 App. B.2: 0.25)")
+    p.add_argument("--attack-steps", type=int, help="Fig 9: its PGD steps, of 2.5*eps/steps each")
+    p.add_argument("--sigma", type=float, default=0.01, help="LIGS perturbation scale (P1 App. B.4)")
+    p.add_argument("--size", type=int, default=None, help="resize images (None: digits 32 for VGG, 16 for ResNets)")
+    p.add_argument("--gn-groups", type=int, help="GroupNorm groups (None = min(32, channels))")
+    p.add_argument("--data-root", default="data", help="folder holding the datasets")
+    p.add_argument("--download", action="store_true", help="fetch missing datasets (md5-checked)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast for training on CUDA")
     p.add_argument("--out", default=None, help="run directory (default runs/exp_landscape/<timestamp>)")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--plot-only", metavar="RUN_DIR", default=None)
-    args = p.parse_args(argv)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out, keeping finished runs")
+    p.add_argument("--plot-only", metavar="RUN_DIR", default=None, help="redraw table.md, claims.md and the figure")
+    args = parse_with_presets(p, resolve, argv)
     if args.plot_only:
         return args
-    apply_preset(args, PRESETS)
-    for name in ("epochs", "batch_size", "probe_every", "per_class", "seeds", "attack_steps"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("epochs", "batch_size", "probe_every", "probe_epochs", "per_class", "seeds", "attack_steps", "size",
+                 "gn_groups"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected an integer >= 1")
+    for name in ("width", "lr", "eps", "sigma"):
+        if not (getattr(args, name) > 0 and math.isfinite(getattr(args, name))):
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a finite number > 0")
+    if args.norm and not any(t[2] in args.norm for t in ARTIFACTS[args.artifact]["runs"]["models"]):
+        p.error(f"--norm {' '.join(args.norm)}: {args.artifact} compares "
+                f"{sorted({t[2] for t in ARTIFACTS[args.artifact]['runs']['models']})}")
     return args
 
 
 # ================================================================================================
-# Experiment-local helpers
+# 3. Experiment
 # ================================================================================================
 
 def input_size(args, arch):
@@ -111,14 +161,14 @@ def input_size(args, arch):
 def run_one(args, data, subset, variant, arch, norm, shortcut, seed, device, ckpt):
     """Train one model; Fig 9 measures every epoch, Figs 14-17 probe the landscape every k steps."""
     set_seed(seed)
-    kind = ARTIFACTS[args.artifact][2]
+    kind = ARTIFACTS[args.artifact]["runs"]["measure"]
     # ResNet-20/56 are already narrow (16-64 channels): they use min(1, 4 * width), i.e. 0.5 in the quick preset
     width = min(1.0, 4 * args.width) if arch in ("resnet20", "resnet56") else args.width
     kw = dict(gn_groups=args.gn_groups) if args.gn_groups else {}
     if not shortcut:
         kw["shortcut"] = False
     model = make_model(arch, norm=norm, width=width, num_classes=data.num_classes, in_channels=data.shape[0],
-                       mean=data.mean, std=data.std, **kw).to(device)
+                       mean=data.mean, std=data.std, **kw).to(device).to(memory_format=torch.channels_last)
     recipe = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, milestones=args.milestones,
                   weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, augment=args.dataset == "cifar10")
     steps = [m * args.lr for m in STEP_MULTIPLIERS]
@@ -129,17 +179,21 @@ def run_one(args, data, subset, variant, arch, norm, shortcut, seed, device, ckp
             return landscape_probe(m, x, y, steps)
 
     x_sub, y_sub = data.x_test[subset], data.y_test[subset]
-    on_epoch = (lambda e, m: epoch_metrics(m, data.x_test, data.y_test, x_sub, y_sub, 0.25 * args.eps_scale,
+    on_epoch = (lambda e, m: epoch_metrics(m, data.x_test, data.y_test, x_sub, y_sub, args.eps,
                                            args.attack_steps, args.sigma, seed)) if kind == "epoch" else None
     res = train_model(model, data, recipe, seed=seed, ckpt=ckpt, amp=args.amp, on_epoch=on_epoch,
                       on_step=on_step if kind == "probe" else None, tag=f"[{variant} s{seed}]")
     base = dict(artifact=args.artifact, dataset=args.dataset, arch=arch, norm=norm, shortcut=shortcut, seed=seed,
                 variant=variant, status=res["status"], reason=res["reason"])
-    return [base | h for h in res["history"]]
+    rows = [base | h for h in res["history"]]
+    if kind == "epoch" and res["status"] == "ok":  # Carlini et al. 2019 checks of the robust-accuracy attack
+        spec = dict(kind="pgd", norm="l2", eps=args.eps, steps=args.attack_steps, clip=(0.0, 1.0))
+        rows[-1] |= {f"chk_pgd_l2_{k}": v for k, v in check_attack(model, x_sub, y_sub, spec, seed=seed).items()}
+    return rows
 
 
 # ================================================================================================
-# Table and figures (regenerated from results.json by --plot-only)
+# 4. Tables, figures and claims (regenerated from results.json by --plot-only)
 # ================================================================================================
 
 COLORS = dict(none="0.25", bn="C0", ln="C2", gn="C3", fixup="C4", **{"in": "C1"})
@@ -233,27 +287,48 @@ def make_figure(records, path, title, kind):
     plt.close(fig)
 
 
-def write_outputs(run_dir, records, artifact, preset):
-    title, _, kind = ARTIFACTS[artifact]
+def run_rows(records, kind):
+    """One row per run (variant, seed): Fig 9 its final epoch; Figs 14-17 its probes' means of loss_range,
+    gdiff_max and beta."""
+    runs = {}
+    for r in records:
+        runs.setdefault((r["variant"], r["seed"]), []).append(r)
+    out = []
+    for rows in runs.values():
+        epochs = sorted((r for r in rows if "step" not in r), key=lambda r: r["epoch"])
+        probes = [r for r in rows if "step" in r]
+        row = dict(epochs[-1])
+        if kind == "probe" and probes:
+            row |= dict(loss_range=mean_sem([r["loss_max"] - r["loss_min"] for r in probes])[0],
+                        gdiff_max=mean_sem([r["gdiff_max"] for r in probes])[0], beta=mean_sem([r["beta"] for r in probes])[0])
+        out.append(row)
+    return out
+
+
+def write_outputs(run_dir, records, cfg):
+    artifact, preset = cfg["artifact"], cfg["preset"]
+    title, kind = ARTIFACTS[artifact]["title"], ARTIFACTS[artifact]["runs"]["measure"]
     header = f"# {title} (preset {preset}, {', '.join(sorted({r['dataset'] for r in records}))})"
     write_text_atomic(run_dir / "table.md", make_table(records, header, kind))
-    make_figure(records, run_dir / f"{artifact}.png", header[2:], kind)
+    budget = f" | robust acc: l2 PGD eps {cfg['eps']:g}" if kind == "epoch" and "eps" in cfg else ""
+    make_figure(records, run_dir / f"{artifact}.png", header[2:] + budget, kind)
+    write_claims(run_dir, ARTIFACTS[artifact]["claims"], run_rows(records, kind), "# Claims: " + header[2:], records,
+                 lambda r: f"{r['variant']} s{r['seed']}")
 
 
 # ================================================================================================
-# Main
+# 5. Main
 # ================================================================================================
 
 def main(args):
     if args.plot_only:
         run_dir = pathlib.Path(args.plot_only)
         cfg = load_run_config(run_dir, "exp_landscape.py")
-        write_outputs(run_dir, load_records(run_dir), cfg["artifact"], cfg["preset"])
-        print(f"redrew the table and figure in {run_dir}")
+        write_outputs(run_dir, load_records(run_dir), cfg)
+        print(f"redrew the table, claims and figure in {run_dir}")
         return
-    print_config(args)
     device = pick_device(args.device)
-    todo = [t for t in ARTIFACTS[args.artifact][1] if args.norm is None or t[2] in args.norm]
+    todo = [t for t in ARTIFACTS[args.artifact]["runs"]["models"] if args.norm is None or t[2] in args.norm]
     datasets = {}
     for _, arch, _, _ in todo:
         size = input_size(args, arch)
@@ -261,6 +336,8 @@ def main(args):
             datasets[size] = build_dataset(args.dataset, args.data_root, device, args.download, size=size,
                                            n_train=1000 if args.dataset == "synthetic" else None)
     run_dir = prepare_run_dir("exp_landscape", args.out, args.resume)
+    log_to(run_dir)
+    print_config(args)
     write_config(run_dir, args, __file__, device)
     print(f"run directory: {run_dir} | {len(todo)} models x {args.seeds} seed(s) | probe step lengths "
           f"{[round(m * args.lr, 4) for m in STEP_MULTIPLIERS]} every {args.probe_every} steps")
@@ -277,8 +354,9 @@ def main(args):
             records += run_one(args, data, subset, variant, arch, norm, shortcut, seed, device, ckpt)
             save_records(run_dir, records, finished=False)
     save_records(run_dir, records, finished=True)
-    write_outputs(run_dir, records, args.artifact, args.preset)
+    write_outputs(run_dir, records, vars(args))
     print((run_dir / "table.md").read_text())
+    print((run_dir / "claims.md").read_text())
     print(f"wrote {run_dir} in {time.time() - t0:.0f}s")
 
 

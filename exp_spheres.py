@@ -1,4 +1,4 @@
-"""Batch norm on the adversarial-spheres task (P2 Figs 1, 7, 8; App. C; SPEC §12).
+"""Batch norm on the adversarial-spheres task (P2 Figs 1, 7, 8; App. C).
 
 Figs 1/7: two mini-batches of 2-D sphere points (radius 1 vs 1.3) through a deep *linear* network at
 initialization, with and without BN, each layer projected jointly onto its first two principal
@@ -13,12 +13,13 @@ models that reached 100 % training accuracy at the smallest learning rate (P2: B
     python exp_spheres.py --artifact fig1     # or fig8; --preset smoke for seconds
     python exp_spheres.py --plot-only runs/exp_spheres/<run>
 
-[DEFAULT]s (SPEC A26, A27): test noise variance 0.005, 200 epochs, a 2-way softmax head; deep linear net
+Settings the paper leaves open (DECISIONS.md D22): test noise variance 0.005, 200 epochs, a 2-way softmax head; deep linear net
 width 128, depth 16, 2 batches x 32, PyTorch default init. BN sits after each hidden linear layer
-(Galloway's code puts it before; SPEC §12). --bn-stats first-batch reproduces the notebook's subtlety
-(REFERENCE_NOTES 1a): running statistics set by one pass over batch 1, then eval mode for both batches.
+(Galloway's code puts it before). --bn-stats first-batch reproduces the notebook's subtlety
+(DECISIONS.md D22): running statistics set by one pass over batch 1, then eval mode for both batches.
 """
 import argparse
+import math
 import pathlib
 import sys
 import time
@@ -26,58 +27,97 @@ import time
 import torch
 import torch.nn as nn
 
-from common import (Data, DataError, DeepLinear, accuracy, apply_preset, fmt_mean_sem, load_records, load_run_config,
-                    make_model, make_spheres, mean_sem, pick_device, prepare_run_dir, print_config, save_records, set_seed,
-                    train_model, write_config, write_text_atomic)
+from common import (Data, DataError, DeepLinear, accuracy, fmt_mean_sem, load_records, load_run_config, log_to, make_model,
+                    make_spheres, mean_sem, parse_with_presets, pick_device, prepare_run_dir, print_config, save_records,
+                    set_seed, train_model, write_claims, write_config, write_text_atomic)
 
 # ================================================================================================
-# Args
+# 1. Artifacts: what each one trains, and the papers' claims it tests
 # ================================================================================================
 
 LRS = {"none": [0.001, 0.01, 0.1], "bn": [0.001, 0.01]}  # P2 App. C: no-BN reaches zero training error up to 0.1
 
-PRESETS = {  # the paper's scale is cheap, so quick = paper
+
+def claim(id, paper, text, paper_value, metric, a, b=None, expect="<", per=(), scale=1.0, **kw):
+    """A claim as data, tested by common.evaluate_claims on `claim_rows`: Fig 1 one row per norm and layer
+    (one initialization, so n = 1); Fig 8 one row per (norm, lr, seed) with fits = 1 when the model reached
+    100 % training accuracy (0 when it did not, diverged included) and its noisy-test accuracy."""
+    return dict(id=id, paper=paper, claim=text, paper_value=paper_value, metric=metric, a=a, b=b, expect=expect, per=per,
+                scale=scale, **kw)
+
+
+ARTIFACTS = {  # name -> title, runs, claims
+    "fig1": dict(title="P2 Figs 1/7: deep linear net at init, joint PCA per layer", runs=dict(norms=["bn", "none"]),
+                 claims=[claim("fig1_mix", "P2 Figs 1, 7", "With BN the classes are mixed at the deepest layer shown, "
+                               "without BN they stay separable", "mixed by layer 14 (figure only)", "separability",
+                               dict(norm="bn", deepest=True), dict(norm="none", deepest=True))]),
+    "fig8": dict(title="P2 Fig 8 and App. C: learning-rate sensitivity and noisy test accuracy", runs=dict(lrs=LRS),
+                 claims=[
+                     claim("fig8_bn_lr", "P2 Fig 8", "The BN net cannot be trained to 100 % training accuracy at η = 0.01 "
+                           "(fewer than half the seeds)", "cannot be trained", "fits", dict(norm="bn", lr=0.01), None, "<",
+                           ref=0.5),
+                     claim("fig8_none_lr", "P2 Fig 8", "The no-norm net reaches 100 % training accuracy at η = 0.1 "
+                           "(more than half the seeds)", "zero training error up to 0.1", "fits", dict(norm="none", lr=0.1),
+                           None, ">", ref=0.5),
+                     claim("appc_noise", "P2 App. C", "BN lowers noisy-test accuracy (models at 100 % training accuracy)",
+                           "94.83 vs 96.06 (η = 0.001)", "noisy_test_acc", dict(norm="bn", fits=1.0),
+                           dict(norm="none", fits=1.0), per=("lr",), scale=100.0)]),
+}
+
+# ================================================================================================
+# 2. Arguments and presets
+# ================================================================================================
+
+PRESETS = {  # the paper's scale is cheap, so quick = paper (DECISIONS.md D22)
     "paper": dict(seeds=5, epochs=200, n_train=250, n_test=10000, width=1000, lin_width=128, lin_depth=16),
     "quick": dict(seeds=5, epochs=200, n_train=250, n_test=10000, width=1000, lin_width=128, lin_depth=16),
     "smoke": dict(seeds=2, epochs=15, n_train=100, n_test=500, width=64, lin_width=16, lin_depth=6),
 }
 
 
+def resolve(preset, artifact):
+    """The values that run for this preset (shown by --help, saved in config.json)."""
+    return dict(PRESETS[preset])
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--artifact", default="all", choices=["all", "fig1", "fig8"], help="figure(s) to reproduce")
-    p.add_argument("--preset", default="paper", choices=sorted(PRESETS))
-    p.add_argument("--seeds", type=int, default=None, help="Fig 8 seeds (P2: 5)")
-    p.add_argument("--epochs", type=int, default=None, help="Fig 8 training epochs (SPEC A26: 200)")
-    p.add_argument("--n-train", type=int, default=None, help="training points per class (SPEC: 250)")
-    p.add_argument("--n-test", type=int, default=None, help="noisy test points per class (P2: 10000)")
-    p.add_argument("--noise-var", type=float, default=0.005, help="test noise variance (SPEC A26)")
-    p.add_argument("--width", type=int, default=None, help="Fig 8 hidden width (P2: 1000)")
+    p.add_argument("--artifact", default="all", choices=["all"] + list(ARTIFACTS), help="figure(s) to reproduce")
+    p.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="paper settings, quick (digits or CPU scale) or smoke")
+    p.add_argument("--seeds", type=int, help="Fig 8 seeds (P2: 5)")
+    p.add_argument("--epochs", type=int, help="Fig 8 training epochs")
+    p.add_argument("--n-train", type=int, help="training points per class")
+    p.add_argument("--n-test", type=int, help="noisy test points per class (P2: 10000)")
+    p.add_argument("--noise-var", type=float, default=0.005, help="test noise variance (DECISIONS.md D22)")
+    p.add_argument("--width", type=int, help="Fig 8 hidden width (P2: 1000)")
     p.add_argument("--batch-size", type=int, default=50, help="P2 App. C: 50")
     p.add_argument("--dim", type=int, default=2, help="sphere dimension (P2: 2)")
-    p.add_argument("--lin-width", type=int, default=None, help="Figs 1/7 deep linear net width (SPEC A27: 128)")
-    p.add_argument("--lin-depth", type=int, default=None, help="Figs 1/7 depth (SPEC A27: 16; layers 0..14 shown)")
+    p.add_argument("--lin-width", type=int, help="Figs 1/7 deep linear net width")
+    p.add_argument("--lin-depth", type=int, help="Figs 1/7 depth (layers 0..depth-2 shown)")
     p.add_argument("--batch-points", type=int, default=32, help="Figs 1/7 points per mini-batch (16 per class)")
     p.add_argument("--bn-stats", default="batch", choices=["batch", "first-batch"],
                    help="Figs 1/7: each batch's own statistics, or the notebook's running statistics of batch 1")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--out", default=None)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--plot-only", metavar="RUN_DIR", default=None)
-    args = p.parse_args(argv)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
+    p.add_argument("--out", default=None, help="run directory (default runs/exp_spheres/<timestamp>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out, keeping finished runs")
+    p.add_argument("--plot-only", metavar="RUN_DIR", default=None, help="redraw table.md, claims.md and fig8.png")
+    args = parse_with_presets(p, resolve, argv)
     if args.plot_only:
         return args
-    apply_preset(args, PRESETS)
     for name in ("seeds", "epochs", "n_train", "n_test", "width", "lin_width", "lin_depth", "batch_size", "dim"):
         if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected an integer >= 1")
+    if args.lin_depth < 2:
+        p.error(f"--lin-depth {args.lin_depth}: expected >= 2 (layers 0..depth-2 are shown)")
+    if not (args.noise_var >= 0 and math.isfinite(args.noise_var)):
+        p.error(f"--noise-var {args.noise_var}: expected a finite variance >= 0")
     if args.batch_points < 4 or args.batch_points % 2:
-        p.error("--batch-points must be an even number >= 4")
+        p.error(f"--batch-points {args.batch_points}: expected an even number >= 4")
     return args
 
 
 # ================================================================================================
-# Figs 1/7: the deep linear network at initialization
+# 3. Experiment. Figs 1/7: the deep linear network at initialization
 # ================================================================================================
 
 def joint_pca(a, b):
@@ -91,7 +131,7 @@ def joint_pca(a, b):
 
 def quadratic_separability(p, y, steps=300):
     """Training accuracy of a logistic fit on quadratic features [p1, p2, p1^2, p2^2, p1 p2] of the
-    pooled 2-D projection: 1.0 when the classes stay nested ellipses (SPEC 15)."""
+    pooled 2-D projection: 1.0 when the classes stay nested ellipses."""
     p = (p - p.mean(0)) / p.std(0).clamp_min(1e-12)
     f = torch.cat([p, p ** 2, p[:, :1] * p[:, 1:]], 1)
     f = (f - f.mean(0)) / f.std(0).clamp_min(1e-12)
@@ -161,9 +201,9 @@ def plot_fig1(proj, labels, path, depth):
     plt.close(fig)
 
 
-# ================================================================================================
+# ------------------------------------------------------------------------------------------------
 # Fig 8: learning-rate sensitivity of the 2 x 1000 ReLU MLP
-# ================================================================================================
+# ------------------------------------------------------------------------------------------------
 
 def run_fig8(args, device, run_dir, records, log):
     done = {(r["norm"], r["lr"], r["seed"]) for r in records if r.get("artifact") == "fig8"}
@@ -228,6 +268,31 @@ def plot_fig8(records, path, steps_per_epoch):
     plt.close(fig)
 
 
+# ================================================================================================
+# 4. Tables, figures and claims (table and claims regenerated from results.json by --plot-only)
+# ================================================================================================
+
+def claim_rows(records):
+    """Rows for the claims: Fig 1 per (norm, layer) with `deepest` marking the last layer shown; Fig 8 one
+    per (norm, lr, seed) with fits (1.0 / 0.0) and the noisy-test accuracy of models that fit."""
+    fig1 = [r for r in records if r.get("artifact") == "fig1"]
+    deepest = max((r["layer"] for r in fig1), default=None)
+    rows = [r | dict(deepest=r["layer"] == deepest) for r in fig1]
+    for r in records:
+        if r.get("artifact") == "fig8" and r["epoch"] == "final":
+            fits = float(r["status"] == "ok" and r.get("train_acc_eval") == 1.0)
+            rows.append(dict(artifact="fig8", norm=r["norm"], lr=r["lr"], seed=r["seed"], status="ok", fits=fits,
+                             noisy_test_acc=r.get("noisy_test_acc") if fits else None))
+    return rows
+
+
+def write_outputs(run_dir, records, cfg):
+    write_text_atomic(run_dir / "table.md", make_table(records, cfg))
+    claims = [c for name, art in ARTIFACTS.items() if any(r.get("artifact") == name for r in records) for c in art["claims"]]
+    write_claims(run_dir, claims, claim_rows(records), f"# Claims: P2 Figs 1, 7, 8 on the adversarial spheres "
+                 f"(preset {cfg['preset']})")
+
+
 def make_table(records, args_like):
     lines = [f"# P2 Figs 1, 7, 8 on the adversarial spheres (preset {args_like['preset']})", ""]
     fig1 = [r for r in records if r.get("artifact") == "fig1"]
@@ -261,7 +326,7 @@ def make_table(records, args_like):
 
 
 # ================================================================================================
-# Main
+# 5. Main
 # ================================================================================================
 
 def main(args):
@@ -269,14 +334,15 @@ def main(args):
         run_dir = pathlib.Path(args.plot_only)
         cfg = load_run_config(run_dir, "exp_spheres.py")
         records = load_records(run_dir)
-        write_text_atomic(run_dir / "table.md", make_table(records, cfg))
+        write_outputs(run_dir, records, cfg)
         if any(r.get("artifact") == "fig8" for r in records):
             plot_fig8(records, run_dir / "fig8.png", -(-2 * cfg["n_train"] // cfg["batch_size"]))
-        print(f"redrew {run_dir / 'table.md'} (and fig8.png; fig1.png needs the activations, rerun --artifact fig1)")
+        print(f"redrew {run_dir / 'table.md'}, claims.md (and fig8.png; fig1.png needs the activations, rerun --artifact fig1)")
         return
-    print_config(args)
     device = pick_device(args.device)
     run_dir = prepare_run_dir("exp_spheres", args.out, args.resume)
+    log_to(run_dir)
+    print_config(args)
     write_config(run_dir, args, __file__, device)
     records = load_records(run_dir) if args.resume and (run_dir / "results.json").exists() else []
     t0 = time.time()
@@ -291,8 +357,9 @@ def main(args):
         run_fig8(args, device, run_dir, records, print)
         plot_fig8(records, run_dir / "fig8.png", -(-2 * args.n_train // args.batch_size))
     save_records(run_dir, records, finished=True)
-    write_text_atomic(run_dir / "table.md", make_table(records, vars(args)))
+    write_outputs(run_dir, records, vars(args))
     print((run_dir / "table.md").read_text())
+    print((run_dir / "claims.md").read_text())
     print(f"wrote {run_dir} in {time.time() - t0:.0f}s")
 
 

@@ -1,19 +1,19 @@
-"""White-box robustness of CNNs with and without normalization (SPEC §4).
+"""White-box robustness of CNNs with and without normalization.
 
 Reproduces P1 Tables 1, 2, 8 and P2 Tables 1, 2 (= Table 9), 3, 8 and P2 App. A.2 (PGD vs BIM):
 train each (dataset, arch, norm, seed), then measure clean, Gaussian-noise and adversarial
 accuracy. The papers' claim: normalization keeps or raises clean accuracy and lowers robust accuracy.
 
-    python exp_table1.py --preset quick                    # bundled digits, CPU, ~4 min (README table)
+    python exp_table1.py --preset quick                    # bundled digits, CPU, ~6 min (README table)
     python exp_table1.py --artifact p1_t1 --data-root data  # P1 Table 1 (CIFAR-10 + SVHN; --download fetches them)
     python exp_table1.py --artifact p2_t1 --device cuda     # P2 Table 1 (VGG8 on SVHN, 5 seeds)
-    python exp_table1.py --plot-only runs/exp_table1/<run> # redraw table.md and the figure
+    python exp_table1.py --plot-only runs/exp_table1/<run> # redraw table.md, claims.md, figure
 
-Two eps conventions (REFERENCE_NOTES §8): P1 artifacts attack [0,1] pixels (the model standardizes
+Two eps conventions (DECISIONS.md D2): P1 artifacts attack [0,1] pixels (the model standardizes
 inside); P2 artifacts attack standardized inputs with the papers' clip ranges. P2 Table 5 (torchvision
 ImageNet weights) and P1's ImageNet rows need files that cannot be had offline: they are listed as
 skipped. Deviations: P2 Table 2 selected the epoch with the best *test* accuracy; we report the
-final epoch (SPEC A8).
+final epoch (DECISIONS.md D18).
 """
 import argparse
 import math
@@ -23,56 +23,138 @@ import time
 
 import torch
 
-from common import (NORMS, DataError, Standardize, apply_preset, build_dataset, class_balanced_subset, evaluate, fmt_mean_sem,
-                    load_records, load_run_config, make_model, mean_sem, pick_device, prepare_run_dir, print_config,
-                    read_cifar101, save_records, set_seed, train_model, write_config, write_text_atomic)
+from common import (NORMS, DataError, Standardize, build_dataset, cache_path, check_attack, class_balanced_subset, evaluate,
+                    fmt_mean_sem, load_records, load_run_config, log_to, make_model, mean_sem, parse_with_presets, pick_device,
+                    prepare_run_dir, print_config, read_cifar101, save_records, set_seed, train_model, write_claims,
+                    write_config, write_text_atomic)
 
 # ================================================================================================
-# Args: artifacts (the paper recipes) and presets
+# 1. Artifacts: what each one trains, and the papers' claims it tests
 # ================================================================================================
 
-P1_CIFAR_VGG = dict(epochs=200, lr=0.01, milestones=(100, 150), augment=True)  # SPEC A1 [DEFAULT]
-P1_SVHN_VGG = dict(epochs=50, lr=0.01, milestones=(25, 40), augment=False)
-P1_RESNET50 = dict(epochs=350, lr=0.1, milestones=(150, 250), augment=True)  # P1 App. B.1
-P2_SVHN = dict(epochs=50, lr=0.01, milestones=(25, 40), augment=False)  # P2 Sec. 3
-P2_CIFAR = dict(epochs=150, lr=0.01, milestones=(), augment=True)  # P2 Table 2: fixed LR
-P2_DEPTH = dict(epochs=350, milestones=(150, 250), augment=True)  # P2 Table 3: lr 0.1 with BN, 0.01 without
+P1_CIFAR_VGG = dict(epochs=200, lr=0.01, milestones=(100, 150), augment=True)  # P1 Table 4 is empty: DECISIONS.md D1
+P1_SVHN_VGG = dict(epochs=50, lr=0.01, milestones=(25, 40), augment=False)     # DECISIONS.md D1
+P1_RESNET50 = dict(epochs=350, lr=0.1, milestones=(150, 250), augment=True)    # P1 App. B.1
+P2_SVHN = dict(epochs=50, lr=0.01, milestones=(25, 40), augment=False)         # P2 Sec. 3
+P2_CIFAR = dict(epochs=150, lr=0.01, milestones=(), augment=True)              # P2 Table 2: fixed LR
+P2_DEPTH = dict(epochs=350, milestones=(150, 250), augment=True)               # P2 Table 3: lr 0.1 with BN, 0.01 without
 
+
+def claim(id, paper, text, paper_value, metric, a, b=None, expect="<", per=("dataset", "arch"), **kw):
+    """A claim as data (tested by common.evaluate_claims, separately for each combination of `per`)."""
+    return dict(id=id, paper=paper, claim=text, paper_value=paper_value, metric=metric, a=a, b=b, expect=expect, per=per,
+                scale=100.0, **kw)
+
+
+BN, NONE, FIXUP = dict(norm="bn"), dict(norm="none"), dict(norm="fixup")
+NAMES = dict(bn="BN", ln="LN", gn="GN", **{"in": "IN"})
+P1_T1_CLAIMS = [
+    claim("p1t1_clean", "P1 Table 1", "BN raises clean accuracy", "+1 to +5 points in every row (CIFAR-10 ResNet50 "
+          "95.6 vs 92.15)", "acc_clean", BN, NONE, ">"),
+    claim("p1t1_pgd_l2", "P1 Table 1", "BN lowers PGD-ℓ2 accuracy", "−5 to −20 points on CIFAR-10/SVHN (ResNet50 9.15 vs "
+          "29.24)", "acc_pgd_l2", BN, NONE),
+    claim("p1t1_pgd_linf", "P1 Table 1", "BN lowers PGD-ℓ∞ accuracy", "−2.5 to −13 points (ResNet50 36.37 vs 49.33)",
+          "acc_pgd_linf", BN, NONE),
+    claim("p1t1_cw_l2", "P1 Table 1", "BN lowers CW-ℓ2 accuracy", "ResNet50 8.72 vs 17.09", "acc_cw_l2", BN, NONE),
+    claim("p1t1_cw_linf", "P1 Table 1", "BN lowers CW-ℓ∞ accuracy", "ResNet50 36.64 vs 49.24", "acc_cw_linf", BN, NONE),
+]
+P1_T2_CLAIMS = [claim(f"p1t2_{m}_{n}", "P1 Table 2", f"{NAMES[n]} lowers {label} accuracy", "numbers lost in the paper; "
+                      "every norm below none", f"acc_{m}", dict(norm=n), NONE)
+                for m, label in (("pgd_l2", "PGD-ℓ2"), ("pgd_linf", "PGD-ℓ∞")) for n in ("in", "ln", "gn")] + [
+    claim("p1t2_in_lowest", "P1 Table 2", "IN gives lower PGD-ℓ2 accuracy than BN", "IN lowest everywhere but ResNet50",
+          "acc_pgd_l2", {"norm": "in"}, BN)]
+P2_T1_CLAIMS = [
+    claim("p2t1_clean", "P2 Table 1", "BN raises clean accuracy", "+1.86 ± 0.05", "acc_clean", BN, NONE, ">"),
+    claim("p2t1_noise", "P2 Table 1", "BN lowers accuracy under Gaussian noise", "−5.5 ± 0.6", "acc_noise", BN, NONE),
+    claim("p2t1_pgd_linf", "P2 Table 1", "BN lowers PGD-ℓ∞ accuracy", "−17 ± 1", "acc_pgd_linf", BN, NONE),
+    claim("p2t1_pgd_l2", "P2 Table 1", "BN lowers PGD-ℓ2 accuracy", "−20 ± 1", "acc_pgd_l2", BN, NONE),
+]
+P2_T2_CLAIMS = [
+    claim("p2t2_noise", "P2 Table 2", "BN lowers noise accuracy (VGG8)", "−6 ± 1", "acc_noise", BN, NONE),
+    claim("p2t2_pgd_linf", "P2 Table 2", "BN lowers PGD-ℓ∞ accuracy (VGG8)", "−17.3 ± 0.7", "acc_pgd_linf", BN, NONE),
+    claim("p2t2_pgd_l2", "P2 Table 2", "BN lowers PGD-ℓ2 accuracy (VGG8)", "−5.9 ± 0.4", "acc_pgd_l2", BN, NONE),
+    claim("p2t2_c101_clean", "P2 Table 2", "BN raises CIFAR-10.1 clean accuracy (VGG8)", "+2.0 ± 0.3", "acc_c101_clean", BN,
+          NONE, ">"),
+    claim("p2t2_c101_noise", "P2 Table 2", "BN lowers CIFAR-10.1 noise accuracy (VGG8)", "−6 ± 1", "acc_c101_noise", BN,
+          NONE),
+    claim("p2t9_noise", "P2 Tables 2, 9", "Fixup beats BN under noise (WRN-28-10)", "+11.6 ± 1.9", "acc_noise", FIXUP, BN,
+          ">"),
+    claim("p2t9_pgd_linf", "P2 Tables 2, 9", "Fixup beats BN under PGD-ℓ∞ (WRN-28-10)", "+5.4 ± 0.6", "acc_pgd_linf",
+          FIXUP, BN, ">"),
+    claim("p2t9_pgd_l2", "P2 Tables 2, 9", "Fixup beats BN under PGD-ℓ2 (WRN-28-10)", "+1.1 ± 0.4", "acc_pgd_l2", FIXUP,
+          BN, ">"),
+    claim("p2t9_c101_noise", "P2 Tables 2, 9", "Fixup beats BN under noise on CIFAR-10.1 (WRN-28-10)", "+9.5 ± 1.5",
+          "acc_c101_noise", FIXUP, BN, ">"),
+]
+P2_T3_CLAIMS = [
+    claim("p2t3_pgd_linf", "P2 Table 3", "BN (at LR 0.1) lowers PGD-ℓ∞ accuracy at every depth", "L=8: 40.6 vs 55.6; "
+          "L=13: 28.5 vs 40.3", "acc_pgd_linf", BN, NONE),
+    claim("p2t3_noise", "P2 Table 3", "BN lowers noise accuracy at every depth", "L=8: 77 vs 81.7", "acc_noise", BN, NONE),
+    claim("p2t3_deep", "P2 Table 3", "The deepest BN model does not recover VGG8-none's PGD-ℓ∞ accuracy",
+          "VGG19-BN 30.0 vs VGG8 55.6", "acc_pgd_linf", dict(arch="vgg19", norm="bn"), dict(arch="vgg8", norm="none"),
+          per=("dataset",)),
+]
 P1_MODELS = {"cifar10": ["vgg11", "vgg16", "resnet50"], "svhn": ["vgg11", "vgg16"]}
-ARTIFACTS = {  # name -> paper item, convention, {dataset: [archs]}, norms, default seeds, max tries
-    "p1_t1": dict(paper="P1 Table 1", conv="p1", models=P1_MODELS, norms=["none", "bn"], seeds=1),
-    "p1_t2": dict(paper="P1 Table 2", conv="p1", models=P1_MODELS, norms=list(NORMS), seeds=1),
-    "p1_t8": dict(paper="P1 Table 8", conv="p1", models={"cifar10": P1_MODELS["cifar10"]}, norms=["none", "bn"], seeds=1),
-    "p2_t1": dict(paper="P2 Table 1", conv="p2", models={"svhn": ["vgg8"]}, norms=["none", "bn"], seeds=5),
-    "p2_t2": dict(paper="P2 Tables 2 and 9", conv="p2", models={"cifar10": ["vgg8", "wrn28_10"]},
-                  norms=["none", "bn", "fixup"], seeds=3),
-    "p2_t3": dict(paper="P2 Table 3", conv="p2", models={"cifar10": ["vgg8", "vgg11", "vgg13", "vgg16", "vgg19"]},
-                  norms=["none", "bn"], seeds=3, max_tries=10),
-    "p2_t8": dict(paper="P2 Table 8", conv="p2", models={"svhn": ["vgg11", "vgg13", "vgg16", "vgg19"]}, norms=["bn"], seeds=5),
-    "p2_pgd_vs_bim": dict(paper="P2 App. A.2", conv="p2", models={"svhn": ["vgg8"]}, norms=["none", "bn"], seeds=5),
+ARTIFACTS = {  # name -> title, runs (convention, {dataset: [archs]}, norms, seeds, seed tries), claims
+    "p1_t1": dict(title="P1 Table 1", runs=dict(conv="p1", models=P1_MODELS, norms=["none", "bn"], seeds=1),
+                  claims=P1_T1_CLAIMS),
+    "p1_t2": dict(title="P1 Table 2", runs=dict(conv="p1", models=P1_MODELS, norms=list(NORMS), seeds=1),
+                  claims=P1_T1_CLAIMS + P1_T2_CLAIMS),
+    "p1_t8": dict(title="P1 Table 8", runs=dict(conv="p1", models={"cifar10": P1_MODELS["cifar10"]}, norms=["none", "bn"],
+                                                seeds=1),
+                  claims=[claim("p1t8_fgsm", "P1 Table 8", "BN is *more* accurate under FGSM (a reversal)",
+                                "VGG16 51.28 vs 23.26; ResNet50 38.07 vs 28.23", "acc_fgsm", BN, NONE, ">")]),
+    "p2_t1": dict(title="P2 Table 1", runs=dict(conv="p2", models={"svhn": ["vgg8"]}, norms=["none", "bn"], seeds=5),
+                  claims=P2_T1_CLAIMS),
+    "p2_t2": dict(title="P2 Tables 2 and 9", runs=dict(conv="p2", models={"cifar10": ["vgg8", "wrn28_10"]},
+                                                       norms=["none", "bn", "fixup"], seeds=3), claims=P2_T2_CLAIMS),
+    "p2_t3": dict(title="P2 Table 3", runs=dict(conv="p2", models={"cifar10": ["vgg8", "vgg11", "vgg13", "vgg16", "vgg19"]},
+                                                norms=["none", "bn"], seeds=3, max_tries=10), claims=P2_T3_CLAIMS),
+    # P2 Table 8 trains BN models only; its claim (no deeper VGG-BN is much more robust than VGG8-BN, P2 Table 1)
+    # compares with another artifact's runs, so it has no claim of its own here.
+    "p2_t8": dict(title="P2 Table 8", runs=dict(conv="p2", models={"svhn": ["vgg11", "vgg13", "vgg16", "vgg19"]}, norms=["bn"],
+                                                seeds=5), claims=[]),
+    "p2_pgd_vs_bim": dict(title="P2 App. A.2", runs=dict(conv="p2", models={"svhn": ["vgg8"]}, norms=["none", "bn"], seeds=5),
+                          claims=P2_T1_CLAIMS + [
+                              claim("p2a2_bim", "P2 App. A.2", "BIM (step eps/20) is weaker than PGD (step eps/10)",
+                                    "31.3 vs 27.1 (none), 15 vs 10 (BN)", "bim_minus_pgd_linf", {}, None, ">",
+                                    per=("dataset", "arch", "norm"))]),
 }
 ARTIFACTS["p2_t9"] = ARTIFACTS["p2_t2"]
 SKIPPED = {"p2_t5": "P2 Table 5 needs ImageNet and torchvision's pretrained VGG weights, which cannot be fetched offline",
            "p1_t1_imagenet": "P1 Table 1's ImageNet rows need ImageNet and pretrained weights (not available offline)"}
 
-PRESETS = {
-    "paper": dict(dataset=None, arch=None, norm=None, seeds=None, width=1.0, epochs=None, lr=None, batch_size=128,
-                  weight_decay=5e-4, warmup_epochs=0.0, n_eval=None, attack_steps=20, size=None, gn_groups=None,
-                  eps_scale=1.0),
-    # The bundled UCI digits on CPU in ~5 min. Chosen for trainability of every norm before looking at
+# ================================================================================================
+# 2. Arguments and presets
+# ================================================================================================
+
+PRESETS = {  # the paper's values; attack budgets by convention in resolve()
+    "paper": dict(dataset=None, arch=None, norm=None, width=1.0, batch_size=128, weight_decay=5e-4, warmup_epochs=0.0,
+                  n_eval=None, attack_steps=20, size=None, gn_groups=None),
+    # The bundled UCI digits on CPU in ~6 min. Chosen for trainability of every norm before looking at
     # robustness (measured): one setting for all models -- batch 16, LR 0.02 with 2 warm-up epochs --
     # because no-norm ResNet18 (PyTorch default init, as the P1 authors) needs many small steps and
     # VGG11 with LN/GN dies at LR 0.02 without warm-up. VGG sees 32x32 digits (at 16x16 its last
     # convs are 1x1, where IN outputs a constant), ResNets 16x16. gn_groups=2 keeps GN distinct from IN
-    # at these widths. All budgets x4 (the no-norm models are barely touched at CIFAR's budgets), and
-    # 10 attack steps (P1's per-epoch robust accuracy, App. B.2) to stay within the time budget.
-    "quick": dict(dataset="digits", arch=["vgg11", "resnet18"], norm=list(NORMS), seeds=3, width=0.125, epochs=10, lr=0.02,
-                  batch_size=16, weight_decay=5e-4, warmup_epochs=2.0, n_eval=None, attack_steps=10, size=None, gn_groups=2,
-                  eps_scale=4.0),
+    # at these widths. Budgets are 4x P1's (the no-norm models are barely touched at CIFAR's), with
+    # 10 attack steps (P1's per-epoch robust accuracy, App. B.2). 5 seeds so that a BN - none difference
+    # can be told from seed noise; 200 class-balanced test digits are attacked to pay for them.
+    "quick": dict(dataset="digits", arch=["vgg11", "resnet18"], norm=list(NORMS), seeds=5, width=0.125, epochs=10, lr=0.02,
+                  batch_size=16, weight_decay=5e-4, warmup_epochs=2.0, n_eval=200, attack_steps=10, size=None, gn_groups=2,
+                  eps_l2=1.0, eps_linf=4 / 255, eps_fgsm=16 / 255),
     "smoke": dict(dataset="synthetic", arch=["vgg8", "resnet18"], norm=list(NORMS), seeds=1, width=1 / 16, epochs=3, lr=0.02,
                   batch_size=32, weight_decay=5e-4, warmup_epochs=0.0, n_eval=100, attack_steps=3, size=None, gn_groups=2,
-                  eps_scale=4.0),
+                  eps_l2=1.0, eps_linf=4 / 255, eps_fgsm=16 / 255),
 }
+P1_BUDGETS = dict(eps_l2=0.25, eps_linf=1 / 255, eps_fgsm=4 / 255, noise_std=0.5)  # P1 App. B.2, App. G; pixels
+P2_BUDGETS = dict(eps_l2=0.03 * math.sqrt(3072), eps_linf=0.03, eps_fgsm=0.03, noise_std=0.5)  # P2 Sec. 3: eps2 = eps*sqrt(d)
+
+
+def resolve(preset, artifact):
+    """The values that run for this preset and artifact (shown by --help, saved in config.json)."""
+    art = ARTIFACTS.get(artifact, ARTIFACTS["p1_t1"])["runs"]
+    return (P1_BUDGETS if art["conv"] == "p1" else P2_BUDGETS) | dict(seeds=art["seeds"], max_seed_tries=None) \
+        | PRESETS[preset]
 
 
 def get_args(argv=None):
@@ -82,53 +164,65 @@ def get_args(argv=None):
     p.add_argument("--dataset", default=None, help="override the artifact's datasets: cifar10|svhn|mnist|digits|synthetic")
     p.add_argument("--arch", nargs="+", default=None, help="override the architectures (e.g. vgg11 resnet18)")
     p.add_argument("--norm", nargs="+", default=None, choices=list(NORMS) + ["fixup"], help="override the norms")
-    p.add_argument("--seeds", type=int, default=None, help="successful seeds per model (P2: mean ± SEM over them)")
-    p.add_argument("--max-seed-tries", type=int, default=None, help="seeds tried per model before giving up (P2 Table 3: 10)")
-    p.add_argument("--width", type=float, default=None, help="channel multiplier (1 = the paper's models)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the artifact's recipe)")
-    p.add_argument("--lr", type=float, default=None, help="initial learning rate (default: the artifact's recipe)")
-    p.add_argument("--batch-size", type=int, default=None, help="SGD batch size (paper: 128)")
-    p.add_argument("--weight-decay", type=float, default=None, help="L2 weight decay (SPEC A1/A7: 5e-4)")
-    p.add_argument("--warmup-epochs", type=float, default=None, help="linear LR warm-up (paper: none)")
-    p.add_argument("--n-eval", type=int, default=None, help="test samples attacked (default: the full test set)")
-    p.add_argument("--attack-steps", type=int, default=None, help="PGD/CW/BIM iterations (paper: 20)")
-    p.add_argument("--eps-scale", type=float, default=None, help="multiply every attack budget (1 = the paper's)")
-    p.add_argument("--size", type=int, default=None, help="resize images to size x size (digits: 32 for VGG, 16 otherwise)")
-    p.add_argument("--gn-groups", type=int, default=None, help="GroupNorm groups (default 32, capped at the width)")
+    p.add_argument("--seeds", type=int, help="successful seeds per model (P2: mean ± SEM over them)")
+    p.add_argument("--max-seed-tries", type=int, help="seeds tried per model before giving up (P2 Table 3: 10; "
+                   "None = --seeds)")
+    p.add_argument("--width", type=float, help="channel multiplier (1 = the paper's models)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (None = each model's recipe: P1 VGG 200 on "
+                   "CIFAR-10 / 50 on SVHN, ResNet50 350; P2 50 SVHN / 150 CIFAR-10 / 350 Table 3)")
+    p.add_argument("--lr", type=float, default=None, help="initial learning rate (None = each model's recipe: 0.01, "
+                   "ResNet50 0.1, P2 Table 3 BN 0.1)")
+    p.add_argument("--batch-size", type=int, help="SGD batch size")
+    p.add_argument("--weight-decay", type=float, help="L2 weight decay (not stated by the papers: DECISIONS.md D1)")
+    p.add_argument("--warmup-epochs", type=float, help="linear LR warm-up")
+    p.add_argument("--n-eval", type=int, help="test samples attacked, class-balanced (None = the full test set)")
+    p.add_argument("--attack-steps", type=int, help="PGD/CW/BIM iterations")
+    p.add_argument("--eps-l2", type=float, help="PGD-ℓ2 and CW-ℓ2 budget (P1: pixels; P2: standardized, 0.03·√3072)")
+    p.add_argument("--eps-linf", type=float, help="PGD-ℓ∞, CW-ℓ∞ and BIM budget")
+    p.add_argument("--eps-fgsm", type=float, help="FGSM budget (P1 Table 8: 4/255)")
+    p.add_argument("--noise-std", type=float, help="Gaussian noise std in standardized units (P2: variance 1/4)")
+    p.add_argument("--size", type=int, default=None, help="resize images to size x size (None: the dataset's own; "
+                   "digits 32 for VGG, 16 otherwise)")
+    p.add_argument("--gn-groups", type=int, default=None, help="GroupNorm groups (None = min(32, channels))")
     p.add_argument("--data-root", default="data", help="folder holding cifar-10-batches-py/, svhn/, mnist/")
     p.add_argument("--download", action="store_true", help="fetch missing datasets (md5-checked)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast for training on CUDA")
+    p.add_argument("--cache", default=None, help="shared checkpoint cache: reuse a model trained by any script with "
+                   "the same dataset, architecture, norm, width, recipe and seed")
     p.add_argument("--out", default=None, help="run directory (default runs/exp_table1/<timestamp>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out, keeping finished models")
-    p.add_argument("--plot-only", metavar="RUN_DIR", default=None, help="redraw table.md and the figure of a finished run")
-    args = p.parse_args(argv)
+    p.add_argument("--plot-only", metavar="RUN_DIR", default=None, help="redraw table.md, claims.md and the figure")
+    args = parse_with_presets(p, resolve, argv)
     if args.plot_only:
         return args
     if args.artifact in SKIPPED:
         print(f"skipped {args.artifact}: {SKIPPED[args.artifact]}")
         sys.exit(0)
-    apply_preset(args, PRESETS)  # explicit flags win over the preset
-    art = ARTIFACTS[args.artifact]
-    args.seeds = args.seeds or art["seeds"]
-    args.max_seed_tries = args.max_seed_tries or art.get("max_tries", args.seeds)
-    if args.max_seed_tries < args.seeds:
-        p.error(f"--max-seed-tries {args.max_seed_tries} < --seeds {args.seeds}")
+    args.max_seed_tries = args.max_seed_tries or ARTIFACTS[args.artifact]["runs"].get("max_tries", args.seeds)
     if args.dataset is not None and args.dataset not in ("cifar10", "svhn", "mnist", "digits", "synthetic"):
         p.error(f"--dataset {args.dataset!r}: expected cifar10, svhn, mnist, digits or synthetic")
-    for name in ("epochs", "batch_size", "attack_steps", "n_eval", "seeds"):
+    for name in ("epochs", "batch_size", "attack_steps", "n_eval", "seeds", "max_seed_tries", "size", "gn_groups"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected an integer >= 1")
+    for name in ("eps_l2", "eps_linf", "eps_fgsm", "noise_std", "weight_decay", "warmup_epochs"):
+        if not (getattr(args, name) >= 0 and math.isfinite(getattr(args, name))):
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a finite number >= 0")
+    for name in ("width", "lr"):
+        if getattr(args, name) is not None and not (getattr(args, name) > 0 and math.isfinite(getattr(args, name))):
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a finite number > 0")
+    if args.max_seed_tries < args.seeds:
+        p.error(f"--max-seed-tries {args.max_seed_tries} < --seeds {args.seeds}")
     return args
 
 
 # ================================================================================================
-# Experiment-local helpers: what is trained and how it is attacked
+# 3. Experiment: what is trained, how it is attacked
 # ================================================================================================
 
 def plan(args):
     """[(dataset, arch, norm)] for this run, after --dataset/--arch/--norm overrides."""
-    art = ARTIFACTS[args.artifact]
+    art = ARTIFACTS[args.artifact]["runs"]
     models = {args.dataset: args.arch or sum(art["models"].values(), [])} if args.dataset else \
         {d: args.arch or a for d, a in art["models"].items()}
     norms = args.norm or art["norms"]
@@ -145,7 +239,7 @@ def input_size(args, dataset, arch):
 
 
 def recipe(args, dataset, arch, norm):
-    """The paper's training recipe for this model (SPEC §4), with flag overrides."""
+    """The paper's training recipe for this model (P1 App. B.1, P2 Sec. 3), with flag overrides."""
     art = args.artifact
     if art.startswith("p1"):
         r = P1_RESNET50 if arch == "resnet50" else (P1_SVHN_VGG if dataset == "svhn" else P1_CIFAR_VGG)
@@ -164,24 +258,23 @@ def recipe(args, dataset, arch, norm):
     return r
 
 
-def attack_suite(args, conv, dataset, std, n_pixels):
-    """{name: spec} of the artifact's measurements (P1 App. B.2; P2 Sec. 3, App. A.2). `std` is the
-    per-channel std, used to express P2's noise N(0, 1/4) in pixel units under the P1 convention."""
-    s, k = args.eps_scale, args.attack_steps
+def attack_suite(args, conv, dataset, std):
+    """{name: spec} of the artifact's measurements (P1 App. B.2, App. G; P2 Sec. 3, App. A.2). `std` is
+    the per-channel std, used to express the noise (std in standardized units) in pixels under P1's
+    convention. Step sizes: P1 2.5*eps/steps (MadryLab, the pgd default); P2 eps/10, BIM eps/20."""
+    k = args.attack_steps
     if conv == "p1":
-        clip, l2, linf = (0.0, 1.0), 0.25 * s, 1 / 255 * s
-        sigma = 0.5 * torch.tensor(std).view(1, -1, 1, 1)
-        specs = dict(clean=dict(kind="clean"), noise=dict(kind="noise", sigma=sigma),
-                     pgd_l2=dict(kind="pgd", norm="l2", eps=l2, steps=k, clip=clip),
-                     pgd_linf=dict(kind="pgd", norm="linf", eps=linf, steps=k, clip=clip),
-                     cw_l2=dict(kind="pgd", norm="l2", loss="cw", eps=l2, steps=k, clip=clip),
-                     cw_linf=dict(kind="pgd", norm="linf", loss="cw", eps=linf, steps=k, clip=clip),
-                     fgsm=dict(kind="fgsm", eps=4 / 255 * s, clip=clip))
-        return specs
+        clip, l2, linf = (0.0, 1.0), args.eps_l2, args.eps_linf
+        sigma = args.noise_std * torch.tensor(std).view(1, -1, 1, 1)
+        return dict(clean=dict(kind="clean"), noise=dict(kind="noise", sigma=sigma),
+                    pgd_l2=dict(kind="pgd", norm="l2", eps=l2, steps=k, clip=clip),
+                    pgd_linf=dict(kind="pgd", norm="linf", eps=linf, steps=k, clip=clip),
+                    cw_l2=dict(kind="pgd", norm="l2", loss="cw", eps=l2, steps=k, clip=clip),
+                    cw_linf=dict(kind="pgd", norm="linf", loss="cw", eps=linf, steps=k, clip=clip),
+                    fgsm=dict(kind="fgsm", eps=args.eps_fgsm, clip=clip))
     clip = {"svhn": (-1.0, 1.0), "cifar10": (-2.0, 2.0)}.get(dataset)  # P2's clip ranges; none for MNIST
-    linf = 0.03 * s
-    l2 = linf * math.sqrt(n_pixels)  # P2: eps2 = eps_inf * sqrt(d)
-    specs = dict(clean=dict(kind="clean"), noise=dict(kind="noise", sigma=0.5),
+    linf, l2 = args.eps_linf, args.eps_l2
+    specs = dict(clean=dict(kind="clean"), noise=dict(kind="noise", sigma=args.noise_std),
                  pgd_linf=dict(kind="pgd", norm="linf", eps=linf, steps=k, step_size=linf / 10, clip=clip),
                  pgd_l2=dict(kind="pgd", norm="l2", eps=l2, steps=k, step_size=l2 / 10, clip=clip))
     if args.artifact == "p2_pgd_vs_bim":
@@ -189,13 +282,11 @@ def attack_suite(args, conv, dataset, std, n_pixels):
     return specs
 
 
-P2_INPUT = {"svhn": ((0.5,) * 3, (0.5,) * 3)}  # P2 SVHN: (x - 0.5) / 0.5, clip [-1, 1] (SPEC 1.1)
+P2_INPUT = {"svhn": ((0.5,) * 3, (0.5,) * 3)}  # P2 SVHN: (x - 0.5) / 0.5, clip [-1, 1]
+CHECKED = ("pgd_l2", "pgd_linf", "bim")  # attacks that get the sanity checks of common.check_attack
 
 
-def run_one(args, data, dataset, arch, norm, seed, device, ckpt, log):
-    """Train one model and measure it; returns the record (status 'failed' with a reason if training failed)."""
-    conv = ARTIFACTS[args.artifact]["conv"]
-    set_seed(seed)  # model init
+def model_kwargs(args, data, arch, norm):
     kw = dict(norm=norm, width=args.width, num_classes=data.num_classes, in_channels=data.shape[0])
     if args.gn_groups:
         kw["gn_groups"] = args.gn_groups
@@ -204,6 +295,15 @@ def run_one(args, data, dataset, arch, norm, seed, device, ckpt, log):
         kw.pop("gn_groups", None)
         if norm == "fixup":
             kw["final_bn"] = True  # P2 footnote 7
+    return kw
+
+
+def run_one(args, data, dataset, arch, norm, seed, device, ckpt, log):
+    """Train one model (or take it from --cache) and measure it; returns the record (status 'failed'
+    with a reason if training failed)."""
+    conv = ARTIFACTS[args.artifact]["runs"]["conv"]
+    set_seed(seed)  # model init
+    kw = model_kwargs(args, data, arch, norm)
     mean, std = P2_INPUT.get(dataset, (data.mean, data.std))
     if conv == "p1":
         model = make_model(arch, mean=data.mean, std=data.std, **kw).to(device)
@@ -211,11 +311,15 @@ def run_one(args, data, dataset, arch, norm, seed, device, ckpt, log):
     else:
         model = make_model(arch, **kw).to(device)
         input_fn = Standardize(mean, std).to(device)
-    if device.type == "cuda" and not arch.startswith("mlp"):
+    if not arch.startswith("mlp"):  # measured on 2 CPU cores: PGD 2.4x (VGG11) / 1.15x (ResNet18) faster
         model = model.to(memory_format=torch.channels_last)
-    r = recipe(args, dataset, arch, norm) | dict(input_fn=input_fn)
+    r = recipe(args, dataset, arch, norm)
+    key = dict(dataset=dataset, size=input_size(args, dataset, arch), arch=arch, model=kw, recipe=r, seed=seed, amp=args.amp,
+               input=dict(conv=conv, mean=mean, std=std))  # everything that determines the weights
+    ckpt = cache_path(args.cache, key) or ckpt
     t0 = time.time()
-    res = train_model(model, data, r, seed=seed, ckpt=ckpt, log=log, amp=args.amp, tag=f"[{dataset} {arch} {norm} s{seed}]")
+    res = train_model(model, data, r | dict(input_fn=input_fn), seed=seed, ckpt=ckpt, log=log, amp=args.amp,
+                      tag=f"[{dataset} {arch} {norm} s{seed}]", key=key)
     rec = dict(artifact=args.artifact, dataset=dataset, arch=arch, norm=norm, seed=seed, status=res["status"],
                reason=res["reason"], epochs=r["epochs"], lr=r["lr"], train_acc=res["history"][-1].get("train_acc"))
     if res["status"] != "ok":
@@ -225,7 +329,7 @@ def run_one(args, data, dataset, arch, norm, seed, device, ckpt, log):
         idx = class_balanced_subset(data.y_test, max(1, args.n_eval // data.num_classes))
     x, y = data.x_test[idx], data.y_test[idx]
     x = input_fn(x) if input_fn is not None else x
-    specs = attack_suite(args, conv, dataset, std if conv == "p2" else data.std, data.x_test[0].numel())
+    specs = attack_suite(args, conv, dataset, std if conv == "p2" else data.std)
     for spec in specs.values():
         if torch.is_tensor(spec.get("sigma")):
             spec["sigma"] = spec["sigma"].to(device)
@@ -240,12 +344,15 @@ def run_one(args, data, dataset, arch, norm, seed, device, ckpt, log):
         except DataError as e:
             log(f"[{dataset} {arch} {norm} s{seed}] {e}")
     rec |= {f"acc_{k}": v for k, v in accs.items()} | dict(n_eval=len(y), time_s=round(time.time() - t0, 1))
+    for name in CHECKED:
+        if name in specs:
+            rec |= {f"chk_{name}_{k}": v for k, v in check_attack(model, x, y, specs[name], seed=seed).items()}
     log(f"[{dataset} {arch} {norm} s{seed}] " + " | ".join(f"{k} {v:.4f}" for k, v in accs.items()))
     return rec
 
 
 # ================================================================================================
-# Table and figure (regenerated from results.json by --plot-only)
+# 4. Tables, figures and claims (regenerated from results.json by --plot-only)
 # ================================================================================================
 
 METRICS = ["clean", "noise", "pgd_l2", "pgd_linf", "cw_l2", "cw_linf", "fgsm", "bim", "c101_clean", "c101_noise"]
@@ -325,16 +432,27 @@ def make_figure(records, path, title):
     plt.close(fig)
 
 
-def write_outputs(run_dir, records, args_like):
+def claims_for(artifact):
+    """An artifact's claims; P1 Tables 1, 2 and 8 share their models and attacks, so a P1 run tests all three."""
+    if ARTIFACTS[artifact]["runs"]["conv"] == "p1":
+        return list({c["id"]: c for a in ("p1_t1", "p1_t2", "p1_t8") for c in ARTIFACTS[a]["claims"]}.values())
+    return ARTIFACTS[artifact]["claims"]
+
+
+def write_outputs(run_dir, records, cfg):
     datasets = ", ".join(sorted({r["dataset"] for r in records}))
-    art, preset = args_like["artifact"], args_like["preset"]
-    header = f"# {ARTIFACTS[art]['paper']} ({art}, preset {preset}, {datasets})"
+    art, preset = cfg["artifact"], cfg["preset"]
+    header = f"# {ARTIFACTS[art]['title']} ({art}, preset {preset}, {datasets})"
     write_text_atomic(run_dir / "table.md", make_table(records, header))
-    make_figure(records, run_dir / "figure.png", header[2:])
+    make_figure(records, run_dir / "figure.png", header[2:] + f" | ε ℓ2 {cfg['eps_l2']:.3g}, ℓ∞ {cfg['eps_linf']:.3g}, "
+                f"FGSM {cfg['eps_fgsm']:.3g}; error bars: SEM over seeds")
+    rows = [r | ({"bim_minus_pgd_linf": r["acc_bim"] - r["acc_pgd_linf"]} if "acc_bim" in r else {}) for r in records]
+    write_claims(run_dir, claims_for(art), rows, f"# Claims: {ARTIFACTS[art]['title']} ({art}, preset {preset}, {datasets})",
+                 records, lambda r: f"{r['dataset']} {r['arch']} {r['norm']} s{r['seed']}")
 
 
 # ================================================================================================
-# Main: seed -> data -> model -> train -> eval -> save -> plot, per (dataset, arch, norm, seed)
+# 5. Main: seed -> data -> model -> train -> eval -> save -> plot, per (dataset, arch, norm, seed)
 # ================================================================================================
 
 def main(args):
@@ -342,12 +460,13 @@ def main(args):
         run_dir = pathlib.Path(args.plot_only)
         cfg = load_run_config(run_dir, "exp_table1.py")
         write_outputs(run_dir, load_records(run_dir), cfg)
-        print(f"redrew {run_dir / 'table.md'} and {run_dir / 'figure.png'}")
+        print(f"redrew {run_dir / 'table.md'}, claims.md and {run_dir / 'figure.png'}")
         return
-    print_config(args)
     device = pick_device(args.device)
     run_dir = prepare_run_dir("exp_table1", args.out, args.resume)
-    print(f"run directory: {run_dir} | device: {device} | artifact: {ARTIFACTS[args.artifact]['paper']}")
+    log_to(run_dir)
+    print_config(args)
+    print(f"run directory: {run_dir} | device: {device} | artifact: {ARTIFACTS[args.artifact]['title']}")
     records = load_records(run_dir) if args.resume and (run_dir / "results.json").exists() else []
     write_config(run_dir, args, __file__, device)
     done = {(r["dataset"], r["arch"], r["norm"], r["seed"]) for r in records}
@@ -368,7 +487,7 @@ def main(args):
                 break
             if (dataset, arch, norm, seed) in done:
                 continue
-            ckpt = run_dir / "ckpt" / f"{dataset}_{arch}_{norm}_s{seed}.pt"
+            ckpt = run_dir / "ckpt" / f"{dataset}_{arch}_{norm}_s{seed}.pt"  # unless --cache is given
             rec = run_one(args, data, dataset, arch, norm, seed, device, ckpt, print)
             records.append(rec)
             n_ok += rec["status"] == "ok"
@@ -378,7 +497,8 @@ def main(args):
     save_records(run_dir, records, finished=True)
     write_outputs(run_dir, records, vars(args))
     print((run_dir / "table.md").read_text())
-    print(f"wrote {run_dir}/results.json, results.csv, table.md, figure.png")
+    print((run_dir / "claims.md").read_text())
+    print(f"wrote {run_dir}/results.json, results.csv, table.md, claims.md, figure.png")
 
 
 if __name__ == "__main__":

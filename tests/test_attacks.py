@@ -1,4 +1,4 @@
-"""Attacks (SPEC 1.4): closed forms on linear models, ball/box invariants, and side-effect freedom."""
+"""Attacks (P1 App. B.2, P2 Sec. 3): closed forms on linear models, ball/box invariants, and side-effect freedom."""
 import pytest
 import torch
 import torch.nn as nn

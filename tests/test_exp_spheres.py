@@ -41,7 +41,7 @@ def test_smoke_both_figures(tmp_path):
 
 
 def test_fig1_separability_without_bn_is_exact_and_bn_mixes_the_batches():
-    # SPEC 15: without BN the deep linear net is one affine map, so the nested circles stay separable by a
+    # Without BN the deep linear net is one affine map, so the nested circles stay separable by a
     # quadratic in the joint 2-PC projection; with BN (train mode) each batch gets its own affine map.
     g = torch.Generator().manual_seed(3)
     batches = [make_spheres(16, generator=g) for _ in range(2)]

@@ -26,7 +26,7 @@ def test_lambda_G_matches_values_computed_by_hand():
     # B = 4: c = -1/3, arccos(c) = 1.9106332, J'(c) = 0.3918266, J(c) = (0.9428090 - 0.4103188)/pi = 0.1694971,
     # lambda = (0.3918266 + 3) / (1 * 0.8305029) - 1 = 3.0840650
     assert lambda_G(4) == pytest.approx(3.0840650, abs=2e-5)  # hand value carried 7 digits
-    # REFERENCE_NOTES 6 table (evaluated independently there)
+    # values of Yang et al.'s formula evaluated independently (DECISIONS.md D21)
     for B, lam, depth in [(8, 1.788, 27.5), (16, 1.590, 34.5), (32, 1.522, 38.1), (64, 1.493, 39.9), (128, 1.480, 40.8),
                           (1024, 1.4685, 41.6)]:
         assert lambda_G(B) == pytest.approx(lam, abs=1.5e-3)

@@ -1,4 +1,4 @@
-"""Models, norms and Fixup (SPEC 1.2, 1.3; REFERENCE_NOTES 2): shapes, structure and init rules."""
+"""Models, norms and Fixup (P1, P2; DECISIONS.md D8-D11): shapes, structure and init rules."""
 import math
 
 import pytest
@@ -170,7 +170,7 @@ def test_standardize_inside_model_equals_standardizing_outside():
         Standardize([0.5, 0.5], [0.2, 0.0])
 
 
-# ---------------------------------------------------------------- Fixup (REFERENCE_NOTES 2)
+# ---------------------------------------------------------------- Fixup (DECISIONS.md D11)
 
 @pytest.mark.parametrize("arch,kw", [("resnet20", {}), ("resnet18", dict(width=1 / 8)), ("resnet50", dict(width=1 / 8)),
                                      ("wrn16_2", {}), ("wrn16_2", dict(final_bn=True))])
@@ -193,7 +193,7 @@ def test_fixup_zero_logits_zero_branches_no_norm(arch, kw):
 
 
 def test_fixup_init_scale_is_L_to_minus_half_for_basic_blocks():
-    # ResNet-110: L = 54 residual blocks; conv1 ~ N(0, 2/(out*9)) * 54^-1/2, conv2 = 0 (REFERENCE_NOTES 2a)
+    # ResNet-110: L = 54 residual blocks; conv1 ~ N(0, 2/(out*9)) * 54^-1/2, conv2 = 0 (DECISIONS.md D11)
     torch.manual_seed(0)
     model = make_model("resnet110", norm="fixup")
     blocks = [b for b in model.layers]

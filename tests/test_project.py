@@ -1,10 +1,13 @@
 """Project-level contracts: import hygiene, pinned torch, README test command == CI, documented API."""
 import ast
+import importlib
 import inspect
 import pathlib
 import re
 import subprocess
 import sys
+
+import pytest
 
 import common
 
@@ -53,7 +56,7 @@ def test_public_api_is_documented_with_paper_sections():
     assert len(public) > 20
     for f in public:
         assert f.__doc__ and len(f.__doc__.strip()) > 20, f"{f.__name__} has no docstring"
-    cites = re.compile(r"\b(P1|P2|SPEC|REFERENCE_NOTES)\b")
+    cites = re.compile(r"\b(P1|P2)\b|DECISIONS\.md")
     for name in ["norm_layer", "make_model", "VGG", "ResNet", "WideResNet", "FixupBasicBlock", "FixupBottleneck",
                  "FixupWideBlock", "MLP", "DeepLinear", "Standardize", "fgsm", "bim", "pgd", "cw_loss", "ligs",
                  "ligs_per_sample", "ligs_penalty"]:
@@ -64,3 +67,75 @@ def test_attack_and_ligs_loops_do_not_sync_with_item():
     # .item() inside a K-step loop forces a device sync per step (STYLE adaptation notes)
     for f in (common.pgd, common._objective_grad, common.ce_input_grad, common.ligs_per_sample, common.ligs_penalty):
         assert ".item()" not in inspect.getsource(f), f.__name__
+
+
+SCRIPTS = sorted(p.name for p in ROOT.glob("exp_*.py"))
+BANNERS = ["1. Artifacts", "2. Arguments and presets", "3. Experiment", "4. Tables, figures and claims", "5. Main"]
+
+
+def tracked_text_files():
+    out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    files = [ROOT / f for f in out if f.endswith((".py", ".md", ".txt", ".toml"))] + [ROOT / ".ci" / "run"]
+    return [f for f in files if f.exists()] + [f for f in ROOT.glob("*.py")] + list((ROOT / "tests").glob("*.py"))
+
+
+def test_nothing_refers_to_files_outside_the_repository():
+    # A user who clones or copies the project has only the repository: cite the papers or DECISIONS.md
+    bad = re.compile(r"\bSPEC\b|REFERENCE_NOTES|\.\./shared|\[DEFAULT\]")
+    hits = [f"{f.name}:{i}" for f in set(tracked_text_files()) for i, line in enumerate(f.read_text().splitlines(), 1)
+            if bad.search(line) and "bad = re.compile" not in line]
+    assert not hits, hits
+
+
+def test_decisions_cited_everywhere_exist():
+    entries = set(re.findall(r"^\*\*(D\d+)\.", (ROOT / "DECISIONS.md").read_text(), re.M))
+    assert len(entries) >= 20
+    cited = {(f.name, d) for f in set(tracked_text_files()) for d in re.findall(r"DECISIONS\.md`? (D\d+)", f.read_text())}
+    cited |= {(f.name, d) for f in set(tracked_text_files())
+              for span in re.findall(r"DECISIONS\.md`? (D\d+(?:[-,] ?D\d+)*)", f.read_text()) for d in re.findall(r"D\d+", span)}
+    assert cited and not {c for c in cited if c[1] not in entries}, sorted(c for c in cited if c[1] not in entries)
+
+
+def test_common_table_of_contents_matches_its_banners():
+    src = (ROOT / "common.py").read_text()
+    doc = common.__doc__
+    toc = re.findall(r"^\s+(\d+)\. (.+)$", doc, re.M)
+    banners = re.findall(r"^# (\d+)\. (.+)$", src, re.M)
+    assert [n for n, _ in toc] == [n for n, _ in banners] == [str(i) for i in range(1, len(toc) + 1)]
+    for (_, t), (_, b) in zip(toc, banners):
+        assert b.split()[0].rstrip(":") == t.split()[0].rstrip(":"), (t, b)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_has_the_same_anatomy(script):
+    src = (ROOT / script).read_text()
+    found = re.findall(r"^# (\d\. [^:(\n]*)", src, re.M)
+    assert [next(b for b in BANNERS if f.startswith(b)) for f in found] == BANNERS, found
+    mod = importlib.import_module(script[:-3])
+    for name, art in mod.ARTIFACTS.items():
+        assert set(art) == {"title", "runs", "claims"}, (name, set(art))
+        for c in art["claims"]:
+            assert {"id", "paper", "claim", "paper_value", "metric", "a", "b", "expect"} <= set(c), c
+            assert c["expect"] in "<>" and re.match(r"P[12] ", c["paper"]), c
+    assert "parse_with_presets(" in src and "write_claims(" in src and "log_to(" in src
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_shows_the_values_that_will_run(script):
+    out = subprocess.run([sys.executable, script, "--preset", "quick", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    mod = importlib.import_module(script[:-3])
+    quick = mod.resolve("quick", None if script == "exp_spheres.py" else next(iter(mod.ARTIFACTS)))
+    text = " ".join(out.stdout.split())
+    for k, v in quick.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
+            assert f"(default: {v})" in text, (k, v)
+
+
+def test_readme_reproduction_tables_are_generated_from_the_committed_results():
+    import update_readme
+    text = (ROOT / "README.md").read_text()
+    assert text.count("<!-- claims: ") >= 6
+    assert update_readme.render(text) == text, "README.md is stale: run python update_readme.py"
+    for script in SCRIPTS:
+        assert update_readme.runs_of(script), f"no committed quick run of {script}"
