@@ -31,6 +31,7 @@ Importing this module has no side effects (no argparse parsing, no global torch 
 """
 import argparse
 import contextlib
+import copy
 import csv
 import datetime
 import gzip
@@ -45,6 +46,7 @@ import pickle
 import platform
 import random
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -178,8 +180,8 @@ VGG_CFGS = {  # numbers = 3x3 conv output channels, "M" = 2x2 max-pool
 
 
 class VGG(nn.Module):
-    """VGG for 32x32 inputs (P1 Table 1, P2 Table 1; DECISIONS.md D8). conv -> norm -> act after every conv; the hidden FC layers
-    get no norm (torchvision vgg*_bn convention). n_fc=3 gives 512-512-n_classes, so the name counts
+    """VGG for 32x32 inputs (P1 Table 1, P2 Table 1; DECISIONS.md D8). conv -> norm -> act after every
+    conv; the hidden FC layers get no norm (torchvision vgg*_bn convention). n_fc=3 gives 512-512-n_classes, so the name counts
     weight layers (VGG8 = 5 conv + 3 FC, DECISIONS.md D8); n_fc=1 is the common one-FC CIFAR variant.
 
     Pools use ceil_mode=True: identical to floor mode on 32x32 (all sizes even) while letting small
@@ -753,8 +755,8 @@ def _check_attack_args(x, y, eps, steps, restarts, norm, loss, rand_init, step_s
     check_choice("attack loss", loss, ATTACK_LOSSES)
     if not (eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"eps={eps}: expected a finite number >= 0")
-    if step_size is not None and not (step_size > 0 and math.isfinite(step_size)):  # a negative step is a defence
-        raise ValueError(f"step_size={step_size}: expected a finite number > 0")
+    if step_size is not None and not ((step_size > 0 or eps == step_size == 0) and math.isfinite(step_size)):
+        raise ValueError(f"step_size={step_size}: expected a finite number > 0")  # a negative step is a defence
     if not kappa >= 0:
         raise ValueError(f"kappa={kappa}: expected a number >= 0")
     if steps < 1 or restarts < 1:
@@ -1101,8 +1103,9 @@ def read_svhn(root, download_ok=False):
     return out
 
 
-def _read_idx(path):
-    """One IDX file (raw or .gz): magic 0x00000803 for uint8 images (N, H, W), 0x00000801 for labels."""
+def _read_idx(path, magic_expected):
+    """One IDX file (raw or .gz): magic 0x00000803 for uint8 images (N, H, W), 0x00000801 for labels.
+    A file of the other kind (images and labels swapped) is a DataError."""
     path = pathlib.Path(path)
     if not path.exists():
         path = path.with_name(path.name + ".gz")
@@ -1116,7 +1119,10 @@ def _read_idx(path):
             arr, shape = np.frombuffer(raw, np.uint8, offset=8), (n,)
         else:
             raise ValueError(f"bad magic number {magic:#x}")
-        return arr.reshape(shape)  # raises on truncation
+        if magic != magic_expected:
+            raise ValueError(f"holds {'images' if magic == 0x803 else 'labels'} where "
+                             f"{'images' if magic_expected == 0x803 else 'labels'} were expected (files swapped?)")
+        return arr.reshape(shape).copy()  # raises on truncation; a writable copy (torch warns on read-only arrays)
     except Exception as e:
         raise DataError(f"corrupt MNIST file {path}: {e.__class__.__name__}: {e}") from None
 
@@ -1127,10 +1133,12 @@ def read_mnist(root, download_ok=False):
     base = _require("mnist", root, download_ok)
     out = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
-        x = _read_idx(base / f"{prefix}-images-idx3-ubyte")
-        y = _read_idx(base / f"{prefix}-labels-idx1-ubyte").astype(np.int64)
+        x = _read_idx(base / f"{prefix}-images-idx3-ubyte", 0x803)
+        y = _read_idx(base / f"{prefix}-labels-idx1-ubyte", 0x801).astype(np.int64)
         if len(x) != len(y):
             raise DataError(f"corrupt MNIST {split} split under {base}: {len(x)} images, {len(y)} labels")
+        if len(y) and not (y.min() >= 0 and y.max() <= 9):
+            raise DataError(f"corrupt MNIST {split} labels under {base}: values {y.min()}..{y.max()}, expected 0..9")
         out[f"x_{split}"], out[f"y_{split}"] = x[:, None], y
     return out
 
@@ -1180,15 +1188,26 @@ def resize_images(x, size, mode="nearest"):
     return F.interpolate(x, size=(size, size), mode=mode, **({} if mode == "nearest" else {"align_corners": False}))
 
 
-def load_digits(size=8, channels=1, upscale="nearest", n_test=297, split_seed=0):
-    """The bundled UCI digits (data/digits.npz; 1797 8x8 images) in [0,1] (pixel/16), upscaled to
-    size x size and repeated to `channels`. Fixed split: a permutation seeded with split_seed gives
-    1500 train / 297 test (DECISIONS.md D23), the same for every run."""
-    if not DIGITS_FILE.exists():
-        raise DataError(f"bundled digits not found at {DIGITS_FILE} (copy data/digits.npz along with common.py)")
-    d = np.load(DIGITS_FILE)
-    x = torch.from_numpy(d["images"].astype(np.float32) / 16.0)[:, None]
-    y = torch.from_numpy(d["labels"].astype(np.int64))
+def load_digits(size=8, channels=1, upscale="nearest", n_test=297, split_seed=0, root=None):
+    """The UCI digits (ROOT/digits.npz if present, else the bundled data/digits.npz; 1797 8x8 images)
+    in [0,1] (pixel/16), upscaled to size x size and repeated to `channels`. Fixed split: a permutation
+    seeded with split_seed gives 1500 train / 297 test (DECISIONS.md D23), the same for every run.
+    A truncated file, missing keys or out-of-range values are one DataError."""
+    path = pathlib.Path(root) / "digits.npz" if root is not None else DIGITS_FILE
+    path = path if path.exists() else DIGITS_FILE
+    if not path.exists():
+        raise DataError(f"digits not found at {path} (copy data/digits.npz along with common.py)")
+    try:
+        with np.load(path) as d:
+            images, labels = d["images"], d["labels"]
+    except Exception as e:
+        raise DataError(f"corrupt digits file {path}: {e.__class__.__name__}: {e}") from None
+    if images.ndim != 3 or labels.shape != images.shape[:1] or len(labels) <= n_test or not (
+            labels.min() >= 0 and labels.max() <= 9 and images.min() >= 0 and images.max() <= 16):
+        raise DataError(f"corrupt digits file {path}: images {images.shape} in 0..16 and labels (N,) in 0..9 expected, "
+                        f"more than {n_test} of them")
+    x = torch.from_numpy(images.astype(np.float32) / 16.0)[:, None]
+    y = torch.from_numpy(labels.astype(np.int64))
     x = resize_images(x, size, upscale).repeat(1, channels, 1, 1)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(split_seed))
     te, tr = perm[:n_test], perm[n_test:]
@@ -1251,7 +1270,7 @@ def build_dataset(name, root="data", device="cpu", download=False, size=None, ch
     split), for smoke runs."""
     check_choice("dataset", name, DATASETS)
     if name == "digits":
-        d = load_digits(size or 8, channels or 1, upscale)
+        d = load_digits(size or 8, channels or 1, upscale, root=root)
     elif name == "synthetic":
         s, c = size or 16, channels or 3
         xtr, ytr = make_synthetic_images(n_train or 1000, size=s, channels=c, seed=seed)
@@ -1899,8 +1918,34 @@ def prepare_run_dir(script, out=None, resume=False):
         raise ValueError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
     if resume and not (out / "config.json").exists():
         raise ValueError(f"--resume: {out} holds no run to continue (pass the run's --out)")
+    if not out.exists():
+        _CREATED.append(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+_CREATED = []  # run directories made by this process: removed again by `run_script` if a start fails
+_START_FILES = {"config.json", "code.py", "log.txt"}  # what a run directory holds before any work is saved
+
+
+def run_script(main, get_args):
+    """The __main__ of every exp_*.py. Bad input and missing data end in one 'error:' line; Ctrl-C ends in
+    a hint to resume. A run directory this process created is removed again when nothing but its start
+    files was written (so a corrected rerun with the same --out works); finished work is never removed."""
+    def discard_empty():
+        for d in _CREATED:
+            if d.exists() and {f.name for f in d.iterdir()} <= _START_FILES:
+                shutil.rmtree(d)
+    try:
+        main(get_args())
+    except (DataError, ValueError) as e:
+        discard_empty()
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        discard_empty()
+        kept = [d for d in _CREATED if d.exists()]
+        sys.exit("interrupted: " + (f"finished work is kept; continue with --resume --out {kept[0]}" if kept else
+                                    "nothing was saved"))
 
 
 class _Tee:
@@ -1949,7 +1994,9 @@ def parse_with_presets(parser, resolve, argv=None):
     """Parse the command line with the values that will actually run as defaults: `resolve(preset,
     artifact)` -> {dest: value} (the chosen preset's settings for the chosen artifact) becomes the
     parser's defaults, so explicit flags win and `--help` shows the resolved values instead of None.
-    --preset and --artifact are read first by a small parser without -h."""
+    --preset and --artifact are read first by a small parser without -h. Errors are one line (no usage
+    block), and --resume takes the saved configuration (see `_resumed`)."""
+    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message}\n")
     pre = argparse.ArgumentParser(add_help=False)
     valid = True
     for a in parser._actions:
@@ -1961,7 +2008,49 @@ def parse_with_presets(parser, resolve, argv=None):
             valid = False
     if valid:
         parser.set_defaults(**resolve(known.preset, getattr(known, "artifact", None)))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    return _resumed(parser, args, argv) if getattr(args, "resume", False) else args
+
+
+def check_numbers(parser, args, at_least_one=(), positive=(), non_negative=()):
+    """One clear line (parser.error) for a nonsensical number: at_least_one = integer counts >= 1, positive =
+    finite > 0, non_negative = finite >= 0. Arguments may hold None (not set) or lists (every item checked)."""
+    rules = [(at_least_one, lambda v: v >= 1, "an integer >= 1"), (positive, lambda v: v > 0 and math.isfinite(v),
+             "a finite number > 0"), (non_negative, lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0")]
+    for names, ok, expected in rules:
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and not all(ok(v) for v in (value if isinstance(value, list) else [value])):
+                parser.error(f"--{name.replace('_', '-')} {value}: expected {expected}")
+
+
+RESUME_FREE = ("resume", "out", "device", "plot_only")  # the only arguments a resumed run may change
+
+
+def _resumed(parser, args, argv):
+    """--resume: the configuration is the one saved in RUN_DIR/config.json, so that finished and resumed
+    models share one recipe; a flag given now that contradicts it is one clear error."""
+    if not args.out:
+        parser.error("--resume needs --out RUN_DIR (the run to continue)")
+    path = pathlib.Path(args.out) / "config.json"
+    if not path.exists():
+        parser.error(f"--resume: {args.out} holds no run to continue (no config.json there)")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        parser.error(f"--resume: corrupt {path} ({e})")
+    if parser.prog.endswith(".py") and cfg.get("script") != parser.prog:
+        parser.error(f"--resume --out {args.out}: that run was made by {cfg.get('script')}, not {parser.prog}")
+    saved = cfg["args"]
+    explicit = copy.deepcopy(parser)  # parses only the flags given on this command line
+    explicit._defaults = {}
+    for a in explicit._actions:
+        a.default = argparse.SUPPRESS
+    for k, v in vars(explicit.parse_args(argv)).items():
+        if k not in RESUME_FREE and k in saved and json.loads(json.dumps(v, default=str)) != saved[k]:
+            parser.error(f"--{k.replace('_', '-')} {v} contradicts the run being resumed ({saved[k]}); a resumed run "
+                         f"keeps the configuration saved in {path}")
+    return argparse.Namespace(**(saved | {k: getattr(args, k) for k in RESUME_FREE if hasattr(args, k)}))
 
 
 def print_config(args):

@@ -11,22 +11,22 @@ with Paninski's interval. The grid runs cell by cell; --resume continues an inte
     python exp_depth_batch.py --dataset mnist --download     # paper preset: depths 10..60 x batch 5..500
     python exp_depth_batch.py --artifact fig5b               # both nets 40 epochs (fig5a: 10; fig2: BN 10 / none 40)
 
-Settings the paper leaves open (DECISIONS.md D21): width 384, depths 10, 15, ..., 60, batches 5, 10, 15, 20, 50, 100, 200, 500; BIM eps 0.1,
-20 steps of 0.01 (standardized units, no clipping); SGD without momentum; after training, the BN
-running statistics are recomputed exactly over the training set (cumulative average, one pass).
+Settings the paper leaves open (DECISIONS.md D21): width 384, depths 10, 15, ..., 60, batches 5, 10, 15,
+20, 50, 100, 200, 500; BIM eps 0.1, 20 steps of 0.01 (standardized units, no clipping); SGD without
+momentum; after training, the BN running statistics are recomputed exactly over the training set
+(cumulative average, one pass).
 """
 import argparse
 import math
 import pathlib
-import sys
 import time
 
 import torch
 
-from common import (Data, DataError, build_dataset, entropy_ci_bits, eval_mode, evaluate, load_records, load_run_config,
+from common import (Data, build_dataset, check_numbers, entropy_ci_bits, eval_mode, evaluate, load_records, load_run_config,
                     log_to, make_model, max_trainable_depth, mean_sem, parse_with_presets, pick_device, prepare_run_dir,
-                    print_config, quantized_entropy_bits, save_records, set_seed, train_model, write_claims, write_config,
-                    write_text_atomic)
+                    print_config, quantized_entropy_bits, run_script, save_records, set_seed, train_model, write_claims,
+                    write_config, write_text_atomic)
 
 # ================================================================================================
 # 1. Artifacts: what each one trains, and the papers' claims it tests
@@ -79,7 +79,7 @@ def resolve(preset, artifact):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--artifact", default="fig2", choices=sorted(ARTIFACTS), help="epochs: fig2 BN 10 / none 40; fig5a, fig5b")
-    p.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="paper settings, quick (digits or CPU scale) or smoke")
+    p.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="paper, quick (CPU scale) or smoke")
     p.add_argument("--dataset", choices=["mnist", "digits"], help="dataset")
     p.add_argument("--depths", type=int, nargs="+", help="numbers of hidden layers L")
     p.add_argument("--batches", type=int, nargs="+", help="batch sizes B")
@@ -102,17 +102,10 @@ def get_args(argv=None):
     args = parse_with_presets(p, resolve, argv)
     if args.plot_only:
         return args
-    if min(args.depths) < 1 or min(args.batches) < 2 or args.width < 1 or args.seeds < 1:
-        p.error("--depths >= 1, --batches >= 2, --width >= 1 and --seeds >= 1 are required")
-    if args.n_eval is not None and args.n_eval < 1:
-        p.error(f"--n-eval {args.n_eval}: expected an integer >= 1")
-    if args.bim_steps < 1:
-        p.error(f"--bim-steps {args.bim_steps}: expected an integer >= 1")
-    for name in ("lr_per_sample", "epoch_scale", "bn_eps", "bim_eps", "bim_step"):
-        if not (getattr(args, name) > 0 and math.isfinite(getattr(args, name))):
-            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a finite number > 0")
-    if not (args.noise_var >= 0 and math.isfinite(args.noise_var)):
-        p.error(f"--noise-var {args.noise_var}: expected a finite variance >= 0")
+    check_numbers(p, args, at_least_one=("depths", "width", "seeds", "n_eval", "bim_steps"),
+                  positive=("lr_per_sample", "epoch_scale", "bn_eps", "bim_eps", "bim_step"), non_negative=("noise_var",))
+    if min(args.batches) < 2:
+        p.error(f"--batches {args.batches}: expected batch sizes >= 2 (BN needs two samples)")
     return args
 
 
@@ -317,7 +310,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args())
-    except (DataError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    run_script(main, get_args)

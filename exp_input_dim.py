@@ -15,18 +15,16 @@ standardized; attacks are in standardized units with no clipping (DECISIONS.md D
     python exp_input_dim.py --dataset mnist     # paper preset on MNIST (--download fetches it)
 """
 import argparse
-import math
 import pathlib
-import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (Data, DataError, build_dataset, eval_mode, fmt_mean_sem, load_records, load_run_config, log_to, make_model,
-                    mean_sem, parse_with_presets, pick_device, prepare_run_dir, print_config, resize_images, run_attack,
-                    save_records, set_seed, train_model, write_claims, write_config, write_text_atomic)
+from common import (Data, build_dataset, check_numbers, eval_mode, fmt_mean_sem, load_records, load_run_config, log_to,
+                    make_model, mean_sem, parse_with_presets, pick_device, prepare_run_dir, print_config, resize_images,
+                    run_attack, run_script, save_records, set_seed, train_model, write_claims, write_config, write_text_atomic)
 
 # ================================================================================================
 # 1. Artifacts: what each one trains, and the papers' claims it tests
@@ -91,7 +89,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--artifact", default="all", choices=["all"] + list(ARTIFACTS),
                    help="Table 11 (linear), Tables 6/12 (MLP), Table 7 (MLP + WD), Fig 4 (bottleneck)")
-    p.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="paper settings, quick (digits or CPU scale) or smoke")
+    p.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="paper, quick (CPU scale) or smoke")
     p.add_argument("--dataset", choices=["mnist", "digits"], help="dataset")
     p.add_argument("--seeds", type=int, help="seeds for Table 11")
     p.add_argument("--mlp-seeds", type=int, help="seeds for Tables 6, 7, 12 (P2: 5)")
@@ -118,15 +116,10 @@ def get_args(argv=None):
     args = parse_with_presets(p, resolve, argv)
     if args.plot_only:
         return args
-    for name in ("seeds", "mlp_seeds", "epochs", "mlp_epochs", "bottleneck_epochs", "bim_steps", "batch_size", "n_plot"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected an integer >= 1")
-    for name in ("fgsm_eps", "bim_eps", "bim_step", "lr"):
-        if not (getattr(args, name) > 0 and math.isfinite(getattr(args, name))):
-            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a finite number > 0")
-    if not (args.noise_std >= 0 and math.isfinite(args.noise_std)):
-        p.error(f"--noise-std {args.noise_std}: expected a finite number >= 0")
-    if any(not 0 <= e <= args.bottleneck_epochs for e in args.snapshots):
+    check_numbers(p, args, at_least_one=("seeds", "mlp_seeds", "epochs", "mlp_epochs", "bottleneck_epochs", "bim_steps",
+                                         "batch_size", "n_plot"),
+                  positive=("fgsm_eps", "bim_eps", "bim_step", "lr"), non_negative=("noise_std", "snapshots"))
+    if any(e > args.bottleneck_epochs for e in args.snapshots):
         p.error(f"--snapshots {args.snapshots}: expected epochs in 0..{args.bottleneck_epochs} (--bottleneck-epochs)")
     return args
 
@@ -383,7 +376,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args())
-    except (DataError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    run_script(main, get_args)

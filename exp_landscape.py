@@ -17,16 +17,14 @@ DECISIONS.md D14 (SGD 0.9, WD 5e-4, batch 128, LR 0.01, 150 epochs, /10 at 50 an
 The Fig 9 Fixup network is ResNet-20 (DECISIONS.md D17).
 """
 import argparse
-import math
 import pathlib
-import sys
 import time
 
 import torch
 
-from common import (NORMS, DataError, build_dataset, check_attack, class_balanced_subset, epoch_metrics, fmt_mean_sem,
+from common import (NORMS, build_dataset, check_attack, check_numbers, class_balanced_subset, epoch_metrics, fmt_mean_sem,
                     landscape_probe, load_records, load_run_config, log_to, make_model, mean_sem, parse_with_presets,
-                    pick_device, prepare_run_dir, print_config, save_records, set_seed, train_model, write_claims,
+                    pick_device, prepare_run_dir, print_config, run_script, save_records, set_seed, train_model, write_claims,
                     write_config, write_text_atomic)
 
 # ================================================================================================
@@ -135,13 +133,9 @@ def get_args(argv=None):
     args = parse_with_presets(p, resolve, argv)
     if args.plot_only:
         return args
-    for name in ("epochs", "batch_size", "probe_every", "probe_epochs", "per_class", "seeds", "attack_steps", "size",
-                 "gn_groups"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected an integer >= 1")
-    for name in ("width", "lr", "eps", "sigma"):
-        if not (getattr(args, name) > 0 and math.isfinite(getattr(args, name))):
-            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a finite number > 0")
+    check_numbers(p, args, at_least_one=("epochs", "batch_size", "probe_every", "probe_epochs", "per_class", "seeds",
+                                         "attack_steps", "size", "gn_groups", "milestones"),
+                  positive=("width", "lr", "eps", "sigma"), non_negative=("weight_decay", "warmup_epochs"))
     if args.norm and not any(t[2] in args.norm for t in ARTIFACTS[args.artifact]["runs"]["models"]):
         p.error(f"--norm {' '.join(args.norm)}: {args.artifact} compares "
                 f"{sorted({t[2] for t in ARTIFACTS[args.artifact]['runs']['models']})}")
@@ -361,7 +355,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args())
-    except (DataError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    run_script(main, get_args)

@@ -18,16 +18,15 @@ targeted random labels in train mode). LIGS: Gaussian sigma 0.01, no clipping,
 eval mode (DECISIONS.md D12). Fig 11 (ImageNet) is not implemented: it is listed as skipped.
 """
 import argparse
-import math
 import pathlib
 import sys
 import time
 
 import torch
 
-from common import (NORMS, DataError, build_dataset, check_attack, class_balanced_subset, epoch_metrics, fmt_mean_sem,
+from common import (NORMS, build_dataset, check_attack, check_numbers, class_balanced_subset, epoch_metrics, fmt_mean_sem,
                     load_records, load_run_config, log_to, make_model, mean_sem, parse_with_presets, pick_device,
-                    prepare_run_dir, print_config, save_records, set_seed, train_model, write_claims, write_config,
+                    prepare_run_dir, print_config, run_script, save_records, set_seed, train_model, write_claims, write_config,
                     write_text_atomic)
 
 # ================================================================================================
@@ -171,19 +170,10 @@ def get_args(argv=None):
     if args.artifact in SKIPPED:
         print(f"skipped {args.artifact}: {SKIPPED[args.artifact]}")
         sys.exit(0)
-    for name in ("epochs", "batch_size", "attack_steps", "per_class", "seeds", "adv_steps", "size", "gn_groups"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected an integer >= 1")
-    for name in ("width", "lr", "eps", "adv_eps", "adv_step_size", "sigma"):
-        if not (getattr(args, name) > 0 and math.isfinite(getattr(args, name))):
-            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a finite number > 0")
-    for name in ("weight_decay", "warmup_epochs"):
-        if not (getattr(args, name) >= 0 and math.isfinite(getattr(args, name))):
-            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a finite number >= 0")
-    if any(lam < 0 for lam in args.lambdas):
-        p.error(f"--lambdas {args.lambdas}: expected weights >= 0")
-    if any(not 0 < m for m in args.milestones):
-        p.error(f"--milestones {args.milestones}: expected positive epochs")
+    check_numbers(p, args, at_least_one=("epochs", "batch_size", "attack_steps", "per_class", "seeds", "adv_steps", "size",
+                                         "gn_groups", "milestones"),
+                  positive=("width", "lr", "eps", "adv_eps", "adv_step_size", "sigma"),
+                  non_negative=("weight_decay", "warmup_epochs", "lambdas"))
     return args
 
 
@@ -434,7 +424,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args())
-    except (DataError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    run_script(main, get_args)

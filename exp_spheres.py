@@ -19,17 +19,15 @@ width 128, depth 16, 2 batches x 32, PyTorch default init. BN sits after each hi
 (DECISIONS.md D22): running statistics set by one pass over batch 1, then eval mode for both batches.
 """
 import argparse
-import math
 import pathlib
-import sys
 import time
 
 import torch
 import torch.nn as nn
 
-from common import (Data, DataError, DeepLinear, accuracy, fmt_mean_sem, load_records, load_run_config, log_to, make_model,
-                    make_spheres, mean_sem, parse_with_presets, pick_device, prepare_run_dir, print_config, save_records,
-                    set_seed, train_model, write_claims, write_config, write_text_atomic)
+from common import (Data, DeepLinear, accuracy, check_numbers, fmt_mean_sem, load_records, load_run_config, log_to, make_model,
+                    make_spheres, mean_sem, parse_with_presets, pick_device, prepare_run_dir, print_config, run_script,
+                    save_records, set_seed, train_model, write_claims, write_config, write_text_atomic)
 
 # ================================================================================================
 # 1. Artifacts: what each one trains, and the papers' claims it tests
@@ -83,7 +81,7 @@ def resolve(preset, artifact):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--artifact", default="all", choices=["all"] + list(ARTIFACTS), help="figure(s) to reproduce")
-    p.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="paper settings, quick (digits or CPU scale) or smoke")
+    p.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="paper, quick (CPU scale) or smoke")
     p.add_argument("--seeds", type=int, help="Fig 8 seeds (P2: 5)")
     p.add_argument("--epochs", type=int, help="Fig 8 training epochs")
     p.add_argument("--n-train", type=int, help="training points per class")
@@ -104,13 +102,10 @@ def get_args(argv=None):
     args = parse_with_presets(p, resolve, argv)
     if args.plot_only:
         return args
-    for name in ("seeds", "epochs", "n_train", "n_test", "width", "lin_width", "lin_depth", "batch_size", "dim"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected an integer >= 1")
+    check_numbers(p, args, at_least_one=("seeds", "epochs", "n_train", "n_test", "width", "lin_width", "lin_depth",
+                                         "batch_size", "dim", "batch_points"), non_negative=("noise_var",))
     if args.lin_depth < 2:
         p.error(f"--lin-depth {args.lin_depth}: expected >= 2 (layers 0..depth-2 are shown)")
-    if not (args.noise_var >= 0 and math.isfinite(args.noise_var)):
-        p.error(f"--noise-var {args.noise_var}: expected a finite variance >= 0")
     if args.batch_points < 4 or args.batch_points % 2:
         p.error(f"--batch-points {args.batch_points}: expected an even number >= 4")
     return args
@@ -337,7 +332,7 @@ def main(args):
         write_outputs(run_dir, records, cfg)
         if any(r.get("artifact") == "fig8" for r in records):
             plot_fig8(records, run_dir / "fig8.png", -(-2 * cfg["n_train"] // cfg["batch_size"]))
-        print(f"redrew {run_dir / 'table.md'}, claims.md (and fig8.png; fig1.png needs the activations, rerun --artifact fig1)")
+        print(f"redrew {run_dir / 'table.md'}, claims.md and fig8.png (fig1.png needs a rerun of --artifact fig1)")
         return
     device = pick_device(args.device)
     run_dir = prepare_run_dir("exp_spheres", args.out, args.resume)
@@ -364,7 +359,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args())
-    except (DataError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    run_script(main, get_args)

@@ -23,10 +23,10 @@ import time
 
 import torch
 
-from common import (NORMS, DataError, Standardize, build_dataset, cache_path, check_attack, class_balanced_subset, evaluate,
-                    fmt_mean_sem, load_records, load_run_config, log_to, make_model, mean_sem, parse_with_presets, pick_device,
-                    prepare_run_dir, print_config, read_cifar101, save_records, set_seed, train_model, write_claims,
-                    write_config, write_text_atomic)
+from common import (DataError, NORMS, Standardize, build_dataset, cache_path, check_attack, check_numbers,
+                    class_balanced_subset, evaluate, fmt_mean_sem, load_records, load_run_config, log_to, make_model, mean_sem,
+                    parse_with_presets, pick_device, prepare_run_dir, print_config, read_cifar101, run_script, save_records,
+                    set_seed, train_model, write_claims, write_config, write_text_atomic)
 
 # ================================================================================================
 # 1. Artifacts: what each one trains, and the papers' claims it tests
@@ -202,15 +202,10 @@ def get_args(argv=None):
     args.max_seed_tries = args.max_seed_tries or ARTIFACTS[args.artifact]["runs"].get("max_tries", args.seeds)
     if args.dataset is not None and args.dataset not in ("cifar10", "svhn", "mnist", "digits", "synthetic"):
         p.error(f"--dataset {args.dataset!r}: expected cifar10, svhn, mnist, digits or synthetic")
-    for name in ("epochs", "batch_size", "attack_steps", "n_eval", "seeds", "max_seed_tries", "size", "gn_groups"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected an integer >= 1")
-    for name in ("eps_l2", "eps_linf", "eps_fgsm", "noise_std", "weight_decay", "warmup_epochs"):
-        if not (getattr(args, name) >= 0 and math.isfinite(getattr(args, name))):
-            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a finite number >= 0")
-    for name in ("width", "lr"):
-        if getattr(args, name) is not None and not (getattr(args, name) > 0 and math.isfinite(getattr(args, name))):
-            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a finite number > 0")
+    check_numbers(p, args, at_least_one=("epochs", "batch_size", "attack_steps", "n_eval", "seeds", "max_seed_tries",
+                                         "size", "gn_groups"),
+                  positive=("width", "lr"), non_negative=("eps_l2", "eps_linf", "eps_fgsm", "noise_std", "weight_decay",
+                                                          "warmup_epochs"))
     if args.max_seed_tries < args.seeds:
         p.error(f"--max-seed-tries {args.max_seed_tries} < --seeds {args.seeds}")
     return args
@@ -463,24 +458,29 @@ def main(args):
         print(f"redrew {run_dir / 'table.md'}, claims.md and {run_dir / 'figure.png'}")
         return
     device = pick_device(args.device)
-    run_dir = prepare_run_dir("exp_table1", args.out, args.resume)
-    log_to(run_dir)
-    print_config(args)
-    print(f"run directory: {run_dir} | device: {device} | artifact: {ARTIFACTS[args.artifact]['title']}")
-    records = load_records(run_dir) if args.resume and (run_dir / "results.json").exists() else []
-    write_config(run_dir, args, __file__, device)
-    done = {(r["dataset"], r["arch"], r["norm"], r["seed"]) for r in records}
     todo = plan(args)
-    print(f"{len(todo)} models x {args.seeds} seed(s) (up to {args.max_seed_tries} tries each)")
-    datasets = {}
+    datasets = {}  # every input is checked before the run directory is created
     for dataset, arch, norm in todo:
         key = (dataset, input_size(args, dataset, arch))
         if key not in datasets:
             datasets[key] = build_dataset(dataset, args.data_root, device, args.download, size=key[1],
                                           n_train=1000 if dataset == "synthetic" else None, seed=0)
-            d = datasets[key]
-            print(f"{dataset}: train {tuple(d.x_train.shape)}, test {tuple(d.x_test.shape)}")
-        data = datasets[key]
+        with torch.device("meta"):  # a wrong architecture name or norm fails here, at no cost
+            make_model(arch, **model_kwargs(args, datasets[key], arch, norm))
+    run_dir = prepare_run_dir("exp_table1", args.out, args.resume)
+    log_to(run_dir)
+    print_config(args)
+    print(f"run directory: {run_dir} | device: {device} | artifact: {ARTIFACTS[args.artifact]['title']}")
+    for (dataset, _), d in datasets.items():
+        print(f"{dataset}: train {tuple(d.x_train.shape)}, test {tuple(d.x_test.shape)}")
+    records = load_records(run_dir) if args.resume and (run_dir / "results.json").exists() else []
+    args.recipes = {f"{d} {a} {n}": recipe(args, d, a, n) for d, a, n in todo}  # the resolved recipe of every model
+    write_config(run_dir, args, __file__, device)
+    done = {(r["dataset"], r["arch"], r["norm"], r["seed"]) for r in records}
+    print(f"{len(todo)} models x {args.seeds} seed(s) (up to {args.max_seed_tries} tries each)")
+    t0, n_total, n_run = time.time(), len(todo) * args.seeds, 0
+    for dataset, arch, norm in todo:
+        data = datasets[(dataset, input_size(args, dataset, arch))]
         n_ok = sum(1 for r in records if (r["dataset"], r["arch"], r["norm"]) == (dataset, arch, norm) and r["status"] == "ok")
         for seed in range(args.max_seed_tries):
             if n_ok >= args.seeds:
@@ -492,6 +492,10 @@ def main(args):
             records.append(rec)
             n_ok += rec["status"] == "ok"
             save_records(run_dir, records, finished=False)  # every finished model is kept
+            n_run += 1
+            left = n_total - sum(r["status"] == "ok" for r in records)
+            print(f"model {n_total - left} of {n_total} done | {time.time() - t0:.0f}s | ETA "
+                  f"{(time.time() - t0) / n_run * max(0, left):.0f}s")
         if n_ok < args.seeds:
             print(f"[{dataset} {arch} {norm}] only {n_ok} of {args.seeds} seeds trained in {args.max_seed_tries} tries")
     save_records(run_dir, records, finished=True)
@@ -502,7 +506,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args())
-    except (DataError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    run_script(main, get_args)

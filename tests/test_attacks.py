@@ -320,10 +320,10 @@ def test_random_start_is_seeded_and_inside_the_ball():
     x = torch.rand(64, 3, 32, 32, generator=gen(2))
     y = torch.arange(64) % 10
     for norm, eps in [("linf", 0.03), ("l2", 0.5)]:
-        # step_size=0 returns the (projected, clipped) random start itself
-        s1 = pgd(model, x, y, eps, steps=1, step_size=0.0, norm=norm, rand_init=True, generator=gen(5), clip=None)
-        s2 = pgd(model, x, y, eps, steps=1, step_size=0.0, norm=norm, rand_init=True, generator=gen(5), clip=None)
-        s3 = pgd(model, x, y, eps, steps=1, step_size=0.0, norm=norm, rand_init=True, generator=gen(6), clip=None)
+        # a negligible step returns (almost) the projected random start itself; step_size=0 is refused
+        s1 = pgd(model, x, y, eps, steps=1, step_size=1e-12, norm=norm, rand_init=True, generator=gen(5), clip=None)
+        s2 = pgd(model, x, y, eps, steps=1, step_size=1e-12, norm=norm, rand_init=True, generator=gen(5), clip=None)
+        s3 = pgd(model, x, y, eps, steps=1, step_size=1e-12, norm=norm, rand_init=True, generator=gen(6), clip=None)
         assert torch.equal(s1, s2) and not torch.equal(s1, s3)
         d = (s1 - x).flatten(1)
         size = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)

@@ -68,7 +68,8 @@ def test_per_group_claims_and_one_sample_claims():
     one = dict(CLAIM, b=None, ref=0.3, expect=">")
     res = evaluate_claims([one], rows([0.5, 0.6, 0.55], []))[0]
     assert res["verdict"] == "held" and res["effect"] == pytest.approx(0.25) and res["method"] == "one-sample t"
-    md = claims_markdown(out, "# claims", checks=[("vgg bn s0 pgd_l2", ""), ("vgg none s0 pgd_l2", "50% zero input gradients")])
+    checks = [("vgg bn s0 pgd_l2", ""), ("vgg none s0 pgd_l2", "50% zero input gradients")]
+    md = claims_markdown(out, "# claims", checks=checks)
     assert "**held**" in md and "**reversed**" in md and "1 flagged" in md and "50% zero input gradients" in md
 
 
@@ -148,3 +149,14 @@ def test_attacks_reject_nonsense_budgets(kw, match):
     args = dict(eps=0.1, steps=2) | kw
     with pytest.raises(ValueError, match=match):
         pgd(model, torch.rand(3, 4), torch.zeros(3, dtype=torch.long), **args)
+
+
+@pytest.mark.parametrize("arch, size", [("vgg11", 32), ("resnet18", 16)])
+def test_channels_last_agrees_to_float_tolerance(arch, size):
+    # the scripts run convnets in channels_last on every device (faster on CPU too); the numbers must not move
+    torch.manual_seed(0)
+    model = make_model(arch, norm="bn", width=1 / 8, in_channels=1, mean=(0.5,), std=(0.3,)).eval()
+    x, y = torch.rand(16, 1, size, size), torch.randint(0, 10, (16,))
+    ref = pgd(model, x, y, 1.0, 3, norm="l2")
+    cl = model.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(pgd(cl, x, y, 1.0, 3, norm="l2"), ref, atol=1e-4, rtol=0)

@@ -280,3 +280,46 @@ def test_imagenet_folder_missing_is_clear_and_does_not_import_torchvision(tmp_pa
     with pytest.raises(DataError, match="ImageNet not found: expected class folders under"):
         common.imagenet_folder(tmp_path)
     assert "torchvision" not in sys.modules
+
+
+def write_mnist(root, labels=(1, 2, 3), swap=False):
+    base = root / "mnist"
+    base.mkdir(parents=True, exist_ok=True)
+    for p in ("train", "t10k"):
+        imgs, labs = idx_bytes(np.zeros((3, 28, 28), np.uint8)), idx_bytes(np.array(labels, np.uint8))
+        (base / f"{p}-images-idx3-ubyte").write_bytes(labs if swap else imgs)
+        (base / f"{p}-labels-idx1-ubyte").write_bytes(imgs if swap else labs)
+
+
+def test_mnist_labels_out_of_range_or_swapped_files_are_one_clear_error(tmp_path):
+    write_mnist(tmp_path, labels=(1, 2, 12))
+    with pytest.raises(DataError, match="labels .* values 1..12, expected 0..9"):
+        read_mnist(tmp_path)
+    write_mnist(tmp_path, swap=True)
+    with pytest.raises(DataError, match="files swapped"):
+        read_mnist(tmp_path)
+
+
+def test_mnist_arrays_are_writable(tmp_path):
+    # np.frombuffer gives read-only arrays, and torch.from_numpy warns on each load otherwise
+    write_mnist(tmp_path)
+    assert all(v.flags.writeable for v in read_mnist(tmp_path).values())
+
+
+def test_digits_from_data_root_and_corrupt_digits_files(tmp_path):
+    from common import DIGITS_FILE
+    with np.load(DIGITS_FILE) as z:
+        images, labels = z["images"], z["labels"]
+    np.savez(tmp_path / "digits.npz", images=images[::-1].copy(), labels=labels[::-1].copy())
+    mine, bundled = load_digits(root=tmp_path), load_digits()
+    assert not torch.equal(mine["x_train"], bundled["x_train"])  # --data-root is honoured
+    assert torch.equal(load_digits(root=tmp_path / "elsewhere")["x_train"], bundled["x_train"])  # else the bundled file
+    (tmp_path / "digits.npz").write_bytes((DIGITS_FILE).read_bytes()[:500])  # truncated
+    with pytest.raises(DataError, match="corrupt digits file"):
+        load_digits(root=tmp_path)
+    np.savez(tmp_path / "digits.npz", pictures=images, labels=labels)  # wrong key
+    with pytest.raises(DataError, match="corrupt digits file"):
+        load_digits(root=tmp_path)
+    np.savez(tmp_path / "digits.npz", images=images, labels=labels + 5)  # labels out of range
+    with pytest.raises(DataError, match="corrupt digits file"):
+        load_digits(root=tmp_path)

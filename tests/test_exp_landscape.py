@@ -11,7 +11,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def run(*args, timeout=300):
+def run(*args, timeout=None):  # no fixed limit: a slow machine is not a failure
     return subprocess.run([sys.executable, "exp_landscape.py", *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
 

@@ -11,7 +11,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def run(*args, timeout=300):
+def run(*args, timeout=None):  # no fixed limit: a slow machine is not a failure
     return subprocess.run([sys.executable, "exp_ligs_trend.py", *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -64,7 +64,7 @@ def test_the_quoted_command_without_cifar10_is_one_clear_line():
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "cifar10 not found" in lines[0] and "--download" in lines[0] and "--preset quick" in lines[0]
-    assert "config: " in r.stdout and "norm=['bn']" in r.stdout
+    assert r.stdout == ""  # a failed start prints only the error line (and creates no run directory)
 
 
 def test_help_skip_and_bad_flags(tmp_path):
@@ -74,4 +74,4 @@ def test_help_skip_and_bad_flags(tmp_path):
     r = run("--norm", "batch")
     assert r.returncode == 2 and "invalid choice: 'batch'" in r.stderr
     r = run("--preset", "smoke", "--per-class", "0", "--out", tmp_path / "x")
-    assert r.returncode == 2 and "--per-class must be >= 1" in r.stderr
+    assert r.returncode == 2 and "--per-class 0: expected an integer >= 1" in r.stderr

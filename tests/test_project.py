@@ -90,9 +90,9 @@ def test_nothing_refers_to_files_outside_the_repository():
 def test_decisions_cited_everywhere_exist():
     entries = set(re.findall(r"^\*\*(D\d+)\.", (ROOT / "DECISIONS.md").read_text(), re.M))
     assert len(entries) >= 20
-    cited = {(f.name, d) for f in set(tracked_text_files()) for d in re.findall(r"DECISIONS\.md`? (D\d+)", f.read_text())}
-    cited |= {(f.name, d) for f in set(tracked_text_files())
-              for span in re.findall(r"DECISIONS\.md`? (D\d+(?:[-,] ?D\d+)*)", f.read_text()) for d in re.findall(r"D\d+", span)}
+    cite = re.compile(r"DECISIONS\.md`? (D\d+(?:[-,] ?D\d+)*)")  # "DECISIONS.md D7", "D8-D11", "D7, D25"
+    spans = {(f.name, s) for f in set(tracked_text_files()) for s in cite.findall(f.read_text())}
+    cited = {(name, d) for name, s in spans for d in re.findall(r"D\d+", s)}
     assert cited and not {c for c in cited if c[1] not in entries}, sorted(c for c in cited if c[1] not in entries)
 
 
@@ -139,3 +139,18 @@ def test_readme_reproduction_tables_are_generated_from_the_committed_results():
     assert update_readme.render(text) == text, "README.md is stale: run python update_readme.py"
     for script in SCRIPTS:
         assert update_readme.runs_of(script), f"no committed quick run of {script}"
+
+
+# Arguments that may stay None at paper scale: no paper number exists for them (the dataset's own size, the
+# full test set, min(32, C) groups, a fresh run directory), or they only override the artifact's own values.
+MAY_BE_NONE = {"out", "plot_only", "cache", "dataset", "arch", "norm", "size", "gn_groups", "n_eval", "epochs", "lr"}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_paper_preset_resolves_every_value_the_paper_has(script, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [script])
+    mod = importlib.import_module(script[:-3])
+    for artifact in [None] + [a for a in getattr(mod, "ARTIFACTS", {}) if a not in getattr(mod, "SKIPPED", {})]:
+        args = vars(mod.get_args(["--preset", "paper"] + (["--artifact", artifact] if artifact else [])))
+        unresolved = {k for k, v in args.items() if v is None} - MAY_BE_NONE
+        assert not unresolved, (artifact, unresolved)
