@@ -23,10 +23,10 @@ import time
 
 import torch
 
-from common import (Data, build_dataset, check_numbers, entropy_ci_bits, eval_mode, evaluate, load_records, load_run_config,
-                    log_to, make_model, max_trainable_depth, mean_sem, parse_with_presets, pick_device, prepare_run_dir,
-                    print_config, quantized_entropy_bits, run_script, save_records, set_seed, train_model, write_claims,
-                    write_config, write_text_atomic)
+from common import (Data, build_dataset, check_attack, check_numbers, entropy_ci_bits, eval_mode, evaluate, load_records,
+                    load_run_config, log_to, make_model, max_trainable_depth, mean_sem, parse_with_presets, pick_device,
+                    prepare_run_dir, print_config, quantized_entropy_bits, run_script, save_records, set_seed, train_model,
+                    write_claims, write_config, write_text_atomic)
 
 # ================================================================================================
 # 1. Artifacts: what each one trains, and the papers' claims it tests
@@ -152,6 +152,7 @@ def run_cell(args, data, norm, depth, batch, seed, device, ckpt):
     specs = dict(clean=dict(kind="clean"), noise=dict(kind="noise", sigma=math.sqrt(args.noise_var)),
                  bim=dict(kind="bim", eps=args.bim_eps, steps=args.bim_steps, step_size=args.bim_step, clip=None))
     rec |= {f"acc_{k}": v for k, v in evaluate(model, data.x_test, data.y_test, specs, seed=seed).items()}
+    rec |= {f"chk_bim_{k}": v for k, v in check_attack(model, data.x_test, data.y_test, specs["bim"], seed=seed).items()}
     with torch.no_grad(), eval_mode(model):
         probs = torch.cat([model(xb).softmax(1) for xb in data.x_train.split(2000)]).cpu()
     rec["entropy_bits"] = quantized_entropy_bits(probs, bits=7)  # P2 Fig 3: H(T) of the 7-bit softmax output
@@ -269,7 +270,8 @@ def write_outputs(run_dir, records, cfg):
     batches = [r["batch"] for r in records]
     rows = [r | dict(trained=r.get("acc_clean", 0) >= 0.9, largest_batch=r["batch"] == max(batches),
                      smallest_batch=r["batch"] == min(batches)) for r in records]
-    write_claims(run_dir, ARTIFACTS[cfg["artifact"]]["claims"], rows, "# Claims: " + title)
+    write_claims(run_dir, ARTIFACTS[cfg["artifact"]]["claims"], rows, "# Claims: " + title, records,
+                 lambda r: f"{r['norm']} L={r['depth']} B={r['batch']} s{r['seed']}")
 
 
 # ================================================================================================

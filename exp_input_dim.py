@@ -22,9 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (Data, build_dataset, check_numbers, eval_mode, fmt_mean_sem, load_records, load_run_config, log_to,
-                    make_model, mean_sem, parse_with_presets, pick_device, prepare_run_dir, print_config, resize_images,
-                    run_attack, run_script, save_records, set_seed, train_model, write_claims, write_config, write_text_atomic)
+from common import (Data, build_dataset, check_attack, check_numbers, eval_mode, fmt_mean_sem, load_records, load_run_config,
+                    log_to, make_model, mean_sem, parse_with_presets, pick_device, prepare_run_dir, print_config,
+                    resize_images, run_attack, run_script, save_records, set_seed, train_model, write_claims, write_config,
+                    write_text_atomic)
 
 # ================================================================================================
 # 1. Artifacts: what each one trains, and the papers' claims it tests
@@ -172,9 +173,11 @@ def run_t11(args, base, device, run_dir, done):
             res = train(args, data, model, args.epochs, lam, seed, run_dir / "ckpt" / f"t11_k{k}_l{lam:g}_s{seed}.pt")
             rec = dict(table="t11", k=k, lam=lam, norm="none", seed=seed, status=res["status"], reason=res["reason"])
             if res["status"] == "ok":
-                for name, spec in [("clean", dict(kind="clean")), ("fgsm01", dict(kind="fgsm", eps=args.fgsm_eps, clip=None)),
+                fgsm = dict(kind="fgsm", eps=args.fgsm_eps, clip=None)
+                for name, spec in [("clean", dict(kind="clean")), ("fgsm01", fgsm),
                                    ("fgsm005", dict(kind="fgsm", eps=args.fgsm_eps / 2, clip=None))]:
                     rec[f"acc_{name}"], rec[f"loss_{name}"] = acc_and_loss(model, data.x_test, data.y_test, spec)
+                rec |= {f"chk_fgsm_{k}": v for k, v in check_attack(model, data.x_test, data.y_test, fgsm, seed=seed).items()}
             out.append(rec)
     return out
 
@@ -206,6 +209,8 @@ def run_mlp(args, base, device, run_dir, done, table):
                     rec["acc_clean"], rec["loss_clean"] = acc_and_loss(model, data.x_test, data.y_test, dict(kind="clean"))
                     rec["acc_noise"], rec["loss_noise"] = acc_and_loss(model, noisy, data.y_test, dict(kind="clean"))
                     rec["acc_bim"], rec["loss_bim"] = acc_and_loss(model, data.x_test, data.y_test, bim)
+                    chk = check_attack(model, data.x_test, data.y_test, bim, seed=seed)
+                    rec |= {f"chk_bim_{k}": v for k, v in chk.items()}
                 out.append(rec)
     return out
 
@@ -307,7 +312,8 @@ def write_outputs(run_dir, records, cfg):
     rows = [r | dict(wd=r["lam"] > 0, damage01=r["loss_fgsm01"] - r["loss_clean"] if "loss_fgsm01" in r else None)
             for r in records]
     claims = [c for name, art in ARTIFACTS.items() if any(r["table"] == name for r in records) for c in art["claims"]]
-    write_claims(run_dir, claims, rows, f"# Claims: P2 Sec. 4 / App. B (preset {cfg['preset']}, {cfg['dataset']})")
+    write_claims(run_dir, claims, rows, f"# Claims: P2 Sec. 4 / App. B (preset {cfg['preset']}, {cfg['dataset']})", records,
+                 lambda r: f"{r['table']} k={r['k']} lambda={r['lam']:g} {r['norm']} s{r['seed']}")
 
 
 def plot_fig4(acts, labels, path, snapshots):

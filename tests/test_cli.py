@@ -132,3 +132,19 @@ def test_checkpoint_cache_is_shared_between_runs_and_keyed_by_the_recipe(tmp_pat
     assert len(list(cache.glob("*.pt"))) == 2
     recs = [json.loads((tmp_path / d / "results.json").read_text())["records"][0] for d in "ab"]
     assert recs[0]["acc_pgd_l2"] == recs[1]["acc_pgd_l2"]
+
+
+@pytest.mark.parametrize("script, args, flag", [
+    ("exp_spheres", ["--artifact", "fig8", "--noise-var", "-0.1"], "--noise-var"),
+    ("exp_depth_batch", ["--depths", "2", "--batches", "32", "--n-eval", "0"], "--n-eval"),
+    ("exp_depth_batch", ["--noise-var", "-0.25"], "--noise-var"),
+    ("exp_depth_batch", ["--epoch-scale", "0"], "--epoch-scale"),
+    ("exp_table1", ["--eps-l2", "-0.1"], "--eps-l2"),
+    ("exp_table1", ["--seeds", "0"], "--seeds"),
+    ("exp_table1", ["--width", "0"], "--width"),
+    ("exp_input_dim", ["--snapshots", "0", "2", "99"], "--snapshots"),
+])
+def test_reported_bad_values_fail_at_once_in_one_line(script, args, flag, tmp_path):
+    r = run(script, "--preset", "smoke", *args, "--out", tmp_path / "R")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and flag in r.stderr, r.stderr
+    assert not (tmp_path / "R").exists() and r.stdout == ""
