@@ -2050,7 +2050,8 @@ def _resumed(parser, args, argv):
         if k not in RESUME_FREE and k in saved and json.loads(json.dumps(v, default=str)) != saved[k]:
             parser.error(f"--{k.replace('_', '-')} {v} contradicts the run being resumed ({saved[k]}); a resumed run "
                          f"keeps the configuration saved in {path}")
-    return argparse.Namespace(**(saved | {k: getattr(args, k) for k in RESUME_FREE if hasattr(args, k)}))
+    # arguments a run made by an older version did not save keep today's defaults
+    return argparse.Namespace(**(vars(args) | saved | {k: getattr(args, k) for k in RESUME_FREE if hasattr(args, k)}))
 
 
 def print_config(args):

@@ -4,7 +4,7 @@ Reproduces P1 Tables 1, 2, 8 and P2 Tables 1, 2 (= Table 9), 3, 8 and P2 App. A.
 train each (dataset, arch, norm, seed), then measure clean, Gaussian-noise and adversarial
 accuracy. The papers' claim: normalization keeps or raises clean accuracy and lowers robust accuracy.
 
-    python exp_table1.py --preset quick                    # bundled digits, CPU, ~6 min (README table)
+    python exp_table1.py --preset quick                    # bundled digits, CPU, 5-10 min (README table)
     python exp_table1.py --artifact p1_t1 --data-root data  # P1 Table 1 (CIFAR-10 + SVHN; --download fetches them)
     python exp_table1.py --artifact p2_t1 --device cuda     # P2 Table 1 (VGG8 on SVHN, 5 seeds)
     python exp_table1.py --plot-only runs/exp_table1/<run> # redraw table.md, claims.md, figure
@@ -131,7 +131,7 @@ SKIPPED = {"p2_t5": "P2 Table 5 needs ImageNet and torchvision's pretrained VGG 
 PRESETS = {  # the paper's values; attack budgets by convention in resolve()
     "paper": dict(dataset=None, arch=None, norm=None, width=1.0, batch_size=128, weight_decay=5e-4, warmup_epochs=0.0,
                   n_eval=None, attack_steps=20, size=None, gn_groups=None),
-    # The bundled UCI digits on CPU in ~6 min. Chosen for trainability of every norm before looking at
+    # The bundled UCI digits on CPU in 5-10 min. Chosen for trainability of every norm before looking at
     # robustness (measured): one setting for all models -- batch 16, LR 0.02 with 2 warm-up epochs --
     # because no-norm ResNet18 (PyTorch default init, as the P1 authors) needs many small steps and
     # VGG11 with LN/GN dies at LR 0.02 without warm-up. VGG sees 32x32 digits (at 16x16 its last
