@@ -1503,7 +1503,7 @@ def train_model(model, data, recipe, seed=0, ckpt=None, log=print, amp=False, on
     state = dict(epoch=0, history=[], status="running", reason="")
     if ckpt is not None and pathlib.Path(ckpt).exists():
         saved = torch.load(ckpt, map_location=dev, weights_only=False)
-        if saved.get("key") != key:
+        if "key" in saved and saved["key"] != key:  # (checkpoints of older versions carry no key)
             raise ValueError(f"checkpoint {ckpt} was trained with another configuration ({saved.get('key')}), not {key}")
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])

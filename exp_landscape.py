@@ -22,10 +22,10 @@ import time
 
 import torch
 
-from common import (NORMS, build_dataset, check_attack, check_numbers, class_balanced_subset, epoch_metrics, fmt_mean_sem,
-                    landscape_probe, load_records, load_run_config, log_to, make_model, mean_sem, parse_with_presets,
-                    pick_device, prepare_run_dir, print_config, run_script, save_records, set_seed, train_model, write_claims,
-                    write_config, write_text_atomic)
+from common import (NORMS, build_dataset, cache_path, check_attack, check_numbers, class_balanced_subset, epoch_metrics,
+                    fmt_mean_sem, landscape_probe, load_records, load_run_config, log_to, make_model, mean_sem,
+                    parse_with_presets, pick_device, prepare_run_dir, print_config, run_script, save_records, set_seed,
+                    train_model, write_claims, write_config, write_text_atomic)
 
 # ================================================================================================
 # 1. Artifacts: what each one trains, and the papers' claims it tests
@@ -127,6 +127,8 @@ def get_args(argv=None):
     p.add_argument("--download", action="store_true", help="fetch missing datasets (md5-checked)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast for training on CUDA")
+    p.add_argument("--cache", default=None, help="shared checkpoint cache: reuse a model (with its per-epoch measurements) "
+                   "trained with the same data, model, recipe, measurements and seed")
     p.add_argument("--out", default=None, help="run directory (default runs/exp_landscape/<timestamp>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out, keeping finished runs")
     p.add_argument("--plot-only", metavar="RUN_DIR", default=None, help="redraw table.md, claims.md and the figure")
@@ -175,8 +177,12 @@ def run_one(args, data, subset, variant, arch, norm, shortcut, seed, device, ckp
     x_sub, y_sub = data.x_test[subset], data.y_test[subset]
     on_epoch = (lambda e, m: epoch_metrics(m, data.x_test, data.y_test, x_sub, y_sub, args.eps,
                                            args.attack_steps, args.sigma, seed)) if kind == "epoch" else None
-    res = train_model(model, data, recipe, seed=seed, ckpt=ckpt, amp=args.amp, on_epoch=on_epoch,
-                      on_step=on_step if kind == "probe" else None, tag=f"[{variant} s{seed}]")
+    measure = dict(eps=args.eps, steps=args.attack_steps, per_class=args.per_class, sigma=args.sigma) if kind == "epoch" \
+        else dict(probe_every=args.probe_every, probe_epochs=args.probe_epochs, step_multipliers=STEP_MULTIPLIERS)
+    key = dict(dataset=args.dataset, size=input_size(args, arch), arch=arch, model=dict(norm=norm, width=width, **kw),
+               recipe=recipe, seed=seed, amp=args.amp, measure=measure)  # everything behind the weights and the history
+    res = train_model(model, data, recipe, seed=seed, ckpt=cache_path(args.cache, key) or ckpt, amp=args.amp,
+                      on_epoch=on_epoch, on_step=on_step if kind == "probe" else None, tag=f"[{variant} s{seed}]", key=key)
     base = dict(artifact=args.artifact, dataset=args.dataset, arch=arch, norm=norm, shortcut=shortcut, seed=seed,
                 variant=variant, status=res["status"], reason=res["reason"])
     rows = [base | h for h in res["history"]]

@@ -24,8 +24,8 @@ import time
 
 import torch
 
-from common import (NORMS, build_dataset, check_attack, check_numbers, class_balanced_subset, epoch_metrics, fmt_mean_sem,
-                    load_records, load_run_config, log_to, make_model, mean_sem, parse_with_presets, pick_device,
+from common import (NORMS, build_dataset, cache_path, check_attack, check_numbers, class_balanced_subset, epoch_metrics,
+                    fmt_mean_sem, load_records, load_run_config, log_to, make_model, mean_sem, parse_with_presets, pick_device,
                     prepare_run_dir, print_config, run_script, save_records, set_seed, train_model, write_claims, write_config,
                     write_text_atomic)
 
@@ -161,6 +161,8 @@ def get_args(argv=None):
     p.add_argument("--download", action="store_true", help="fetch missing datasets (md5-checked)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast for training on CUDA")
+    p.add_argument("--cache", default=None, help="shared checkpoint cache: reuse a model (with its per-epoch measurements) "
+                   "trained with the same data, model, recipe, measurements and seed")
     p.add_argument("--out", default=None, help="run directory (default runs/exp_ligs_trend/<timestamp>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out, keeping finished runs")
     p.add_argument("--plot-only", metavar="RUN_DIR", default=None, help="redraw table.md, claims.md and the figures")
@@ -225,8 +227,12 @@ def run_one(args, data, subset, variant, o, seed, device, ckpt):
     perturbations = ("gaussian", "uniform", "fgsm", "pgd") if o.get("all_perturbations") else ("gaussian",)
     on_epoch = lambda e, m: epoch_metrics(m, data.x_test, data.y_test, x_sub, y_sub, args.eps, args.attack_steps,
                                           args.sigma, seed, perturbations)  # P1 Sec. 4: eps 0.25, 10 steps
-    res = train_model(model, data, recipe, seed=seed, ckpt=ckpt, amp=args.amp, on_epoch=on_epoch,
-                      tag=f"[{variant} s{seed}]")
+    key = dict(dataset=args.dataset, size=args.size, arch=arch, recipe=recipe, seed=seed, amp=args.amp,
+               model=dict(norm=o["norm"], width=width, act=o.get("act", "relu"), **kw),
+               measure=dict(eps=args.eps, steps=args.attack_steps, per_class=args.per_class, sigma=args.sigma,
+                            perturbations=perturbations))  # everything behind the weights and the history
+    res = train_model(model, data, recipe, seed=seed, ckpt=cache_path(args.cache, key) or ckpt, amp=args.amp,
+                      on_epoch=on_epoch, tag=f"[{variant} s{seed}]", key=key)
     base = dict(artifact=args.artifact, dataset=args.dataset, arch=arch, norm=o["norm"], seed=seed, variant=variant,
                 training="adversarial" if adv else "standard", factor=o.get("factor"), value=str(o.get("value")),
                 ligs_lambda=o.get("ligs_lambda", 0.0), status=res["status"], reason=res["reason"])

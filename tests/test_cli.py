@@ -148,3 +148,13 @@ def test_reported_bad_values_fail_at_once_in_one_line(script, args, flag, tmp_pa
     r = run(script, "--preset", "smoke", *args, "--out", tmp_path / "R")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and flag in r.stderr, r.stderr
     assert not (tmp_path / "R").exists() and r.stdout == ""
+
+
+def test_ligs_trend_cache_reuses_the_model_and_its_per_epoch_history(tmp_path):
+    base = ["--preset", "smoke", "--artifact", "fig5", "--lambdas", "0", "--epochs", "1", "--cache", tmp_path / "cache"]
+    r1 = run("exp_ligs_trend", *base, "--out", tmp_path / "a")
+    r2 = run("exp_ligs_trend", *base, "--out", tmp_path / "b")
+    assert r1.returncode == r2.returncode == 0, r1.stderr[-2000:] + r2.stderr[-2000:]
+    assert "epoch   1/1" in r1.stdout and "epoch   1/1" not in r2.stdout
+    a, b = (json.loads((tmp_path / d / "results.json").read_text())["records"] for d in "ab")
+    assert a == b and len(a) == 2  # epoch 0 and epoch 1, measured once
