@@ -181,8 +181,9 @@ VGG_CFGS = {  # numbers = 3x3 conv output channels, "M" = 2x2 max-pool
 
 class VGG(nn.Module):
     """VGG for 32x32 inputs (P1 Table 1, P2 Table 1; DECISIONS.md D8). conv -> norm -> act after every
-    conv; the hidden FC layers get no norm (torchvision vgg*_bn convention). n_fc=3 gives 512-512-n_classes, so the name counts
-    weight layers (VGG8 = 5 conv + 3 FC, DECISIONS.md D8); n_fc=1 is the common one-FC CIFAR variant.
+    conv; the hidden FC layers get no norm (torchvision vgg*_bn convention). n_fc=3 gives
+    512-512-n_classes, so the name counts weight layers (VGG8 = 5 conv + 3 FC); n_fc=1 is the common
+    one-FC CIFAR variant.
 
     Pools use ceil_mode=True: identical to floor mode on 32x32 (all sizes even) while letting small
     inputs (8x8 digits, 16x16 smoke images) pass all five pools at 1x1. A final global average pool
@@ -1918,13 +1919,15 @@ def prepare_run_dir(script, out=None, resume=False):
         raise ValueError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
     if resume and not (out / "config.json").exists():
         raise ValueError(f"--resume: {out} holds no run to continue (pass the run's --out)")
+    _RUNS.append(out)
     if not out.exists():
         _CREATED.append(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
-_CREATED = []  # run directories made by this process: removed again by `run_script` if a start fails
+_RUNS = []  # run directories used by this process (named in the Ctrl-C hint)
+_CREATED = []  # those it made itself: removed again by `run_script` if a start fails
 _START_FILES = {"config.json", "code.py", "log.txt"}  # what a run directory holds before any work is saved
 
 
@@ -1943,7 +1946,7 @@ def run_script(main, get_args):
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         discard_empty()
-        kept = [d for d in _CREATED if d.exists()]
+        kept = [d for d in _RUNS if d.exists()]
         sys.exit("interrupted: " + (f"finished work is kept; continue with --resume --out {kept[0]}" if kept else
                                     "nothing was saved"))
 
