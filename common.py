@@ -1032,19 +1032,36 @@ def download(url, dest, md5, timeout=60.0, chunk=1 << 20):
     return dest
 
 
+def extract_tar(path, dest):
+    """Unpack a tar archive into `dest` safely: members that would land outside `dest` (absolute paths,
+    '..', links pointing out) are refused by tarfile's 'data' filter; everything is unpacked into a
+    temporary folder first and moved into place only when the whole archive has been read, so a failure
+    leaves nothing half-extracted behind."""
+    dest = pathlib.Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(dir=dest, prefix=".extract-"))
+    try:
+        with tarfile.open(path) as tar:
+            tar.extractall(tmp, filter="data")
+        for child in tmp.iterdir():
+            target = dest / child.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(child, target)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataError(f"could not unpack {path}: {e.__class__.__name__}: {e}; nothing was extracted") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def fetch(name, root):
     """--download: fetch `name` into `root` (md5-checked) and unpack it into the standard layout."""
     folder, files, _ = SOURCES[name]
     base = pathlib.Path(root) / folder
     for fname, url, md5 in files:
         path = download(url, base / fname, md5)
-        if fname.endswith(".tar.gz"):  # CIFAR-10: unpack into a temp folder, then rename into place
-            tmp = pathlib.Path(tempfile.mkdtemp(dir=base))
-            with tarfile.open(path) as tar:
-                tar.extractall(tmp, filter="data")
-            for child in tmp.iterdir():
-                os.replace(child, base / child.name)
-            tmp.rmdir()
+        if fname.endswith((".tar", ".tar.gz")):  # CIFAR-10, CIFAR-10-C
+            extract_tar(path, base)
 
 
 def _require(name, root, download_ok):
@@ -2060,3 +2077,621 @@ def _resumed(parser, args, argv):
 def print_config(args):
     """Print the resolved configuration at start (it is also saved to config.json)."""
     print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
+
+
+# ================================================================================================
+# 15. Corruptions: a batched CIFAR-10-C generator, the released files, BN-statistics adaptation
+#     (P1 Fig 1, Table 7, App. F; P2 Table 4; Hendrycks & Dietterich 2019; DECISIONS.md D26-D28)
+# ================================================================================================
+
+# The 19 CIFAR-10-C corruptions by category (P2 Sec. 3: four categories) and their severity constants
+# (1..5) from Hendrycks & Dietterich's CIFAR generator. Pixels are in [0, 1]; every result is clipped,
+# multiplied by 255 and truncated to uint8, as in the released files.
+CORRUPTIONS = {
+    "noise": ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise"),
+    "blur": ("defocus_blur", "glass_blur", "motion_blur", "zoom_blur", "gaussian_blur"),
+    "weather": ("snow", "frost", "fog", "spatter", "brightness"),
+    "digital": ("contrast", "elastic_transform", "pixelate", "jpeg_compression", "saturate"),
+}
+CORRUPTION_NAMES = tuple(n for names in CORRUPTIONS.values() for n in names)
+APPROXIMATE = ("motion_blur", "snow")  # ImageMagick's motion blur, re-implemented (DECISIONS.md D27)
+SEVERITY = {
+    "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),
+    "shot_noise": (500, 250, 100, 75, 50),
+    "impulse_noise": (0.01, 0.02, 0.03, 0.05, 0.07),
+    "speckle_noise": (0.06, 0.10, 0.12, 0.16, 0.20),
+    "defocus_blur": ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)),  # disk radius, alias blur
+    "glass_blur": ((0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)),  # sigma, max shift, passes
+    "motion_blur": ((6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5)),  # radius, sigma
+    "zoom_blur": (1.06, 1.11, 1.16, 1.21, 1.26),  # zoom factors 1, 1.01, ... below this bound
+    "gaussian_blur": (0.4, 0.6, 0.7, 0.8, 1.0),
+    "snow": ((0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.9), (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9),
+             (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85), (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8)),
+    "frost": ((1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45)),
+    "fog": ((0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)),  # strength, plasma-fractal wibble decay
+    "spatter": ((0.62, 0.1, 0.7, 0.7, 0.5, 0), (0.65, 0.1, 0.8, 0.7, 0.5, 0), (0.65, 0.3, 1, 0.69, 0.5, 0),
+                (0.65, 0.1, 0.7, 0.69, 0.6, 1), (0.65, 0.1, 0.5, 0.68, 0.6, 1)),  # last: 0 water, 1 mud
+    "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),
+    "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),
+    "elastic_transform": ((0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05), (0.1, 0.03, 0.03)),
+    "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),
+    "jpeg_compression": (80, 65, 58, 50, 40),
+    "saturate": ((0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2)),
+}
+FROST_FILES = ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg")  # the generator draws 1 of 5
+
+
+def _pad_index(n, r, mode, device):
+    """Source index of every position of a length-n axis padded by r on both sides, for the border
+    rules of the reference libraries: 'nearest' (edge), 'mirror' (d c b | a b c d: OpenCV's default
+    BORDER_REFLECT_101, scipy 'mirror') and 'reflect' (c b a | a b c: scipy/skimage 'reflect')."""
+    i = torch.arange(-r, n + r, device=device)
+    if mode == "nearest":
+        return i.clamp(0, n - 1)
+    period = 2 * n - 2 if mode == "mirror" else 2 * n
+    i = i.remainder(max(period, 1))
+    return torch.where(i < n, i, period - i - (0 if mode == "mirror" else 1))
+
+
+def _filter2d(x, kh, kw=None, mode="nearest"):
+    """Separable correlation of (B, C, H, W) with the 1-D kernels kh (rows) and kw (columns, default kh)
+    under a border rule of `_pad_index` -- scipy.ndimage / skimage / cv2 filtering, batched."""
+    kw = kh if kw is None else kw
+    B, C, H, W = x.shape
+    rh, rw = len(kh) // 2, len(kw) // 2
+    x = x[:, :, _pad_index(H, rh, mode, x.device)][:, :, :, _pad_index(W, rw, mode, x.device)]
+    x = F.conv2d(x.reshape(B * C, 1, H + 2 * rh, W + 2 * rw), kh.to(x).view(1, 1, -1, 1))
+    x = F.conv2d(x, kw.to(x).view(1, 1, 1, -1))
+    return x.view(B, C, H, W)
+
+
+def _gauss1d(sigma, truncate=4.0):
+    """scipy.ndimage's Gaussian kernel: radius int(truncate * sigma + 0.5), normalized to sum 1."""
+    r = int(truncate * sigma + 0.5)
+    t = torch.arange(-r, r + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * t ** 2 / max(sigma, 1e-12) ** 2) if sigma > 0 else (t == 0).double()
+    return k / k.sum()
+
+
+def _gaussian(x, sigma, mode="nearest", truncate=4.0):
+    """skimage.filters.gaussian per channel (scipy gaussian_filter over H and W)."""
+    return _filter2d(x, _gauss1d(sigma, truncate), mode=mode) if sigma > 0 else x
+
+
+def _zoom_matrix(n_in, n_out, device):
+    """scipy.ndimage.zoom(order=1) along one axis as an (n_out, n_in) matrix: output i samples the input
+    at i * (n_in - 1) / (n_out - 1), linearly interpolated."""
+    pos = torch.arange(n_out, dtype=torch.float64) * ((n_in - 1) / max(n_out - 1, 1))
+    lo = pos.floor().long().clamp(0, n_in - 1)
+    hi = (lo + 1).clamp(max=n_in - 1)
+    w = pos - lo
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    m[torch.arange(n_out), lo] += 1 - w
+    m[torch.arange(n_out), hi] += w
+    return m.to(device)
+
+
+def _clipped_zoom_matrix(n, z, device):
+    """The generator's clipped_zoom along one axis: crop the centre ceil(n / z) pixels, zoom them by z
+    (output length round(ceil(n / z) * z), scipy's rule), trim the centre n."""
+    ch = int(math.ceil(n / z))
+    top = (n - ch) // 2
+    n_out = int(round(ch * z))
+    trim = (n_out - n) // 2
+    m = torch.zeros(n, n, dtype=torch.float64, device=device)
+    m[:, top:top + ch] = _zoom_matrix(ch, n_out, device)[trim:trim + n]
+    return m
+
+
+def _trunc_u8(x):
+    """[0, 1] floats -> uint8 the way the released files were made: clip, times 255, truncate."""
+    return (x.clamp(0, 1) * 255).nan_to_num(0.0).to(torch.uint8)
+
+
+def rgb_to_hsv(x):
+    """(B, 3, H, W) RGB in [0, 1] -> HSV in [0, 1], skimage.color.rgb2hsv's conventions (grey: hue 0,
+    saturation 0; ties in the maximum resolved blue over green over red)."""
+    r, g, b = x.unbind(1)
+    v = x.amax(1)
+    delta = v - x.amin(1)
+    safe = torch.where(delta == 0, torch.ones_like(delta), delta)
+    s = torch.where(delta == 0, torch.zeros_like(v), delta / torch.where(v == 0, torch.ones_like(v), v))
+    h = torch.where(r == v, (g - b) / safe, torch.zeros_like(v))
+    h = torch.where(g == v, 2.0 + (b - r) / safe, h)
+    h = torch.where(b == v, 4.0 + (r - g) / safe, h)
+    h = torch.where(delta == 0, torch.zeros_like(h), (h / 6.0).remainder(1.0))
+    return torch.stack([h, s, v], 1)
+
+
+def hsv_to_rgb(x):
+    """Inverse of `rgb_to_hsv` (skimage.color.hsv2rgb): the sector floor(6h) mod 6 picks the formula."""
+    h, s, v = x.unbind(1)
+    hi = torch.floor(h * 6)
+    f = h * 6 - hi
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    hi = hi.long().remainder(6)
+    table = torch.stack([torch.stack(c, 1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))])
+    return table.gather(0, hi[None, :, None].expand(1, -1, 3, -1, -1))[0]
+
+
+def plasma_fractal(n, size, decay, generator=None, device="cpu"):
+    """n plasma fractals (diamond-square, Fournier et al. 1982) of side `size` (a power of two), each in
+    [0, 1]: the generator's fog texture, with its amplitudes (wibble 100, divided by `decay` per level)."""
+    m = torch.zeros(n, size, size, dtype=torch.float64, device=device)
+    step, wibble = size, 100.0
+
+    def noisy_mean(a):  # a / 4 + wibble * U(-wibble, wibble)
+        return a / 4 + wibble * (2 * _rand(a.shape, generator, device) - 1) * wibble
+
+    while step >= 2:
+        h = step // 2
+        corners = m[:, 0::step, 0::step]
+        sq = corners + corners.roll(-1, 1)
+        m[:, h::step, h::step] = noisy_mean(sq + sq.roll(-1, 2))
+        centres, corners = m[:, h::step, h::step], m[:, 0::step, 0::step]
+        m[:, 0::step, h::step] = noisy_mean(centres + centres.roll(1, 1) + corners + corners.roll(-1, 2))
+        m[:, h::step, 0::step] = noisy_mean(centres + centres.roll(1, 2) + corners + corners.roll(-1, 1))
+        step, wibble = h, wibble / decay
+    m = m - m.amin((1, 2), keepdim=True)
+    return m / m.amax((1, 2), keepdim=True)
+
+
+def _gen_device(generator):
+    return generator.device if generator is not None else "cpu"
+
+
+def _rand(shape, generator, device, kind="rand", low=0, high=None):
+    """Random numbers from `generator` (drawn on its own device, so a CPU generator gives the same
+    stream for every device of x), moved to `device`: kind rand (U[0, 1)), randn, or randint [low, high)."""
+    gd = _gen_device(generator)
+    if kind == "randint":
+        return torch.randint(low, high, shape, generator=generator, device=gd).to(device)
+    fn = torch.rand if kind == "rand" else torch.randn
+    return fn(shape, generator=generator, dtype=torch.float64, device=gd).to(device)
+
+
+def motion_blur_kernel(radius, sigma):
+    """ImageMagick's motion-blur weights: width 2*ceil(radius)+1 taps of a one-sided Gaussian,
+    normalized (MagickCore MotionBlurImage)."""
+    i = torch.arange(2 * math.ceil(radius) + 1, dtype=torch.float64)
+    k = torch.exp(-i ** 2 / (2 * sigma ** 2))
+    return k / k.sum()
+
+
+def _motion_blur(x, radius, sigma, angle_deg):
+    """ImageMagick-style motion blur of (B, C, H, W), one angle per image (degrees): pixel (r, c) is the
+    weighted sum of the pixels (r + round(i sin a), c + round(i cos a)), i = 0..width-1, with edge
+    pixels repeated beyond the border. An approximation of the generator's Wand call: ImageMagick
+    works at 16-bit depth and its rounding cannot be matched bit for bit (DECISIONS.md D27)."""
+    B, C, H, W = x.shape
+    k = motion_blur_kernel(radius, sigma).to(x)
+    a = torch.deg2rad(angle_deg.to(x))
+    out = torch.zeros_like(x)
+    rows, cols = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
+    b = torch.arange(B, device=x.device)[:, None, None]
+    for i in range(len(k)):
+        dx = torch.ceil(i * torch.cos(a) - 0.5).long()  # MagickCore: ceil(i*cos - 0.5), ceil(i*sin - 0.5)
+        dy = torch.ceil(i * torch.sin(a) - 0.5).long()
+        r = (rows[None, :] + dy[:, None]).clamp(0, H - 1)[:, :, None]
+        c = (cols[None, :] + dx[:, None]).clamp(0, W - 1)[:, None, :]
+        out += k[i] * x.permute(0, 2, 3, 1)[b, r, c].permute(0, 3, 1, 2)
+    return out
+
+
+def _pil_box_matrix(n_in, n_out):
+    """Pillow's Image.resize(BOX) along one axis as an (n_out, n_in) matrix (ImagingResample's
+    precompute_coeffs with the box filter: input pixels whose centre falls in the output pixel's
+    support, equally weighted)."""
+    scale = n_in / n_out
+    fscale = max(scale, 1.0)
+    support = 0.5 * fscale
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for o in range(n_out):
+        centre = (o + 0.5) * scale
+        lo, hi = max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), n_in)
+        for i in range(lo, hi):
+            t = (i - centre + 0.5) / fscale
+            m[o, i] = 1.0 if -0.5 < t <= 0.5 else 0.0
+        m[o] /= m[o].sum()
+    return m
+
+
+def _pil_resize_box(u8, size):
+    """Pillow's 8-bit BOX resize of uint8 (B, C, H, W): horizontal pass, rounded to 8 bits, then the
+    vertical pass, rounded (Pillow's two-pass fixed-point resampling; ties may differ by one level)."""
+    B, C, H, W = u8.shape
+    mw = _pil_box_matrix(W, size).to(u8.device)
+    mh = _pil_box_matrix(H, size).to(u8.device)
+    t = torch.floor(u8.double() @ mw.T + 0.5).clamp(0, 255)
+    return torch.floor(mh @ t + 0.5).clamp(0, 255)
+
+
+def _jpeg(u8, quality):
+    """JPEG re-encoding with Pillow (libjpeg), one image at a time on the CPU: a codec, not batchable."""
+    from PIL import Image
+    out = torch.empty_like(u8, device="cpu")
+    for i, img in enumerate(u8.permute(0, 2, 3, 1).cpu().numpy()):
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, "JPEG", quality=quality)
+        out[i] = torch.from_numpy(np.array(Image.open(buf).convert("RGB"))).permute(2, 0, 1)
+    return out.to(u8.device)
+
+
+def _glass_swaps(u8, shifts, delta):
+    """The generator's local pixel shuffle on uint8 (B, C, H, W): for h, then w, running down from
+    n - delta to delta + 1, swap pixel (h, w) with (h + dy, w + dx); shifts (passes, positions, 2, B)
+    hold (dx, dy) in {-delta, ..., delta - 1} (numpy's randint excludes its upper bound). Sequential
+    in the positions, as in the generator, and batched over images."""
+    B, C, H, W = u8.shape
+    flat = u8.reshape(B, C, H * W).clone()
+    bidx = torch.arange(B, device=u8.device)
+    for it in range(shifts.shape[0]):
+        j = 0
+        for h in range(H - delta, delta, -1):
+            for w in range(W - delta, delta, -1):
+                p, q = h * W + w, (h + shifts[it, j, 1]) * W + (w + shifts[it, j, 0])
+                a = flat[:, :, p].clone()
+                flat[:, :, p] = flat[bidx, :, q]
+                flat[bidx, :, q] = a
+                j += 1
+    return flat.view(B, C, H, W)
+
+
+def _sobel_canny(u8, low=50, high=150):
+    """OpenCV's Canny edge detector (3x3 Sobel with replicated borders, L1 gradient magnitude,
+    non-maximum suppression with OpenCV's fixed-point tan(22.5 deg) test and its tie rules, then
+    8-connected hysteresis) on uint8 (B, H, W) -> bool edges."""
+    B, H, W = u8.shape
+    x = u8.double()[:, None]
+    dx = _filter2d(x, torch.tensor([1.0, 2.0, 1.0]), torch.tensor([-1.0, 0.0, 1.0]))[:, 0].long()
+    dy = _filter2d(x, torch.tensor([-1.0, 0.0, 1.0]), torch.tensor([1.0, 2.0, 1.0]))[:, 0].long()
+    mag = dx.abs() + dy.abs()
+    mp = F.pad(mag, (1, 1, 1, 1))  # magnitudes outside the image are 0
+
+    def at(di, dj):  # the magnitude of the neighbour (row + di, col + dj)
+        return mp[:, 1 + di:1 + di + H, 1 + dj:1 + dj + W]
+
+    ax, ay = dx.abs(), dy.abs() << 15
+    tg22 = ax * 13573  # round(tan(22.5 deg) * 2^15)
+    tg67 = tg22 + (ax << 16)
+    s = torch.where((dx ^ dy) < 0, -1, 1)
+    diag = torch.where(s < 0, (mag > at(-1, 1)) & (mag > at(1, -1)), (mag > at(-1, -1)) & (mag > at(1, 1)))
+    local_max = torch.where(ay < tg22, (mag > at(0, -1)) & (mag >= at(0, 1)),
+                            torch.where(ay > tg67, (mag > at(-1, 0)) & (mag >= at(1, 0)), diag))
+    cand = local_max & (mag > low)
+    strong, weak = cand & (mag > high), cand & (mag <= high)
+    while True:  # hysteresis: grow the strong edges through 8-connected weak pixels
+        grown = strong | (weak & (F.max_pool2d(strong[:, None].double(), 3, 1, 1)[:, 0] > 0))
+        if torch.equal(grown, strong):
+            return strong
+        strong = grown
+
+
+def _chamfer_distance(zero, cap=20.0):
+    """OpenCV's distanceTransform(DIST_L2, mask 5): the 5x5 chamfer distance (steps 1, 1.4 and 2.1969,
+    summed in float32 as OpenCV 5 does) to the nearest True pixel of `zero` (B, H, W), capped at `cap`
+    (all the generator keeps). Bellman-Ford relaxation: after k sweeps every distance below k is final."""
+    one, diag, knight = (torch.tensor(v, dtype=torch.float32) for v in (1.0, 1.4, 2.1969))
+    big = torch.tensor(cap + 10.0)
+    d = torch.where(zero, torch.tensor(0.0), big).float()
+    B, H, W = d.shape
+    moves = [(0, 1, one), (1, 0, one), (1, 1, diag), (1, -1, diag), (1, 2, knight), (2, 1, knight), (1, -2, knight),
+             (2, -1, knight)]
+    for _ in range(int(cap) + 2):
+        p = F.pad(d, (2, 2, 2, 2), value=float(big))
+        new = d
+        for di, dj, cost in moves + [(-a, -b, c) for a, b, c in moves]:
+            new = torch.minimum(new, p[:, 2 + di:2 + di + H, 2 + dj:2 + dj + W] + cost.to(d.device))
+        if torch.equal(new, d):
+            break
+        d = new
+    return d.clamp(max=cap)
+
+
+def _equalize_hist(u8):
+    """OpenCV's equalizeHist on uint8 (B, H, W): the lookup table round(255 * cdf excluding the first
+    occupied level / (N - its count)); a constant image stays constant."""
+    B = u8.shape[0]
+    flat = u8.reshape(B, -1).long()
+    hist = torch.zeros(B, 256, dtype=torch.long, device=u8.device).scatter_add_(1, flat, torch.ones_like(flat))
+    first = (hist > 0).long().argmax(1, keepdim=True)
+    n_first = hist.gather(1, first)
+    total = flat.shape[1]
+    cum = hist.cumsum(1) - n_first  # counts above the first occupied level
+    scale = 255.0 / (total - n_first).clamp(min=1).double()
+    lut = torch.round(cum.double() * scale).clamp(0, 255)
+    lut = torch.where(torch.arange(256, device=u8.device) <= first, 0.0, lut)
+    lut = torch.where(n_first == total, first.double().expand(-1, 256), lut)
+    return lut.gather(1, flat).view(u8.shape)
+
+
+def _spatter(x, c, generator):
+    """The generator's spatter: a thresholded, blurred Gaussian 'liquid' layer drawn as water (severities
+    1-3: edge-shaded pale turquoise, via OpenCV's Canny, distance transform and histogram equalization,
+    re-implemented above) or mud (4-5: brown blots)."""
+    B, _, H, W = x.shape
+    liquid = _gaussian((c[0] + c[1] * _rand((B, 1, H, W), generator, x.device, "randn")), c[2])[:, 0]
+    liquid = torch.where(liquid < c[3], 0.0, liquid)
+    if c[5] == 0:
+        lu8 = (liquid * 255).floor().remainder(256)  # numpy's astype(uint8): a liquid value above 1 wraps around
+        dist = _chamfer_distance(_sobel_canny(lu8.to(torch.uint8))).float().double()[:, None]
+        box = torch.ones(3, dtype=torch.float64)
+        dist = (_filter2d(dist, box, mode="mirror") / 9).float().floor()  # cv2.blur -> astype(uint8)
+        dist = _equalize_hist(dist[:, 0].to(torch.uint8)).double()[:, None]
+        ker = torch.tensor([[-2.0, -1, 0], [-1, 1, 1], [0, 1, 2]], dtype=torch.float64)
+        p = dist[:, :, _pad_index(H, 1, "mirror", x.device)][:, :, :, _pad_index(W, 1, "mirror", x.device)]
+        dist = torch.round(F.conv2d(p, ker.view(1, 1, 3, 3))).clamp(0, 255)  # filter2D to uint8 (saturating)
+        dist = torch.round(_filter2d(dist, box, mode="mirror") / 9)  # cv2.blur on uint8 rounds
+        m = (lu8[:, None] * dist).float().double()
+        m = m / m.amax((2, 3), keepdim=True) * c[4]  # 0/0 -> NaN -> a black image, as in the generator
+        colour = torch.tensor([175, 238, 238], dtype=torch.float64, device=x.device).view(1, 3, 1, 1) / 255
+        return x + m * colour
+    m = _gaussian(torch.where(liquid > c[3], 1.0, 0.0)[:, None], c[4])
+    m = torch.where(m < 0.8, 0.0, m)
+    colour = torch.tensor([63, 42, 20], dtype=torch.float64, device=x.device).view(1, 3, 1, 1) / 255
+    return x * (1 - m) + colour * m
+
+
+def _warp_affine(x, M):
+    """cv2.warpAffine(x, M) with bilinear interpolation and BORDER_REFLECT_101 on float (B, C, H, W), one
+    2x3 matrix per image (B, 2, 3) mapping source to destination: each output pixel samples the input at
+    M^-1 (x, y). (OpenCV 5 samples float images at these exact positions; OpenCV 3, which made the
+    released files, rounded them to 1/32 pixel: a difference of at most 1/64 pixel.)"""
+    B, C, H, W = x.shape
+    a, b, c0, d, e, f0 = M.double().reshape(B, 6).unbind(1)
+    det = a * e - b * d
+    inv = torch.where(det != 0, 1 / det, torch.zeros_like(det))
+    A11, A12, A21, A22 = e * inv, -b * inv, -d * inv, a * inv
+    B1, B2 = -A11 * c0 - A12 * f0, -A21 * c0 - A22 * f0
+    ys = torch.arange(H, dtype=torch.float64, device=x.device).view(1, H, 1)
+    xs = torch.arange(W, dtype=torch.float64, device=x.device).view(1, 1, W)
+    v = lambda t: t.view(B, 1, 1)
+    return _bilinear(x, v(A21) * xs + v(A22) * ys + v(B2), v(A11) * xs + v(A12) * ys + v(B1), "mirror")
+
+
+def _bilinear(x, rows, cols, mode):
+    """Sample (B, C, H, W) at fractional (rows, cols) (B, H, W), neighbours beyond the border taken by
+    the rule of `_pad_index`."""
+    B, C, H, W = x.shape
+
+    def fold(i, n):
+        if mode == "mirror":
+            period = 2 * n - 2
+            i = i.remainder(period)
+            return torch.where(i < n, i, period - i)
+        i = i.remainder(2 * n)
+        return torch.where(i < n, i, 2 * n - 1 - i)
+
+    r0, c0 = rows.floor(), cols.floor()
+    wr, wc = (rows - r0)[:, None], (cols - c0)[:, None]
+    r0, c0 = r0.long(), c0.long()
+    flat = x.reshape(B, C, H * W)
+
+    def take(r, c):
+        idx = (fold(r, H) * W + fold(c, W)).view(B, 1, -1).expand(B, C, -1)
+        return flat.gather(2, idx).view(B, C, H, W)
+
+    return ((1 - wr) * ((1 - wc) * take(r0, c0) + wc * take(r0, c0 + 1)) +
+            wr * ((1 - wc) * take(r0 + 1, c0) + wc * take(r0 + 1, c0 + 1)))
+
+
+def _elastic(x, c, generator):
+    """The generator's elastic transform: a random affine warp of three control points (cv2), then a
+    displacement field of Gaussian-smoothed uniform noise applied with linear interpolation (scipy
+    map_coordinates, 'reflect' borders). Constants are fractions of the image size."""
+    B, C, H, W = x.shape
+    alpha, sigma, shift = (v * H for v in c)
+    cy, cx, sq = H // 2, W // 2, min(H, W) // 3
+    src = torch.tensor([[cx + sq, cy + sq], [cx + sq, cy - sq], [cx - sq, cy - sq]], dtype=torch.float64)  # (x, y)
+    dst = src + shift * (2 * _rand((B, 3, 2), generator, "cpu").float().double() - 1)
+    dst = dst.float().double()  # float32 points, as in the generator
+    P = torch.cat([src, torch.ones(3, 1, dtype=torch.float64)], 1)  # solve M @ [x, y, 1] = dst for each image
+    M = torch.linalg.solve(P, dst).transpose(1, 2).to(x.device)
+    x = _warp_affine(x.float().double(), M).float().double()
+    fields = [(_gaussian(2 * _rand((B, 1, H, W), generator, x.device) - 1, sigma, "reflect", 3.0) * alpha).float()
+              for _ in range(2)]
+    dx, dy = (f.double()[:, 0] for f in fields)
+    rows = torch.arange(H, dtype=torch.float64, device=x.device).view(1, H, 1) + dy
+    cols = torch.arange(W, dtype=torch.float64, device=x.device).view(1, 1, W) + dx
+    return _bilinear(x, rows, cols, "reflect").float().double()
+
+
+_FROST_CACHE = {}
+
+
+def _frost_images(frost_dir, device):
+    """Hendrycks's frost pictures from `frost_dir`, scaled by 0.2 (bilinear, as cv2.resize) -> uint8-valued
+    float tensors (3, h, w). A missing file is a DataError naming it."""
+    key = (str(frost_dir), str(device))
+    if key not in _FROST_CACHE:
+        from PIL import Image
+        imgs = []
+        for name in FROST_FILES:
+            path = pathlib.Path(frost_dir) / name
+            if not path.exists():
+                raise DataError(f"frost image {path} not found: --frost-dir must hold {', '.join(FROST_FILES)} "
+                                f"(from Hendrycks's robustness repository, ImageNet-C/create_c)")
+            a = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).double()
+            size = (int(round(a.shape[1] * 0.2)), int(round(a.shape[2] * 0.2)))
+            a = F.interpolate(a[None], size=size, mode="bilinear", align_corners=False)[0]
+            imgs.append(torch.round(a).clamp(0, 255).to(device))
+        _FROST_CACHE[key] = imgs
+    return _FROST_CACHE[key]
+
+
+def corrupt(x, name, severity, generator=None, frost_dir=None):
+    """One CIFAR-10-C corruption (Hendrycks & Dietterich 2019) at `severity` 1..5 of a batch x
+    (B, 3, H, W) in [0, 1], on x's device, computed in float64 as the reference generator does, and
+    returned as uint8 (B, 3, H, W) truncated like the released files. Random numbers come from
+    `generator` (a torch.Generator on any device; the same generator state gives the same images on
+    every device of x). Severity constants are CIFAR-10-C's (32x32 images; DECISIONS.md D26).
+    Exact ports (same uint8 output up to floating-point ties, tested against numpy/scipy/skimage/
+    Pillow/OpenCV): every corruption but motion_blur and snow, whose ImageMagick motion blur is
+    re-implemented approximately (DECISIONS.md D27), and frost, whose pictures come from `frost_dir`."""
+    check_choice("corruption", name, CORRUPTION_NAMES)
+    if not (isinstance(severity, int) and 1 <= severity <= 5):
+        raise ValueError(f"severity {severity!r}: expected an integer in 1..5")
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"corrupt expects RGB images (B, 3, H, W), got {tuple(x.shape)}")
+    c = SEVERITY[name][severity - 1]
+    g, dev = generator, x.device
+    B, _, H, W = x.shape
+    x = x.double()
+    if name == "gaussian_noise":
+        out = x + c * _rand(x.shape, g, dev, "randn")
+    elif name == "shot_noise":
+        rate = (x * c).to(_gen_device(g))
+        out = torch.poisson(rate, generator=g).to(dev) / c
+    elif name == "impulse_noise":  # skimage random_noise('s&p'): each element flipped w.p. c, to 1 or 0 w.p. 1/2
+        flip, salt = _rand(x.shape, g, dev) < c, _rand(x.shape, g, dev) < 0.5
+        out = torch.where(flip, salt.double(), x)
+    elif name == "speckle_noise":
+        out = x + x * c * _rand(x.shape, g, dev, "randn")
+    elif name == "gaussian_blur":
+        out = _gaussian(x, c)
+    elif name == "defocus_blur":
+        out = _filter2d_2d(x, _defocus_kernel(*c), "mirror")
+    elif name == "glass_blur":
+        sigma, delta, passes = c
+        u = _trunc_u8(_gaussian(x, sigma))
+        n = (H - 2 * delta) * (W - 2 * delta)
+        shifts = _rand((passes, n, 2, B), g, dev, "randint", -delta, delta)
+        out = _gaussian(_glass_swaps(u, shifts, delta).double() / 255, sigma)
+    elif name == "motion_blur":  # rounded to 8 bits by the PNG round trip, not truncated
+        angle = _rand((B,), g, dev) * 90 - 45
+        return torch.round(_motion_blur(x * 255, c[0], c[1], angle)).clamp(0, 255).to(torch.uint8)
+    elif name == "zoom_blur":
+        xf = x.float()
+        acc = torch.zeros_like(xf)
+        for z in np.arange(1, c, 0.01):
+            mh, mw = _clipped_zoom_matrix(H, z, dev), _clipped_zoom_matrix(W, z, dev)
+            acc += (mh @ x @ mw.T).float()
+        out = ((xf + acc) / (len(np.arange(1, c, 0.01)) + 1)).double()
+    elif name == "snow":
+        xf = x.float().double()
+        layer = c[0] + c[1] * _rand((B, 1, H, W), g, dev, "randn")
+        layer = _clipped_zoom_matrix(H, c[2], dev) @ layer @ _clipped_zoom_matrix(W, c[2], dev).T
+        layer = torch.where(layer < c[3], 0.0, layer)
+        layer = (layer.clamp(0, 1) * 255).floor()  # an 8-bit greyscale image before ImageMagick
+        angle = _rand((B,), g, dev) * 90 - 135
+        layer = torch.round(_motion_blur(layer, c[4], c[5], angle)).clamp(0, 255) / 255
+        grey = (0.299 * xf[:, 0] + 0.587 * xf[:, 1] + 0.114 * xf[:, 2])[:, None].float().double()
+        xf = c[6] * xf + (1 - c[6]) * torch.maximum(xf, grey * 1.5 + 0.5)
+        out = xf + layer + layer.flip(2, 3)
+    elif name == "frost":
+        if frost_dir is None:
+            raise ValueError("frost needs Hendrycks's frost images: pass their folder as frost_dir (--frost-dir)")
+        imgs = _frost_images(frost_dir, dev)
+        pick = _rand((B,), g, "cpu", "randint", 0, len(imgs)).tolist()
+        u = _rand((B, 2), g, "cpu")
+        crops = []
+        for i, k in enumerate(pick):
+            h, w = imgs[k].shape[1:]
+            r0, c0 = int(u[i, 0] * (h - H)), int(u[i, 1] * (w - W))
+            crops.append(imgs[k][:, r0:r0 + H, c0:c0 + W])
+        return (c[0] * torch.round(x * 255) + c[1] * torch.stack(crops)).clamp(0, 255).to(torch.uint8)
+    elif name == "fog":
+        size = 1 << max(0, (max(H, W) - 1).bit_length())
+        plasma = plasma_fractal(B, size, c[1], g, dev)[:, None, :H, :W]
+        top = x.amax((1, 2, 3), keepdim=True)
+        out = (x + c[0] * plasma) * top / (top + c[0])
+    elif name == "spatter":
+        out = _spatter(x.float().double(), c, g)
+    elif name in ("brightness", "saturate"):
+        hsv = rgb_to_hsv(x)
+        if name == "brightness":
+            hsv[:, 2] = (hsv[:, 2] + c).clamp(0, 1)
+        else:
+            hsv[:, 1] = (hsv[:, 1] * c[0] + c[1]).clamp(0, 1)
+        out = hsv_to_rgb(hsv)
+    elif name == "contrast":
+        m = x.mean((2, 3), keepdim=True)
+        out = (x - m) * c + m
+    elif name == "elastic_transform":
+        out = _elastic(x, c, g)
+    elif name == "pixelate":
+        u = torch.round(x * 255)
+        return _pil_resize_box(_pil_resize_box(u, int(H * c)), H).to(torch.uint8)
+    else:  # jpeg_compression
+        return _jpeg(torch.round(x * 255).to(torch.uint8), c)
+    return _trunc_u8(out)
+
+
+def _defocus_kernel(radius, alias_blur):
+    """The generator's defocus kernel: an aliased disk of `radius` on a 17x17 grid, normalized, then
+    smoothed by cv2.GaussianBlur(3x3, sigma=alias_blur) in float32."""
+    t = torch.arange(-8, 9, dtype=torch.float32)
+    disk = ((t[:, None] ** 2 + t[None, :] ** 2) <= radius ** 2).float()
+    disk = disk / disk.sum()
+    g = torch.exp(-torch.tensor([-1.0, 0.0, 1.0]) ** 2 / (2 * alias_blur ** 2))
+    g = (g / g.sum()).float()
+    return _filter2d(disk[None, None].double(), g.double(), mode="mirror")[0, 0].float()
+
+
+def _filter2d_2d(x, k, mode):
+    """Correlation of (B, C, H, W) with a 2-D kernel (cv2.filter2D per channel)."""
+    B, C, H, W = x.shape
+    r = k.shape[0] // 2
+    p = x[:, :, _pad_index(H, r, mode, x.device)][:, :, :, _pad_index(W, r, mode, x.device)]
+    return F.conv2d(p.reshape(B * C, 1, H + 2 * r, W + 2 * r), k.to(x)[None, None]).view(B, C, H, W)
+
+
+CIFAR10C_URL = "https://zenodo.org/record/2535967/files/CIFAR-10-C.tar"  # 2,918,471,680 bytes
+SOURCES["cifar10c"] = ("", [("CIFAR-10-C.tar", CIFAR10C_URL, "56bf5dcef84df0e2308c6dcbcbbd8499")], ["CIFAR-10-C/labels.npy"])
+
+
+def read_cifar10c(root, name, test_labels, download_ok=False):
+    """The released CIFAR-10-C file of one corruption, memory-mapped: --data-root/CIFAR-10-C/<name>.npy,
+    uint8 (5 N, 32, 32, 3) -- severities 1..5 in blocks of N test images in CIFAR-10 test order -- checked
+    against labels.npy and `test_labels` (the CIFAR-10 test labels, N of them) block by block.
+    A missing, truncated or mislabelled file is a DataError naming it."""
+    check_choice("corruption", name, CORRUPTION_NAMES)
+    base = _require("cifar10c", root, download_ok) / "CIFAR-10-C"
+    n = len(test_labels)
+
+    def load(fname, shape):
+        path = base / fname
+        if not path.exists():
+            raise DataError(f"CIFAR-10-C file {path} not found (expected {fname} with uint8 shape {shape})")
+        try:
+            a = np.load(path, mmap_mode="r")
+        except Exception as e:  # truncated header or data, not a .npy file
+            raise DataError(f"corrupt CIFAR-10-C file {path}: {e.__class__.__name__}: {e}") from None
+        if a.dtype != np.uint8 or a.shape != shape:
+            raise DataError(f"corrupt CIFAR-10-C file {path}: {a.dtype} {a.shape}, expected uint8 {shape}")
+        return a
+
+    labels = load("labels.npy", (5 * n,))
+    expected = np.asarray(test_labels, dtype=np.int64)
+    for s in range(5):
+        if not np.array_equal(labels[s * n:(s + 1) * n].astype(np.int64), expected):
+            raise DataError(f"CIFAR-10-C labels {base / 'labels.npy'}: severity block {s + 1} differs from the CIFAR-10 "
+                            f"test labels (a different test set or a reordered file)")
+    return load(f"{name}.npy", (5 * n, 32, 32, 3))
+
+
+def adapt_bn(model, x, batch_size=500):
+    """Re-estimate every BatchNorm's running statistics on x (P1 Table 7, App. F; Li et al. 2016, AdaBN):
+    reset them, then run x through the model with only the BN layers in train mode, under no_grad, with
+    momentum None so that the statistics are the exact cumulative average over the batches (each batch
+    weighted equally: a batch_size dividing len(x), or >= len(x), gives the set's own mean and unbiased
+    variance). Momentum and every module's mode are restored afterwards. A model without BN is left
+    untouched. Returns the model."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return model
+    modes = {m: m.training for m in model.modules()}
+    momenta = [m.momentum for m in bns]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    with torch.no_grad():
+        for xb in x.split(batch_size):
+            model(xb)
+    for m, mom in zip(bns, momenta):
+        m.momentum = mom
+    for m, t in modes.items():
+        m.train(t)
+    return model

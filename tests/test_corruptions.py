@@ -1,0 +1,266 @@
+"""The batched CIFAR-10-C generator against an independent per-image reference (tests/cifar_c_reference.py,
+written with the libraries of Hendrycks & Dietterich's generator), the random corruptions by their
+distributions, the released-file reader, safe archive extraction, and BN-statistics adaptation."""
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import common
+from common import CORRUPTION_NAMES, DataError, adapt_bn, corrupt, read_cifar10c
+
+import cifar_c_reference as ref  # noqa: E402  (tests/ is on sys.path under pytest)
+
+DETERMINISTIC = ("gaussian_blur", "defocus_blur", "zoom_blur", "contrast", "brightness", "saturate", "pixelate",
+                 "jpeg_compression")
+
+
+def random_images(n=8, seed=0):
+    u8 = np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    return u8, torch.from_numpy(u8).permute(0, 3, 1, 2).double() / 255
+
+
+def assert_equivalent(ours, theirs):
+    """The acceptance rule: identical uint8 on at least 99 % of the values, never more than one level apart."""
+    d = np.abs(ours.astype(int) - theirs.astype(int))
+    assert np.mean(d == 0) >= 0.99 and d.max() <= 1, (np.mean(d == 0), d.max())
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_deterministic_corruptions_match_the_reference(name):
+    u8, x = random_images()
+    for s in range(1, 6):
+        ours = corrupt(x, name, s).permute(0, 2, 3, 1).numpy()
+        assert_equivalent(ours, np.stack([ref.deterministic(im, name, s) for im in u8]))
+
+
+def corrupt_recording(x, name, s, seed=0):
+    """corrupt() with every random draw recorded, so the reference can be fed the same draws."""
+    draws, orig = [], common._rand
+
+    def rec(*a, **k):
+        out = orig(*a, **k)
+        draws.append(out.clone())
+        return out
+
+    common._rand = rec
+    try:
+        out = corrupt(x, name, s, torch.Generator().manual_seed(seed))
+    finally:
+        common._rand = orig
+    return out.permute(0, 2, 3, 1).numpy(), draws
+
+
+@pytest.mark.parametrize("name", ["glass_blur", "fog", "elastic_transform", "spatter"])
+def test_random_structured_corruptions_match_the_reference_given_the_same_draws(name):
+    u8, x = random_images(6)
+    for s in range(1, 6):
+        ours, d = corrupt_recording(x, name, s, seed=s)
+        theirs = []
+        for i, im in enumerate(u8):
+            if name == "glass_blur":
+                theirs.append(ref.glass(im, s, d[0][..., i].numpy()))
+            elif name == "fog":
+                draws = iter(d)
+                theirs.append(ref.fog(im, s, lambda shape, i=i, it=draws: next(it)[i].numpy()))
+            elif name == "elastic_transform":
+                theirs.append(ref.elastic(im, s, d[0][i].numpy(), d[1][i, 0].numpy(), d[2][i, 0].numpy()))
+            else:
+                theirs.append(ref.spatter(im, s, d[0][i, 0].numpy()))
+        assert_equivalent(ours, np.stack(theirs))
+
+
+def grey(value, n=64):
+    return torch.full((n, 3, 32, 32), value, dtype=torch.float64)
+
+
+def test_noise_distributions():
+    """Each noise at severity 5 on a mid-grey image: the moments of the generator's formula (truncation
+    to uint8 lowers the mean by half a level)."""
+    x, half = grey(0.5), 0.5 / 255
+    g = lambda: torch.Generator().manual_seed(0)
+    out = corrupt(x, "gaussian_noise", 5, g()).double() / 255 - 0.5
+    assert abs(out.mean() + half) < 0.002 and abs(out.std() - 0.10) < 0.003
+    out = corrupt(x, "shot_noise", 5, g()).double() / 255  # Poisson(25) / 50
+    assert abs(out.mean() - 0.5 + half) < 0.003 and abs(out.var() - 0.5 / 50) < 0.0006
+    out = corrupt(x, "speckle_noise", 5, g()).double() / 255 - 0.5  # x * N(0, 0.2^2)
+    assert abs(out.mean() + half) < 0.002 and abs(out.std() - 0.5 * 0.2) < 0.003
+    out = corrupt(x, "impulse_noise", 5, g())  # each value flipped w.p. 0.07, to 0 or 255 half each
+    assert abs((out == 255).double().mean() - 0.035) < 0.004 and abs((out == 0).double().mean() - 0.035) < 0.004
+    assert ((out == 127) | (out == 0) | (out == 255)).all()
+
+
+RANDOM = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "glass_blur", "motion_blur", "snow", "fog",
+          "spatter", "elastic_transform")
+
+
+@pytest.mark.parametrize("name", RANDOM)
+def test_random_corruptions_reproducible_under_a_seed_and_differ_between_seeds(name):
+    _, x = random_images(4)
+    a, b = (corrupt(x, name, 3, torch.Generator().manual_seed(7)) for _ in range(2))
+    c = corrupt(x, name, 3, torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def smooth_images(n=16):
+    """Smooth colour images (random 4x4 colour fields upsampled bilinearly): unlike white noise, they
+    have structure that blurs and shuffles can destroy."""
+    g = torch.Generator().manual_seed(0)
+    coarse = torch.rand(n, 3, 4, 4, generator=g, dtype=torch.float64)
+    return torch.round(torch.nn.functional.interpolate(coarse, size=32, mode="bilinear") * 255) / 255
+
+
+def damage(name, s, x):
+    return float((corrupt(x, name, s, torch.Generator().manual_seed(0)).double() / 255 - x).abs().mean())
+
+
+@pytest.mark.parametrize("name", [n for n in CORRUPTION_NAMES if n not in ("frost", "elastic_transform")])
+def test_severity_5_damages_more_than_severity_1(name):
+    x = smooth_images()
+    assert damage(name, 5, x) > damage(name, 1, x) + 0.002
+
+
+def test_elastic_severity_1_moves_pixels_further_than_severity_5():
+    """Not monotone by construction: CIFAR-10-C's elastic severity 1 is a pure affine jitter of up to
+    0.08 x 32 = 2.6 px, severity 5 a 0.96 px jitter plus a fine displacement field (measured mean
+    absolute change on smooth images: 0.053 vs 0.028)."""
+    x = smooth_images()
+    assert damage("elastic_transform", 1, x) > damage("elastic_transform", 5, x)
+
+
+def test_motion_blur_approximation_spreads_a_point_along_the_angle():
+    """ImageMagick-style one-sided trail: at angle 0 a bright pixel at column c shows up at columns c - i
+    with the kernel's weights; a constant image stays constant."""
+    x = torch.zeros(1, 1, 32, 32, dtype=torch.float64)
+    x[0, 0, 16, 20] = 1.0
+    k = common.motion_blur_kernel(6, 2.0)
+    out = common._motion_blur(x, 6, 2.0, torch.zeros(1))
+    assert torch.allclose(out[0, 0, 16, 20 - len(k) + 1:21].flip(0), k)
+    assert out[0, 0].sum().item() == pytest.approx(1.0) and out[0, 0, 15].abs().sum() == 0
+    assert torch.allclose(common._motion_blur(torch.full((2, 3, 8, 8), 0.3), 6, 2.0, torch.tensor([10.0, -40.0])),
+                          torch.full((2, 3, 8, 8), 0.3, dtype=torch.float32))
+
+
+def test_frost_uses_the_pictures_and_is_an_error_without_them(tmp_path):
+    from PIL import Image
+    for i, name in enumerate(common.FROST_FILES):  # flat pictures: the result is the generator's formula
+        Image.fromarray(np.full((200, 220, 3), 40 * i, dtype=np.uint8)).save(tmp_path / name, quality=100)
+    x = grey(128 / 255, 8)
+    out = corrupt(x, "frost", 2, torch.Generator().manual_seed(0), frost_dir=tmp_path).double()
+    levels = {int(v) for v in out[:, 0, 0, 0]}
+    assert levels <= {int(1 * 128 + 0.3 * 40 * i) for i in range(5)} and len(levels) > 1
+    with pytest.raises(ValueError, match="frost_dir"):
+        corrupt(x, "frost", 1)
+    with pytest.raises(DataError, match="frost1.png"):
+        corrupt(x, "frost", 1, frost_dir=tmp_path / "missing")
+
+
+def test_bad_arguments_are_one_clear_error():
+    x = grey(0.5, 2)
+    with pytest.raises(ValueError, match="corruption"):
+        corrupt(x, "rain", 1)
+    for s in (0, 6, 2.5):
+        with pytest.raises(ValueError, match="severity"):
+            corrupt(x, "fog", s)
+    with pytest.raises(ValueError, match="RGB"):
+        corrupt(x[:, :1], "fog", 1)
+
+
+def test_hsv_round_trip_and_greys():
+    _, x = random_images(4)
+    assert torch.allclose(common.hsv_to_rgb(common.rgb_to_hsv(x)), x, atol=1e-12)
+    assert (common.rgb_to_hsv(grey(0.3, 1))[:, :2] == 0).all()
+
+
+# ---------------------------------------------------------------- released files, archive, BN adaptation
+
+def write_cifar10c(root, test_labels, names=("fog",), truncate=None, bad_labels=False, dtype=np.uint8):
+    base = root / "CIFAR-10-C"
+    base.mkdir(parents=True, exist_ok=True)
+    labels = np.tile(np.asarray(test_labels, dtype=np.uint8), 5)
+    if bad_labels:
+        labels[len(test_labels) * 3] = (labels[len(test_labels) * 3] + 1) % 10
+    np.save(base / "labels.npy", labels)
+    for name in names:
+        a = np.random.default_rng(0).integers(0, 256, (5 * len(test_labels), 32, 32, 3)).astype(dtype)
+        np.save(base / f"{name}.npy", a)
+        if truncate:
+            data = (base / f"{name}.npy").read_bytes()
+            (base / f"{name}.npy").write_bytes(data[:truncate])
+    return base
+
+
+def test_cifar10c_reader_memory_maps_and_checks(tmp_path):
+    y = [3, 1, 4, 1]
+    base = write_cifar10c(tmp_path, y)
+    a = read_cifar10c(tmp_path, "fog", y)
+    assert isinstance(a, np.memmap) and a.shape == (20, 32, 32, 3)
+    assert np.array_equal(a, np.load(base / "fog.npy"))
+    with pytest.raises(DataError, match="snow.npy not found"):
+        read_cifar10c(tmp_path, "snow", y)
+    with pytest.raises(DataError, match="severity block 4"):
+        read_cifar10c(write_cifar10c(tmp_path / "b", y, bad_labels=True).parent, "fog", y)
+    with pytest.raises(DataError, match="corrupt CIFAR-10-C file .*fog.npy"):
+        read_cifar10c(write_cifar10c(tmp_path / "c", y, truncate=1000).parent, "fog", y)
+    with pytest.raises(DataError, match="expected uint8"):
+        read_cifar10c(write_cifar10c(tmp_path / "d", y, dtype=np.float32).parent, "fog", y)
+    with pytest.raises(DataError, match="cifar10c not found.*--download"):
+        read_cifar10c(tmp_path / "empty", "fog", y)
+    with pytest.raises(DataError, match="labels"):
+        read_cifar10c(tmp_path, "fog", y + [2])  # another test set
+
+
+def add_member(tar, name, data=b"x"):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_extract_tar_refuses_members_outside_and_leaves_nothing_behind(tmp_path):
+    good = tmp_path / "good.tar"
+    with tarfile.open(good, "w") as tar:
+        add_member(tar, "CIFAR-10-C/labels.npy")
+        add_member(tar, "CIFAR-10-C/fog.npy")
+    common.extract_tar(good, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out" / "CIFAR-10-C").iterdir()) == ["fog.npy", "labels.npy"]
+    bad = tmp_path / "bad.tar"
+    with tarfile.open(bad, "w") as tar:
+        add_member(tar, "CIFAR-10-C/snow.npy")
+        add_member(tar, "../evil.txt")
+    with pytest.raises(DataError, match="nothing was extracted"):
+        common.extract_tar(bad, tmp_path / "out2")
+    assert list((tmp_path / "out2").iterdir()) == [] and not (tmp_path / "evil.txt").exists()
+    (tmp_path / "trunc.tar").write_bytes(good.read_bytes()[:700])
+    with pytest.raises(DataError):
+        common.extract_tar(tmp_path / "trunc.tar", tmp_path / "out3")
+    assert list((tmp_path / "out3").iterdir()) == []
+
+
+def test_adapt_bn_leaves_a_model_without_bn_bit_identical():
+    torch.manual_seed(0)
+    model = common.make_model("vgg8", norm="gn", width=1 / 16, gn_groups=2).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(20, 3, 32, 32)
+    out = model(x)
+    adapt_bn(model, x * 3, batch_size=7)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(model(x), out) and not model.training
+
+
+def test_adapt_bn_statistics_are_the_sets_mean_and_variance():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Flatten()).eval()
+    x = torch.randn(64, 3, 8, 8) * 2 + 5
+    adapt_bn(model, x, batch_size=64)
+    bn = model[0]
+    assert torch.allclose(bn.running_mean, x.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(bn.running_var, x.var((0, 2, 3), unbiased=True), atol=1e-4)
+    assert bn.momentum == 0.1 and not model.training and not model[3].training
+    adapt_bn(model, x, batch_size=16)  # equal batches: the mean is still exact
+    assert torch.allclose(bn.running_mean, x.mean((0, 2, 3)), atol=1e-5)
+    assert int(bn.num_batches_tracked) == 4
+    h = model[1](model[0](x))  # the second BN saw the first's adapted output
+    assert torch.allclose(model[2].running_mean, h.mean((0, 2, 3)), atol=1e-4)
