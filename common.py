@@ -20,6 +20,7 @@ owns its recipe, sweep, table, figure and claims. Sections (banners below):
   12. P2's mechanism analyses
   13. Claims: intervals, verdicts, attack sanity checks, the checkpoint cache
   14. Run records, presets and command-line plumbing
+  15. Corruptions: a batched CIFAR-10-C generator, the released files, BN-statistics adaptation
 
 Input-space conventions (DECISIONS.md D2) -- the attacks do not care which one a script uses:
   - P1: data in [0,1] pixels; the model standardizes inside (`mean=`, `std=` -> a `Standardize`

@@ -1,0 +1,70 @@
+"""Speed of common.corrupt (batched) against the per-image reference loop (tests/cifar_c_reference.py,
+the generator's libraries) on the same 500 images, one CPU thread each, side by side:
+
+    python tests/bench_corruptions.py [--n 500] [--severity 3] [--device cpu|cuda]
+
+Motion blur and snow (Wand/ImageMagick in the original) and frost (pictures) have no reference here.
+"""
+import argparse
+import pathlib
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path[:0] = [str(pathlib.Path(__file__).resolve().parent.parent), str(pathlib.Path(__file__).resolve().parent)]
+import cifar_c_reference as ref  # noqa: E402
+import common  # noqa: E402
+
+
+def reference(u8, name, s, rng):
+    n = u8.shape[0]
+    if name in ref.common.CORRUPTIONS["noise"]:
+        return ref.noise(u8, name, s, rng)
+    if name == "glass_blur":
+        sigma, d, passes = common.SEVERITY[name][s - 1]
+        return ref.glass(u8, s, rng.integers(-d, d, (passes, (n - 2 * d) ** 2, 2)))
+    if name == "fog":
+        return ref.fog(u8, s, lambda shape: rng.random(shape))
+    if name == "elastic_transform":
+        return ref.elastic(u8, s, rng.random((3, 2)), rng.random((n, n)), rng.random((n, n)))
+    if name == "spatter":
+        return ref.spatter(u8, s, rng.standard_normal((n, n)))
+    return ref.deterministic(u8, name, s)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, default=500)
+    p.add_argument("--severity", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    u8 = np.random.default_rng(0).integers(0, 256, (args.n, 32, 32, 3), dtype=np.uint8)
+    x = (torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 255).to(args.device)
+    rng = np.random.default_rng(0)
+    names = [n for n in common.CORRUPTION_NAMES if n not in common.APPROXIMATE and n != "frost"]
+    print(f"{args.n} images, severity {args.severity}, one CPU thread; batched on {args.device}")
+    print(f"{'corruption':20s} {'reference s':>12s} {'batched s':>10s} {'ratio':>7s}")
+    tot_ref = tot_ours = 0.0
+    for name in names:
+        t = time.perf_counter()
+        for im in u8:
+            reference(im, name, args.severity, rng)
+        t_ref = time.perf_counter() - t
+        common.corrupt(x[:8], name, args.severity, torch.Generator().manual_seed(0))  # warm-up
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        common.corrupt(x, name, args.severity, torch.Generator().manual_seed(0))
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        t_ours = time.perf_counter() - t
+        tot_ref, tot_ours = tot_ref + t_ref, tot_ours + t_ours
+        print(f"{name:20s} {t_ref:12.3f} {t_ours:10.3f} {t_ref / t_ours:6.1f}x", flush=True)
+    print(f"{'all ' + str(len(names)):20s} {tot_ref:12.3f} {tot_ours:10.3f} {tot_ref / tot_ours:6.1f}x")
+
+
+if __name__ == "__main__":
+    main()
