@@ -17,6 +17,7 @@ inside the model. Models are trained with exp_table1.py's recipes, so --cache sh
 """
 import argparse
 import copy
+import json
 import math
 import pathlib
 import time
@@ -520,15 +521,18 @@ def make_figure(records, path, title):
     plt.close(fig)
 
 
-def write_outputs(run_dir, records, cfg):
+def write_outputs(run_dir, records, cfg, finished=True):
     art, preset = cfg["artifact"], cfg["preset"]
     datasets = ", ".join(sorted({r["dataset"] for r in records})) or cfg.get("dataset") or "?"
     header = f"# {ARTIFACTS[art]['title']} ({art}, preset {preset}, {datasets})"
+    if not finished:  # say so wherever the numbers are shown
+        header += (f"\n\n**Interrupted run: {len(records)} models recorded.** `--resume --out {run_dir}` continues it "
+                   "with the saved configuration.")
     write_text_atomic(run_dir / "table.md", make_table(records, cfg, header))
-    make_figure(records, run_dir / "figure.png", header[2:] + " | accuracy per corruption, mean over severities; "
-                "error bars: SEM over seeds")
+    make_figure(records, run_dir / "figure.png", header[2:].split("\n")[0] + " | accuracy per corruption, mean over "
+                "severities; error bars: SEM over seeds" + ("" if finished else " (interrupted run)"))
     write_claims(run_dir, ARTIFACTS[art]["claims"], rows_for_claims(records),
-                 f"# Claims: {ARTIFACTS[art]['title']} ({art}, preset {preset}, {datasets})")
+                 "# Claims: " + header[2:])
 
 
 # ================================================================================================
@@ -539,7 +543,8 @@ def main(args):
     if args.plot_only:
         run_dir = pathlib.Path(args.plot_only)
         cfg = load_run_config(run_dir, "exp_corruption.py")
-        write_outputs(run_dir, load_records(run_dir), cfg)
+        finished = json.loads((run_dir / "results.json").read_text()).get("finished", True)
+        write_outputs(run_dir, load_records(run_dir), cfg, finished)
         print(f"redrew {run_dir / 'table.md'}, claims.md and {run_dir / 'figure.png'}")
         return
     device = pick_device(args.device)
