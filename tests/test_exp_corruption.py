@@ -99,14 +99,13 @@ def test_bad_input_is_one_clear_line(tmp_path):
     for extra, msg in cases:
         r = run("--preset", "smoke", "--out", tmp_path / "x", *extra)
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, (extra, r.stderr)
-    made = fake_cifar(tmp_path)
+    fake_cifar(tmp_path)
     labels = np.load(tmp_path / "CIFAR-10-C" / "labels.npy")
     np.save(tmp_path / "CIFAR-10-C" / "labels.npy", labels[:-1])  # truncated labels file
     r = run("--preset", "smoke", "--dataset", "cifar10", "--data-root", tmp_path, "--corruptions", "fog", "--out",
             tmp_path / "y")
     assert r.returncode != 0 and "labels.npy" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "y").exists()  # nothing is written before the inputs are checked
-    del made
     r = run("--preset", "smoke", "--dataset", "cifar10", "--data-root", tmp_path / "none", "--out", tmp_path / "z")
     assert r.returncode != 0 and "cifar10 not found" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
