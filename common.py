@@ -55,6 +55,7 @@ import tarfile
 import tempfile
 import time
 import urllib.request
+import warnings
 
 import numpy as np
 import torch
@@ -2007,6 +2008,11 @@ def write_config(run_dir, args, script_path, device):
                device=str(device), torch=torch.__version__, numpy=np.__version__, python=platform.python_version(),
                cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                time=datetime.datetime.now().isoformat(timespec="seconds"))
+    old = pathlib.Path(run_dir) / "config.json"
+    if getattr(args, "resume", False) and old.exists():  # keep the command that started the run; log the resumption
+        first = json.loads(old.read_text())
+        resumed = first.get("resumed", []) + [{k: cfg[k] for k in ("argv", "git_commit", "device", "time")}]
+        cfg.update(argv=first["argv"], git_commit=first["git_commit"], time=first["time"], resumed=resumed)
     write_text_atomic(pathlib.Path(run_dir) / "config.json", json.dumps(cfg, indent=1, default=str))
     write_text_atomic(pathlib.Path(run_dir) / "code.py", pathlib.Path(script_path).read_text())
 
@@ -2134,16 +2140,32 @@ def _pad_index(n, r, mode, device):
     return torch.where(i < n, i, period - i - (0 if mode == "mirror" else 1))
 
 
+def _filter_matrix(n, k, mode, device):
+    """1-D correlation with kernel k over a length-n axis, borders by the rule of `_pad_index`, as an
+    (n, n) matrix: filtering a 32-pixel axis is then one small matrix product (on a CPU much faster
+    than a float64 convolution, and the same on every device)."""
+    r = len(k) // 2
+    src = _pad_index(n, r, mode, "cpu")
+    m = torch.zeros(n, n, dtype=torch.float64)
+    rows = torch.arange(n)
+    for t in range(len(k)):
+        m.index_put_((rows, src[t:t + n]), k[t].double().expand(n), accumulate=True)
+    return m.to(device)
+
+
 def _filter2d(x, kh, kw=None, mode="nearest"):
     """Separable correlation of (B, C, H, W) with the 1-D kernels kh (rows) and kw (columns, default kh)
     under a border rule of `_pad_index` -- scipy.ndimage / skimage / cv2 filtering, batched."""
     kw = kh if kw is None else kw
-    B, C, H, W = x.shape
-    rh, rw = len(kh) // 2, len(kw) // 2
-    x = x[:, :, _pad_index(H, rh, mode, x.device)][:, :, :, _pad_index(W, rw, mode, x.device)]
-    x = F.conv2d(x.reshape(B * C, 1, H + 2 * rh, W + 2 * rw), kh.to(x).view(1, 1, -1, 1))
-    x = F.conv2d(x, kw.to(x).view(1, 1, 1, -1))
-    return x.view(B, C, H, W)
+    H, W = x.shape[-2:]
+    mh, mw = _filter_matrix(H, kh, mode, x.device).to(x.dtype), _filter_matrix(W, kw, mode, x.device).to(x.dtype)
+    return _sandwich(mh, x, mw)
+
+
+def _sandwich(mh, x, mw):
+    """mh @ x @ mw.T over the last two axes of x (einsum: a broadcast mh @ x runs one tiny product per
+    image on a CPU)."""
+    return torch.einsum("hk,...kw->...hw", mh, x @ mw.T)
 
 
 def _gauss1d(sigma, truncate=4.0):
@@ -2189,30 +2211,51 @@ def _trunc_u8(x):
     return (x.clamp(0, 1) * 255).nan_to_num(0.0).to(torch.uint8)
 
 
+_LINEAR_MAPS = {}
+
+
+def _linear_map(x, key, fn):
+    """fn(x) for a linear map fn of (B, C, H, W) float64 images that acts on each (H, W) plane alike.
+    For small images fn is turned once into a sparse (HW, HW) matrix (its response to every basis
+    image), cached under `key`: one sparse product then replaces fn's many small steps (zoom blur sums
+    up to 26 zooms). Exact up to the order of floating-point additions."""
+    B, C, H, W = x.shape
+    if H * W > 64 * 64:
+        return fn(x)
+    k = (key, H, W, str(x.device))
+    if k not in _LINEAR_MAPS:
+        basis = torch.eye(H * W, dtype=torch.float64, device=x.device).view(H * W, 1, H, W)
+        with warnings.catch_warnings():  # torch calls its sparse CSR tensors a beta feature
+            warnings.simplefilter("ignore")
+            _LINEAR_MAPS[k] = fn(basis).reshape(H * W, H * W).T.to_sparse_csr()
+    return (_LINEAR_MAPS[k] @ x.reshape(B * C, H * W).T).T.reshape(B, C, H, W)
+
+
 def rgb_to_hsv(x):
     """(B, 3, H, W) RGB in [0, 1] -> HSV in [0, 1], skimage.color.rgb2hsv's conventions (grey: hue 0,
     saturation 0; ties in the maximum resolved blue over green over red)."""
     r, g, b = x.unbind(1)
-    v = x.amax(1)
-    delta = v - x.amin(1)
-    safe = torch.where(delta == 0, torch.ones_like(delta), delta)
-    s = torch.where(delta == 0, torch.zeros_like(v), delta / torch.where(v == 0, torch.ones_like(v), v))
-    h = torch.where(r == v, (g - b) / safe, torch.zeros_like(v))
-    h = torch.where(g == v, 2.0 + (b - r) / safe, h)
-    h = torch.where(b == v, 4.0 + (r - g) / safe, h)
-    h = torch.where(delta == 0, torch.zeros_like(h), (h / 6.0).remainder(1.0))
+    v = torch.maximum(torch.maximum(r, g), b)
+    delta = v - torch.minimum(torch.minimum(r, g), b)
+    grey = delta == 0
+    s = torch.where(grey, 0.0, delta / torch.where(v == 0, 1.0, v))
+    top_b, top_g = b == v, g == v
+    num = torch.where(top_b, r - g, torch.where(top_g, b - r, g - b))
+    h = torch.where(top_b, 4.0, torch.where(top_g, 2.0, 0.0)) + num / torch.where(grey, 1.0, delta)
+    h = torch.where(grey, 0.0, (h / 6.0).remainder(1.0))
     return torch.stack([h, s, v], 1)
 
 
 def hsv_to_rgb(x):
-    """Inverse of `rgb_to_hsv` (skimage.color.hsv2rgb): the sector floor(6h) mod 6 picks the formula."""
+    """Inverse of `rgb_to_hsv` (skimage.color.hsv2rgb): the sector floor(6h) mod 6 picks, per channel,
+    one of v, p = v(1 - s), q = v(1 - fs), t = v(1 - (1 - f)s)."""
     h, s, v = x.unbind(1)
     hi = torch.floor(h * 6)
     f = h * 6 - hi
-    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
-    hi = hi.long().remainder(6)
-    table = torch.stack([torch.stack(c, 1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))])
-    return table.gather(0, hi[None, :, None].expand(1, -1, 3, -1, -1))[0]
+    cand = torch.stack([v, v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)])  # v, p, q, t
+    pick = torch.tensor([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]], device=x.device)
+    idx = pick[hi.long().remainder(6)].movedim(-1, 1)  # (B, 3, H, W): which candidate each channel takes
+    return cand.movedim(0, 1).gather(1, idx)
 
 
 def plasma_fractal(n, size, decay, generator=None, device="cpu"):
@@ -2248,7 +2291,8 @@ def _rand(shape, generator, device, kind="rand", low=0, high=None):
     if kind == "randint":
         return torch.randint(low, high, shape, generator=generator, device=gd).to(device)
     fn = torch.rand if kind == "rand" else torch.randn
-    return fn(shape, generator=generator, dtype=torch.float64, device=gd).to(device)
+    # drawn in float32 (torch's float64 normal sampler is ~5x slower on a CPU), used in float64
+    return fn(shape, generator=generator, device=gd).to(device, torch.float64)
 
 
 def motion_blur_kernel(radius, sigma):
@@ -2304,38 +2348,38 @@ def _pil_resize_box(u8, size):
     mw = _pil_box_matrix(W, size).to(u8.device)
     mh = _pil_box_matrix(H, size).to(u8.device)
     t = torch.floor(u8.double() @ mw.T + 0.5).clamp(0, 255)
-    return torch.floor(mh @ t + 0.5).clamp(0, 255)
+    return torch.floor(torch.einsum("hk,...kw->...hw", mh, t) + 0.5).clamp(0, 255)
 
 
 def _jpeg(u8, quality):
     """JPEG re-encoding with Pillow (libjpeg), one image at a time on the CPU: a codec, not batchable."""
     from PIL import Image
-    out = torch.empty_like(u8, device="cpu")
-    for i, img in enumerate(u8.permute(0, 2, 3, 1).cpu().numpy()):
+    out = []
+    for img in u8.permute(0, 2, 3, 1).cpu().numpy():
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, "JPEG", quality=quality)
-        out[i] = torch.from_numpy(np.array(Image.open(buf).convert("RGB"))).permute(2, 0, 1)
-    return out.to(u8.device)
+        out.append(np.asarray(Image.open(buf).convert("RGB")))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(u8.device)
 
 
 def _glass_swaps(u8, shifts, delta):
     """The generator's local pixel shuffle on uint8 (B, C, H, W): for h, then w, running down from
     n - delta to delta + 1, swap pixel (h, w) with (h + dy, w + dx); shifts (passes, positions, 2, B)
-    hold (dx, dy) in {-delta, ..., delta - 1} (numpy's randint excludes its upper bound). Sequential
-    in the positions, as in the generator, and batched over images."""
+    hold (dx, dy) in {-delta, ..., delta - 1} (numpy's randint excludes its upper bound). The swaps are
+    sequential in the positions, as in the generator: they are followed on a permutation of pixel
+    indices in numpy (one cheap host step per position, batched over images), then applied at once."""
     B, C, H, W = u8.shape
-    flat = u8.reshape(B, C, H * W).clone()
-    bidx = torch.arange(B, device=u8.device)
-    for it in range(shifts.shape[0]):
-        j = 0
-        for h in range(H - delta, delta, -1):
-            for w in range(W - delta, delta, -1):
-                p, q = h * W + w, (h + shifts[it, j, 1]) * W + (w + shifts[it, j, 0])
-                a = flat[:, :, p].clone()
-                flat[:, :, p] = flat[bidx, :, q]
-                flat[bidx, :, q] = a
-                j += 1
-    return flat.view(B, C, H, W)
+    hw = np.array([(h, w) for h in range(H - delta, delta, -1) for w in range(W - delta, delta, -1)])
+    s = shifts.cpu().numpy()
+    base = np.arange(B) * H * W
+    p = base + (hw[:, 0] * W + hw[:, 1])[:, None]  # (positions, B) in the flattened (B * H * W) pixels
+    perm = np.arange(B * H * W)
+    for it in range(s.shape[0]):
+        q = base + (hw[:, 0, None] + s[it, :, 1]) * W + hw[:, 1, None] + s[it, :, 0]
+        for pj, qj in zip(p, q):
+            perm[pj], perm[qj] = perm[qj], perm[pj]
+    perm = torch.from_numpy(perm % (H * W)).to(u8.device).view(B, 1, H * W).expand(B, C, H * W)
+    return u8.reshape(B, C, H * W).gather(2, perm).view(B, C, H, W)
 
 
 def _sobel_canny(u8, low=50, high=150):
@@ -2361,8 +2405,13 @@ def _sobel_canny(u8, low=50, high=150):
                             torch.where(ay > tg67, (mag > at(-1, 0)) & (mag >= at(1, 0)), diag))
     cand = local_max & (mag > low)
     strong, weak = cand & (mag > high), cand & (mag <= high)
+    def dilate(m):  # 3x3 binary dilation
+        p = F.pad(m, (1, 1, 1, 1))
+        m = p[:, :, :-2] | p[:, :, 1:-1] | p[:, :, 2:]
+        return m[:, :-2] | m[:, 1:-1] | m[:, 2:]
+
     while True:  # hysteresis: grow the strong edges through 8-connected weak pixels
-        grown = strong | (weak & (F.max_pool2d(strong[:, None].double(), 3, 1, 1)[:, 0] > 0))
+        grown = strong | (weak & dilate(strong))
         if torch.equal(grown, strong):
             return strong
         strong = grown
@@ -2420,8 +2469,8 @@ def _spatter(x, c, generator):
         dist = (_filter2d(dist, box, mode="mirror") / 9).float().floor()  # cv2.blur -> astype(uint8)
         dist = _equalize_hist(dist[:, 0].to(torch.uint8)).double()[:, None]
         ker = torch.tensor([[-2.0, -1, 0], [-1, 1, 1], [0, 1, 2]], dtype=torch.float64)
-        p = dist[:, :, _pad_index(H, 1, "mirror", x.device)][:, :, :, _pad_index(W, 1, "mirror", x.device)]
-        dist = torch.round(F.conv2d(p, ker.view(1, 1, 3, 3))).clamp(0, 255)  # filter2D to uint8 (saturating)
+        dist = _linear_map(dist, ("emboss",), lambda e: _filter2d_2d(e, ker, "mirror"))
+        dist = torch.round(dist).clamp(0, 255)  # filter2D to uint8 (saturating)
         dist = torch.round(_filter2d(dist, box, mode="mirror") / 9)  # cv2.blur on uint8 rounds
         m = (lu8[:, None] * dist).float().double()
         m = m / m.amax((2, 3), keepdim=True) * c[4]  # 0/0 -> NaN -> a black image, as in the generator
@@ -2451,29 +2500,15 @@ def _warp_affine(x, M):
 
 
 def _bilinear(x, rows, cols, mode):
-    """Sample (B, C, H, W) at fractional (rows, cols) (B, H, W), neighbours beyond the border taken by
-    the rule of `_pad_index`."""
-    B, C, H, W = x.shape
-
-    def fold(i, n):
-        if mode == "mirror":
-            period = 2 * n - 2
-            i = i.remainder(period)
-            return torch.where(i < n, i, period - i)
-        i = i.remainder(2 * n)
-        return torch.where(i < n, i, 2 * n - 1 - i)
-
-    r0, c0 = rows.floor(), cols.floor()
-    wr, wc = (rows - r0)[:, None], (cols - c0)[:, None]
-    r0, c0 = r0.long(), c0.long()
-    flat = x.reshape(B, C, H * W)
-
-    def take(r, c):
-        idx = (fold(r, H) * W + fold(c, W)).view(B, 1, -1).expand(B, C, -1)
-        return flat.gather(2, idx).view(B, C, H, W)
-
-    return ((1 - wr) * ((1 - wc) * take(r0, c0) + wc * take(r0, c0 + 1)) +
-            wr * ((1 - wc) * take(r0 + 1, c0) + wc * take(r0 + 1, c0 + 1)))
+    """Sample (B, C, H, W) at fractional (rows, cols) (B, H, W), bilinearly, neighbours beyond the border
+    taken by the rule of `_pad_index`: grid_sample's reflection about the border pixels' centres
+    (align_corners=True) is 'mirror', about their outer edges (align_corners=False) is 'reflect'."""
+    H, W = x.shape[-2:]
+    if mode == "mirror":
+        grid = torch.stack([cols * (2 / (W - 1)) - 1, rows * (2 / (H - 1)) - 1], -1)
+    else:
+        grid = torch.stack([(2 * cols + 1) / W - 1, (2 * rows + 1) / H - 1], -1)
+    return F.grid_sample(x, grid.to(x.dtype), "bilinear", "reflection", align_corners=mode == "mirror")
 
 
 def _elastic(x, c, generator):
@@ -2551,7 +2586,8 @@ def corrupt(x, name, severity, generator=None, frost_dir=None):
     elif name == "gaussian_blur":
         out = _gaussian(x, c)
     elif name == "defocus_blur":
-        out = _filter2d_2d(x, _defocus_kernel(*c), "mirror")
+        k = _defocus_kernel(*c)
+        out = _linear_map(x, ("defocus", c), lambda e: _filter2d_2d(e, k, "mirror"))
     elif name == "glass_blur":
         sigma, delta, passes = c
         u = _trunc_u8(_gaussian(x, sigma))
@@ -2561,17 +2597,18 @@ def corrupt(x, name, severity, generator=None, frost_dir=None):
     elif name == "motion_blur":  # rounded to 8 bits by the PNG round trip, not truncated
         angle = _rand((B,), g, dev) * 90 - 45
         return torch.round(_motion_blur(x * 255, c[0], c[1], angle)).clamp(0, 255).to(torch.uint8)
-    elif name == "zoom_blur":
-        xf = x.float()
-        acc = torch.zeros_like(xf)
-        for z in np.arange(1, c, 0.01):
-            mh, mw = _clipped_zoom_matrix(H, z, dev), _clipped_zoom_matrix(W, z, dev)
-            acc += (mh @ x @ mw.T).float()
-        out = ((xf + acc) / (len(np.arange(1, c, 0.01)) + 1)).double()
+    elif name == "zoom_blur":  # the mean of x and its zooms by 1, 1.01, ... (float32 x, as in the generator)
+        zooms = np.arange(1, c, 0.01)
+
+        def zoom_mean(e):
+            return (e + sum(_clipped_zoom_matrix(H, z, dev) @ e @ _clipped_zoom_matrix(W, z, dev).T for z in zooms)
+                    ) / (len(zooms) + 1)
+
+        out = _linear_map(x.float().double(), ("zoom", c), zoom_mean)
     elif name == "snow":
         xf = x.float().double()
         layer = c[0] + c[1] * _rand((B, 1, H, W), g, dev, "randn")
-        layer = _clipped_zoom_matrix(H, c[2], dev) @ layer @ _clipped_zoom_matrix(W, c[2], dev).T
+        layer = _sandwich(_clipped_zoom_matrix(H, c[2], dev), layer, _clipped_zoom_matrix(W, c[2], dev))
         layer = torch.where(layer < c[3], 0.0, layer)
         layer = (layer.clamp(0, 1) * 255).floor()  # an 8-bit greyscale image before ImageMagick
         angle = _rand((B,), g, dev) * 90 - 135

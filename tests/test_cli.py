@@ -74,9 +74,13 @@ def test_resume_takes_the_saved_configuration(tmp_path):
     r = run("exp_table1", "--preset", "smoke", "--arch", "vgg8", "--norm", "none", "bn", "--epochs", "3",
             "--resume", "--out", out)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "contradicts the run being resumed" in r.stderr
+    first = json.loads((out / "config.json").read_text())
     r = run("exp_table1", "--resume", "--out", out)  # no other flag: the run's own configuration, not the paper preset
     assert r.returncode == 0, r.stderr[-2000:]
-    assert json.loads((out / "config.json").read_text())["args"] == saved | dict(resume=True)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["args"] == saved | dict(resume=True)
+    assert cfg["argv"] == first["argv"] and cfg["time"] == first["time"]  # the command that made the run is kept
+    assert [c["argv"][1:] for c in cfg["resumed"]] == [["--resume", "--out", str(out)]]
     r = run("exp_ligs_trend", "--resume", "--out", out)
     assert r.returncode == 2 and "made by exp_table1.py" in r.stderr
 
