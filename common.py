@@ -871,6 +871,42 @@ def bim(model, x, y, eps, steps, step_size, clip=(0.0, 1.0)):
 
 
 @torch.no_grad()
+def invert_features(model, x_target, x_start, steps, step_size, clip=(0.0, 1.0)):
+    """Representation inversion (Ilyas et al. 2019, Alg. 1; P1 App. B.3 and E): starting at x_start,
+    minimise ||g(x_r) - g(x_target)||_2 over x_r, g = model.features (the penultimate representation),
+    with `steps` steps of l2 length `step_size` along the per-sample normalised negative gradient (the
+    robustness library's L2Step), x_r clamped to `clip` after every step, and no bound on ||x_r -
+    x_start|| (P1 App. B.3: 1000 steps of 0.1). Descends the squared distance, whose direction is the
+    distance's but which has a zero gradient, not NaN, once the features match. Eval mode; x_target,
+    x_start, the train/eval flags, BN statistics and parameter grads are untouched; every sample is
+    independent (alone = inside a batch). Each step costs one forward and one input-gradient backward.
+    Returns a detached tensor."""
+    if x_target.shape != x_start.shape or not x_start.is_floating_point():
+        raise ValueError(f"invert_features: x_target {tuple(x_target.shape)} and x_start {tuple(x_start.shape)} must be "
+                         "floating-point tensors of one shape")
+    if steps < 0 or not step_size > 0:
+        raise ValueError(f"invert_features: steps={steps}, step_size={step_size}: expected steps >= 0, step_size > 0")
+    with eval_mode(model), torch.enable_grad():
+        with torch.no_grad():
+            target = model.features(x_target.detach())
+        xr = _clip(x_start.detach(), clip).clone()
+        for _ in range(steps):
+            xr.requires_grad_(True)
+            g, = torch.autograd.grad((model.features(xr) - target).pow(2).sum(), xr)  # sum: each sample its own
+            with torch.no_grad():
+                xr = _clip(xr - step_size * _unit_l2(g), clip)
+    return xr.detach()
+
+
+def feature_distance(model, a, b, batch_size=500):
+    """Per-sample ||g(a) - g(b)||_2 of the penultimate representation g = model.features, in eval mode."""
+    out = []
+    with torch.no_grad(), eval_mode(model):
+        for xa, xb in zip(a.split(batch_size), b.split(batch_size)):
+            out.append(_l2(model.features(xa) - model.features(xb)))
+    return torch.cat(out)
+
+
 def accuracy(model, x, y, batch_size=1000):
     """Top-1 accuracy (fraction in [0, 1]) of `model` in eval mode on tensors x, y (P1 "usefulness",
     P1 Sec. 3.1; robust accuracy when x is adversarial)."""
@@ -1178,6 +1214,43 @@ def read_cifar101(root):
     except Exception as e:
         raise DataError(f"corrupt CIFAR-10.1 files in {base}: {e.__class__.__name__}: {e}") from None
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2)), y
+
+
+ILYAS_SETS = {"d_r": "robust_CIFAR", "d_nr": "non_robust_CIFAR", "d_rand": "drand_CIFAR", "d_det": "ddet_CIFAR"}
+
+
+def read_ilyas_dataset(root, kind):
+    """One of Ilyas et al. 2019's released CIFAR-10 feature datasets (datasets.tar from
+    andrewilyas.com/datasets.tar, extracted under `root`): root/release_datasets/<robust|non_robust|
+    drand|ddet>_CIFAR/ holds torch-saved lists of tensors CIFAR_ims (float, N x 3 x 32 x 32 in [0, 1])
+    and CIFAR_lab (class indices), concatenated on dim 0. `kind` is one of ILYAS_SETS (d_r, d_nr,
+    d_rand, d_det). Returns (x float32, y int64); a missing or malformed file is one DataError line."""
+    check_choice("released dataset", kind, list(ILYAS_SETS))
+    folder = pathlib.Path(root) / "release_datasets" / ILYAS_SETS[kind]
+    parts = []
+    for name in ("CIFAR_ims", "CIFAR_lab"):
+        path = folder / name
+        if not path.exists():
+            raise DataError(f"{path} not found: download andrewilyas.com/datasets.tar and extract it under {root}")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise DataError(f"{path}: not a torch-saved list of tensors ({e.__class__.__name__})") from None
+        obj = [obj] if isinstance(obj, torch.Tensor) else obj
+        if not isinstance(obj, (list, tuple)) or not obj or not all(isinstance(t, torch.Tensor) for t in obj):
+            raise DataError(f"{path}: expected a list of tensors, got {type(obj).__name__}")
+        try:
+            parts.append(torch.cat(list(obj)))
+        except RuntimeError:
+            raise DataError(f"{path}: its tensors have different shapes") from None
+    x, y = parts
+    if x.dim() != 4 or tuple(x.shape[1:]) != (3, 32, 32) or not x.is_floating_point():
+        raise DataError(f"{folder / 'CIFAR_ims'}: expected float images N x 3 x 32 x 32, got {x.dtype} {tuple(x.shape)}")
+    if y.dim() != 1 or len(y) != len(x) or y.is_floating_point() or (y < 0).any() or (y > 9).any():
+        raise DataError(f"{folder / 'CIFAR_lab'}: expected {len(x)} labels in 0..9, got {y.dtype} {tuple(y.shape)}")
+    if x.amin() < 0 or x.amax() > 1:
+        raise DataError(f"{folder / 'CIFAR_ims'}: pixel values outside [0, 1] ({float(x.amin()):.3g}..{float(x.amax()):.3g})")
+    return x.float(), y.long()
 
 
 def imagenet_folder(root, split="val", size=224):
@@ -1580,7 +1653,7 @@ def train_model(model, data, recipe, seed=0, ckpt=None, log=print, amp=False, on
             state["status"], state["reason"] = "failed", f"no better than chance: final training accuracy {train_acc:.3f}"
         row = dict(epoch=epoch + 1, train_loss=train_loss, train_acc=train_acc, lr=opt.param_groups[0]["lr"],
                    time_s=time.time() - t0)
-        if on_epoch and state["status"] == "running":
+        if on_epoch and math.isfinite(train_loss):  # a run that ends at chance is measured too; a diverged one is not
             row |= on_epoch(epoch + 1, model)
         state["history"].append(row)
         base_keys = ("epoch", "train_loss", "train_acc", "lr", "time_s")
