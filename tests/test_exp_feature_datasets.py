@@ -71,8 +71,8 @@ def test_start_images_have_another_label(tmp_path):
 
 
 def test_killed_build_resumes_to_the_same_datasets(tmp_path):
-    common_args = ["--preset", "smoke", "--artifact", "build", "--n-build", "160", "--chunk", "8", "--inv-steps", "20",
-                   "--attack-steps", "20"]
+    common_args = ["--preset", "smoke", "--artifact", "build", "--n-build", "96", "--chunk", "8", "--inv-steps", "10",
+                   "--attack-steps", "10"]
     whole = tmp_path / "whole"
     r = run(*common_args, "--out", whole)
     assert r.returncode == 0, r.stderr[-3000:]
