@@ -145,7 +145,8 @@ def test_readme_reproduction_tables_are_generated_from_the_committed_results():
 # full test set, min(32, C) groups, a fresh run directory, the dataset's own channels, optional frost pictures), or
 # they only override the artifact's own values.
 MAY_BE_NONE = {"out", "plot_only", "cache", "dataset", "arch", "norm", "size", "gn_groups", "n_eval", "epochs", "lr",
-               "channels", "frost_dir", "n_build", "datasets_dir", "source_std", "source_rob"}
+               "channels", "frost_dir", "n_build", "datasets_dir", "source_std", "source_rob", "bim_step", "imagenet_root",
+               "weights_dir"}
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
