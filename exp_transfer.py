@@ -280,7 +280,9 @@ def run_p1_t3(args, data, device, run_dir, records, save):
                                  augment=args.dataset == "cifar10",
                                  milestones=tuple(round(m * args.retrain_epochs / RETRAIN["epochs"]) or 1
                                                   for m in RETRAIN["milestones"]))
-                        res = train_model(net, train, r, seed=seed, tag=f"[retrain {tgt} on {training} {src} s{seed}]")
+                        res = train_model(net, train, r, seed=seed, tag=f"[retrain {tgt} on {training} {src} s{seed}]",
+                                          ckpt=run_dir / "ckpt" / f"retrain_{training}_{src}_to_{tgt}_s{seed}.pt",
+                                          key=dict(retrain=tgt, source=src, training=training, seed=seed, recipe=r))
                         rec |= dict(status=res["status"], reason=res["reason"],
                                     score=agree(net, data.x_test, data.y_test, k=(1,))[1] if res["status"] == "ok" else None)
                     elif tstatus == "ok":
