@@ -898,6 +898,15 @@ def invert_features(model, x_target, x_start, steps, step_size, clip=(0.0, 1.0))
     return xr.detach()
 
 
+def other_label_indices(y, y_pool, generator):
+    """For each label in y, the index of an element of y_pool with another label, uniformly (the random
+    start images of representation inversion, P1 App. B.3); redrawn until every label differs."""
+    j = torch.randint(0, len(y_pool), (len(y),), generator=generator)
+    while (same := y_pool[j] == y).any():
+        j[same] = torch.randint(0, len(y_pool), (int(same.sum()),), generator=generator)
+    return j
+
+
 def feature_distance(model, a, b, batch_size=500):
     """Per-sample ||g(a) - g(b)||_2 of the penultimate representation g = model.features, in eval mode."""
     out = []
@@ -910,7 +919,7 @@ def feature_distance(model, a, b, batch_size=500):
 def accuracy(model, x, y, batch_size=1000):
     """Top-1 accuracy (fraction in [0, 1]) of `model` in eval mode on tensors x, y (P1 "usefulness",
     P1 Sec. 3.1; robust accuracy when x is adversarial)."""
-    with eval_mode(model):
+    with torch.no_grad(), eval_mode(model):
         correct = sum((model(xb).argmax(1) == yb).sum() for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
     return float(correct) / len(y)
 

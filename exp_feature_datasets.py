@@ -29,11 +29,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import (DataError, Data, build_dataset, cache_path, check_numbers, class_balanced_subset, epoch_metrics,
-                    eval_mode, feature_distance, fmt_mean_sem, invert_features, load_records, load_run_config, log_to,
-                    make_model, mean_sem, parse_with_presets, pgd, pick_device, prepare_run_dir, print_config,
-                    read_ilyas_dataset, run_script, save_atomic, save_records, set_seed, train_model, write_claims,
-                    write_config, write_text_atomic)
+from common import (DataError, Data, accuracy, build_dataset, cache_path, check_numbers, class_balanced_subset,
+                    epoch_metrics, eval_mode, feature_distance, fmt_mean_sem, invert_features, load_records,
+                    load_run_config, log_to, make_model, mean_sem, other_label_indices, parse_with_presets, pgd,
+                    pick_device, prepare_run_dir, print_config, read_ilyas_dataset, run_script, save_atomic,
+                    save_records, set_seed, train_model, write_claims, write_config, write_text_atomic)
 
 # ================================================================================================
 # 1. Artifacts: which datasets each one trains on, and the paper's claims it tests
@@ -292,16 +292,6 @@ def get_source(args, data, robust, device, run_dir):
     return model.eval(), dict(origin="trained here", hash=state_hash(model), train_acc=final["train_acc"])
 
 
-def draw_other_class(y_chunk, y_all, g):
-    """For each label in y_chunk, the index of a training image of another label, uniformly (P1 App. B.3)."""
-    j = torch.randint(0, len(y_all), (len(y_chunk),), generator=g)
-    while True:
-        same = y_all[j] == y_chunk
-        if not same.any():
-            return j
-        j[same] = torch.randint(0, len(y_all), (int(same.sum()),), generator=g)
-
-
 def chunk_generator(args, kind, c):
     """The random numbers of chunk c come from their own seed, so a resumed build draws what an uninterrupted one would."""
     return torch.Generator().manual_seed(args.build_seed * 1_000_003 + KINDS.index(kind) * 10_007 + c)
@@ -328,7 +318,7 @@ def make_chunk(args, kind, c, idx, data, sources, d_r):
     out = dict(x=[], y=[], start=None, success=[], dist=[])
     if kind in ("d_r", "d_nr"):
         src = sources["robust" if kind == "d_r" else "standard"]
-        start = draw_other_class(y.cpu(), data.y_train.cpu(), g)
+        start = other_label_indices(y.cpu(), data.y_train.cpu(), g)
         out["start"] = start
         for i in range(0, len(idx), args.build_batch):
             xb, x0 = x[i:i + args.build_batch], data.x_train[start[i:i + args.build_batch].to(dev)]
@@ -443,15 +433,6 @@ def build_kind(args, kind, data, sources, source_info, root, d_r=None, d_r_hash=
     return saved
 
 
-def aligned_accuracy(model, x, y, k, batch_size=500):
-    """P(pred = y + 1 mod k) on clean test images: agreement with the robust features' label in D_det/D_conflict."""
-    hits = 0
-    with torch.no_grad(), eval_mode(model):
-        for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
-            hits += int((model(xb).argmax(1) == (yb + 1) % k).sum())
-    return hits / len(y)
-
-
 def train_on(args, kind, ds, ds_hash, data, subset, norm, seed, device, ckpt):
     """ResNet18 with `norm` trained on dataset `kind` (P1 Table 6), measured every epoch on the real test set."""
     set_seed(seed)
@@ -467,7 +448,8 @@ def train_on(args, kind, ds, ds_hash, data, subset, norm, seed, device, ckpt):
     def on_epoch(e, m):
         out = epoch_metrics(m, data.x_test, data.y_test, x_sub, y_sub, args.eps, args.eval_steps, args.sigma, seed)
         if kind in ALIGNED:
-            out |= dict(rf_acc=aligned_accuracy(m, data.x_test, data.y_test, data.num_classes), nrf_acc=out["clean_acc"])
+            # RF-aligned: P(pred = y + 1), the label the robust features of class y were given; NRF: P(pred = y)
+            out |= dict(rf_acc=accuracy(m, data.x_test, (data.y_test + 1) % data.num_classes), nrf_acc=out["clean_acc"])
         return out
 
     key = dict(trained_on=ds_hash, arch=args.arch, norm=norm, width=args.width, model=kw, recipe=recipe, seed=seed,
@@ -674,7 +656,7 @@ def main(args):
           f"{tuple(data.x_train.shape)}, test {tuple(data.x_test.shape)}")
     records = load_records(run_dir) if args.resume and (run_dir / "results.json").exists() else []
     records = [r for r in records if r.get("record") != "dataset"]  # dataset metadata is re-read below
-    datasets, metas = {}, []
+    datasets = {}
     if args.datasets_from == "released":
         for kind in kinds:
             x, y = read_ilyas_dataset(args.data_root, kind)

@@ -25,10 +25,11 @@ import time
 
 import torch
 
-from common import (NORMS, Data, DataError, Standardize, build_dataset, cache_path, check_numbers, class_balanced_subset,
+from common import (NORMS, Data, Standardize, accuracy, build_dataset, cache_path, check_numbers, class_balanced_subset,
                     eval_mode, fmt_mean_sem, imagenet_folder, invert_features, load_records, load_run_config, log_to,
-                    make_model, mean_sem, parse_with_presets, pgd, pick_device, prepare_run_dir, print_config, run_script,
-                    save_records, set_seed, train_model, write_claims, write_config, write_text_atomic)
+                    make_model, mean_sem, other_label_indices, parse_with_presets, pgd, pick_device, prepare_run_dir,
+                    print_config, run_script, save_records, set_seed, train_model, write_claims, write_config,
+                    write_text_atomic)
 
 # ================================================================================================
 # 1. Artifacts: what each one trains and measures, and the papers' claims it tests
@@ -217,18 +218,10 @@ def get_model(args, data, conv, arch, norm, training, seed, device, run_dir):
     return model.eval(), input_fn, res["status"], res["reason"]
 
 
-def other_class_starts(y, g):
-    """For each pool image, the index of a pool image of another label, uniformly (P1 App. B.3)."""
-    j = torch.randint(0, len(y), (len(y),), generator=g)
-    while (same := y[j] == y).any():
-        j[same] = torch.randint(0, len(y), (int(same.sum()),), generator=g)
-    return j
-
-
 def extract(args, model, x, y, seed, tag, batch_size=250):
     """P1 Table 3's extraction (App. B.3): match the source's features of each pool image from a pool image of
     another label; uint8-rounded like a saved dataset. Logs images/s."""
-    start = other_class_starts(y.cpu(), torch.Generator().manual_seed(seed)).to(x.device)
+    start = other_label_indices(y.cpu(), y.cpu(), torch.Generator().manual_seed(seed)).to(x.device)
     t0, out = time.time(), []
     for i in range(0, len(y), batch_size):
         out.append(invert_features(model, x[i:i + batch_size], x[start[i:i + batch_size]], args.inv_steps, args.inv_step))
@@ -284,9 +277,9 @@ def run_p1_t3(args, data, device, run_dir, records, save):
                                           ckpt=run_dir / "ckpt" / f"retrain_{training}_{src}_to_{tgt}_s{seed}.pt",
                                           key=dict(retrain=tgt, source=src, training=training, seed=seed, recipe=r))
                         rec |= dict(status=res["status"], reason=res["reason"],
-                                    score=agree(net, data.x_test, data.y_test, k=(1,))[1] if res["status"] == "ok" else None)
+                                    score=accuracy(net, data.x_test, data.y_test) if res["status"] == "ok" else None)
                     elif tstatus == "ok":
-                        rec["score"] = agree(tmodel, x_ext, y_pool, k=(1,))[1]
+                        rec["score"] = accuracy(tmodel, x_ext, y_pool)
                     records.append(rec)
                 save(records)
 
@@ -294,11 +287,7 @@ def run_p1_t3(args, data, device, run_dir, records, save):
 def imagenet_models(args, device):
     """torchvision's VGGs with their released ImageNet weights, from --weights-dir (no download at run time;
     torchvision is imported only here)."""
-    folder = pathlib.Path(args.weights_dir)
-    missing = [f for f in TV_WEIGHTS.values() if not (folder / f).exists()]
-    if missing:
-        raise DataError(f"--weights-dir {folder}: missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} "
-                        "(torchvision's VGG weight files)")
+    folder = pathlib.Path(args.weights_dir)  # every file is there: imagenet_ready checked
     import torchvision
     models = {}
     for name, f in TV_WEIGHTS.items():

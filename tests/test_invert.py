@@ -144,3 +144,13 @@ def test_malformed_released_files_are_one_clear_line(tmp_path, case, match):
     with pytest.raises(DataError, match=match) as e:
         read_ilyas_dataset(tmp_path, "d_r")
     assert "\n" not in str(e.value)
+
+
+def test_other_label_indices_never_pick_the_same_label_and_are_seeded():
+    from common import other_label_indices
+    y_pool = torch.arange(200) % 10
+    y = torch.randint(0, 10, (500,), generator=gen(0))
+    j = other_label_indices(y, y_pool, gen(1))
+    assert (y_pool[j] != y).all() and j.min() >= 0 and j.max() < 200
+    assert torch.equal(j, other_label_indices(y, y_pool, gen(1)))
+    assert len(set(y_pool[j].tolist())) == 10  # every other label is drawn
