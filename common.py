@@ -1427,11 +1427,84 @@ def augment_crop_flip(x, generator, pad=4, flip=True):
 # ================================================================================================
 
 def pick_device(name="auto"):
-    """--device auto|cpu|cuda -> torch.device; 'cuda' without a GPU is one clear error."""
+    """--device auto|cpu|cuda -> torch.device; 'cuda' without a GPU is one clear error. Under torchrun
+    each rank takes the GPU of its LOCAL_RANK."""
     check_choice("--device", name, ("auto", "cpu", "cuda"))
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if is_distributed() else torch.device("cuda")
+    return torch.device("cpu")
+
+
+# --- data-parallel training under torchrun (DistributedDataParallel; NCCL on GPUs, gloo on CPU) ---
+
+def is_distributed():
+    """True inside a torchrun job with more than one rank (after `init_distributed`)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def is_main_process():
+    """Rank 0, or not distributed: the one process that writes files and prints."""
+    return not is_distributed() or torch.distributed.get_rank() == 0
+
+
+def init_distributed():
+    """Join the torchrun job named by the environment (WORLD_SIZE > 1): NCCL when the ranks have GPUs,
+    gloo on CPU. Does nothing in a plain process. Called by `run_script`, so every exp_*.py runs under
+    `torchrun --nproc_per_node G`; `train_model` then trains data-parallel."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.distributed.is_initialized():
+        gpu = torch.cuda.is_available()
+        if gpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.distributed.init_process_group("nccl" if gpu else "gloo")
+
+
+def finish_distributed():
+    """Leave the torchrun job cleanly (every rank waits for rank 0's writes); nothing in a plain process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+class _SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training-mode statistics are those of the global batch (all ranks), P1/P2's
+    batch-128 BN under data parallelism. Same semantics as torch.nn.SyncBatchNorm, which is GPU-only; this
+    one is written with differentiable all-reduces so it also runs (and is tested) on CPU with gloo.
+    Installed over a model's BatchNorm modules by `sync_batchnorm` (same parameters and buffers)."""
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce  # differentiable: backward all-reduces the grads
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        n = all_reduce(torch.tensor(float(x.numel() // x.shape[1]), device=x.device))
+        mean = all_reduce(x.sum(dims)) / n
+        var = all_reduce(((x - mean.view(shape)) ** 2).sum(dims)) / n  # two passes, as a single-process BN
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.mul_(1 - m).add_(m * mean.detach())
+                self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1))  # unbiased, as nn.BatchNorm
+        y = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+
+@contextlib.contextmanager
+def sync_batchnorm(model):
+    """Within the block every BatchNorm1d/2d of `model` normalizes over the global batch of all ranks
+    (`_SyncBatchNorm`); the modules keep their parameters, buffers and state_dict names, and get their
+    own class back afterwards (evaluation is unchanged: eval-mode BN uses the running statistics)."""
+    bns = [(m, m.__class__) for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+    try:
+        for m, _ in bns:
+            m.__class__ = _SyncBatchNorm
+        yield model
+    finally:
+        for m, cls in bns:
+            m.__class__ = cls
 
 
 def make_optimizer(name, params, lr, momentum=0.9, weight_decay=0.0):
@@ -1558,9 +1631,11 @@ def landscape_probe(model, x, y, step_sizes):
 
 def save_atomic(obj, path):
     """torch.save to a temp file and rename, so an interrupted write never leaves a torn checkpoint."""
+    if not is_main_process():  # under torchrun only rank 0 writes
+        return
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: shards may write the same file
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
@@ -1568,10 +1643,11 @@ def save_atomic(obj, path):
 RECIPE_DEFAULTS = dict(optimizer="sgd", momentum=0.9, weight_decay=0.0, milestones=(), gamma=0.1, warmup_epochs=0.0,
                        augment=False, adv=None, input_fn=None, ligs_lambda=0.0, ligs_sigma=0.01)
 RECIPE_REQUIRED = ("epochs", "batch_size", "lr")
+DDP_BN = dict(mode="sync")  # BN under torchrun when train_model is not told: run_script sets it from --ddp-bn
 
 
 def train_model(model, data, recipe, seed=0, ckpt=None, log=print, amp=False, on_epoch=None, on_step=None, tag="",
-                key=None):
+                key=None, ddp_bn=None):
     """Train `model` on data.x_train (already on the model's device) with `recipe`, a dict of
       epochs, batch_size, lr, optimizer ('sgd'|'adam'|'adagrad'), momentum, weight_decay,
       milestones (epochs), gamma, warmup_epochs, augment (crop+flip), adv (None, or an attack spec
@@ -1589,6 +1665,13 @@ def train_model(model, data, recipe, seed=0, ckpt=None, log=print, amp=False, on
     A recipe key that is not one of RECIPE_REQUIRED or RECIPE_DEFAULTS is an error (a misspelt key
     would otherwise be silently ignored). `key` (any JSON-able value, see `cache_path`) is stored in
     the checkpoint; an existing checkpoint with another key is refused rather than resumed.
+    Under torchrun (`init_distributed`) the model trains data-parallel: every rank draws the same
+    permutation and augmentation of each global batch and takes its contiguous slice of it, gradients are
+    averaged by DistributedDataParallel with the loss scaled so that the step is that of the global-batch
+    mean, so batch size, LR schedule and data order are the single-process run's. BN: ddp_bn='sync'
+    (default, `sync_batchnorm`) normalizes over the global batch, which is P1/P2's BN; 'local' normalizes
+    each rank's B/G samples, a different model (its cache key says so). Adversarial starts are drawn per
+    rank (not bitwise the single-process draws). Rank 0 alone writes checkpoints and logs.
     Returns dict(status='ok'|'failed', reason, history=[per-epoch dicts])."""
     unknown = sorted(set(recipe) - set(RECIPE_DEFAULTS) - set(RECIPE_REQUIRED))
     missing = [k for k in RECIPE_REQUIRED if k not in recipe]
@@ -1596,13 +1679,27 @@ def train_model(model, data, recipe, seed=0, ckpt=None, log=print, amp=False, on
         raise ValueError(f"training recipe: unknown key(s) {unknown}, missing {missing}; expected "
                          f"{', '.join(RECIPE_REQUIRED)} and optionally {', '.join(RECIPE_DEFAULTS)}")
     r = RECIPE_DEFAULTS | recipe
+    ddp, rank, world = is_distributed(), 0, 1
+    if ddp:
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        ddp_bn = ddp_bn or DDP_BN["mode"]
+        check_choice("--ddp-bn", ddp_bn, ("sync", "local"))
+        if r["ligs_lambda"] > 0 or on_step is not None:
+            raise ValueError("under torchrun, training with the LIGS regularizer or per-step probes is not supported; "
+                             "run one process per GPU with --shard instead")
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        if ddp_bn == "local" and has_bn and key is not None:  # a different model from the single-process one
+            key = dict(key=key, per_rank_bn=world)
+        log = log if rank == 0 else (lambda s: None)
     key = json.loads(json.dumps(key, sort_keys=True, default=str))  # compare as stored (tuples -> lists)
     dev = data.x_train.device
     to_input = r["input_fn"] or (lambda t: t)
     opt = make_optimizer(r["optimizer"], model.parameters(), r["lr"], r["momentum"], r["weight_decay"])
     g_data = torch.Generator().manual_seed(seed)
-    g_attack = torch.Generator(device=dev).manual_seed(seed + 1)
+    g_attack = torch.Generator(device=dev).manual_seed(seed + 1 + 7919 * rank)  # rank 0 = the single-process draws
     state = dict(epoch=0, history=[], status="running", reason="")
+    if ddp:
+        torch.distributed.barrier()  # every rank looks for the checkpoint before rank 0 may write one
     if ckpt is not None and pathlib.Path(ckpt).exists():
         saved = torch.load(ckpt, map_location=dev, weights_only=False)
         if "key" in saved and saved["key"] != key:  # (checkpoints of older versions carry no key)
@@ -1624,6 +1721,11 @@ def train_model(model, data, recipe, seed=0, ckpt=None, log=print, amp=False, on
     n, bs = len(data.y_train), r["batch_size"]
     steps_per_epoch = math.ceil(n / bs)
     use_amp = amp and dev.type == "cuda"
+    net, stack = model, contextlib.ExitStack()
+    if ddp:
+        if ddp_bn == "sync":
+            stack.enter_context(sync_batchnorm(model))
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     while state["status"] == "running" and state["epoch"] < r["epochs"]:
         epoch, t0 = state["epoch"], time.time()
         model.train()
@@ -1634,6 +1736,10 @@ def train_model(model, data, recipe, seed=0, ckpt=None, log=print, amp=False, on
             xb, yb = data.x_train[idx], data.y_train[idx]
             if r["augment"]:
                 xb = augment_crop_flip(xb, g_data)
+            n_batch = len(yb)
+            if ddp:  # this rank's slice of the global batch (permuted and augmented above exactly as one process)
+                part = torch.arange(n_batch, device=dev).tensor_split(world)[rank]
+                xb, yb = xb[part], yb[part]
             xb = to_input(xb)
             if r["adv"] is not None:  # adversarial examples only (Madry et al.; DECISIONS.md D15), made in eval mode
                 xb = run_attack(model, xb, yb, r["adv"], g_attack)
@@ -1646,14 +1752,22 @@ def train_model(model, data, recipe, seed=0, ckpt=None, log=print, amp=False, on
                 if r["ligs_lambda"] > 0:  # P1 Fig 5: CE + lambda * (1 - LIGS), noise from the checkpointed generator
                     penalty, logits = ligs_penalty(model, xb, yb, r["ligs_sigma"], g_attack)
                     loss = F.cross_entropy(logits.float(), yb) + r["ligs_lambda"] * penalty
+                elif ddp:  # DDP averages over ranks: scale the slice's sum so the step is the global-batch mean's
+                    logits = net(xb)
+                    loss_local = F.cross_entropy(logits.float(), yb, reduction="sum")
+                    loss = loss_local * (world / n_batch)
                 else:
                     logits = model(xb)
                     loss = F.cross_entropy(logits.float(), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += loss.detach() * len(yb)
+            loss_sum += loss_local.detach() if ddp else loss.detach() * len(yb)
             correct += (logits.argmax(1) == yb).sum()
+        if ddp:
+            totals = torch.stack([loss_sum, correct.to(loss_sum.dtype)])
+            torch.distributed.all_reduce(totals)
+            loss_sum, correct = totals[0], totals[1]
         train_loss, train_acc = float(loss_sum) / n, float(correct) / n  # one sync per epoch
         state["epoch"] = epoch + 1
         if not math.isfinite(train_loss):
@@ -1672,6 +1786,10 @@ def train_model(model, data, recipe, seed=0, ckpt=None, log=print, amp=False, on
         if state["status"] == "running" and state["epoch"] == r["epochs"]:
             state["status"] = "ok"
         checkpoint()
+    if ddp:
+        stack.close()
+        for b in model.buffers():  # per-rank BN statistics differ: every rank keeps rank 0's (the checkpointed ones)
+            torch.distributed.broadcast(b, 0)
     if state["status"] == "failed":
         log(f"{tag} FAILED: {state['reason']}")
     return dict(status=state["status"], reason=state["reason"], history=state["history"])
@@ -1964,18 +2082,33 @@ def fmt_mean_sem(values, scale=100.0, digits=1):
     return f"{m * scale:.{digits}f}" if n == 1 else f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
 
 
+def save_figure(fig, path, dpi=110):
+    """Save a matplotlib figure atomically (format from the suffix) and close it; rank 0 only under torchrun."""
+    import matplotlib.pyplot as plt
+    path = pathlib.Path(path)
+    if is_main_process():
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        fig.savefig(tmp, dpi=dpi, format=path.suffix[1:])
+        os.replace(tmp, path)
+    plt.close(fig)
+
+
 def write_text_atomic(path, text):
-    """Write text to a temp file and rename it into place (readers never see a half-written file)."""
+    """Write text to a temp file and rename it into place (readers never see a half-written file; the temp
+    name is per process, so shards writing one shared directory never write into each other's temp file)."""
+    if not is_main_process():  # under torchrun only rank 0 writes
+        return
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
 
 def save_records(run_dir, records, finished):
     """results.json ({"records": [...], "finished": bool}) and results.csv, both written atomically.
-    Records are flat dicts of plain values (one per model/seed[/epoch])."""
+    Records are flat dicts of plain values (one per model/seed[/epoch]). With a `Sweep` these two files are
+    a summary rebuilt from the per-run files in RUN_DIR/records/, which are what resume and merge read."""
     run_dir = pathlib.Path(run_dir)
     write_text_atomic(run_dir / "results.json", json.dumps(dict(records=records, finished=finished), indent=1, default=str))
     keys = list(dict.fromkeys(k for r in records for k in r))
@@ -1986,15 +2119,169 @@ def save_records(run_dir, records, finished):
     write_text_atomic(run_dir / "results.csv", buf.getvalue())
 
 
+def _read_record_files(run_dir):
+    """{run name: {"run", "index", "finished", "records"}} from RUN_DIR/records/*.json."""
+    out = {}
+    for f in sorted((pathlib.Path(run_dir) / "records").glob("*.json")):
+        try:
+            d = json.loads(f.read_text())
+            out[d["run"]] = d
+        except (json.JSONDecodeError, KeyError) as e:
+            raise DataError(f"corrupt record file {f}: {e}") from None
+    return out
+
+
 def load_records(run_dir):
-    """The records list of a run directory (for --plot-only and --resume)."""
-    path = pathlib.Path(run_dir) / "results.json"
+    """The records of a run directory (for --plot-only and --resume): from its per-run files in
+    RUN_DIR/records/ (in run order), or from results.json for a run made before those existed."""
+    run_dir = pathlib.Path(run_dir)
+    if (run_dir / "records").is_dir():
+        files = _read_record_files(run_dir)
+        return [r for d in sorted(files.values(), key=lambda d: d["index"]) for r in d["records"]]
+    path = run_dir / "results.json"
     if not path.exists():
         raise DataError(f"no results.json in {run_dir}: not a run directory of this project")
     try:
         return json.loads(path.read_text())["records"]
     except (json.JSONDecodeError, KeyError) as e:
         raise DataError(f"corrupt {path}: {e}") from None
+
+
+def parse_shard(text):
+    """argparse type of --shard K/N (0 <= K < N): this process runs the runs whose index is K mod N."""
+    m = re.fullmatch(r"(\d+)/(\d+)", str(text))
+    if not m or not int(m.group(1)) < int(m.group(2)):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected K/N with 0 <= K < N, e.g. 0/4 "
+                                         f"($SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)")
+    return [int(m.group(1)), int(m.group(2))]
+
+
+def _file_name(name):
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", name)
+
+
+class Sweep:
+    """The independent runs of one invocation, each with its own record file, and the --shard selection.
+
+    `runs` is the script's full list of (name, params) in a fixed order that depends only on the
+    configuration: a run's name, seed and index never depend on --shard, so N shards together do exactly
+    the work of one process. `params` are the record fields that identify the run (used to adopt the
+    records of a run directory made before per-run files existed). Shard K of N takes the runs with
+    index = K mod N. Each finished run is written to RUN_DIR/records/<name>.json atomically, so shards
+    sharing one directory (a cluster file system) never clobber each other, and a killed shard resumed
+    with --resume redoes only its unfinished runs. A run may save partial records (finished=False) and
+    continue from `previous(name)` when resumed (exp_table1.py's seed retries)."""
+
+    def __init__(self, run_dir, runs, shard=None, adopt_complete=None):
+        self.dir = pathlib.Path(run_dir) / "records"
+        self.runs = list(runs)
+        self.index = {name: i for i, (name, _) in enumerate(self.runs)}
+        files = [_file_name(n) for n, _ in self.runs]
+        if len(set(files)) != len(files):
+            dup = next(n for n in files if files.count(n) > 1)
+            raise ValueError(f"two runs share the record file name {dup}: the sweep's run names must be unique")
+        self.shard = shard
+        if not self.dir.exists() and (pathlib.Path(run_dir) / "results.json").exists():
+            self._adopt(json.loads((pathlib.Path(run_dir) / "results.json").read_text())["records"], adopt_complete)
+
+    def _adopt(self, old, complete):
+        """A run directory of an earlier version (one results.json): its records become per-run files, so
+        that --resume keeps them; records matching no run are kept under the run name 'earlier'."""
+        rest = list(old)
+        for name, params in self.runs:
+            mine = [r for r in rest if _matches(r, params)]
+            if mine:
+                rest = [r for r in rest if not _matches(r, params)]
+                self.save(name, mine, finished=complete(params, mine) if complete else True)
+        if rest:
+            self.save("earlier", rest)
+
+    def mine(self):
+        """This process's runs: (index, name, params), all of them without --shard."""
+        k, n = self.shard or (0, 1)
+        return [(i, name, params) for i, (name, params) in enumerate(self.runs) if i % n == k]
+
+    def finished(self):
+        return {name for name, d in _read_record_files(self.dir.parent).items() if d.get("finished", True)}
+
+    def todo(self):
+        """This process's runs that have no finished record file yet, in run order."""
+        done = self.finished()
+        return [(i, name, params) for i, name, params in self.mine() if name not in done]
+
+    def previous(self, name):
+        """The records a run saved before it was interrupted ([] if none)."""
+        path = self.dir / f"{_file_name(name)}.json"
+        return json.loads(path.read_text())["records"] if path.exists() else []
+
+    def save(self, name, records, finished=True):
+        """Write one run's records (atomically, its own file) and refresh results.json / results.csv."""
+        write_text_atomic(self.dir / f"{_file_name(name)}.json",
+                          json.dumps(dict(run=name, index=self.index.get(name, -1), finished=finished, records=records),
+                                     indent=1, default=str))
+        self.write_summary()
+
+    def records(self):
+        return load_records(self.dir.parent) if self.dir.exists() else []
+
+    def missing(self):
+        """Names of all runs (every shard's) that have not finished, in run order."""
+        done = self.finished()
+        return [name for name, _ in self.runs if name not in done]
+
+    def report(self):
+        """'' when every run is finished, else the line that says what is missing (also in missing.txt)."""
+        missing = self.missing()
+        if not missing:
+            (self.dir.parent / "missing.txt").unlink(missing_ok=True)
+            return ""
+        write_text_atomic(self.dir.parent / "missing.txt", "".join(f"{m}\n" for m in missing))
+        return (f"\n{len(missing)} of {len(self.runs)} runs are not finished yet (other shards', listed in missing.txt): "
+                f"the tables above cover the rest; rerun --plot-only {self.dir.parent} when they are done")
+
+    def write_summary(self):
+        """results.json / results.csv of every record present; `finished` once no run is missing. With
+        shards this is a snapshot (the record files are the truth; --plot-only rebuilds it)."""
+        save_records(self.dir.parent, self.records(), finished=not self.missing())
+
+
+def merge_runs(run_dirs, script, runs_of):
+    """--plot-only RUN_DIR [RUN_DIR ...]: the configuration of the first directory and the records of all
+    of them, merged run by run (the first copy of a run wins) into the first directory's records/, so
+    that shards run into separate directories (or machines) can be combined. Returns (run_dir, cfg,
+    records, missing), where `missing` names the runs of `runs_of(cfg)` that no directory has finished:
+    tables, figures and claims are built from what exists and the missing runs are listed (missing.txt)."""
+    run_dir = pathlib.Path(run_dirs[0])
+    cfg = load_run_config(run_dir, script)
+    for other in run_dirs[1:]:
+        if load_run_config(other, script) != cfg:
+            diff = sorted(k for k, v in load_run_config(other, script).items() if cfg.get(k) != v and k not in
+                          RESUME_FREE + ("shard",))
+            if diff:
+                raise DataError(f"--plot-only {other}: its configuration differs from {run_dir}'s in "
+                                f"{', '.join('--' + k.replace('_', '-') for k in diff)}; only shards of one run merge")
+    runs = runs_of(argparse.Namespace(**cfg))
+    if not (run_dir / "records").is_dir():  # a run directory of an earlier version: one results.json, read as is
+        if len(run_dirs) > 1:
+            raise DataError(f"--plot-only {run_dir}: made before per-run record files existed; it cannot be merged")
+        records = load_records(run_dir)
+        return run_dir, cfg, records, [name for name, params in runs if not any(_matches(r, params) for r in records)]
+    sweep = Sweep(run_dir, runs)
+    have = _read_record_files(run_dir)
+    for other in run_dirs[1:]:
+        for name, d in _read_record_files(other).items():
+            if name not in have or (not have[name].get("finished", True) and d.get("finished", True)):
+                sweep.save(name, d["records"], d.get("finished", True))
+                have[name] = d
+    sweep.write_summary()
+    missing = sweep.missing()
+    if missing:
+        write_text_atomic(run_dir / "missing.txt", "".join(f"{m}\n" for m in missing))
+        print(f"{len(missing)} of {len(runs)} runs are missing (listed in {run_dir / 'missing.txt'}): "
+              f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    else:
+        (run_dir / "missing.txt").unlink(missing_ok=True)
+    return run_dir, cfg, sweep.records(), missing
 
 
 def load_run_config(run_dir, script):
@@ -2012,14 +2299,22 @@ def load_run_config(run_dir, script):
     return cfg["args"]
 
 
-def prepare_run_dir(script, out=None, resume=False):
+def prepare_run_dir(script, out=None, resume=False, shard=None):
     """Resolve --out (default runs/<script>/<timestamp>) and refuse to silently overwrite: an existing
-    run directory is only continued with --resume."""
+    run directory is only continued with --resume, or joined by another shard of the same run (--shard,
+    whose configuration `write_config` checks against the saved one)."""
+    if shard and not out:
+        raise ValueError("--shard needs --out RUN_DIR: the directory every shard of the run writes into")
+    if out is None and is_distributed():  # every rank must agree on the timestamped directory
+        box = [pathlib.Path("runs") / script / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")]
+        torch.distributed.broadcast_object_list(box, src=0)
+        out = box[0]
     out = pathlib.Path(out or pathlib.Path("runs") / script / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    if (out / "config.json").exists() and not resume:
-        raise ValueError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
-    if resume and not (out / "config.json").exists():
-        raise ValueError(f"--resume: {out} holds no run to continue (pass the run's --out)")
+    if is_main_process():
+        if (out / "config.json").exists() and not resume and not shard:
+            raise ValueError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
+        if resume and not (out / "config.json").exists():
+            raise ValueError(f"--resume: {out} holds no run to continue (pass the run's --out)")
     _RUNS.append(out)
     if not out.exists():
         _CREATED.append(out)
@@ -2030,6 +2325,7 @@ def prepare_run_dir(script, out=None, resume=False):
 _RUNS = []  # run directories used by this process (named in the Ctrl-C hint)
 _CREATED = []  # those it made itself: removed again by `run_script` if a start fails
 _START_FILES = {"config.json", "code.py", "log.txt"}  # what a run directory holds before any work is saved
+_START_PREFIX = "log.shard-"
 
 
 def run_script(main, get_args):
@@ -2037,11 +2333,17 @@ def run_script(main, get_args):
     a hint to resume. A run directory this process created is removed again when nothing but its start
     files was written (so a corrected rerun with the same --out works); finished work is never removed."""
     def discard_empty():
-        for d in _CREATED:
-            if d.exists() and {f.name for f in d.iterdir()} <= _START_FILES:
+        for d in _CREATED if is_main_process() else []:
+            if d.exists() and all(f.name in _START_FILES or f.name.startswith(_START_PREFIX) for f in d.iterdir()):
                 shutil.rmtree(d)
+    init_distributed()
+    if not is_main_process():  # under torchrun: every rank runs the script, rank 0 alone prints and writes
+        sys.stdout = open(os.devnull, "w")
     try:
-        main(get_args())
+        args = get_args()
+        DDP_BN["mode"] = getattr(args, "ddp_bn", None) or "sync"
+        main(args)
+        finish_distributed()
     except (DataError, ValueError) as e:
         discard_empty()
         sys.exit(f"error: {e}")
@@ -2066,10 +2368,13 @@ class _Tee:
             st.flush()
 
 
-def log_to(run_dir):
-    """From now on, copy everything the script prints into RUN_DIR/log.txt (appended on --resume),
-    so every run keeps its own log."""
-    f = open(pathlib.Path(run_dir) / "log.txt", "a", buffering=1, encoding="utf-8")
+def log_to(run_dir, shard=None):
+    """From now on, copy everything the script prints into RUN_DIR/log.txt (appended on --resume;
+    log.shard-K-of-N.txt for a shard, so shards sharing a directory keep separate logs)."""
+    if not is_main_process():
+        return
+    name = f"log.shard-{shard[0]}-of-{shard[1]}.txt" if shard else "log.txt"
+    f = open(pathlib.Path(run_dir) / name, "a", buffering=1, encoding="utf-8")
     sys.stdout = _Tee(sys.stdout, f)
 
 
@@ -2091,6 +2396,14 @@ def write_config(run_dir, args, script_path, device):
                cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                time=datetime.datetime.now().isoformat(timespec="seconds"))
     old = pathlib.Path(run_dir) / "config.json"
+    if getattr(args, "shard", None) and old.exists() and not getattr(args, "resume", False):
+        saved = json.loads(old.read_text())["args"]  # another shard started this run: join it if it is the same run
+        mine = json.loads(json.dumps(vars(args), default=str))
+        diff = sorted(k for k in set(saved) | set(mine) if k not in RESUME_FREE and saved.get(k) != mine.get(k))
+        if diff:
+            raise ValueError(f"--out {run_dir} holds a run with other settings ({', '.join(diff[:5])} differ); "
+                             f"every shard of a run needs the same arguments apart from --shard")
+        return
     if getattr(args, "resume", False) and old.exists():  # keep the command that started the run; log the resumption
         first = json.loads(old.read_text())
         resumed = first.get("resumed", []) + [{k: cfg[k] for k in ("argv", "git_commit", "device", "time")}]
@@ -2133,7 +2446,7 @@ def check_numbers(parser, args, at_least_one=(), positive=(), non_negative=()):
                 parser.error(f"--{name.replace('_', '-')} {value}: expected {expected}")
 
 
-RESUME_FREE = ("resume", "out", "device", "plot_only")  # the only arguments a resumed run may change
+RESUME_FREE = ("resume", "out", "device", "plot_only", "shard")  # the only arguments a resumed run may change
 
 
 def _resumed(parser, args, argv):

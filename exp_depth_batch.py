@@ -23,9 +23,9 @@ import time
 
 import torch
 
-from common import (Data, build_dataset, check_attack, check_numbers, entropy_ci_bits, eval_mode, evaluate, load_records,
-                    load_run_config, log_to, make_model, max_trainable_depth, mean_sem, parse_with_presets, pick_device,
-                    prepare_run_dir, print_config, quantized_entropy_bits, run_script, save_records, set_seed, train_model,
+from common import (Data, Sweep, build_dataset, check_attack, check_numbers, entropy_ci_bits, eval_mode, evaluate, log_to,
+                    make_model, max_trainable_depth, mean_sem, merge_runs, parse_shard, parse_with_presets, pick_device,
+                    prepare_run_dir, print_config, quantized_entropy_bits, run_script, save_figure, set_seed, train_model,
                     write_claims, write_config, write_text_atomic)
 
 # ================================================================================================
@@ -98,7 +98,12 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
     p.add_argument("--out", default=None, help="run directory (default runs/exp_depth_batch/<timestamp>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out, keeping finished runs")
-    p.add_argument("--plot-only", metavar="RUN_DIR", default=None, help="redraw table.md, claims.md and the figures")
+    p.add_argument("--shard", type=parse_shard, metavar="K/N", help="run only the cells with index = K mod N (SLURM arrays, "
+                   "one process per GPU); every shard writes its own record files into the shared --out")
+    p.add_argument("--ddp-bn", default="sync", choices=["sync", "local"], help="BN under torchrun: over the global batch "
+                   "(sync) or per rank (local)")
+    p.add_argument("--plot-only", metavar="RUN_DIR", nargs="+", default=None, help="redraw table.md, claims.md and the "
+                   "figures from the records of RUN_DIR (and of further run directories of the same run: merged)")
     args = parse_with_presets(p, resolve, argv)
     if args.plot_only:
         return args
@@ -133,6 +138,12 @@ def recompute_bn_stats(model, x, batch_size):
         if len(xb) > 1:
             model(xb)
     model.eval()
+
+
+def planned_runs(args):
+    """Every cell of the grid as (name, record fields) in a fixed order (the unit --shard distributes)."""
+    return [(f"{n}_L{d}_B{b}_s{s}", dict(norm=n, depth=d, batch=b, seed=s))
+            for n in ("bn", "none") for d in args.depths for b in args.batches for s in range(args.seeds)]
 
 
 def run_cell(args, data, norm, depth, batch, seed, device, ckpt):
@@ -205,8 +216,7 @@ def plot_grid(records, path, title):
             fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_entropy(records, path, n_train, title):
@@ -230,8 +240,7 @@ def plot_entropy(records, path, n_train, title):
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def make_table(records, cfg):
@@ -280,35 +289,32 @@ def write_outputs(run_dir, records, cfg):
 
 def main(args):
     if args.plot_only:
-        run_dir = pathlib.Path(args.plot_only)
-        write_outputs(run_dir, load_records(run_dir), load_run_config(run_dir, "exp_depth_batch.py"))
+        run_dir, cfg, records, _ = merge_runs(args.plot_only, "exp_depth_batch.py", planned_runs)
+        write_outputs(run_dir, records, cfg)
         print(f"redrew the table, claims and figures in {run_dir}")
         return
     device = pick_device(args.device)
     data = standardized(args, device)
     args.n_train = len(data.y_train)
-    run_dir = prepare_run_dir("exp_depth_batch", args.out, args.resume)
-    log_to(run_dir)
+    run_dir = prepare_run_dir("exp_depth_batch", args.out, args.resume, args.shard)
+    log_to(run_dir, args.shard)
     print_config(args)
     write_config(run_dir, args, __file__, device)
-    records = load_records(run_dir) if args.resume and (run_dir / "results.json").exists() else []
-    done = {(r["norm"], r["depth"], r["batch"], r["seed"]) for r in records}
-    cells = [(n, d, b, s) for n in ("bn", "none") for d in args.depths for b in args.batches for s in range(args.seeds)]
-    print(f"run directory: {run_dir} | {len(cells)} cells ({len(done)} done) | d = {data.x_train.shape[1]}")
+    sweep = Sweep(run_dir, planned_runs(args), args.shard)
+    todo = sweep.todo()
+    print(f"run directory: {run_dir} | {len(sweep.runs)} cells, {len(sweep.mine())} in this process, {len(todo)} to do "
+          f"| d = {data.x_train.shape[1]}")
     t0 = time.time()
-    for i, (norm, depth, batch, seed) in enumerate(cells):
-        if (norm, depth, batch, seed) in done:
-            continue
-        rec = run_cell(args, data, norm, depth, batch, seed, device, run_dir / "ckpt" / f"{norm}_L{depth}_B{batch}_s{seed}.pt")
-        records.append(rec)
-        save_records(run_dir, records, finished=False)  # cell by cell: an interrupted sweep resumes here
+    for i, name, c in todo:
+        ckpt = run_dir / "ckpt" / f"{name}.pt"
+        rec = run_cell(args, data, c["norm"], c["depth"], c["batch"], c["seed"], device, ckpt)
+        sweep.save(name, [rec])  # cell by cell: an interrupted sweep resumes here
         accs = " ".join(f"{k[4:]} {v:.3f}" for k, v in rec.items() if k.startswith("acc_"))
-        print(f"[{i + 1}/{len(cells)}] {norm} L={depth} B={batch} s{seed}: {rec['status']} {accs} ({time.time() - t0:.0f}s)")
-    save_records(run_dir, records, finished=True)
-    write_outputs(run_dir, records, vars(args))
+        print(f"[{i + 1}/{len(sweep.runs)}] {name}: {rec['status']} {accs} ({time.time() - t0:.0f}s)")
+    write_outputs(run_dir, sweep.records(), vars(args))
     print((run_dir / "table.md").read_text())
     print((run_dir / "claims.md").read_text())
-    print(f"wrote {run_dir} in {time.time() - t0:.0f}s")
+    print(f"wrote {run_dir} in {time.time() - t0:.0f}s" + sweep.report())
 
 
 if __name__ == "__main__":

@@ -35,25 +35,51 @@ def test_smoke_grid(tmp_path):
     assert run("--plot-only", out).returncode == 0 and (out / "table.md").read_text() == table
 
 
-def test_interrupted_sweep_resumes_cell_by_cell(tmp_path):
+def records(out):
+    return json.loads((out / "results.json").read_text())["records"]
+
+
+def start(*args):
+    return subprocess.Popen([sys.executable, "exp_depth_batch.py", *map(str, args)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_shards_in_parallel_and_a_killed_shard_resumed_equal_one_process(tmp_path):
+    """--shard K/N: two shards in parallel into one directory give one process's records; a shard killed after its
+    first cell and resumed, run into another directory, completes the set when merged with --plot-only A B."""
     args = ["--preset", "smoke", "--depths", "2", "4", "6", "--batches", "8", "--epoch-scale", "0.5"]
     ref = tmp_path / "ref"
     assert run(*args, "--out", ref).returncode == 0
-    out = tmp_path / "cut"
-    p = subprocess.Popen([sys.executable, "exp_depth_batch.py", *args, "--out", str(out)], cwd=ROOT,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    want = records(ref)
+    assert len(want) == 6
+    shared = tmp_path / "shared"
+    procs = [start(*args, "--out", shared, "--shard", f"{k}/2") for k in (0, 1)]
+    for p in procs:
+        assert p.wait() == 0, p.stderr.read()[-2000:]
+    assert run("--plot-only", shared).returncode == 0
+    assert records(shared) == want and json.loads((shared / "results.json").read_text())["finished"] is True
+    assert not (shared / "missing.txt").exists()
+    assert len(list((shared / "records").glob("*.json"))) == 6 and (shared / "log.shard-1-of-2.txt").exists()
+
+    cut = tmp_path / "cut"  # shard 1 of 2, killed after its first cell
+    p = start(*args, "--out", cut, "--shard", "1/2")
     deadline = time.time() + 120
-    while p.poll() is None and time.time() < deadline:
-        path = out / "results.json"
-        if path.exists() and len(json.loads(path.read_text())["records"]) >= 2:
-            break
+    while p.poll() is None and time.time() < deadline and not list((cut / "records").glob("*.json")):
         time.sleep(0.02)
     p.kill()
     p.wait()
-    assert p.returncode != 0, "the sweep finished before it could be interrupted"
-    r = run(*args, "--out", out, "--resume")
+    assert p.returncode != 0, "the shard finished before it could be interrupted"
+    r = run("--plot-only", cut)  # partial: tables from what exists, the missing runs listed
+    assert r.returncode == 0 and "runs are missing" in r.stdout
+    assert len((cut / "missing.txt").read_text().split()) >= 4
+    r = run(*args, "--out", cut, "--resume", "--shard", "1/2")
     assert r.returncode == 0, r.stderr[-2000:]
-    key = lambda x: (x["norm"], x["depth"], x["batch"], x["seed"])
-    got = sorted(json.loads((out / "results.json").read_text())["records"], key=key)
-    want = sorted(json.loads((ref / "results.json").read_text())["records"], key=key)
-    assert got == want
+    assert "not finished yet" in r.stdout  # shard 0's cells are not there
+    other = tmp_path / "other"
+    assert run(*args, "--out", other, "--shard", "0/2").returncode == 0
+    assert {x["norm"] for x in records(other)} == {"bn", "none"} and len(records(other)) == 3  # indices 0, 2, 4
+    r = run("--plot-only", cut, other)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert records(cut) == want and not (cut / "missing.txt").exists()
+    r = run(*args, "--epoch-scale", "1", "--out", shared, "--shard", "0/2")  # joining a run with other settings
+    assert r.returncode != 0 and "error: --out" in r.stderr and "epoch_scale" in r.stderr

@@ -1,0 +1,63 @@
+"""Data-parallel training under torchrun on CPU (gloo): 2 ranks x batch 8 with synchronized BN is the
+single-process batch-16 run (parameters and BN buffers, float64), and per-rank BN is a different model."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+WORKER = r'''
+import sys, torch, common
+common.init_distributed()
+mode, out = sys.argv[1], sys.argv[2]
+x = torch.rand(40, 3, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+y = torch.arange(40) % 10
+data = common.Data("toy", x, y, x[:8], y[:8], (0.5,) * 3, (0.25,) * 3)
+common.set_seed(0)
+model = common.make_model("resnet18", norm="bn", width=0.125, num_classes=10, in_channels=3).double()
+recipe = dict(epochs=2, batch_size=16, lr=0.1, augment=True, weight_decay=5e-4)  # 16, 16, 8: the last batch 4 + 4
+res = common.train_model(model, data, recipe, seed=3, log=lambda s: None, ddp_bn=mode, ckpt=sys.argv[3], key=dict(k=1))
+state = {k: v.clone() for k, v in model.state_dict().items()}
+if common.is_main_process():
+    torch.save(dict(state=state, history=res["history"]), out)
+common.finish_distributed()
+'''
+
+
+def run(tmp_path, name, ranks, mode):
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    out, ckpt = tmp_path / f"{name}.pt", tmp_path / f"{name}.ckpt"
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(worker)] if ranks == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", str(worker)]
+    r = subprocess.run(cmd + [mode, str(out), str(ckpt)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return torch.load(out, weights_only=False), torch.load(ckpt, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    return run(tmp_path_factory.mktemp("single"), "single", 1, "sync")
+
+
+def test_two_ranks_with_sync_bn_equal_one_process(single, tmp_path):
+    (one, _), (two, ckpt2) = single, run(tmp_path, "sync", 2, "sync")
+    assert one["state"].keys() == two["state"].keys()
+    for k, v in one["state"].items():  # weights, running means/variances, batch counters
+        assert torch.allclose(v.double(), two["state"][k].double(), rtol=1e-9, atol=1e-11), k
+    for a, b in zip(one["history"], two["history"]):  # logged loss and accuracy are the global batch's
+        assert a.get("train_loss", 0) == pytest.approx(b.get("train_loss", 0), rel=1e-9)
+        assert a.get("train_acc") == b.get("train_acc")
+    assert ckpt2["key"] == {"k": 1}  # the same model: the same cache key
+
+
+def test_per_rank_bn_is_a_different_model(single, tmp_path):
+    (one, _), (local, ckpt) = single, run(tmp_path, "local", 2, "local")
+    diff = max(float((v.double() - local["state"][k].double()).abs().max()) for k, v in one["state"].items()
+               if v.is_floating_point())
+    assert diff > 1e-4  # BN over 8 samples per rank is not BN over the batch of 16
+    assert ckpt["key"] == {"key": {"k": 1}, "per_rank_bn": 2}  # and it is cached under another key
