@@ -1467,6 +1467,22 @@ def finish_distributed():
         torch.distributed.destroy_process_group()
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks, differentiable: the gradient of a sum over ranks is the sum over ranks of the gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad)
+        return grad
+
+
 class _SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training-mode statistics are those of the global batch (all ranks), P1/P2's
     batch-128 BN under data parallelism. Same semantics as torch.nn.SyncBatchNorm, which is GPU-only; this
@@ -1476,7 +1492,7 @@ class _SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x):
         if not self.training:
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce  # differentiable: backward all-reduces the grads
+        all_reduce = _AllReduceSum.apply
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
         n = all_reduce(torch.tensor(float(x.numel() // x.shape[1]), device=x.device))
@@ -2082,6 +2098,12 @@ def fmt_mean_sem(values, scale=100.0, digits=1):
     return f"{m * scale:.{digits}f}" if n == 1 else f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
 
 
+def show(path):
+    """Print a text file the run just wrote (table.md, claims.md): rank 0 only under torchrun."""
+    if is_main_process():
+        print(pathlib.Path(path).read_text())
+
+
 def save_figure(fig, path, dpi=110):
     """Save a matplotlib figure atomically (format from the suffix) and close it; rank 0 only under torchrun."""
     import matplotlib.pyplot as plt
@@ -2145,6 +2167,14 @@ def load_records(run_dir):
         return json.loads(path.read_text())["records"]
     except (json.JSONDecodeError, KeyError) as e:
         raise DataError(f"corrupt {path}: {e}") from None
+
+
+def add_scale_out_flags(parser, unit):
+    """--shard K/N and --ddp-bn, the same in every exp_*.py (README: running at paper scale)."""
+    parser.add_argument("--shard", type=parse_shard, metavar="K/N", help=f"run only the {unit} with index = K mod N "
+                        "(SLURM arrays, one process per GPU); every shard writes its own record files into the shared --out")
+    parser.add_argument("--ddp-bn", default="sync", choices=["sync", "local"], help="BN under torchrun: statistics of "
+                        "the global batch (sync, P1/P2's BN) or of each rank's slice (local, a different model)")
 
 
 def parse_shard(text):

@@ -17,7 +17,6 @@ inside the model. Models are trained with exp_table1.py's recipes, so --cache sh
 """
 import argparse
 import copy
-import json
 import math
 import pathlib
 import time
@@ -25,11 +24,11 @@ import time
 import numpy as np
 import torch
 
-from common import (CORRUPTION_NAMES, CORRUPTIONS, APPROXIMATE, NORMS, DataError, Standardize, adapt_bn, build_dataset,
-                    cache_path, check_numbers, class_balanced_subset, corrupt, evaluate, fmt_mean_sem, load_records,
-                    load_run_config, log_to, make_model, mean_sem, parse_with_presets, pick_device, prepare_run_dir,
-                    print_config, read_cifar10, read_cifar10c, run_script, save_records, set_seed, train_model, write_claims,
-                    write_config, write_text_atomic)
+from common import (APPROXIMATE, CORRUPTIONS, CORRUPTION_NAMES, DataError, NORMS, Standardize, Sweep, adapt_bn,
+                    add_scale_out_flags, build_dataset, cache_path, check_numbers, class_balanced_subset, corrupt,
+                    evaluate, fmt_mean_sem, log_to, make_model, mean_sem, merge_runs, parse_with_presets, pick_device,
+                    prepare_run_dir, print_config, read_cifar10, read_cifar10c, run_script, save_figure, set_seed, show,
+                    train_model, write_claims, write_config, write_text_atomic)
 
 # ================================================================================================
 # 1. Artifacts: what each one trains, and the papers' claims it tests
@@ -176,7 +175,10 @@ def get_args(argv=None):
                    "same dataset, architecture, norm, width, recipe and seed")
     p.add_argument("--out", default=None, help="run directory (default runs/exp_corruption/<timestamp>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out, keeping finished models")
-    p.add_argument("--plot-only", metavar="RUN_DIR", default=None, help="redraw table.md, claims.md and the figure")
+    add_scale_out_flags(p, "runs")
+    p.add_argument("--plot-only", metavar="RUN_DIR", nargs="+", default=None,
+                   help="redraw table.md, claims.md and the figure from the records of RUN_DIR (several: the shards of one "
+                   "run, merged)")
     args = parse_with_presets(p, resolve, argv)
     if args.plot_only:
         return args
@@ -197,6 +199,12 @@ def get_args(argv=None):
 # ================================================================================================
 # 3. Experiment: models (exp_table1.py's recipes), corrupted sets, evaluation
 # ================================================================================================
+
+def planned_runs(args):
+    """(name, record fields) of every model and seed in a fixed order (the unit of --shard)."""
+    return [(f"{a}_{n}_{t}_s{s}", dict(dataset=d, arch=a, norm=n, training=t, seed=s)) for d, a, n, t in plan(args)
+            for s in range(args.seeds)]
+
 
 def plan(args):
     """[(dataset, arch, norm, training)] after the --dataset/--arch/--norm overrides; Fixup only for WRN/ResNet
@@ -517,8 +525,7 @@ def make_figure(records, path, title):
         ax.legend(fontsize=7, ncol=len(bars), loc="lower left")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_outputs(run_dir, records, cfg, finished=True):
@@ -541,10 +548,8 @@ def write_outputs(run_dir, records, cfg, finished=True):
 
 def main(args):
     if args.plot_only:
-        run_dir = pathlib.Path(args.plot_only)
-        cfg = load_run_config(run_dir, "exp_corruption.py")
-        finished = json.loads((run_dir / "results.json").read_text()).get("finished", True)
-        write_outputs(run_dir, load_records(run_dir), cfg, finished)
+        run_dir, cfg, records, missing = merge_runs(args.plot_only, "exp_corruption.py", planned_runs)
+        write_outputs(run_dir, records, cfg, not missing)
         print(f"redrew {run_dir / 'table.md'}, claims.md and {run_dir / 'figure.png'}")
         return
     device = pick_device(args.device)
@@ -563,8 +568,8 @@ def main(args):
             make_model(arch, **model_kwargs(args, data, arch, norm))
     idx = eval_subset(args, data)
     sets = CorruptedSets(args, data, idx, device)
-    run_dir = prepare_run_dir("exp_corruption", args.out, args.resume)
-    log_to(run_dir)
+    run_dir = prepare_run_dir("exp_corruption", args.out, args.resume, args.shard)
+    log_to(run_dir, args.shard)
     print_config(args)
     print(f"run directory: {run_dir} | device: {device} | artifact: {ARTIFACTS[args.artifact]['title']} | "
           f"{dataset}: train {tuple(data.x_train.shape)}, evaluated {len(idx)} test images")
@@ -573,25 +578,20 @@ def main(args):
     args.corruption_source, args.skipped_corruptions = sets.kind, sets.skipped
     args.recipes = {f"{d} {a} {n} {t}": recipe(args, d, a, n, t) for d, a, n, t in todo}
     write_config(run_dir, args, __file__, device)
-    records = load_records(run_dir) if args.resume and (run_dir / "results.json").exists() else []
-    done = {(r["arch"], r["norm"], r["training"], r["seed"]) for r in records}
-    t0, n_total, n_run = time.time(), len(todo) * args.seeds, 0
-    for d, arch, norm, training in todo:
-        for seed in range(args.seeds):
-            if (arch, norm, training, seed) in done:
-                continue
-            ckpt = run_dir / "ckpt" / f"{arch}_{norm}_{training}_s{seed}.pt"
-            records.append(run_one(args, data, sets, d, arch, norm, training, seed, device, ckpt, print))
-            save_records(run_dir, records, finished=False)  # every finished model is kept
-            n_run += 1
-            left = n_total - len(records)
-            print(f"model {len(records)} of {n_total} done | {time.time() - t0:.0f}s | ETA "
-                  f"{(time.time() - t0) / n_run * max(0, left):.0f}s")
-    save_records(run_dir, records, finished=True)
-    write_outputs(run_dir, records, vars(args))
-    print((run_dir / "table.md").read_text())
-    print((run_dir / "claims.md").read_text())
-    print(f"wrote {run_dir}/results.json, results.csv, table.md, claims.md, figure.png")
+    sweep = Sweep(run_dir, planned_runs(args), args.shard)
+    todo = sweep.todo()
+    t0 = time.time()
+    for k, (_, name, m) in enumerate(todo):
+        ckpt = run_dir / "ckpt" / f"{name}.pt"
+        rec = run_one(args, data, sets, m["dataset"], m["arch"], m["norm"], m["training"], m["seed"], device, ckpt, print)
+        sweep.save(name, [rec])  # every finished model is kept
+        print(f"model {k + 1} of {len(todo)} done here ({len(sweep.runs)} in the run) | {time.time() - t0:.0f}s | ETA "
+              f"{(time.time() - t0) / (k + 1) * (len(todo) - k - 1):.0f}s")
+    records = sweep.records()
+    write_outputs(run_dir, records, vars(args), not sweep.missing())
+    show(run_dir / "table.md")
+    show(run_dir / "claims.md")
+    print(f"wrote {run_dir}/results.json, results.csv, table.md, claims.md, figure.png" + sweep.report())
 
 
 if __name__ == "__main__":

@@ -18,15 +18,14 @@ momentum; after training, the BN running statistics are recomputed exactly over 
 """
 import argparse
 import math
-import pathlib
 import time
 
 import torch
 
-from common import (Data, Sweep, build_dataset, check_attack, check_numbers, entropy_ci_bits, eval_mode, evaluate, log_to,
-                    make_model, max_trainable_depth, mean_sem, merge_runs, parse_shard, parse_with_presets, pick_device,
-                    prepare_run_dir, print_config, quantized_entropy_bits, run_script, save_figure, set_seed, train_model,
-                    write_claims, write_config, write_text_atomic)
+from common import (Data, Sweep, add_scale_out_flags, build_dataset, check_attack, check_numbers, entropy_ci_bits,
+                    eval_mode, evaluate, log_to, make_model, max_trainable_depth, mean_sem, merge_runs,
+                    parse_with_presets, pick_device, prepare_run_dir, print_config, quantized_entropy_bits, run_script,
+                    save_figure, set_seed, show, train_model, write_claims, write_config, write_text_atomic)
 
 # ================================================================================================
 # 1. Artifacts: what each one trains, and the papers' claims it tests
@@ -98,12 +97,10 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
     p.add_argument("--out", default=None, help="run directory (default runs/exp_depth_batch/<timestamp>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out, keeping finished runs")
-    p.add_argument("--shard", type=parse_shard, metavar="K/N", help="run only the cells with index = K mod N (SLURM arrays, "
-                   "one process per GPU); every shard writes its own record files into the shared --out")
-    p.add_argument("--ddp-bn", default="sync", choices=["sync", "local"], help="BN under torchrun: over the global batch "
-                   "(sync) or per rank (local)")
-    p.add_argument("--plot-only", metavar="RUN_DIR", nargs="+", default=None, help="redraw table.md, claims.md and the "
-                   "figures from the records of RUN_DIR (and of further run directories of the same run: merged)")
+    add_scale_out_flags(p, "cells")
+    p.add_argument("--plot-only", metavar="RUN_DIR", nargs="+", default=None,
+                   help="redraw table.md, claims.md and the figures from the records of RUN_DIR (several: the shards of one "
+                   "run, merged)")
     args = parse_with_presets(p, resolve, argv)
     if args.plot_only:
         return args
@@ -312,8 +309,8 @@ def main(args):
         accs = " ".join(f"{k[4:]} {v:.3f}" for k, v in rec.items() if k.startswith("acc_"))
         print(f"[{i + 1}/{len(sweep.runs)}] {name}: {rec['status']} {accs} ({time.time() - t0:.0f}s)")
     write_outputs(run_dir, sweep.records(), vars(args))
-    print((run_dir / "table.md").read_text())
-    print((run_dir / "claims.md").read_text())
+    show(run_dir / "table.md")
+    show(run_dir / "claims.md")
     print(f"wrote {run_dir} in {time.time() - t0:.0f}s" + sweep.report())
 
 

@@ -29,11 +29,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import (DataError, Data, accuracy, build_dataset, cache_path, check_numbers, class_balanced_subset,
-                    epoch_metrics, eval_mode, feature_distance, fmt_mean_sem, invert_features, load_records,
-                    load_run_config, log_to, make_model, mean_sem, other_label_indices, parse_with_presets, pgd,
-                    pick_device, prepare_run_dir, print_config, read_ilyas_dataset, run_script, save_atomic,
-                    save_records, set_seed, train_model, write_claims, write_config, write_text_atomic)
+from common import (Data, DataError, Sweep, accuracy, add_scale_out_flags, build_dataset, cache_path, check_numbers,
+                    class_balanced_subset, epoch_metrics, eval_mode, feature_distance, fmt_mean_sem, invert_features,
+                    log_to, make_model, mean_sem, merge_runs, other_label_indices, parse_with_presets, pgd, pick_device,
+                    prepare_run_dir, print_config, read_ilyas_dataset, run_script, save_atomic, save_figure, set_seed,
+                    show, train_model, write_claims, write_config, write_text_atomic)
 
 # ================================================================================================
 # 1. Artifacts: which datasets each one trains on, and the paper's claims it tests
@@ -209,7 +209,10 @@ def get_args(argv=None):
                    "when everything that determines them matches")
     p.add_argument("--out", default=None, help="run directory (default runs/exp_feature_datasets/<timestamp>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out, keeping finished models and chunks")
-    p.add_argument("--plot-only", metavar="RUN_DIR", default=None, help="redraw table.md, claims.md and the figures")
+    add_scale_out_flags(p, "runs")
+    p.add_argument("--plot-only", metavar="RUN_DIR", nargs="+", default=None,
+                   help="redraw table.md, claims.md and the figures from the records of RUN_DIR (several: the shards of one "
+                   "run, merged)")
     args = parse_with_presets(p, resolve, argv)
     if args.plot_only:
         return args
@@ -243,6 +246,11 @@ def state_hash(model):
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:20]
+
+
+SHARD_NEEDS_BUILD = ("--shard: {what} is not there yet ({where}); shards only train on built datasets (building twice at "
+                     "once would race): build them first in one process with --artifact build and the same --cache or "
+                     "--datasets-dir (resumable), then start the shards")
 
 
 def key_hash(key):
@@ -283,8 +291,10 @@ def get_source(args, data, robust, device, run_dir):
                amp=args.amp, input=dict(conv="p1", mean=data.mean, std=data.std))
     if args.channels:
         key["channels"] = args.channels
-    res = train_model(model, data, recipe, seed=0, amp=args.amp, tag=f"[source {role}]", key=key,
-                      ckpt=cache_path(args.cache, key) or run_dir / "ckpt" / f"source_{role}.pt")
+    ckpt = cache_path(args.cache, key) or run_dir / "ckpt" / f"source_{role}.pt"
+    if args.shard and not ckpt.exists():
+        raise DataError(SHARD_NEEDS_BUILD.format(what=f"the {role} source model", where=ckpt))
+    res = train_model(model, data, recipe, seed=0, amp=args.amp, tag=f"[source {role}]", key=key, ckpt=ckpt)
     if res["status"] != "ok":
         raise DataError(f"the {role} source model failed to train ({res['reason']}); change its recipe "
                         f"(--source-lr, --source-epochs) or pass --source-{'rob' if robust else 'std'}")
@@ -390,6 +400,8 @@ def build_kind(args, kind, data, sources, source_info, root, d_r=None, d_r_hash=
                source=source_info[src_role]["hash"], params=params, from_d_r=d_r_hash, chunk=args.chunk)
     folder = pathlib.Path(root) / f"{kind}-{key_hash(key)}"
     final = folder / "data.pt"
+    if args.shard and not final.exists():
+        raise DataError(SHARD_NEEDS_BUILD.format(what=NAMES[kind], where=final))
     if final.exists():
         saved = torch.load(final, weights_only=False)
         print(f"[{NAMES[kind]}] loaded {final} ({len(saved['y'])} images)")
@@ -431,6 +443,16 @@ def build_kind(args, kind, data, sources, source_info, root, d_r=None, d_r_hash=
     print(f"[{NAMES[kind]}] done: {final}" + (f" | targeted success {meta['success_rate']:.1%}" if success is not None else
                                               f" | feature distance median {meta['feature_dist_median']:.3g}"))
     return saved
+
+
+def planned_runs(args):
+    """(name, record fields) of every training run in a fixed order (the unit of --shard; building the datasets
+    comes first and is not sharded: its chunks share the two source models)."""
+    if args.artifact == "build":
+        return []
+    kinds = ARTIFACTS[args.artifact]["runs"]["datasets"]
+    return [(f"{k}_{n}_s{s}", dict(kind=k, norm=n, seed=s)) for k in kinds for n in args.norm
+            for s in range(args.rand_seeds if k == "d_rand" else args.seeds)]
 
 
 def train_on(args, kind, ds, ds_hash, data, subset, norm, seed, device, ckpt):
@@ -610,8 +632,7 @@ def make_figures(records, datasets, run_dir, artifact, title):
             axes[i][0].set_ylabel(NAMES[kind], fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(run_dir / "figure.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, run_dir / "figure.png")
 
 
 def write_outputs(run_dir, records, cfg, datasets=None):
@@ -635,9 +656,8 @@ def write_outputs(run_dir, records, cfg, datasets=None):
 
 def main(args):
     if args.plot_only:
-        run_dir = pathlib.Path(args.plot_only)
-        cfg = load_run_config(run_dir, "exp_feature_datasets.py")
-        write_outputs(run_dir, load_records(run_dir), cfg)
+        run_dir, cfg, records, _ = merge_runs(args.plot_only, "exp_feature_datasets.py", planned_runs)
+        write_outputs(run_dir, records, cfg)
         print(f"redrew {run_dir / 'table.md'}, claims.md and figure.png")
         return
     device = pick_device(args.device)
@@ -647,15 +667,16 @@ def main(args):
         with torch.device("meta"):
             make_model(args.arch, norm=norm, width=args.width, in_channels=data.shape[0],
                        **(dict(gn_groups=args.gn_groups) if args.gn_groups else {}))
-    run_dir = prepare_run_dir("exp_feature_datasets", args.out, args.resume)
-    log_to(run_dir)
+    if args.shard and args.artifact == "build":
+        raise ValueError("--shard with --artifact build: building is one process (its chunks share the source models); "
+                         "shard the training runs of fig6/fig7/fig12/fig13 once the datasets are built")
+    run_dir = prepare_run_dir("exp_feature_datasets", args.out, args.resume, args.shard)
+    log_to(run_dir, args.shard)
     print_config(args)
     write_config(run_dir, args, __file__, device)
     kinds = ARTIFACTS[args.artifact]["runs"]["datasets"]
     print(f"run directory: {run_dir} | device: {device} | {ARTIFACTS[args.artifact]['title']} | {args.dataset}: train "
           f"{tuple(data.x_train.shape)}, test {tuple(data.x_test.shape)}")
-    records = load_records(run_dir) if args.resume and (run_dir / "results.json").exists() else []
-    records = [r for r in records if r.get("record") != "dataset"]  # dataset metadata is re-read below
     datasets = {}
     if args.datasets_from == "released":
         for kind in kinds:
@@ -676,30 +697,22 @@ def main(args):
             datasets[kind] = build_kind(args, kind, data, sources, info, root, d_r,
                                         d_r["meta"]["key_hash"] if kind == "d_conflict" else None)
             datasets[kind]["meta"]["path"] = str(root / f"{kind}-{datasets[kind]['meta']['key_hash']}" / "data.pt")
-    metas = [dict(datasets[k]["meta"], record="dataset") for k in KINDS if k in datasets]
-    save_records(run_dir, metas + records, finished=False)
+    sweep = Sweep(run_dir, planned_runs(args), args.shard)
+    sweep.save("datasets", [dict(datasets[k]["meta"], record="dataset") for k in KINDS if k in datasets])  # re-read above
+    subset = class_balanced_subset(data.y_test, args.per_class)
+    todo, t0 = sweep.todo(), time.time()
+    for i, (_, name, r) in enumerate(todo):
+        kind = r["kind"]
+        ckpt = run_dir / "ckpt" / f"{name}.pt"
+        sweep.save(name, train_on(args, kind, datasets[kind], datasets[kind]["meta"]["key_hash"], data, subset, r["norm"],
+                                  r["seed"], device, ckpt))  # every finished model is kept
+        print(f"model {i + 1} of {len(todo)} done here ({len(sweep.runs)} in the run) | {time.time() - t0:.0f}s | ETA "
+              f"{(time.time() - t0) / (i + 1) * (len(todo) - i - 1):.0f}s")
+    write_outputs(run_dir, sweep.records(), vars(args), datasets)
+    show(run_dir / "table.md")
     if args.artifact != "build":
-        subset = class_balanced_subset(data.y_test, args.per_class)
-        done = {(r["kind"], r["norm"], r["seed"]) for r in records}
-        todo = [(k, n, s) for k in kinds for n in args.norm for s in range(args.rand_seeds if k == "d_rand" else args.seeds)]
-        t0, n_run = time.time(), 0
-        for kind, norm, seed in todo:
-            if (kind, norm, seed) in done:
-                continue
-            ckpt = run_dir / "ckpt" / f"{kind}_{norm}_s{seed}.pt"
-            records += train_on(args, kind, datasets[kind], datasets[kind]["meta"]["key_hash"], data, subset, norm, seed,
-                                device, ckpt)
-            save_records(run_dir, metas + records, finished=False)  # every finished model is kept
-            n_run += 1
-            left = sum(1 for t in todo if t not in done) - n_run
-            print(f"model {n_run + len(done)} of {len(todo)} done | {time.time() - t0:.0f}s | ETA "
-                  f"{(time.time() - t0) / n_run * left:.0f}s")
-    save_records(run_dir, metas + records, finished=True)
-    write_outputs(run_dir, metas + records, vars(args), datasets)
-    print((run_dir / "table.md").read_text())
-    if args.artifact != "build":
-        print((run_dir / "claims.md").read_text())
-    print(f"wrote {run_dir}/results.json, table.md, claims.md, figure.png")
+        show(run_dir / "claims.md")
+    print(f"wrote {run_dir}/results.json, table.md, claims.md, figure.png" + sweep.report())
 
 
 if __name__ == "__main__":

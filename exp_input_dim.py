@@ -15,17 +15,16 @@ standardized; attacks are in standardized units with no clipping (DECISIONS.md D
     python exp_input_dim.py --dataset mnist     # paper preset on MNIST (--download fetches it)
 """
 import argparse
-import pathlib
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (Data, build_dataset, check_attack, check_numbers, eval_mode, fmt_mean_sem, load_records, load_run_config,
-                    log_to, make_model, mean_sem, parse_with_presets, pick_device, prepare_run_dir, print_config,
-                    resize_images, run_attack, run_script, save_records, set_seed, train_model, write_claims, write_config,
-                    write_text_atomic)
+from common import (Data, Sweep, add_scale_out_flags, build_dataset, check_attack, check_numbers, eval_mode,
+                    fmt_mean_sem, is_main_process, log_to, make_model, mean_sem, merge_runs, parse_with_presets,
+                    pick_device, prepare_run_dir, print_config, resize_images, run_attack, run_script, save_figure,
+                    set_seed, show, train_model, write_claims, write_config, write_text_atomic)
 
 # ================================================================================================
 # 1. Artifacts: what each one trains, and the papers' claims it tests
@@ -113,7 +112,10 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
     p.add_argument("--out", default=None, help="run directory (default runs/exp_input_dim/<timestamp>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out, keeping finished runs")
-    p.add_argument("--plot-only", metavar="RUN_DIR", default=None, help="redraw table.md, claims.md and fig4.png")
+    add_scale_out_flags(p, "runs")
+    p.add_argument("--plot-only", metavar="RUN_DIR", nargs="+", default=None,
+                   help="redraw table.md, claims.md and fig4.png from the records of RUN_DIR (several: the shards of one "
+                   "run, merged)")
     args = parse_with_presets(p, resolve, argv)
     if args.plot_only:
         return args
@@ -159,60 +161,63 @@ def train(args, data, model, epochs, weight_decay, seed, ckpt, on_epoch=None):
     return train_model(model, data, recipe, seed=seed, ckpt=ckpt, log=lambda s: None, on_epoch=on_epoch)
 
 
-def run_t11(args, base, device, run_dir, done):
-    """Linear model x {k, lambda} x seeds: clean / FGSM accuracy and loss."""
+def planned_runs(args):
+    """(name, record fields) of every run in a fixed order (the unit of --shard): Table 11's linear models (k,
+    lambda, seed), Tables 6/12 and 7's MLPs (k, norm, seed), and Fig 4 as one run."""
     out = []
-    configs = [(k, 0.0) for k in (1, 2, 3, 4)] + [(k, lam) for k, lam in LAMBDA.items()]
-    for k, lam in configs:
-        data = upscaled(base, k)
-        for seed in range(args.seeds):
-            if ("t11", k, lam, "none", seed) in done:
-                continue
-            set_seed(seed)
-            model = make_model("mlp", norm="none", in_dim=data.x_train[0].numel(), hidden=[], init="default").to(device)
-            res = train(args, data, model, args.epochs, lam, seed, run_dir / "ckpt" / f"t11_k{k}_l{lam:g}_s{seed}.pt")
-            rec = dict(table="t11", k=k, lam=lam, norm="none", seed=seed, status=res["status"], reason=res["reason"])
-            if res["status"] == "ok":
-                fgsm = dict(kind="fgsm", eps=args.fgsm_eps, clip=None)
-                for name, spec in [("clean", dict(kind="clean")), ("fgsm01", fgsm),
-                                   ("fgsm005", dict(kind="fgsm", eps=args.fgsm_eps / 2, clip=None))]:
-                    rec[f"acc_{name}"], rec[f"loss_{name}"] = acc_and_loss(model, data.x_test, data.y_test, spec)
-                rec |= {f"chk_fgsm_{k}": v for k, v in check_attack(model, data.x_test, data.y_test, fgsm, seed=seed).items()}
-            out.append(rec)
+    if args.artifact in ("all", "t11"):
+        configs = [(k, 0.0) for k in (1, 2, 3, 4)] + [(k, lam) for k, lam in LAMBDA.items()]
+        out += [(f"t11_k{k}_l{lam:g}_s{s}", dict(table="t11", k=k, lam=lam, norm="none", seed=s)) for k, lam in configs
+                for s in range(args.seeds)]
+    for table, ks in (("t6", (1, 2, 3)), ("t7", (2, 3))):
+        if args.artifact in ("all", table):
+            out += [(f"{table}_k{k}_{n}_s{s}", dict(table=table, k=k, lam=LAMBDA[k] if table == "t7" else 0.0, norm=n,
+                                                    seed=s))
+                    for k in ks for n in ("none", "bn") for s in range(args.mlp_seeds)]
+    if args.artifact in ("all", "fig4"):
+        out.append(("fig4", dict(table="fig4")))
     return out
 
 
-def run_mlp(args, base, device, run_dir, done, table):
-    """Tables 6/12 (no WD, k = 1..3) or Table 7 (WD = Table 11's lambda, k = 2, 3): MLP +- one BN layer."""
-    out = []
-    ks = (1, 2, 3) if table == "t6" else (2, 3)
+def run_t11(args, base, device, run_dir, k, lam, seed):
+    """Table 11: one linear model at upscaling k and weight decay lambda: clean / FGSM accuracy and loss."""
+    data = upscaled(base, k)
+    set_seed(seed)
+    model = make_model("mlp", norm="none", in_dim=data.x_train[0].numel(), hidden=[], init="default").to(device)
+    res = train(args, data, model, args.epochs, lam, seed, run_dir / "ckpt" / f"t11_k{k}_l{lam:g}_s{seed}.pt")
+    rec = dict(table="t11", k=k, lam=lam, norm="none", seed=seed, status=res["status"], reason=res["reason"])
+    if res["status"] == "ok":
+        fgsm = dict(kind="fgsm", eps=args.fgsm_eps, clip=None)
+        for name, spec in [("clean", dict(kind="clean")), ("fgsm01", fgsm),
+                           ("fgsm005", dict(kind="fgsm", eps=args.fgsm_eps / 2, clip=None))]:
+            rec[f"acc_{name}"], rec[f"loss_{name}"] = acc_and_loss(model, data.x_test, data.y_test, spec)
+        rec |= {f"chk_fgsm_{k}": v for k, v in check_attack(model, data.x_test, data.y_test, fgsm, seed=seed).items()}
+    return rec
+
+
+def run_mlp(args, base, device, run_dir, table, k, norm, seed):
+    """Tables 6/12 (no WD, k = 1..3) or Table 7 (WD = Table 11's lambda, k = 2, 3): one MLP +- one BN layer."""
     x_te_base = base[2]
-    for k in ks:
-        data = upscaled(base, k)
-        lam = LAMBDA[k] if table == "t7" else 0.0
-        d = data.x_train[0].numel()
-        for norm in ("none", "bn"):
-            for seed in range(args.mlp_seeds):
-                if (table, k, lam, norm, seed) in done:
-                    continue
-                set_seed(seed)
-                model = make_model("mlp", norm=norm, in_dim=d, hidden=[d // 2, d // 2], norm_positions=[0]).to(device)
-                ckpt = run_dir / "ckpt" / f"{table}_k{k}_{norm}_s{seed}.pt"
-                res = train(args, data, model, args.mlp_epochs, lam, seed, ckpt)
-                rec = dict(table=table, k=k, lam=lam, norm=norm, seed=seed, status=res["status"], reason=res["reason"])
-                if res["status"] == "ok":
-                    g = torch.Generator(device=device).manual_seed(seed)
-                    # P2 footnote 6: N(0, 1) noise is added at the base resolution, then upscaled
-                    noise = args.noise_std * torch.randn(x_te_base.shape, generator=g, device=device)
-                    noisy = resize_images(x_te_base + noise, data.shape[-1])
-                    bim = dict(kind="bim", eps=args.bim_eps, steps=args.bim_steps, step_size=args.bim_step, clip=None)
-                    rec["acc_clean"], rec["loss_clean"] = acc_and_loss(model, data.x_test, data.y_test, dict(kind="clean"))
-                    rec["acc_noise"], rec["loss_noise"] = acc_and_loss(model, noisy, data.y_test, dict(kind="clean"))
-                    rec["acc_bim"], rec["loss_bim"] = acc_and_loss(model, data.x_test, data.y_test, bim)
-                    chk = check_attack(model, data.x_test, data.y_test, bim, seed=seed)
-                    rec |= {f"chk_bim_{k}": v for k, v in chk.items()}
-                out.append(rec)
-    return out
+    data = upscaled(base, k)
+    lam = LAMBDA[k] if table == "t7" else 0.0
+    d = data.x_train[0].numel()
+    set_seed(seed)
+    model = make_model("mlp", norm=norm, in_dim=d, hidden=[d // 2, d // 2], norm_positions=[0]).to(device)
+    ckpt = run_dir / "ckpt" / f"{table}_k{k}_{norm}_s{seed}.pt"
+    res = train(args, data, model, args.mlp_epochs, lam, seed, ckpt)
+    rec = dict(table=table, k=k, lam=lam, norm=norm, seed=seed, status=res["status"], reason=res["reason"])
+    if res["status"] == "ok":
+        g = torch.Generator(device=device).manual_seed(seed)
+        # P2 footnote 6: N(0, 1) noise is added at the base resolution, then upscaled
+        noise = args.noise_std * torch.randn(x_te_base.shape, generator=g, device=device)
+        noisy = resize_images(x_te_base + noise, data.shape[-1])
+        bim = dict(kind="bim", eps=args.bim_eps, steps=args.bim_steps, step_size=args.bim_step, clip=None)
+        rec["acc_clean"], rec["loss_clean"] = acc_and_loss(model, data.x_test, data.y_test, dict(kind="clean"))
+        rec["acc_noise"], rec["loss_noise"] = acc_and_loss(model, noisy, data.y_test, dict(kind="clean"))
+        rec["acc_bim"], rec["loss_bim"] = acc_and_loss(model, data.x_test, data.y_test, bim)
+        chk = check_attack(model, data.x_test, data.y_test, bim, seed=seed)
+        rec |= {f"chk_bim_{k}": v for k, v in chk.items()}
+    return rec
 
 
 def run_fig4(args, base, device, run_dir):
@@ -241,7 +246,8 @@ def run_fig4(args, base, device, run_dir):
 
         train(args, data, model, args.bottleneck_epochs, 1e-3, 0, run_dir / "ckpt" / f"fig4_{norm}.pt", on_epoch)
         acts[norm] = snaps
-    np.savez_compressed(run_dir / "fig4_activations.npz", labels=labels,
+    if is_main_process():
+        np.savez_compressed(run_dir / "fig4_activations.npz", labels=labels,
                         **{f"{n}_{e}": a for n, s in acts.items() for e, a in s.items()})
     return acts, labels
 
@@ -332,8 +338,7 @@ def plot_fig4(acts, labels, path, snapshots):
             ax.set_title(f"{'BN' if norm == 'bn' else 'no BN'}, epoch {e}", fontsize=9)
     fig.suptitle("P2 Fig 4: 2-unit bottleneck activations of training points (colour = digit)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ================================================================================================
@@ -342,9 +347,8 @@ def plot_fig4(acts, labels, path, snapshots):
 
 def main(args):
     if args.plot_only:
-        run_dir = pathlib.Path(args.plot_only)
-        cfg = load_run_config(run_dir, "exp_input_dim.py")
-        write_outputs(run_dir, load_records(run_dir), cfg)
+        run_dir, cfg, records, _ = merge_runs(args.plot_only, "exp_input_dim.py", planned_runs)
+        write_outputs(run_dir, records, cfg)
         npz = run_dir / "fig4_activations.npz"
         if npz.exists():
             z = np.load(npz)
@@ -354,31 +358,28 @@ def main(args):
         return
     device = pick_device(args.device)
     base = base_data(args, device)
-    run_dir = prepare_run_dir("exp_input_dim", args.out, args.resume)
-    log_to(run_dir)
+    run_dir = prepare_run_dir("exp_input_dim", args.out, args.resume, args.shard)
+    log_to(run_dir, args.shard)
     print_config(args)
     write_config(run_dir, args, __file__, device)
     print(f"run directory: {run_dir} | base images {tuple(base[0].shape[1:])}, upscaled x1..x4 by nearest neighbour")
-    records = load_records(run_dir) if args.resume and (run_dir / "results.json").exists() else []
-    done = {(r["table"], r["k"], r["lam"], r["norm"], r["seed"]) for r in records}
+    sweep = Sweep(run_dir, planned_runs(args), args.shard)
     t0 = time.time()
-    steps = [("t11", lambda: run_t11(args, base, device, run_dir, done)),
-             ("t6", lambda: run_mlp(args, base, device, run_dir, done, "t6")),
-             ("t7", lambda: run_mlp(args, base, device, run_dir, done, "t7"))]
-    for name, fn in steps:
-        if args.artifact in ("all", name):
-            records += fn()
-            save_records(run_dir, records, finished=False)
-            print(f"{name} done ({time.time() - t0:.0f}s)")
-    if args.artifact in ("all", "fig4"):
-        acts, labels = run_fig4(args, base, device, run_dir)
-        plot_fig4(acts, labels, run_dir / "fig4.png", args.snapshots)
-        print(f"fig4 done ({time.time() - t0:.0f}s)")
-    save_records(run_dir, records, finished=True)
+    for _, name, r in sweep.todo():
+        if r["table"] == "t11":
+            sweep.save(name, [run_t11(args, base, device, run_dir, r["k"], r["lam"], r["seed"])])
+        elif r["table"] in ("t6", "t7"):
+            sweep.save(name, [run_mlp(args, base, device, run_dir, r["table"], r["k"], r["norm"], r["seed"])])
+        else:
+            acts, labels = run_fig4(args, base, device, run_dir)
+            plot_fig4(acts, labels, run_dir / "fig4.png", args.snapshots)
+            sweep.save(name, [])  # its results are fig4_activations.npz and fig4.png
+        print(f"{name} done ({time.time() - t0:.0f}s)")
+    records = sweep.records()
     write_outputs(run_dir, records, vars(args))
-    print((run_dir / "table.md").read_text())
-    print((run_dir / "claims.md").read_text())
-    print(f"wrote {run_dir} in {time.time() - t0:.0f}s")
+    show(run_dir / "table.md")
+    show(run_dir / "claims.md")
+    print(f"wrote {run_dir} in {time.time() - t0:.0f}s" + sweep.report())
 
 
 if __name__ == "__main__":

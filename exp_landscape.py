@@ -17,15 +17,14 @@ DECISIONS.md D14 (SGD 0.9, WD 5e-4, batch 128, LR 0.01, 150 epochs, /10 at 50 an
 The Fig 9 Fixup network is ResNet-20 (DECISIONS.md D17).
 """
 import argparse
-import pathlib
 import time
 
 import torch
 
-from common import (NORMS, build_dataset, cache_path, check_attack, check_numbers, class_balanced_subset, epoch_metrics,
-                    fmt_mean_sem, landscape_probe, load_records, load_run_config, log_to, make_model, mean_sem,
-                    parse_with_presets, pick_device, prepare_run_dir, print_config, run_script, save_records, set_seed,
-                    train_model, write_claims, write_config, write_text_atomic)
+from common import (NORMS, Sweep, add_scale_out_flags, build_dataset, cache_path, check_attack, check_numbers,
+                    class_balanced_subset, epoch_metrics, fmt_mean_sem, landscape_probe, log_to, make_model, mean_sem,
+                    merge_runs, parse_with_presets, pick_device, prepare_run_dir, print_config, run_script, save_figure,
+                    set_seed, show, train_model, write_claims, write_config, write_text_atomic)
 
 # ================================================================================================
 # 1. Artifacts: what each one trains, and the papers' claims it tests
@@ -131,7 +130,10 @@ def get_args(argv=None):
                    "trained with the same data, model, recipe, measurements and seed")
     p.add_argument("--out", default=None, help="run directory (default runs/exp_landscape/<timestamp>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out, keeping finished runs")
-    p.add_argument("--plot-only", metavar="RUN_DIR", default=None, help="redraw table.md, claims.md and the figure")
+    add_scale_out_flags(p, "runs")
+    p.add_argument("--plot-only", metavar="RUN_DIR", nargs="+", default=None,
+                   help="redraw table.md, claims.md and the figure from the records of RUN_DIR (several: the shards of one "
+                   "run, merged)")
     args = parse_with_presets(p, resolve, argv)
     if args.plot_only:
         return args
@@ -152,6 +154,16 @@ def input_size(args, arch):
     if args.size or args.dataset not in ("digits", "synthetic"):
         return args.size
     return 32 if arch.startswith("vgg") else 16  # VGG needs 32x32 for its five pools (see exp_table1)
+
+
+def models(args):
+    """The artifact's (variant, arch, norm, shortcut) models, restricted to --norm."""
+    return [t for t in ARTIFACTS[args.artifact]["runs"]["models"] if args.norm is None or t[2] in args.norm]
+
+
+def planned_runs(args):
+    """(name, record fields) of every training run in a fixed order (the unit of --shard)."""
+    return [(f"{v.replace(' ', '_')}_s{s}", dict(variant=v, seed=s)) for v, *_ in models(args) for s in range(args.seeds)]
 
 
 def run_one(args, data, subset, variant, arch, norm, shortcut, seed, device, ckpt):
@@ -283,8 +295,7 @@ def make_figure(records, path, title, kind):
         axes[0][0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run_rows(records, kind):
@@ -322,42 +333,37 @@ def write_outputs(run_dir, records, cfg):
 
 def main(args):
     if args.plot_only:
-        run_dir = pathlib.Path(args.plot_only)
-        cfg = load_run_config(run_dir, "exp_landscape.py")
-        write_outputs(run_dir, load_records(run_dir), cfg)
+        run_dir, cfg, records, _ = merge_runs(args.plot_only, "exp_landscape.py", planned_runs)
+        write_outputs(run_dir, records, cfg)
         print(f"redrew the table, claims and figure in {run_dir}")
         return
     device = pick_device(args.device)
-    todo = [t for t in ARTIFACTS[args.artifact]["runs"]["models"] if args.norm is None or t[2] in args.norm]
+    todo = models(args)
     datasets = {}
     for _, arch, _, _ in todo:
         size = input_size(args, arch)
         if size not in datasets:
             datasets[size] = build_dataset(args.dataset, args.data_root, device, args.download, size=size,
                                            n_train=1000 if args.dataset == "synthetic" else None)
-    run_dir = prepare_run_dir("exp_landscape", args.out, args.resume)
-    log_to(run_dir)
+    run_dir = prepare_run_dir("exp_landscape", args.out, args.resume, args.shard)
+    log_to(run_dir, args.shard)
     print_config(args)
     write_config(run_dir, args, __file__, device)
     print(f"run directory: {run_dir} | {len(todo)} models x {args.seeds} seed(s) | probe step lengths "
           f"{[round(m * args.lr, 4) for m in STEP_MULTIPLIERS]} every {args.probe_every} steps")
-    records = load_records(run_dir) if args.resume and (run_dir / "results.json").exists() else []
-    done = {(r["variant"], r["seed"]) for r in records}
+    sweep = Sweep(run_dir, planned_runs(args), args.shard)
+    spec = {t[0]: t for t in todo}
     t0 = time.time()
-    for variant, arch, norm, shortcut in todo:
+    for _, name, r in sweep.todo():
+        variant, arch, norm, shortcut = spec[r["variant"]]
         data = datasets[input_size(args, arch)]
         subset = class_balanced_subset(data.y_test, args.per_class)
-        for seed in range(args.seeds):
-            if (variant, seed) in done:
-                continue
-            ckpt = run_dir / "ckpt" / f"{variant.replace(' ', '_')}_s{seed}.pt"
-            records += run_one(args, data, subset, variant, arch, norm, shortcut, seed, device, ckpt)
-            save_records(run_dir, records, finished=False)
-    save_records(run_dir, records, finished=True)
-    write_outputs(run_dir, records, vars(args))
-    print((run_dir / "table.md").read_text())
-    print((run_dir / "claims.md").read_text())
-    print(f"wrote {run_dir} in {time.time() - t0:.0f}s")
+        ckpt = run_dir / "ckpt" / f"{name}.pt"
+        sweep.save(name, run_one(args, data, subset, variant, arch, norm, shortcut, r["seed"], device, ckpt))
+    write_outputs(run_dir, sweep.records(), vars(args))
+    show(run_dir / "table.md")
+    show(run_dir / "claims.md")
+    print(f"wrote {run_dir} in {time.time() - t0:.0f}s" + sweep.report())
 
 
 if __name__ == "__main__":

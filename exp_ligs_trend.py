@@ -18,16 +18,15 @@ targeted random labels in train mode). LIGS: Gaussian sigma 0.01, no clipping,
 eval mode (DECISIONS.md D12). Fig 11 (ImageNet) is not implemented: it is listed as skipped.
 """
 import argparse
-import pathlib
 import sys
 import time
 
 import torch
 
-from common import (NORMS, build_dataset, cache_path, check_attack, check_numbers, class_balanced_subset, epoch_metrics,
-                    fmt_mean_sem, load_records, load_run_config, log_to, make_model, mean_sem, parse_with_presets, pick_device,
-                    prepare_run_dir, print_config, run_script, save_records, set_seed, train_model, write_claims, write_config,
-                    write_text_atomic)
+from common import (NORMS, Sweep, add_scale_out_flags, build_dataset, cache_path, check_attack, check_numbers,
+                    class_balanced_subset, epoch_metrics, fmt_mean_sem, log_to, make_model, mean_sem, merge_runs,
+                    parse_with_presets, pick_device, prepare_run_dir, print_config, run_script, save_figure, set_seed,
+                    show, train_model, write_claims, write_config, write_text_atomic)
 
 # ================================================================================================
 # 1. Artifacts: what each one trains, and the papers' claims it tests
@@ -165,7 +164,10 @@ def get_args(argv=None):
                    "trained with the same data, model, recipe, measurements and seed")
     p.add_argument("--out", default=None, help="run directory (default runs/exp_ligs_trend/<timestamp>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out, keeping finished runs")
-    p.add_argument("--plot-only", metavar="RUN_DIR", default=None, help="redraw table.md, claims.md and the figures")
+    add_scale_out_flags(p, "runs")
+    p.add_argument("--plot-only", metavar="RUN_DIR", nargs="+", default=None,
+                   help="redraw table.md, claims.md and the figures from the records of RUN_DIR (several: the shards of one "
+                   "run, merged)")
     args = parse_with_presets(p, resolve, argv)
     if args.plot_only:
         return args
@@ -207,6 +209,12 @@ def runs(args):
                 o[f] = v
             out.append((f"{f}={v}", o))
     return out
+
+
+def planned_runs(args):
+    """(name, record fields) of every training run, variant by variant, in a fixed order (the unit of --shard)."""
+    return [(f"{v.replace(' ', '_').replace('=', '-')}_s{s}", dict(variant=v, seed=s)) for v, _ in runs(args)
+            for s in range(args.seeds)]
 
 
 def run_one(args, data, subset, variant, o, seed, device, ckpt):
@@ -312,8 +320,7 @@ def make_figures(records, run_dir, artifact, title):
             axes[0][j].legend(fontsize=8)
         fig.suptitle(title)
         fig.tight_layout()
-        fig.savefig(run_dir / "fig4.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, run_dir / "fig4.png")
         fig, ax = plt.subplots(figsize=(6, 4.5))  # empirical P1 Fig 3: usefulness vs robustness
         pts = [r for r in records if r.get("ligs") is not None]
         sc = ax.scatter([100 * r["clean_acc"] for r in pts], [r["ligs"] for r in pts], c=[100 * r["robust_acc"] for r in pts],
@@ -329,8 +336,7 @@ def make_figures(records, run_dir, artifact, title):
         ax.set_ylabel("LIGS  [robustness]")
         ax.set_title("P1 Fig 3, measured (all epochs; size = epoch)", fontsize=10)
         fig.tight_layout()
-        fig.savefig(run_dir / "fig3_scatter.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, run_dir / "fig3_scatter.png")
     elif artifact == "fig2":
         fig, axes = plt.subplots(1, 4, figsize=(18, 4), squeeze=False)
         for ax, (k, name) in zip(axes[0], [("ligs", "Gaussian"), ("ligs_uniform", "uniform"), ("ligs_fgsm", "FGSM"),
@@ -340,8 +346,7 @@ def make_figures(records, run_dir, artifact, title):
         axes[0][0].legend(fontsize=8)
         fig.suptitle(title)
         fig.tight_layout()
-        fig.savefig(run_dir / "fig2.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, run_dir / "fig2.png")
     elif artifact == "fig5":
         fig, axes = plt.subplots(1, 3, figsize=(15, 4), squeeze=False)
         for ax, (k, yl, sc) in zip(axes[0], [metrics[2], metrics[1], metrics[0]]):
@@ -349,8 +354,7 @@ def make_figures(records, run_dir, artifact, title):
         axes[0][0].legend(fontsize=8)
         fig.suptitle(title)
         fig.tight_layout()
-        fig.savefig(run_dir / "fig5.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, run_dir / "fig5.png")
     else:
         factors = list(dict.fromkeys(r["factor"] for r in records if r.get("factor")))
         fig, axes = plt.subplots(2, len(factors), figsize=(3.6 * len(factors), 7), squeeze=False)
@@ -362,8 +366,7 @@ def make_figures(records, run_dir, artifact, title):
             axes[0][j].legend(fontsize=7)
         fig.suptitle(title)
         fig.tight_layout()
-        fig.savefig(run_dir / "fig8.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, run_dir / "fig8.png")
 
 
 def final_rows(records):
@@ -397,36 +400,30 @@ def write_outputs(run_dir, records, cfg):
 
 def main(args):
     if args.plot_only:
-        run_dir = pathlib.Path(args.plot_only)
-        cfg = load_run_config(run_dir, "exp_ligs_trend.py")
-        write_outputs(run_dir, load_records(run_dir), cfg)
+        run_dir, cfg, records, _ = merge_runs(args.plot_only, "exp_ligs_trend.py", planned_runs)
+        write_outputs(run_dir, records, cfg)
         print(f"redrew the table, claims and figures in {run_dir}")
         return
     device = pick_device(args.device)
     data = build_dataset(args.dataset, args.data_root, device, args.download, size=args.size,
                          n_train=1000 if args.dataset == "synthetic" else None)
-    run_dir = prepare_run_dir("exp_ligs_trend", args.out, args.resume)
-    log_to(run_dir)
+    run_dir = prepare_run_dir("exp_ligs_trend", args.out, args.resume, args.shard)
+    log_to(run_dir, args.shard)
     print_config(args)
     write_config(run_dir, args, __file__, device)
     subset = class_balanced_subset(data.y_test, args.per_class)
     print(f"run directory: {run_dir} | {args.dataset}: train {tuple(data.x_train.shape)}, eval subset {len(subset)} "
           f"({args.per_class}/class) | robust eps {args.eps:g} (l2, {args.attack_steps} steps)")
-    records = load_records(run_dir) if args.resume and (run_dir / "results.json").exists() else []
-    done = {(r["variant"], r["seed"]) for r in records}
+    sweep = Sweep(run_dir, planned_runs(args), args.shard)
+    overrides = dict(runs(args))
     t0 = time.time()
-    for variant, o in runs(args):
-        for seed in range(args.seeds):
-            if (variant, seed) in done:
-                continue
-            ckpt = run_dir / "ckpt" / f"{variant.replace(' ', '_').replace('=', '-')}_s{seed}.pt"
-            records += run_one(args, data, subset, variant, o, seed, device, ckpt)
-            save_records(run_dir, records, finished=False)  # every finished run is kept
-    save_records(run_dir, records, finished=True)
-    write_outputs(run_dir, records, vars(args))
-    print((run_dir / "table.md").read_text())
-    print((run_dir / "claims.md").read_text())
-    print(f"wrote {run_dir} in {time.time() - t0:.0f}s")
+    for _, name, r in sweep.todo():
+        ckpt = run_dir / "ckpt" / f"{name}.pt"
+        sweep.save(name, run_one(args, data, subset, r["variant"], overrides[r["variant"]], r["seed"], device, ckpt))
+    write_outputs(run_dir, sweep.records(), vars(args))
+    show(run_dir / "table.md")
+    show(run_dir / "claims.md")
+    print(f"wrote {run_dir} in {time.time() - t0:.0f}s" + sweep.report())
 
 
 if __name__ == "__main__":

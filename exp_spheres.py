@@ -19,15 +19,15 @@ width 128, depth 16, 2 batches x 32, PyTorch default init. BN sits after each hi
 (DECISIONS.md D22): running statistics set by one pass over batch 1, then eval mode for both batches.
 """
 import argparse
-import pathlib
 import time
 
 import torch
 import torch.nn as nn
 
-from common import (Data, DeepLinear, accuracy, check_numbers, fmt_mean_sem, load_records, load_run_config, log_to, make_model,
-                    make_spheres, mean_sem, parse_with_presets, pick_device, prepare_run_dir, print_config, run_script,
-                    save_records, set_seed, train_model, write_claims, write_config, write_text_atomic)
+from common import (Data, DeepLinear, Sweep, accuracy, add_scale_out_flags, check_numbers, fmt_mean_sem, log_to,
+                    make_model, make_spheres, mean_sem, merge_runs, parse_with_presets, pick_device, prepare_run_dir,
+                    print_config, run_script, save_figure, set_seed, show, train_model, write_claims, write_config,
+                    write_text_atomic)
 
 # ================================================================================================
 # 1. Artifacts: what each one trains, and the papers' claims it tests
@@ -98,7 +98,10 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
     p.add_argument("--out", default=None, help="run directory (default runs/exp_spheres/<timestamp>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out, keeping finished runs")
-    p.add_argument("--plot-only", metavar="RUN_DIR", default=None, help="redraw table.md, claims.md and fig8.png")
+    add_scale_out_flags(p, "runs")
+    p.add_argument("--plot-only", metavar="RUN_DIR", nargs="+", default=None,
+                   help="redraw table.md, claims.md and fig8.png from the records of RUN_DIR (several: the shards of one "
+                   "run, merged)")
     args = parse_with_presets(p, resolve, argv)
     if args.plot_only:
         return args
@@ -192,44 +195,46 @@ def plot_fig1(proj, labels, path, depth):
         axes[i][0].set_ylabel("with BN" if norm == "bn" else "without BN (x100)")
     fig.suptitle("P2 Figs 1/7: two mini-batches (filled / hollow), classes by colour, deep linear net at init")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------
 # Fig 8: learning-rate sensitivity of the 2 x 1000 ReLU MLP
 # ------------------------------------------------------------------------------------------------
 
-def run_fig8(args, device, run_dir, records, log):
-    done = {(r["norm"], r["lr"], r["seed"]) for r in records if r.get("artifact") == "fig8"}
+def planned_runs(args):
+    """(name, record fields) of every run in a fixed order (the unit of --shard): fig1 is one run, fig8 one per
+    norm, learning rate and seed."""
+    out = [("fig1", dict(artifact="fig1"))] if args.artifact in ("all", "fig1") else []
+    if args.artifact in ("all", "fig8"):
+        out += [(f"fig8_{n}_lr{lr:g}_s{s}", dict(artifact="fig8", norm=n, lr=lr, seed=s))
+                for n, lrs in LRS.items() for lr in lrs for s in range(args.seeds)]
+    return out
+
+
+def run_fig8(args, device, run_dir, norm, lr, seed, log):
+    """One fig8 run: per-epoch rows and a final row with the noisy test accuracy."""
     std = args.noise_var ** 0.5
-    for norm, lrs in LRS.items():
-        for lr in lrs:
-            for seed in range(args.seeds):
-                if (norm, lr, seed) in done:
-                    continue
-                g = torch.Generator().manual_seed(1000 + seed)
-                x_tr, y_tr = make_spheres(args.n_train, args.dim, generator=g)
-                x_te, y_te = make_spheres(args.n_test, args.dim, generator=g)
-                x_te = x_te + std * torch.randn(x_te.shape, generator=g)  # noisy test set, variance 0.005
-                data = Data("spheres", x_tr.to(device), y_tr.to(device), x_te.to(device), y_te.to(device),
-                            (0.0,), (1.0,), num_classes=2)
-                set_seed(seed)
-                model = make_model("mlp", norm=norm, in_dim=args.dim, hidden=[args.width] * 2, num_classes=2,
-                                   init="default").to(device)
-                recipe = dict(epochs=args.epochs, batch_size=args.batch_size, lr=lr, momentum=0.0, weight_decay=0.0)
-                ckpt = run_dir / "ckpt" / f"{norm}_lr{lr:g}_s{seed}.pt"
-                res = train_model(model, data, recipe, seed=seed, ckpt=ckpt, log=lambda s: None)
-                base = dict(artifact="fig8", norm=norm, lr=lr, seed=seed, status=res["status"], reason=res["reason"])
-                rows = [base | h for h in res["history"] if h["epoch"] > 0]
-                final = dict(train_acc_eval=accuracy(model, data.x_train, data.y_train),
-                             noisy_test_acc=accuracy(model, data.x_test, data.y_test)) if res["status"] == "ok" else {}
-                rows.append(base | dict(epoch="final") | final)
-                records += rows
-                last_loss = rows[-2].get("train_loss", float("nan")) if len(rows) > 1 else float("nan")
-                log(f"[{norm} lr={lr:g} s{seed}] {res['status']} final train loss {last_loss:.4f} "
-                    + " ".join(f"{k} {v:.4f}" for k, v in final.items()))
-                save_records(run_dir, records, finished=False)
+    g = torch.Generator().manual_seed(1000 + seed)
+    x_tr, y_tr = make_spheres(args.n_train, args.dim, generator=g)
+    x_te, y_te = make_spheres(args.n_test, args.dim, generator=g)
+    x_te = x_te + std * torch.randn(x_te.shape, generator=g)  # noisy test set, variance 0.005
+    data = Data("spheres", x_tr.to(device), y_tr.to(device), x_te.to(device), y_te.to(device), (0.0,), (1.0,),
+                num_classes=2)
+    set_seed(seed)
+    model = make_model("mlp", norm=norm, in_dim=args.dim, hidden=[args.width] * 2, num_classes=2, init="default").to(device)
+    recipe = dict(epochs=args.epochs, batch_size=args.batch_size, lr=lr, momentum=0.0, weight_decay=0.0)
+    ckpt = run_dir / "ckpt" / f"{norm}_lr{lr:g}_s{seed}.pt"
+    res = train_model(model, data, recipe, seed=seed, ckpt=ckpt, log=lambda s: None)
+    base = dict(artifact="fig8", norm=norm, lr=lr, seed=seed, status=res["status"], reason=res["reason"])
+    rows = [base | h for h in res["history"] if h["epoch"] > 0]
+    final = dict(train_acc_eval=accuracy(model, data.x_train, data.y_train),
+                 noisy_test_acc=accuracy(model, data.x_test, data.y_test)) if res["status"] == "ok" else {}
+    rows.append(base | dict(epoch="final") | final)
+    last_loss = rows[-2].get("train_loss", float("nan")) if len(rows) > 1 else float("nan")
+    log(f"[{norm} lr={lr:g} s{seed}] {res['status']} final train loss {last_loss:.4f} "
+        + " ".join(f"{k} {v:.4f}" for k, v in final.items()))
+    return rows
 
 
 def plot_fig8(records, path, steps_per_epoch):
@@ -259,8 +264,7 @@ def plot_fig8(records, path, steps_per_epoch):
     axes[0][1].legend(fontsize=8)
     fig.suptitle("P2 Fig 8: 2x1000 ReLU MLP on 2-D spheres, plain SGD, batch 50 (BN dashed; 95 % bands over seeds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ================================================================================================
@@ -326,36 +330,34 @@ def make_table(records, args_like):
 
 def main(args):
     if args.plot_only:
-        run_dir = pathlib.Path(args.plot_only)
-        cfg = load_run_config(run_dir, "exp_spheres.py")
-        records = load_records(run_dir)
+        run_dir, cfg, records, _ = merge_runs(args.plot_only, "exp_spheres.py", planned_runs)
         write_outputs(run_dir, records, cfg)
         if any(r.get("artifact") == "fig8" for r in records):
             plot_fig8(records, run_dir / "fig8.png", -(-2 * cfg["n_train"] // cfg["batch_size"]))
         print(f"redrew {run_dir / 'table.md'}, claims.md and fig8.png (fig1.png needs a rerun of --artifact fig1)")
         return
     device = pick_device(args.device)
-    run_dir = prepare_run_dir("exp_spheres", args.out, args.resume)
-    log_to(run_dir)
+    run_dir = prepare_run_dir("exp_spheres", args.out, args.resume, args.shard)
+    log_to(run_dir, args.shard)
     print_config(args)
     write_config(run_dir, args, __file__, device)
-    records = load_records(run_dir) if args.resume and (run_dir / "results.json").exists() else []
+    sweep = Sweep(run_dir, planned_runs(args), args.shard)
     t0 = time.time()
-    if args.artifact in ("all", "fig1"):
-        records = [r for r in records if r.get("artifact") != "fig1"]  # recomputed: it is instant
-        fig1, proj, labels = run_fig1(args, device)
-        records += fig1
-        plot_fig1(proj, labels, run_dir / "fig1.png", args.lin_depth)
-        save_records(run_dir, records, finished=False)
-        print(f"fig1 done in {time.time() - t0:.1f}s")
-    if args.artifact in ("all", "fig8"):
-        run_fig8(args, device, run_dir, records, print)
+    for _, name, r in sweep.mine():
+        if name == "fig1":  # recomputed, also on --resume: it is instant and its figure is not kept in the records
+            fig1, proj, labels = run_fig1(args, device)
+            plot_fig1(proj, labels, run_dir / "fig1.png", args.lin_depth)
+            sweep.save(name, fig1)
+            print(f"fig1 done in {time.time() - t0:.1f}s")
+        elif name not in sweep.finished():
+            sweep.save(name, run_fig8(args, device, run_dir, r["norm"], r["lr"], r["seed"], print))
+    records = sweep.records()
+    if any(r.get("artifact") == "fig8" for r in records):
         plot_fig8(records, run_dir / "fig8.png", -(-2 * args.n_train // args.batch_size))
-    save_records(run_dir, records, finished=True)
     write_outputs(run_dir, records, vars(args))
-    print((run_dir / "table.md").read_text())
-    print((run_dir / "claims.md").read_text())
-    print(f"wrote {run_dir} in {time.time() - t0:.0f}s")
+    show(run_dir / "table.md")
+    show(run_dir / "claims.md")
+    print(f"wrote {run_dir} in {time.time() - t0:.0f}s" + sweep.report())
 
 
 if __name__ == "__main__":

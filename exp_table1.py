@@ -17,16 +17,15 @@ final epoch (DECISIONS.md D18).
 """
 import argparse
 import math
-import pathlib
 import sys
 import time
 
 import torch
 
-from common import (DataError, NORMS, Standardize, build_dataset, cache_path, check_attack, check_numbers,
-                    class_balanced_subset, evaluate, fmt_mean_sem, load_records, load_run_config, log_to, make_model, mean_sem,
-                    parse_with_presets, pick_device, prepare_run_dir, print_config, read_cifar101, run_script, save_records,
-                    set_seed, train_model, write_claims, write_config, write_text_atomic)
+from common import (DataError, NORMS, Standardize, Sweep, add_scale_out_flags, build_dataset, cache_path, check_attack,
+                    check_numbers, class_balanced_subset, evaluate, fmt_mean_sem, log_to, make_model, mean_sem,
+                    merge_runs, parse_with_presets, pick_device, prepare_run_dir, print_config, read_cifar101,
+                    run_script, save_figure, set_seed, show, train_model, write_claims, write_config, write_text_atomic)
 
 # ================================================================================================
 # 1. Artifacts: what each one trains, and the papers' claims it tests
@@ -192,7 +191,10 @@ def get_args(argv=None):
                    "the same dataset, architecture, norm, width, recipe and seed")
     p.add_argument("--out", default=None, help="run directory (default runs/exp_table1/<timestamp>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out, keeping finished models")
-    p.add_argument("--plot-only", metavar="RUN_DIR", default=None, help="redraw table.md, claims.md and the figure")
+    add_scale_out_flags(p, "runs")
+    p.add_argument("--plot-only", metavar="RUN_DIR", nargs="+", default=None,
+                   help="redraw table.md, claims.md and the figure from the records of RUN_DIR (several: the shards of one "
+                   "run, merged)")
     args = parse_with_presets(p, resolve, argv)
     if args.plot_only:
         return args
@@ -223,6 +225,12 @@ def plan(args):
     norms = args.norm or art["norms"]
     return [(d, a, n) for d, archs in models.items() for a in archs for n in norms
             if n != "fixup" or a.startswith(("resnet", "wrn"))]
+
+
+def planned_runs(args):
+    """(name, record fields) of every model in a fixed order, the unit of --shard: one model's seeds (with their
+    retries, P2 Sec. 3) run in one process, as without shards."""
+    return [(f"{d}_{a}_{n}", dict(dataset=d, arch=a, norm=n)) for d, a, n in plan(args)]
 
 
 def input_size(args, dataset, arch):
@@ -423,8 +431,7 @@ def make_figure(records, path, title):
         ax.legend(fontsize=8, ncol=len(norms), loc="upper center")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def claims_for(artifact):
@@ -452,9 +459,8 @@ def write_outputs(run_dir, records, cfg):
 
 def main(args):
     if args.plot_only:
-        run_dir = pathlib.Path(args.plot_only)
-        cfg = load_run_config(run_dir, "exp_table1.py")
-        write_outputs(run_dir, load_records(run_dir), cfg)
+        run_dir, cfg, records, _ = merge_runs(args.plot_only, "exp_table1.py", planned_runs)
+        write_outputs(run_dir, records, cfg)
         print(f"redrew {run_dir / 'table.md'}, claims.md and {run_dir / 'figure.png'}")
         return
     device = pick_device(args.device)
@@ -467,42 +473,43 @@ def main(args):
                                           n_train=1000 if dataset == "synthetic" else None, seed=0)
         with torch.device("meta"):  # a wrong architecture name or norm fails here, at no cost
             make_model(arch, **model_kwargs(args, datasets[key], arch, norm))
-    run_dir = prepare_run_dir("exp_table1", args.out, args.resume)
-    log_to(run_dir)
+    run_dir = prepare_run_dir("exp_table1", args.out, args.resume, args.shard)
+    log_to(run_dir, args.shard)
     print_config(args)
     print(f"run directory: {run_dir} | device: {device} | artifact: {ARTIFACTS[args.artifact]['title']}")
     for (dataset, _), d in datasets.items():
         print(f"{dataset}: train {tuple(d.x_train.shape)}, test {tuple(d.x_test.shape)}")
-    records = load_records(run_dir) if args.resume and (run_dir / "results.json").exists() else []
     args.recipes = {f"{d} {a} {n}": recipe(args, d, a, n) for d, a, n in todo}  # the resolved recipe of every model
     write_config(run_dir, args, __file__, device)
-    done = {(r["dataset"], r["arch"], r["norm"], r["seed"]) for r in records}
-    print(f"{len(todo)} models x {args.seeds} seed(s) (up to {args.max_seed_tries} tries each)")
-    t0, n_total, n_run = time.time(), len(todo) * args.seeds, 0
-    for dataset, arch, norm in todo:
+    complete = lambda _, recs: (sum(r["status"] == "ok" for r in recs) >= args.seeds or
+                                len(recs) >= args.max_seed_tries)  # (a run directory of an earlier version)
+    sweep = Sweep(run_dir, planned_runs(args), args.shard, adopt_complete=complete)
+    todo = sweep.todo()
+    print(f"{len(sweep.runs)} models x {args.seeds} seed(s) (up to {args.max_seed_tries} tries each); {len(todo)} to do here")
+    t0 = time.time()
+    for k, (_, name, m) in enumerate(todo):
+        dataset, arch, norm = m["dataset"], m["arch"], m["norm"]
         data = datasets[(dataset, input_size(args, dataset, arch))]
-        n_ok = sum(1 for r in records if (r["dataset"], r["arch"], r["norm"]) == (dataset, arch, norm) and r["status"] == "ok")
+        records = sweep.previous(name)  # the seeds an interrupted run already finished
+        done = {r["seed"] for r in records}
         for seed in range(args.max_seed_tries):
-            if n_ok >= args.seeds:
+            if sum(r["status"] == "ok" for r in records) >= args.seeds:
                 break
-            if (dataset, arch, norm, seed) in done:
+            if seed in done:
                 continue
             ckpt = run_dir / "ckpt" / f"{dataset}_{arch}_{norm}_s{seed}.pt"  # unless --cache is given
-            rec = run_one(args, data, dataset, arch, norm, seed, device, ckpt, print)
-            records.append(rec)
-            n_ok += rec["status"] == "ok"
-            save_records(run_dir, records, finished=False)  # every finished model is kept
-            n_run += 1
-            left = n_total - sum(r["status"] == "ok" for r in records)
-            print(f"model {n_total - left} of {n_total} done | {time.time() - t0:.0f}s | ETA "
-                  f"{(time.time() - t0) / n_run * max(0, left):.0f}s")
+            records.append(run_one(args, data, dataset, arch, norm, seed, device, ckpt, print))
+            sweep.save(name, records, finished=False)  # every finished seed is kept
+        sweep.save(name, records)
+        n_ok = sum(r["status"] == "ok" for r in records)
         if n_ok < args.seeds:
             print(f"[{dataset} {arch} {norm}] only {n_ok} of {args.seeds} seeds trained in {args.max_seed_tries} tries")
-    save_records(run_dir, records, finished=True)
-    write_outputs(run_dir, records, vars(args))
-    print((run_dir / "table.md").read_text())
-    print((run_dir / "claims.md").read_text())
-    print(f"wrote {run_dir}/results.json, results.csv, table.md, claims.md, figure.png")
+        print(f"model {k + 1} of {len(todo)} done | {time.time() - t0:.0f}s | ETA "
+              f"{(time.time() - t0) / (k + 1) * (len(todo) - k - 1):.0f}s")
+    write_outputs(run_dir, sweep.records(), vars(args))
+    show(run_dir / "table.md")
+    show(run_dir / "claims.md")
+    print(f"wrote {run_dir}/results.json, results.csv, table.md, claims.md, figure.png" + sweep.report())
 
 
 if __name__ == "__main__":

@@ -25,11 +25,11 @@ import time
 
 import torch
 
-from common import (NORMS, Data, Standardize, accuracy, build_dataset, cache_path, check_numbers, class_balanced_subset,
-                    eval_mode, fmt_mean_sem, imagenet_folder, invert_features, load_records, load_run_config, log_to,
-                    make_model, mean_sem, other_label_indices, parse_with_presets, pgd, pick_device, prepare_run_dir,
-                    print_config, run_script, save_records, set_seed, train_model, write_claims, write_config,
-                    write_text_atomic)
+from common import (Data, NORMS, Standardize, Sweep, accuracy, add_scale_out_flags, build_dataset, cache_path,
+                    check_numbers, class_balanced_subset, eval_mode, fmt_mean_sem, imagenet_folder, invert_features,
+                    log_to, make_model, mean_sem, merge_runs, other_label_indices, parse_with_presets, pgd, pick_device,
+                    prepare_run_dir, print_config, run_script, save_figure, set_seed, show, train_model, write_claims,
+                    write_config, write_text_atomic)
 
 # ================================================================================================
 # 1. Artifacts: what each one trains and measures, and the papers' claims it tests
@@ -158,7 +158,10 @@ def get_args(argv=None):
                    "exp_table1.py trained with the same recipe")
     p.add_argument("--out", default=None, help="run directory (default runs/exp_transfer/<timestamp>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out, keeping finished work")
-    p.add_argument("--plot-only", metavar="RUN_DIR", default=None, help="redraw table.md, claims.md and the figure")
+    add_scale_out_flags(p, "runs")
+    p.add_argument("--plot-only", metavar="RUN_DIR", nargs="+", default=None,
+                   help="redraw table.md, claims.md and the figure from the records of RUN_DIR (several: the shards of one "
+                   "run, merged)")
     args = parse_with_presets(p, resolve, argv)
     if args.plot_only:
         return args
@@ -241,47 +244,56 @@ def agree(model, x, y, input_fn=None, batch_size=500, k=(1, 5)):
     return {j: hits[j] / len(y) for j in k}
 
 
-def run_p1_t3(args, data, device, run_dir, records, save):
-    """Per seed and training type: the five sources' extracted sets, scored by (or retraining) the five targets."""
+def planned_runs(args):
+    """(name, record fields) of every run in a fixed order (the unit of --shard): P1 Table 3 by seed and training
+    type (its five models, their extraction and scoring), P2 Table 10 by seed (its eight models and the attack)."""
+    if args.artifact == "p1_t3":
+        return [(f"p1_t3_{t}_s{s}", dict(seed=s, training=t)) for s in range(args.seeds) for t in ("standard", "adversarial")]
+    seeds = 1 if getattr(args, "setting", None) == "imagenet" else args.seeds
+    return [(f"p2_t10_s{s}", dict(seed=s)) for s in range(seeds)]
+
+
+def run_p1_t3(args, data, device, run_dir, seed, training, records, save):
+    """One seed and training type: the five sources' extracted sets, scored by (or retraining) the five targets.
+    `records` holds what an interrupted run finished (kept); save(records) after every source."""
     pool = class_balanced_subset(data.y_test, args.per_class)
     x_pool, y_pool = data.x_test[pool], data.y_test[pool]
     done = {(r["training"], r["source"], r["target"], r["seed"]) for r in records}
-    for seed in range(args.seeds):
-        for training in ("standard", "adversarial"):
-            models = {n: get_model(args, data, "p1", args.arch[0], n, training, seed, device, run_dir) for n in args.norm}
-            for src in args.norm:
-                if all((training, src, t, seed) in done for t in args.norm):
-                    continue
-                model, _, status, reason = models[src]
-                if status != "ok":
-                    records += [dict(artifact="p1_t3", training=training, source=src, target=t, seed=seed, mode=args.mode,
-                                     status="failed", reason=f"source: {reason}", diagonal=src == t) for t in args.norm]
-                    continue
-                x_ext = extract(args, model, x_pool, y_pool, seed, f"[{training} {src} s{seed}]")
-                for tgt in args.norm:
-                    tmodel, _, tstatus, treason = models[tgt]
-                    rec = dict(artifact="p1_t3", training=training, source=src, target=tgt, seed=seed, mode=args.mode,
-                               status=tstatus, reason=treason, diagonal=src == tgt)
-                    if args.mode == "retrain":
-                        set_seed(seed)
-                        net = make_model(args.arch[0], norm=tgt, width=args.width, num_classes=data.num_classes,
-                                         in_channels=data.shape[0], mean=data.mean, std=data.std,
-                                         **(dict(gn_groups=args.gn_groups) if args.gn_groups else {})).to(device)
-                        train = Data("extracted", x_ext, y_pool, data.x_test, data.y_test, data.mean, data.std)
-                        r = dict(RETRAIN, epochs=args.retrain_epochs, batch_size=args.batch_size,
-                                 weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
-                                 augment=args.dataset == "cifar10",
-                                 milestones=tuple(round(m * args.retrain_epochs / RETRAIN["epochs"]) or 1
-                                                  for m in RETRAIN["milestones"]))
-                        res = train_model(net, train, r, seed=seed, tag=f"[retrain {tgt} on {training} {src} s{seed}]",
-                                          ckpt=run_dir / "ckpt" / f"retrain_{training}_{src}_to_{tgt}_s{seed}.pt",
-                                          key=dict(retrain=tgt, source=src, training=training, seed=seed, recipe=r))
-                        rec |= dict(status=res["status"], reason=res["reason"],
-                                    score=accuracy(net, data.x_test, data.y_test) if res["status"] == "ok" else None)
-                    elif tstatus == "ok":
-                        rec["score"] = accuracy(tmodel, x_ext, y_pool)
-                    records.append(rec)
-                save(records)
+    models = {n: get_model(args, data, "p1", args.arch[0], n, training, seed, device, run_dir) for n in args.norm}
+    for src in args.norm:
+        if all((training, src, t, seed) in done for t in args.norm):
+            continue
+        model, _, status, reason = models[src]
+        if status != "ok":
+            records += [dict(artifact="p1_t3", training=training, source=src, target=t, seed=seed, mode=args.mode,
+                             status="failed", reason=f"source: {reason}", diagonal=src == t) for t in args.norm]
+            continue
+        x_ext = extract(args, model, x_pool, y_pool, seed, f"[{training} {src} s{seed}]")
+        for tgt in args.norm:
+            tmodel, _, tstatus, treason = models[tgt]
+            rec = dict(artifact="p1_t3", training=training, source=src, target=tgt, seed=seed, mode=args.mode,
+                       status=tstatus, reason=treason, diagonal=src == tgt)
+            if args.mode == "retrain":
+                set_seed(seed)
+                net = make_model(args.arch[0], norm=tgt, width=args.width, num_classes=data.num_classes,
+                                 in_channels=data.shape[0], mean=data.mean, std=data.std,
+                                 **(dict(gn_groups=args.gn_groups) if args.gn_groups else {})).to(device)
+                train = Data("extracted", x_ext, y_pool, data.x_test, data.y_test, data.mean, data.std)
+                r = dict(RETRAIN, epochs=args.retrain_epochs, batch_size=args.batch_size,
+                         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+                         augment=args.dataset == "cifar10",
+                         milestones=tuple(round(m * args.retrain_epochs / RETRAIN["epochs"]) or 1
+                                          for m in RETRAIN["milestones"]))
+                res = train_model(net, train, r, seed=seed, tag=f"[retrain {tgt} on {training} {src} s{seed}]",
+                                  ckpt=run_dir / "ckpt" / f"retrain_{training}_{src}_to_{tgt}_s{seed}.pt",
+                                  key=dict(retrain=tgt, source=src, training=training, seed=seed, recipe=r))
+                rec |= dict(status=res["status"], reason=res["reason"],
+                            score=accuracy(net, data.x_test, data.y_test) if res["status"] == "ok" else None)
+            elif tstatus == "ok":
+                rec["score"] = accuracy(tmodel, x_ext, y_pool)
+            records.append(rec)
+        save(records)
+    return records
 
 
 def imagenet_models(args, device):
@@ -309,48 +321,44 @@ def imagenet_ready(args):
     return None
 
 
-def run_p2_t10(args, data, device, run_dir, records, save, setting):
-    """BIM-linf from VGG11 +-BN (standardized inputs), evaluated on every target; diagonal = white box."""
+def run_p2_t10(args, data, device, run_dir, seed, setting):
+    """One seed: BIM-linf from VGG11 +-BN (standardized inputs), evaluated on every target; diagonal = white box."""
     names = [f"{a}{'_bn' if n == 'bn' else ''}" for a in args.arch for n in args.norm]
-    done = {(r["source"], r["target"], r["seed"]) for r in records}
-    seeds = 1 if setting == "imagenet" else args.seeds
-    for seed in range(seeds):
-        if all((s, t, seed) in done for s in ("vgg11", "vgg11_bn") for t in names):
-            continue
-        if setting == "imagenet":
-            nets = imagenet_models(args, device)
-            std_fn = Standardize(*IMAGENET_STATS).to(device)
-            models = {k: (m, std_fn, "ok", "") for k, m in nets.items() if k in names}
-            x, y = data
-            clip = (-2.0, 2.0)  # P2's white-box ImageNet setting (standardized units)
-        else:
-            models = {f"{a}{'_bn' if n == 'bn' else ''}": get_model(args, data, "p2", a, n, "standard", seed, device,
-                                                                   run_dir) for a in args.arch for n in args.norm}
-            idx = torch.arange(len(data.y_test))
-            if args.n_eval and args.n_eval < len(idx):
-                idx = class_balanced_subset(data.y_test, max(1, args.n_eval // data.num_classes))
-            x, y = data.x_test[idx], data.y_test[idx]
-            clip = (-2.0, 2.0)  # P2's CIFAR-10 clip (standardized units)
-        eps = args.imagenet_eps if setting == "imagenet" else args.eps
-        step = args.bim_step or (5e-3 if setting == "imagenet" else eps / 2)  # P2 App. A.4: 5e-3 on ImageNet
-        for src in ("vgg11", "vgg11_bn"):
-            smodel, sfn, sstatus, sreason = models[src]
-            x_adv = None
-            if sstatus == "ok":
-                xs = sfn(x)
-                x_adv = torch.cat([pgd(smodel, xb, yb, eps, args.bim_steps, step, norm="linf", clip=clip)
-                                   for xb, yb in zip(xs.split(250), y.split(250))])
-            for tgt in names:
-                tmodel, _, tstatus, treason = models[tgt]
-                rec = dict(artifact="p2_t10", setting=setting, source=src, target=tgt, seed=seed, diagonal=src == tgt, eps=eps,
-                           status="ok" if sstatus == tstatus == "ok" else "failed",
-                           reason=sreason if sstatus != "ok" else treason)
-                if rec["status"] == "ok":
-                    acc = agree(tmodel, x_adv, y)
-                    clean = agree(tmodel, sfn(x), y)
-                    rec |= dict(top1=acc[1], top5=acc[5], clean_top1=clean[1], clean_top5=clean[5])
-                records.append(rec)
-        save(records)
+    records = []
+    if setting == "imagenet":
+        nets = imagenet_models(args, device)
+        std_fn = Standardize(*IMAGENET_STATS).to(device)
+        models = {k: (m, std_fn, "ok", "") for k, m in nets.items() if k in names}
+        x, y = data
+        clip = (-2.0, 2.0)  # P2's white-box ImageNet setting (standardized units)
+    else:
+        models = {f"{a}{'_bn' if n == 'bn' else ''}": get_model(args, data, "p2", a, n, "standard", seed, device,
+                                                               run_dir) for a in args.arch for n in args.norm}
+        idx = torch.arange(len(data.y_test))
+        if args.n_eval and args.n_eval < len(idx):
+            idx = class_balanced_subset(data.y_test, max(1, args.n_eval // data.num_classes))
+        x, y = data.x_test[idx], data.y_test[idx]
+        clip = (-2.0, 2.0)  # P2's CIFAR-10 clip (standardized units)
+    eps = args.imagenet_eps if setting == "imagenet" else args.eps
+    step = args.bim_step or (5e-3 if setting == "imagenet" else eps / 2)  # P2 App. A.4: 5e-3 on ImageNet
+    for src in ("vgg11", "vgg11_bn"):
+        smodel, sfn, sstatus, sreason = models[src]
+        x_adv = None
+        if sstatus == "ok":
+            xs = sfn(x)
+            x_adv = torch.cat([pgd(smodel, xb, yb, eps, args.bim_steps, step, norm="linf", clip=clip)
+                               for xb, yb in zip(xs.split(250), y.split(250))])
+        for tgt in names:
+            tmodel, _, tstatus, treason = models[tgt]
+            rec = dict(artifact="p2_t10", setting=setting, source=src, target=tgt, seed=seed, diagonal=src == tgt, eps=eps,
+                       status="ok" if sstatus == tstatus == "ok" else "failed",
+                       reason=sreason if sstatus != "ok" else treason)
+            if rec["status"] == "ok":
+                acc = agree(tmodel, x_adv, y)
+                clean = agree(tmodel, sfn(x), y)
+                rec |= dict(top1=acc[1], top5=acc[5], clean_top1=clean[1], clean_top5=clean[5])
+            records.append(rec)
+    return records
 
 
 # ================================================================================================
@@ -453,8 +461,7 @@ def make_figure(records, cfg, path, title):
         fig.colorbar(im, ax=ax)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_outputs(run_dir, records, cfg):
@@ -473,9 +480,8 @@ def write_outputs(run_dir, records, cfg):
 
 def main(args):
     if args.plot_only:
-        run_dir = pathlib.Path(args.plot_only)
-        cfg = load_run_config(run_dir, "exp_transfer.py")
-        write_outputs(run_dir, load_records(run_dir), cfg)
+        run_dir, cfg, records, _ = merge_runs(args.plot_only, "exp_transfer.py", planned_runs)
+        write_outputs(run_dir, records, cfg)
         print(f"redrew {run_dir / 'table.md'}, claims.md and figure.png")
         return
     device = pick_device(args.device)
@@ -499,23 +505,26 @@ def main(args):
                 with torch.device("meta"):  # a wrong architecture or norm fails here, before anything is written
                     make_model(a, norm=n, width=args.width, in_channels=data.shape[0],
                                **(dict(gn_groups=args.gn_groups) if args.gn_groups else {}))
-    run_dir = prepare_run_dir("exp_transfer", args.out, args.resume)
-    log_to(run_dir)
+    run_dir = prepare_run_dir("exp_transfer", args.out, args.resume, args.shard)
+    log_to(run_dir, args.shard)
+    args.setting = setting  # (saved: it decides P2 Table 10's runs)
     print_config(args)
     write_config(run_dir, args, __file__, device)
     print(f"run directory: {run_dir} | device: {device} | {ARTIFACTS[args.artifact]['title']}")
-    records = load_records(run_dir) if args.resume and (run_dir / "results.json").exists() else []
-    save = lambda recs: save_records(run_dir, recs, finished=False)  # every finished block is kept
+    sweep = Sweep(run_dir, planned_runs(args), args.shard, adopt_complete=lambda _, recs: len(recs) == (
+        len(args.norm) ** 2 if args.artifact == "p1_t3" else 2 * len(args.arch) * len(args.norm)))
     t0 = time.time()
-    if args.artifact == "p1_t3":
-        run_p1_t3(args, data, device, run_dir, records, save)
-    else:
-        run_p2_t10(args, data, device, run_dir, records, save, setting)
-    save_records(run_dir, records, finished=True)
+    for _, name, r in sweep.todo():
+        if args.artifact == "p1_t3":
+            save = lambda recs: sweep.save(name, recs, finished=False)  # every finished source is kept
+            sweep.save(name, run_p1_t3(args, data, device, run_dir, r["seed"], r["training"], sweep.previous(name), save))
+        else:
+            sweep.save(name, run_p2_t10(args, data, device, run_dir, r["seed"], setting))
+    records = sweep.records()
     write_outputs(run_dir, records, vars(args))
-    print((run_dir / "table.md").read_text())
-    print((run_dir / "claims.md").read_text())
-    print(f"wrote {run_dir} in {time.time() - t0:.0f}s")
+    show(run_dir / "table.md")
+    show(run_dir / "claims.md")
+    print(f"wrote {run_dir} in {time.time() - t0:.0f}s" + sweep.report())
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Data-parallel training under torchrun on CPU (gloo): 2 ranks x batch 8 with synchronized BN is the
 single-process batch-16 run (parameters and BN buffers, float64), and per-rank BN is a different model."""
+import json
 import os
 import subprocess
 import sys
@@ -61,3 +62,19 @@ def test_per_rank_bn_is_a_different_model(single, tmp_path):
                if v.is_floating_point())
     assert diff > 1e-4  # BN over 8 samples per rank is not BN over the batch of 16
     assert ckpt["key"] == {"key": {"k": 1}, "per_rank_bn": 2}  # and it is cached under another key
+
+
+def test_a_script_under_torchrun_writes_once_and_equals_one_process(tmp_path):
+    """exp_depth_batch.py (MLPs with BN) under torchrun, 2 ranks: rank 0 alone writes, and the records (training,
+    BIM, entropy) are those of one process."""
+    args = ["exp_depth_batch.py", "--preset", "smoke", "--depths", "2", "--batches", "8", "--epoch-scale", "0.5"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=ROOT, capture_output=True,
+                         text=True, env=env)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
+                          "--out", str(tmp_path / "two")], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    read = lambda d: json.loads((tmp_path / d / "results.json").read_text())["records"]
+    assert read("two") == read("one")
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["args"]["ddp_bn"] == "sync"
+    assert two.stdout.count("run directory:") == 1  # one rank prints

@@ -144,7 +144,7 @@ def test_readme_reproduction_tables_are_generated_from_the_committed_results():
 # Arguments that may stay None at paper scale: no paper number exists for them (the dataset's own size, the
 # full test set, min(32, C) groups, a fresh run directory, the dataset's own channels, optional frost pictures), or
 # they only override the artifact's own values.
-MAY_BE_NONE = {"out", "plot_only", "cache", "dataset", "arch", "norm", "size", "gn_groups", "n_eval", "epochs", "lr",
+MAY_BE_NONE = {"out", "plot_only", "shard", "cache", "dataset", "arch", "norm", "size", "gn_groups", "n_eval", "epochs", "lr",
                "channels", "frost_dir", "n_build", "datasets_dir", "source_std", "source_rob", "bim_step", "imagenet_root",
                "weights_dir"}
 
