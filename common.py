@@ -2200,7 +2200,7 @@ class Sweep:
     index = K mod N. Each finished run is written to RUN_DIR/records/<name>.json atomically, so shards
     sharing one directory (a cluster file system) never clobber each other, and a killed shard resumed
     with --resume redoes only its unfinished runs. A run may save partial records (finished=False) and
-    continue from `previous(name)` when resumed (exp_table1.py's seed retries)."""
+    continue from `previous(name)` when resumed (exp_table1.py's seed retries). DECISIONS.md D31."""
 
     def __init__(self, run_dir, runs, shard=None, adopt_complete=None):
         self.dir = pathlib.Path(run_dir) / "records"

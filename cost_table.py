@@ -8,7 +8,7 @@ real model (on the meta device: shapes only, nothing is computed). An attack ste
 input) is counted as one forward+backward pass; an evaluation without gradient as one forward pass. GPU-hours
 assume one H100 at a stated sustained throughput (default: 10 % of its 989 TFLOP/s dense bf16 peak -- CIFAR-size
 models at batch 128 are far from peak) and at least a stated time per training step (default 1 ms: tiny MLPs at
-batch 5 are bound by kernel launches, not FLOPs). Both are assumptions, not measurements.
+batch 5 are bound by kernel launches, not FLOPs). Both are assumptions, not measurements (DECISIONS.md D31).
 
     python cost_table.py             # print the table
     python cost_table.py --write     # and put it into README.md (between the cost-table markers)
