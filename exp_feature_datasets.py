@@ -248,6 +248,16 @@ def state_hash(model):
     return h.hexdigest()[:20]
 
 
+SOURCE_SHARD = dict(standard=0, robust=1)  # a sharded build: shard 0 (mod N) trains the standard source, 1 the robust
+
+
+def finished(ckpt):
+    """A training checkpoint that holds a finished model (train_model's state)."""
+    if not pathlib.Path(ckpt).exists():
+        return False
+    return torch.load(ckpt, map_location="cpu", weights_only=False)["state"]["status"] != "running"
+
+
 SHARD_NEEDS_BUILD = ("--shard: {what} is not there yet ({where}); shards only train on built datasets (building twice at "
                      "once would race): build them first in one process with --artifact build and the same --cache or "
                      "--datasets-dir (resumable), then start the shards")
@@ -292,8 +302,11 @@ def get_source(args, data, robust, device, run_dir):
     if args.channels:
         key["channels"] = args.channels
     ckpt = cache_path(args.cache, key) or run_dir / "ckpt" / f"source_{role}.pt"
-    if args.shard and not ckpt.exists():
-        raise DataError(SHARD_NEEDS_BUILD.format(what=f"the {role} source model", where=ckpt))
+    if args.shard and not finished(ckpt):
+        if args.artifact != "build":
+            raise DataError(SHARD_NEEDS_BUILD.format(what=f"the {role} source model", where=ckpt))
+        if args.shard[0] != SOURCE_SHARD[role] % args.shard[1]:
+            return None  # another shard trains it (training one model twice at once would race)
     res = train_model(model, data, recipe, seed=0, amp=args.amp, tag=f"[source {role}]", key=key, ckpt=ckpt)
     if res["status"] != "ok":
         raise DataError(f"the {role} source model failed to train ({res['reason']}); change its recipe "
@@ -400,7 +413,7 @@ def build_kind(args, kind, data, sources, source_info, root, d_r=None, d_r_hash=
                source=source_info[src_role]["hash"], params=params, from_d_r=d_r_hash, chunk=args.chunk)
     folder = pathlib.Path(root) / f"{kind}-{key_hash(key)}"
     final = folder / "data.pt"
-    if args.shard and not final.exists():
+    if args.shard and not final.exists() and args.artifact != "build":
         raise DataError(SHARD_NEEDS_BUILD.format(what=NAMES[kind], where=final))
     if final.exists():
         saved = torch.load(final, weights_only=False)
@@ -412,20 +425,24 @@ def build_kind(args, kind, data, sources, source_info, root, d_r=None, d_r_hash=
     x0 = (d_r["x"][:args.build_batch].to(data.x_train.device).float() / 255 if kind == "d_conflict"
           else data.x_train[:args.build_batch])
     y0 = d_r["y"][:args.build_batch].to(x0.device) if kind == "d_conflict" else data.y_train[:args.build_batch]
-    ratio = floor_ratio(args, kind, sources[src_role], x0, y0, data.num_classes)
-    print(f"[{NAMES[kind]}] building {n} images in {len(chunks)} chunks of {args.chunk} into {folder} | throughput "
-          f"{ratio:.2f} of the floor (forward + input-gradient backward), measured side by side")
+    k, n_shards = args.shard or (0, 1)
+    offset = 2 + sum(math.ceil(n / args.chunk) for kk in KINDS[:KINDS.index(kind)])  # after the two sources
+    mine = [c for c in chunks if (offset + c) % n_shards == k and not (folder / f"chunk_{c:05d}.pt").exists()]
+    ratio = floor_ratio(args, kind, sources[src_role], x0, y0, data.num_classes) if mine or not args.shard else None
+    if ratio is not None:
+        print(f"[{NAMES[kind]}] building {n} images in {len(chunks)} chunks of {args.chunk} into {folder} | throughput "
+              f"{ratio:.2f} of the floor (forward + input-gradient backward), measured side by side")
     t0, done_now = time.time(), 0
-    for c in chunks:
+    for c in mine:  # (a sharded build: chunk c is unit offset + c)
         path = folder / f"chunk_{c:05d}.pt"
-        if path.exists():
-            continue
         idx = list(range(c * args.chunk, min(n, (c + 1) * args.chunk)))
         save_atomic(make_chunk(args, kind, c, idx, data, sources, d_r), path)
         done_now += len(idx)
-        left = n - (c + 1) * args.chunk
+        left = sum(len(range(cc * args.chunk, min(n, (cc + 1) * args.chunk))) for cc in mine if cc > c)
         rate = done_now / (time.time() - t0)
-        print(f"[{NAMES[kind]}] chunk {c + 1}/{len(chunks)} | {rate:.1f} images/s | ETA {max(0, left) / rate:.0f}s")
+        print(f"[{NAMES[kind]}] chunk {c + 1}/{len(chunks)} | {rate:.1f} images/s | ETA {left / rate:.0f}s")
+    if not all((folder / f"chunk_{c:05d}.pt").exists() for c in chunks):
+        return None  # other shards' chunks are not there yet
     parts = [torch.load(folder / f"chunk_{c:05d}.pt", weights_only=False) for c in chunks]
     cat = lambda k: None if parts[0][k] is None else torch.cat([p[k] for p in parts])
     success, dist = cat("success"), cat("dist")
@@ -438,7 +455,7 @@ def build_kind(args, kind, data, sources, source_info, root, d_r=None, d_r_hash=
     saved = dict(x=cat("x"), y=cat("y"), index=cat("index"), start=cat("start"), success=success, dist=dist, meta=meta)
     save_atomic(saved, final)
     write_text_atomic(folder / "meta.json", json.dumps(meta, indent=1, default=str))
-    for c in chunks:
+    for c in chunks if not args.shard else []:  # (shards may still be reading them)
         (folder / f"chunk_{c:05d}.pt").unlink()
     print(f"[{NAMES[kind]}] done: {final}" + (f" | targeted success {meta['success_rate']:.1%}" if success is not None else
                                               f" | feature distance median {meta['feature_dist_median']:.3g}"))
@@ -446,8 +463,8 @@ def build_kind(args, kind, data, sources, source_info, root, d_r=None, d_r_hash=
 
 
 def planned_runs(args):
-    """(name, record fields) of every training run in a fixed order (the unit of --shard; building the datasets
-    comes first and is not sharded: its chunks share the two source models)."""
+    """(name, record fields) of every training run in a fixed order (the unit of --shard). A sharded build
+    (--artifact build) shares out the two sources and the chunks instead (see build_kind; DECISIONS.md D31)."""
     if args.artifact == "build":
         return []
     kinds = ARTIFACTS[args.artifact]["runs"]["datasets"]
@@ -667,9 +684,6 @@ def main(args):
         with torch.device("meta"):
             make_model(args.arch, norm=norm, width=args.width, in_channels=data.shape[0],
                        **(dict(gn_groups=args.gn_groups) if args.gn_groups else {}))
-    if args.shard and args.artifact == "build":
-        raise ValueError("--shard with --artifact build: building is one process (its chunks share the source models); "
-                         "shard the training runs of fig6/fig7/fig12/fig13 once the datasets are built")
     run_dir = prepare_run_dir("exp_feature_datasets", args.out, args.resume, args.shard)
     log_to(run_dir, args.shard)
     print_config(args)
@@ -687,16 +701,32 @@ def main(args):
         root = pathlib.Path(args.datasets_dir or (pathlib.Path(args.cache) / "feature_datasets" if args.cache
                                                   else run_dir / "datasets"))
         needs = set(kinds) | ({"d_r"} if "d_conflict" in kinds else set())
-        sources, info = {}, {}
+        sources, info, waiting = {}, {}, []
         for role in ("standard", "robust"):
             if role == "robust" and "d_r" not in needs or role == "standard" and not needs - {"d_r"}:
                 continue
-            sources[role], info[role] = get_source(args, data, role == "robust", device, run_dir)
+            got = get_source(args, data, role == "robust", device, run_dir)
+            if got is None:
+                waiting.append(f"the {role} source model (trained by shard {SOURCE_SHARD[role] % args.shard[1]})")
+                continue
+            sources[role], info[role] = got
         for kind in [k for k in KINDS if k in needs]:
             d_r = datasets.get("d_r")
-            datasets[kind] = build_kind(args, kind, data, sources, info, root, d_r,
-                                        d_r["meta"]["key_hash"] if kind == "d_conflict" else None)
+            role = "robust" if kind == "d_r" else "standard"
+            if role not in sources or kind == "d_conflict" and d_r is None:
+                waiting.append(f"{NAMES[kind]} (needs {'D_R' if role in sources else f'the {role} source'})")
+                continue
+            built = build_kind(args, kind, data, sources, info, root, d_r,
+                               d_r["meta"]["key_hash"] if kind == "d_conflict" else None)
+            if built is None:
+                waiting.append(f"{NAMES[kind]} (chunks of other shards)")
+                continue
+            datasets[kind] = built
             datasets[kind]["meta"]["path"] = str(root / f"{kind}-{datasets[kind]['meta']['key_hash']}" / "data.pt")
+        if waiting:  # only a sharded build gets here
+            print(f"this shard has done its part; still to come from other shards: {'; '.join(waiting)}. Run the "
+                  f"same command with --resume once they have finished (each pass gets further: sources, then chunks, "
+                  f"then D_conflict's chunks).")
     sweep = Sweep(run_dir, planned_runs(args), args.shard)
     sweep.save("datasets", [dict(datasets[k]["meta"], record="dataset") for k in KINDS if k in datasets])  # re-read above
     subset = class_balanced_subset(data.y_test, args.per_class)

@@ -67,7 +67,7 @@ def test_per_rank_bn_is_a_different_model(single, tmp_path):
 def test_a_script_under_torchrun_writes_once_and_equals_one_process(tmp_path):
     """exp_depth_batch.py (MLPs with BN) under torchrun, 2 ranks: rank 0 alone writes, and the records (training,
     BIM, entropy) are those of one process."""
-    args = ["exp_depth_batch.py", "--preset", "smoke", "--depths", "2", "--batches", "8", "--epoch-scale", "0.5"]
+    args = ["exp_depth_batch.py", "--preset", "smoke", "--depths", "2", "--batches", "32", "--epoch-scale", "0.5"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=ROOT, capture_output=True,
                          text=True, env=env)

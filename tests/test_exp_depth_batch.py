@@ -47,7 +47,7 @@ def start(*args):
 def test_shards_in_parallel_and_a_killed_shard_resumed_equal_one_process(tmp_path):
     """--shard K/N: two shards in parallel into one directory give one process's records; a shard killed after its
     first cell and resumed, run into another directory, completes the set when merged with --plot-only A B."""
-    args = ["--preset", "smoke", "--depths", "2", "4", "6", "--batches", "8", "--epoch-scale", "0.5"]
+    args = ["--preset", "smoke", "--depths", "2", "4", "6", "--batches", "32", "--epoch-scale", "0.5"]
     ref = tmp_path / "ref"
     assert run(*args, "--out", ref).returncode == 0
     want = records(ref)

@@ -97,6 +97,29 @@ def test_killed_build_resumes_to_the_same_datasets(tmp_path):
     assert (killed / "figure.png").exists()
 
 
+
+def test_sharded_build_gives_the_same_datasets(tmp_path):
+    """--artifact build --shard K/2, both shards in parallel into one run directory and rerun with --resume until no
+    shard waits (sources, then chunks, then D_conflict's chunks): the datasets of one process, bit for bit."""
+    args = ["--preset", "smoke", "--artifact", "build", "--n-build", "16", "--chunk", "8", "--inv-steps", "10",
+            "--attack-steps", "10"]
+    assert run(*args, "--out", tmp_path / "one").returncode == 0
+    sharded = tmp_path / "sharded"
+    for n_pass in range(5):
+        procs = [subprocess.Popen([sys.executable, SCRIPT, *args, "--out", str(sharded), "--shard", f"{k}/2",
+                                   *(["--resume"] if n_pass else [])], cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for k in (0, 1)]
+        outs = [p.communicate() for p in procs]
+        assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+        if not any("still to come" in o[0] for o in outs):
+            break
+    assert 1 <= n_pass <= 3, n_pass  # the sources are trained in parallel; their chunks need both
+    a, b = datasets_of(tmp_path / "one"), datasets_of(sharded)
+    assert set(a) == set(b) == {"d_r", "d_nr", "d_rand", "d_det", "d_conflict"}
+    for kind in a:
+        assert torch.equal(a[kind]["x"], b[kind]["x"]) and torch.equal(a[kind]["y"], b[kind]["y"]), kind
+
+
 def test_released_datasets_and_user_source_checkpoints(tmp_path):
     write_cifar10(tmp_path, n=8)
     for folder in ("robust_CIFAR", "drand_CIFAR"):
