@@ -55,13 +55,13 @@ def imagenet_vgg(depth, bn):
 @functools.lru_cache(maxsize=None)
 def flops(arch, shape, **kw):
     """(forward, forward+backward) FLOPs of one sample through make_model(arch, **kw) on inputs of `shape`."""
-    with torch.device("meta"):
+    with torch.device("meta"):  # parameters without storage; the passes below then run on meta tensors too
         model = imagenet_vgg(int(arch[3:]), kw["norm"] == "bn") if kw.get("imagenet") else common.make_model(arch, **kw)
-        x = torch.empty(2, *shape)
-        with FlopCounterMode(display=False) as fb:
-            model(x).sum().backward()
-        with FlopCounterMode(display=False) as f, torch.no_grad():
-            model.eval()(x)
+    x = torch.empty(2, *shape, device="meta")
+    with FlopCounterMode(display=False) as fb:
+        model(x).sum().backward()
+    with FlopCounterMode(display=False) as f, torch.no_grad():
+        model.eval()(x)
     return f.get_total_flops() / 2, fb.get_total_flops() / 2
 
 

@@ -82,3 +82,34 @@ def test_feature_dataset_training_shards_need_the_build_first(tmp_path):
     r = subprocess.run(base + ["--artifact", "fig6", "--shard", "0/2"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.startswith("error: --shard: the standard source model is not there yet")
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
+def test_plot_only_merges_the_record_files_of_several_run_directories(tmp_path):
+    """Shards run into separate directories (other machines): --plot-only A B copies B's finished runs into A,
+    a finished copy wins over an unfinished one, and what no directory has is listed as missing."""
+    import exp_depth_batch as m
+    args = m.get_args(["--preset", "smoke", "--depths", "2", "--batches", "8", "--out", str(tmp_path / "a")])
+    runs = m.planned_runs(args)
+    assert [n for n, _ in runs] == ["bn_L2_B8_s0", "none_L2_B8_s0"]
+    for d, k in (("a", 0), ("b", 1)):
+        (tmp_path / d).mkdir()
+        common.write_config(tmp_path / d, argparse_ns(vars(args) | dict(out=str(tmp_path / d), shard=[k, 3])),
+                            ROOT / "exp_depth_batch.py", "cpu")
+        common.Sweep(tmp_path / d, runs, shard=[k, 3]).save(runs[k][0], [dict(runs[k][1], acc=k)])
+    common.Sweep(tmp_path / "a", runs).save(runs[1][0], [dict(runs[1][1], acc=-1)], finished=False)
+    run_dir, cfg, recs, missing = common.merge_runs([tmp_path / "a", tmp_path / "b"], "exp_depth_batch.py", m.planned_runs)
+    assert missing == [] and [r["acc"] for r in recs] == [0, 1]
+    assert json.loads((tmp_path / "a" / "results.json").read_text())["finished"] is True
+    (tmp_path / "a" / "records" / "none_L2_B8_s0.json").unlink()
+    assert common.merge_runs([tmp_path / "a"], "exp_depth_batch.py", m.planned_runs)[3] == ["none_L2_B8_s0"]
+    assert (tmp_path / "a" / "missing.txt").read_text() == "none_L2_B8_s0\n"
+    cfg_b = json.loads((tmp_path / "b" / "config.json").read_text())
+    cfg_b["args"]["width"] = 99
+    (tmp_path / "b" / "config.json").write_text(json.dumps(cfg_b))
+    with pytest.raises(common.DataError, match="--width"):
+        common.merge_runs([tmp_path / "a", tmp_path / "b"], "exp_depth_batch.py", m.planned_runs)
+
+
+def argparse_ns(d):
+    import argparse
+    return argparse.Namespace(**d)
