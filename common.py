@@ -1489,8 +1489,11 @@ class _SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     one is written with differentiable all-reduces so it also runs (and is tested) on CPU with gloo.
     Installed over a model's BatchNorm modules by `sync_batchnorm` (same parameters and buffers)."""
 
+    def _check_input_dim(self, x):  # (the swapped-in module keeps BatchNorm1d/2d's own input rules)
+        pass
+
     def forward(self, x):
-        if not self.training:
+        if not self.training:  # evaluation inside training (per-epoch measurements, attacks): the running statistics
             return super().forward(x)
         all_reduce = _AllReduceSum.apply
         dims = [0] + list(range(2, x.dim()))
