@@ -2262,13 +2262,20 @@ class Sweep:
         done = self.finished()
         return [name for name, _ in self.runs if name not in done]
 
+    def write_missing(self):
+        """The unfinished runs, also written to RUN_DIR/missing.txt (removed once nothing is missing)."""
+        missing = self.missing()
+        if missing:
+            write_text_atomic(self.dir.parent / "missing.txt", "".join(f"{m}\n" for m in missing))
+        elif is_main_process():
+            (self.dir.parent / "missing.txt").unlink(missing_ok=True)
+        return missing
+
     def report(self):
         """'' when every run is finished, else the line that says what is missing (also in missing.txt)."""
-        missing = self.missing()
+        missing = self.write_missing()
         if not missing:
-            (self.dir.parent / "missing.txt").unlink(missing_ok=True)
             return ""
-        write_text_atomic(self.dir.parent / "missing.txt", "".join(f"{m}\n" for m in missing))
         return (f"\n{len(missing)} of {len(self.runs)} runs are not finished yet (other shards', listed in missing.txt): "
                 f"the tables above cover the rest; rerun --plot-only {self.dir.parent} when they are done")
 
@@ -2287,12 +2294,11 @@ def merge_runs(run_dirs, script, runs_of):
     run_dir = pathlib.Path(run_dirs[0])
     cfg = load_run_config(run_dir, script)
     for other in run_dirs[1:]:
-        if load_run_config(other, script) != cfg:
-            diff = sorted(k for k, v in load_run_config(other, script).items() if cfg.get(k) != v and k not in
-                          RESUME_FREE + ("shard",))
-            if diff:
-                raise DataError(f"--plot-only {other}: its configuration differs from {run_dir}'s in "
-                                f"{', '.join('--' + k.replace('_', '-') for k in diff)}; only shards of one run merge")
+        other_cfg = load_run_config(other, script)
+        diff = sorted(k for k in set(cfg) | set(other_cfg) if k not in RESUME_FREE and cfg.get(k) != other_cfg.get(k))
+        if diff:
+            raise DataError(f"--plot-only {other}: its configuration differs from {run_dir}'s in "
+                            f"{', '.join('--' + k.replace('_', '-') for k in diff)}; only shards of one run merge")
     runs = runs_of(argparse.Namespace(**cfg))
     if not (run_dir / "records").is_dir():  # a run directory of an earlier version: one results.json, read as is
         if len(run_dirs) > 1:
@@ -2307,13 +2313,10 @@ def merge_runs(run_dirs, script, runs_of):
                 sweep.save(name, d["records"], d.get("finished", True))
                 have[name] = d
     sweep.write_summary()
-    missing = sweep.missing()
+    missing = sweep.write_missing()
     if missing:
-        write_text_atomic(run_dir / "missing.txt", "".join(f"{m}\n" for m in missing))
         print(f"{len(missing)} of {len(runs)} runs are missing (listed in {run_dir / 'missing.txt'}): "
               f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-    else:
-        (run_dir / "missing.txt").unlink(missing_ok=True)
     return run_dir, cfg, sweep.records(), missing
 
 

@@ -258,9 +258,9 @@ def finished(ckpt):
     return torch.load(ckpt, map_location="cpu", weights_only=False)["state"]["status"] != "running"
 
 
-SHARD_NEEDS_BUILD = ("--shard: {what} is not there yet ({where}); shards only train on built datasets (building twice at "
-                     "once would race): build them first in one process with --artifact build and the same --cache or "
-                     "--datasets-dir (resumable), then start the shards")
+SHARD_NEEDS_BUILD = ("--shard: {what} is not there yet ({where}); training shards only read built datasets: build them "
+                     "first with --artifact build (itself shardable) and the same --cache or --datasets-dir, then start "
+                     "the training shards")
 
 
 def key_hash(key):
@@ -426,7 +426,7 @@ def build_kind(args, kind, data, sources, source_info, root, d_r=None, d_r_hash=
           else data.x_train[:args.build_batch])
     y0 = d_r["y"][:args.build_batch].to(x0.device) if kind == "d_conflict" else data.y_train[:args.build_batch]
     k, n_shards = args.shard or (0, 1)
-    offset = 2 + sum(math.ceil(n / args.chunk) for kk in KINDS[:KINDS.index(kind)])  # after the two sources
+    offset = 2 + KINDS.index(kind) * len(chunks)  # unit index of chunk 0: after the two sources and earlier kinds
     mine = [c for c in chunks if (offset + c) % n_shards == k and not (folder / f"chunk_{c:05d}.pt").exists()]
     ratio = floor_ratio(args, kind, sources[src_role], x0, y0, data.num_classes) if mine or not args.shard else None
     if ratio is not None:

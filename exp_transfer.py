@@ -258,10 +258,10 @@ def run_p1_t3(args, data, device, run_dir, seed, training, records, save):
     `records` holds what an interrupted run finished (kept); save(records) after every source."""
     pool = class_balanced_subset(data.y_test, args.per_class)
     x_pool, y_pool = data.x_test[pool], data.y_test[pool]
-    done = {(r["training"], r["source"], r["target"], r["seed"]) for r in records}
+    done = {(r["source"], r["target"]) for r in records}
     models = {n: get_model(args, data, "p1", args.arch[0], n, training, seed, device, run_dir) for n in args.norm}
     for src in args.norm:
-        if all((training, src, t, seed) in done for t in args.norm):
+        if all((src, t) in done for t in args.norm):
             continue
         model, _, status, reason = models[src]
         if status != "ok":
