@@ -4,8 +4,11 @@ P1: "Batch normalization increases adversarial vulnerability: disentangling usef
     robustness of model features" (LIGS, Ilyas-style feature datasets).
 P2: Galloway et al., "Batch Normalization is a Cause of Adversarial Vulnerability".
 
-What lives here: what two or more scripts use, and the primitives the papers name. Each exp_*.py
-owns its recipe, sweep, table, figure and claims. Sections (banners below):
+What lives here: what two or more scripts use, or what the papers name; nothing else (the CIFAR-10-C generator,
+used by exp_corruption.py alone, lives there). Each exp_*.py owns its experiment: which recipe each model gets,
+its sweep, measurements, table, figure and claims. The file reads in two parts (banners below):
+
+Part I. The papers (sections 1-11): what a reader comes for.
    1. Basics: choices, seeds
    2. Normalization layers
    3. VGG
@@ -13,19 +16,21 @@ owns its recipe, sweep, table, figure and claims. Sections (banners below):
    5. WideResNet
    6. MLPs and the deep linear network
    7. make_model: the single entry point for scripts
-   8. Attacks: FGSM, BIM, PGD-linf/l2 with CE or CW margin loss
+   8. Attacks: FGSM, BIM, PGD-linf/l2 with CE or CW margin loss, attack specs, Carlini et al.'s sanity checks
    9. LIGS (P1 Eq. 1) and its differentiable regularizer
-  10. Data: readers, checksummed download, bundled digits, synthetic images
-  11. Training and evaluation
-  12. P2's mechanism analyses
-  13. Claims: intervals, verdicts, attack sanity checks, the checkpoint cache
-  14. Run records, presets and command-line plumbing
-  15. Corruptions: a batched CIFAR-10-C generator, the released files, BN-statistics adaptation
+  10. Training and evaluation: the papers' recipes, train_model, evaluate, per-epoch metrics, landscape probes,
+      BN-statistics adaptation
+  11. P2's mechanism analyses
+Part II. Running them (sections 12-15): plumbing a reader may skip.
+  12. Data: readers, checksummed download, bundled digits, synthetic images
+  13. Devices and torchrun
+  14. Claims: a claim as data, intervals, verdicts
+  15. Run records, the checkpoint cache, presets and the command line
 
-Input-space conventions (DECISIONS.md D2) -- the attacks do not care which one a script uses:
-  - P1: data in [0,1] pixels; the model standardizes inside (`mean=`, `std=` -> a `Standardize`
+Input spaces (DECISIONS.md D2; INPUT_SPACES) -- the attacks do not care which one a script uses:
+  - "pixels" (P1): data in [0,1]; the model standardizes inside (`mean=`, `std=` -> a `Standardize`
     first layer); eps in pixel units; attacks use clip=(0, 1).
-  - P2: data standardized outside the model (no `mean`/`std`); eps in standardized units; attacks
+  - "standardized" (P2): data standardized outside the model (no `mean`/`std`); eps in standardized units; attacks
     use the paper's clip range, e.g. clip=(-2, 2) for CIFAR-10, (-1, 1) for SVHN, None for MNIST.
 
 Importing this module has no side effects (no argparse parsing, no global torch flags, no I/O).
@@ -54,8 +59,8 @@ import sys
 import tarfile
 import tempfile
 import time
+import types
 import urllib.request
-import warnings
 
 import numpy as np
 import torch
@@ -69,9 +74,14 @@ ATTACK_LOSSES = ("ce", "cw")
 PERTURBATIONS = ("gaussian", "uniform", "fgsm", "pgd")
 
 
+# ################################################################################################
+# PART I. THE PAPERS: models, attacks, LIGS, training and evaluation, P2's analyses
+# ################################################################################################
+
 # ================================================================================================
 # 1. Basics: choices, seeds
 # ================================================================================================
+
 
 def check_choice(name, value, choices):
     """Raise one clear line when `value` is not one of `choices` (used for every string option)."""
@@ -90,6 +100,7 @@ def set_seed(seed):
 # ================================================================================================
 # 2. Normalization layers (P1 Sec. 4.3, Table 2; P2 Sec. 1)
 # ================================================================================================
+
 
 def norm_layer(norm, channels, dim=2, gn_groups=None, bn_eps=1e-5, bn_momentum=0.1):
     """The one norm factory of the project (P1 Sec. 3 / Table 2 compare exactly these five).
@@ -172,6 +183,7 @@ def conv1x1(c_in, c_out, stride=1, bias=False):
 # 3. VGG (P1 Table 1, P2 Tables 1-3, 8; DECISIONS.md D8)
 # ================================================================================================
 
+
 VGG_CFGS = {  # numbers = 3x3 conv output channels, "M" = 2x2 max-pool
     8: [64, "M", 128, "M", 256, "M", 512, "M", 512, "M"],
     11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
@@ -231,6 +243,7 @@ class VGG(nn.Module):
 # ================================================================================================
 # 4. ResNets: CIFAR ResNet-18/34/50 (P1) and ResNet-20/56/110 (P1 Fig 9), with Fixup variants
 # ================================================================================================
+
 
 def _pad_shortcut(x, c_out, stride):
     """He et al. 2016 option A: parameter-free subsample + zero-pad channels (ResNet-20/56/110 and
@@ -426,6 +439,7 @@ class ResNet(nn.Module):
 # 5. WideResNet (P2 Tables 2, 4, 9): pre-activation blocks, BN or Fixup
 # ================================================================================================
 
+
 class WideBlock(nn.Module):
     """Pre-activation wide block of the BN WRN-28-10 in P2 Tables 2, 4, 9 (Zagoruyko & Komodakis; dropout 0):
     o = act(n1(x)); shortcut = x or 1x1conv(o); return conv2(act(n2(conv1(o)))) + shortcut."""
@@ -537,6 +551,7 @@ class WideResNet(nn.Module):
 # 6. MLPs (P2 Sec. 4, Figs 2-5, 8) and the deep linear network (P2 Figs 1, 7)
 # ================================================================================================
 
+
 class MLP(nn.Module):
     """Fully connected net: for each hidden width, Linear -> [norm] -> act (P2 Eq. 1), then a linear
     classifier. Inputs of any shape are flattened.
@@ -611,6 +626,7 @@ class DeepLinear(nn.Module):
 # 7. make_model: the single entry point for scripts
 # ================================================================================================
 
+
 RESNET_SPECS = {  # name -> (block kind, blocks per stage)
     "resnet18": ("basic", [2, 2, 2, 2]), "resnet34": ("basic", [3, 4, 6, 3]), "resnet50": ("bottleneck", [3, 4, 6, 3]),
     **{f"resnet{d}": ("basic", [(d - 2) // 6] * 3) for d in (20, 32, 44, 56, 110)},
@@ -666,8 +682,10 @@ def make_model(arch, norm="bn", width=1.0, num_classes=10, in_channels=3, **kw):
 
 
 # ================================================================================================
-# 8. Attacks (P1 App. B.2; P2 Sec. 3 and App. A.2). All work on any input shape (B, ...)
+# 8. Attacks: FGSM, BIM, PGD-linf/l2 with CE or CW loss, attack specs and their sanity checks
+#    (P1 App. B.2; P2 Sec. 3 and App. A.2; Carlini et al. 2019). All work on any input shape (B, ...)
 # ================================================================================================
+
 
 @contextlib.contextmanager
 def eval_mode(model):
@@ -753,7 +771,7 @@ def _check_xy(x, y):
         raise ValueError(f"expected floating-point x and int64 labels y, got {x.dtype} and {y.dtype}")
 
 
-def _check_attack_args(x, y, eps, steps, restarts, norm, loss, rand_init, step_size=None, kappa=50.0):
+def _check_attack_args(x, y, eps, steps, norm, loss, step_size=None, kappa=50.0):
     check_choice("attack norm", norm, ATTACK_NORMS)
     check_choice("attack loss", loss, ATTACK_LOSSES)
     if not (eps >= 0 and math.isfinite(eps)):
@@ -762,10 +780,8 @@ def _check_attack_args(x, y, eps, steps, restarts, norm, loss, rand_init, step_s
         raise ValueError(f"step_size={step_size}: expected a finite number > 0")  # a negative step is a defence
     if not kappa >= 0:
         raise ValueError(f"kappa={kappa}: expected a number >= 0")
-    if steps < 1 or restarts < 1:
-        raise ValueError(f"steps={steps}, restarts={restarts}: expected >= 1")
-    if restarts > 1 and not rand_init:
-        raise ValueError(f"restarts={restarts} without rand_init=True would repeat the same deterministic attack")
+    if steps < 1:
+        raise ValueError(f"steps={steps}: expected >= 1")
     _check_xy(x, y)
 
 
@@ -797,8 +813,8 @@ def _objective_grad(model, xa, y, loss, kappa, targeted):
 
 
 def pgd(model, x, y, eps, steps, step_size=None, norm="linf", loss="ce", kappa=50.0, targeted=False,
-        rand_init=False, restarts=1, clip=(0.0, 1.0), generator=None, grad0=None):
-    """Projected gradient ascent on `attack_objective` (Madry et al. 2018; P1 App. B.2, P2 Sec. 3).
+        clip=(0.0, 1.0), delta0=None, grad0=None):
+    """Projected gradient ascent on `attack_objective` from one start (Madry et al. 2018; P1 App. B.2, P2 Sec. 3).
 
     x, y: inputs (B, ...) and labels (B,) -- true labels, or target labels when targeted=True.
     eps: radius of the linf or l2 ball around x, in the units of x (see the module docstring).
@@ -807,55 +823,64 @@ def pgd(model, x, y, eps, steps, step_size=None, norm="linf", loss="ce", kappa=5
     norm='l2':   x <- x + a * g/||g|| (per sample; a zero gradient gives a zero step), then
                  delta = x - x0 is rescaled by min(1, eps/||delta||) per sample, then clipped.
     loss: 'ce' or 'cw' (margin loss with kappa, P1's "CW" attack).
-    rand_init: uniform start in the eps-box (linf) or eps-ball (l2), drawn from `generator` (a
-               torch.Generator on x's device; None uses the global RNG).
-    restarts: per sample, keep the worst case over restarts (a successful attack beats an
-              unsuccessful one; ties go to the larger objective). Needs rand_init=True.
     clip: (lo, hi) box for the adversarial input, or None for no box (P2 MNIST).
-    grad0: the CE input gradient at x in eval mode, if the caller already has it (`epoch_metrics`
-           shares one clean gradient between LIGS and PGD); used for the first step of an
-           untargeted CE attack without random start. The result is bit-identical to recomputing it.
+    delta0: the start x0 + delta0 (None: x itself, as every experiment of the papers); random starts and
+            restarts are `pgd_random_starts`.
+    grad0: the objective's input gradient at x, if the caller already has it (`epoch_metrics` shares one
+           clean CE gradient between LIGS and PGD); used for the first step. The result is bit-identical to
+           recomputing it. Only for an untargeted CE attack from x itself (else a ValueError).
 
     Runs the model in eval mode (restored afterwards), touches no parameter .grad and no BN
     statistics, works under torch.no_grad(), and never modifies `x`. Returns a detached tensor.
     The CE gradient is computed without softmax cancellation (see `_objective_grad`), so attacks on
     confidently classified float32 samples do not stall.
     """
-    _check_attack_args(x, y, eps, steps, restarts, norm, loss, rand_init, step_size, kappa)
+    _check_attack_args(x, y, eps, steps, norm, loss, step_size, kappa)
+    if grad0 is not None and (loss != "ce" or targeted or delta0 is not None):
+        raise ValueError("grad0 is the clean CE gradient: only for an untargeted CE attack without a start offset")
     step_size = 2.5 * eps / steps if step_size is None else step_size
     x0 = x.detach()
     tiny = torch.finfo(x0.dtype).tiny
-    best_x, best_obj, best_succ = x0.clone(), None, None
+    xa = _clip(x0 if delta0 is None else x0 + delta0, clip)  # (P2's standardized CIFAR-10 reaches outside its box)
+    grad0 = grad0 if grad0 is not None and torch.equal(xa, x0) else None  # (a clipped start has its own gradient)
     with eval_mode(model), torch.enable_grad():
-        for _ in range(restarts):
-            delta = _random_start(x0, eps, norm, generator) if rand_init else torch.zeros_like(x0)
-            xa = _clip(x0 + delta, clip)
-            for k in range(steps):
-                if k == 0 and grad0 is not None and loss == "ce" and not targeted and not rand_init and torch.equal(xa, x0):
-                    g = grad0
+        for k in range(steps):
+            g = grad0 if k == 0 and grad0 is not None else _objective_grad(model, xa, y, loss, kappa, targeted)
+            with torch.no_grad():  # the step, then the projection onto the eps-ball around x0 and the box
+                if norm == "linf":
+                    delta = (xa + step_size * g.sign() - x0).clamp(-eps, eps)
                 else:
-                    g = _objective_grad(model, xa, y, loss, kappa, targeted)  # w.r.t. the input only
-                with torch.no_grad():
-                    if norm == "linf":
-                        delta = (xa + step_size * g.sign() - x0).clamp(-eps, eps)
-                    else:
-                        delta = xa + step_size * _unit_l2(g) - x0
-                        delta = delta * _bview((eps / _l2(delta).clamp_min(tiny)).clamp(max=1.0), delta)
-                    xa = _clip(x0 + delta, clip)
-            if restarts == 1:
-                return xa.detach()
-            with torch.no_grad():
-                logits = model(xa)
-                obj = attack_objective(logits, y, loss, kappa, targeted)
-                succ = (logits.argmax(1) == y) if targeted else (logits.argmax(1) != y)
-                if best_obj is None:
-                    better = torch.ones_like(succ)
-                else:
-                    better = (succ & ~best_succ) | ((succ == best_succ) & (obj > best_obj))
-                best_x = torch.where(_bview(better, xa), xa, best_x)
-                best_obj = obj if best_obj is None else torch.where(better, obj, best_obj)
-                best_succ = succ if best_succ is None else torch.where(better, succ, best_succ)
-    return best_x.detach()
+                    delta = xa + step_size * _unit_l2(g) - x0
+                    delta = delta * _bview((eps / _l2(delta).clamp_min(tiny)).clamp(max=1.0), delta)
+                xa = _clip(x0 + delta, clip)
+    return xa.detach()
+
+
+def pgd_random_starts(model, x, y, eps, steps, restarts=1, generator=None, **kw):
+    """`pgd` from `restarts` uniform random starts in the eps-box (linf) or eps-ball (l2), drawn from
+    `generator` (a torch.Generator on x's device; None uses the global RNG), keeping per sample the worst
+    case: a successful attack beats an unsuccessful one, ties go to the larger objective. No experiment of
+    the papers uses it (both start PGD at x); it is here for users who want Madry et al.'s random start."""
+    norm, loss, targeted = kw.get("norm", "linf"), kw.get("loss", "ce"), kw.get("targeted", False)
+    _check_attack_args(x, y, eps, steps, norm, loss, kw.get("step_size"), kw.get("kappa", 50.0))
+    if restarts < 1:
+        raise ValueError(f"restarts={restarts}: expected >= 1")
+    best_x, best_obj, best_succ = None, None, None
+    for _ in range(restarts):
+        xa = pgd(model, x, y, eps, steps, delta0=_random_start(x.detach(), eps, norm, generator), **kw)
+        if restarts == 1:
+            return xa
+        with torch.no_grad(), eval_mode(model):
+            logits = model(xa)
+            obj = attack_objective(logits, y, loss, kw.get("kappa", 50.0), targeted)
+            succ = (logits.argmax(1) == y) if targeted else (logits.argmax(1) != y)
+        if best_x is None:
+            best_x, best_obj, best_succ = xa, obj, succ
+            continue
+        better = (succ & ~best_succ) | ((succ == best_succ) & (obj > best_obj))
+        best_x = torch.where(_bview(better, xa), xa, best_x)
+        best_obj, best_succ = torch.where(better, obj, best_obj), torch.where(better, succ, best_succ)
+    return best_x
 
 
 def fgsm(model, x, y, eps, clip=(0.0, 1.0)):
@@ -924,9 +949,72 @@ def accuracy(model, x, y, batch_size=1000):
     return float(correct) / len(y)
 
 
+def run_attack(model, x, y, spec, generator=None):
+    """Apply one evaluation spec to a batch. spec['kind']: clean | noise (x + sigma*N(0, I), clipped
+    to spec['clip'] if given) | fgsm | bim | pgd (all other keys are passed on: eps, steps,
+    step_size, norm, loss, kappa, targeted, clip; rand_init=True or restarts: `pgd_random_starts`)."""
+    kind = spec["kind"]
+    kw = {k: v for k, v in spec.items() if k not in ("kind", "name", "sigma")}
+    if kind == "clean":
+        return x
+    if kind == "noise":
+        return _clip(x + spec["sigma"] * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype),
+                     spec.get("clip"))
+    if kind == "fgsm":
+        return fgsm(model, x, y, **kw)
+    if kind == "bim":
+        return bim(model, x, y, **kw)
+    if kind == "pgd" and (kw.pop("rand_init", False) or "restarts" in kw):
+        return pgd_random_starts(model, x, y, generator=generator, **kw)
+    if kind == "pgd":
+        return pgd(model, x, y, **kw)
+    raise ValueError(f"attack kind={kind!r} is not one of clean, noise, fgsm, bim, pgd")
+
+
+def check_attack(model, x, y, spec, n=100, large=10.0, seed=0):
+    """The cheap checks against a broken or masked attack of Carlini et al. 2019 for one attack
+    `spec` (see `run_attack`: pgd, bim or fgsm), on the first `n` of (x, y). Returns flat keys
+    zero_grad (share of samples whose CE input gradient is exactly 0), acc_x0.5/acc_x1/acc_x2
+    (accuracy at 0.5, 1, 2 times eps), acc_onestep (one step of size eps in the same norm: FGSM
+    for linf), acc_large (`large` times eps), and flags: "" or the failed checks joined by "; "."""
+    x, y = x[:n], y[:n]
+    eps = spec["eps"]
+    acc = {}
+
+    def run(sp):
+        return evaluate(model, x, y, {"a": sp}, batch_size=n, seed=seed)["a"]
+
+    for f in (0.5, 1.0, 2.0, large):
+        sp = dict(spec, eps=eps * f)
+        if "step_size" in sp and sp.get("kind") != "fgsm":
+            sp["step_size"] = spec["step_size"] * f
+        acc[f] = run(sp)
+    if spec["kind"] == "fgsm":
+        one = acc[1.0]
+    else:
+        one = run(dict(kind="pgd", norm=spec.get("norm", "linf"), loss=spec.get("loss", "ce"), eps=eps, steps=1, step_size=eps,
+                       clip=spec.get("clip")))
+    with eval_mode(model):
+        g = ce_input_grad(model, x, y)
+    zero = float((g.flatten(1).abs().amax(1) == 0).float().mean())
+    tol = 1.0 / len(y) + 1e-9  # one sample
+    flags = []
+    if not (acc[0.5] + tol >= acc[1.0] and acc[1.0] + tol >= acc[2.0] and acc[2.0] + tol >= acc[large]):
+        flags.append(f"accuracy rises with eps ({acc[0.5]:.2f}, {acc[1.0]:.2f}, {acc[2.0]:.2f}, {acc[large]:.2f})")
+    if spec["kind"] != "fgsm" and acc[1.0] > one + tol:
+        flags.append(f"iterative attack weaker than one step ({acc[1.0]:.2f} > {one:.2f})")
+    if acc[large] > 0.10:
+        flags.append(f"{large:g} x eps leaves {acc[large]:.0%} accuracy")
+    if zero > 0:
+        flags.append(f"{zero:.0%} zero input gradients")
+    return {"zero_grad": zero, "acc_x0.5": acc[0.5], "acc_x1": acc[1.0], "acc_x2": acc[2.0], "acc_onestep": one,
+            "acc_large": acc[large], "flags": "; ".join(flags)}
+
+
 # ================================================================================================
 # 9. LIGS: Local Input Gradient Similarity (P1 Sec. 3.1 Eq. 1, App. B.4)
 # ================================================================================================
+
 
 def _cosine(g0, g1):
     """Per-sample cosine of flattened gradients, in float64 with explicit norms; NaN where either
@@ -1015,8 +1103,412 @@ def ligs_penalty(model, x, y, sigma=0.01, generator=None):
 
 
 # ================================================================================================
-# 10. Data: real on-disk formats, download with checksum, bundled digits, synthetic images (DECISIONS.md D23)
+# 10. Training and evaluation: the papers' recipes, train_model, evaluate, per-epoch metrics, landscape probes,
+#     BN-statistics adaptation (P1 App. B.1, Sec. 4.4, Table 7; P2 Sec. 3)
 # ================================================================================================
+
+# The papers' training recipes (SGD, momentum 0.9; batch size and weight decay come from each script's flags). One
+# table for every script: exp_table1.py, exp_corruption.py and exp_transfer.py build the same dict for the same model,
+# so a model trained by one is a --cache hit for the others.
+RECIPES = {
+    "p1_cifar_vgg": dict(epochs=200, lr=0.01, milestones=(100, 150), augment=True),  # P1 Table 4 is empty: DECISIONS.md D1
+    "p1_svhn_vgg": dict(epochs=50, lr=0.01, milestones=(25, 40), augment=False),     # DECISIONS.md D1
+    "p1_resnet": dict(epochs=350, lr=0.1, milestones=(150, 250), augment=True),      # P1 App. B.1 (ResNet50)
+    "p2_svhn": dict(epochs=50, lr=0.01, milestones=(25, 40), augment=False),         # P2 Sec. 3
+    "p2_cifar": dict(epochs=150, lr=0.01, milestones=(), augment=True),              # P2 Table 2: fixed LR
+    "p2_depth": dict(epochs=350, milestones=(150, 250), augment=True),               # P2 Table 3: lr 0.1 with BN, 0.01 without
+}
+# The two input spaces (DECISIONS.md D2): P1 attacks [0, 1] pixels and the model standardizes inside; P2 attacks
+# standardized inputs with the paper's clip range, so standardization happens outside the model.
+INPUT_SPACES = ("pixels", "standardized")
+P2_INPUT = {"svhn": ((0.5,) * 3, (0.5,) * 3)}  # P2 SVHN: (x - 0.5) / 0.5, clip [-1, 1]; other datasets their own stats
+
+
+def paper_recipe(name, norm=None):
+    """RECIPES[name] as a new dict; P2 Table 3's depth protocol trains BN models at LR 0.1 and the others at 0.01.
+    Which recipe a model gets is the experiment's choice (each script says it next to its models)."""
+    r = dict(RECIPES[name])
+    if name == "p2_depth":
+        r["lr"] = 0.1 if norm == "bn" else 0.01
+    return r
+
+
+def with_overrides(r, args, dataset):
+    """A paper recipe with the script's flags: --batch-size, --weight-decay, --warmup-epochs; --epochs (milestones
+    kept at the same fraction of training); --lr; crop+flip only on CIFAR-10 (flipping digits changes them)."""
+    r = dict(r, batch_size=args.batch_size, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs)
+    if args.epochs is not None:
+        scale = args.epochs / r["epochs"]
+        r |= dict(epochs=args.epochs, milestones=tuple(max(1, round(m * scale)) for m in r["milestones"]))
+    if args.lr is not None:
+        r["lr"] = args.lr
+    if dataset != "cifar10":
+        r["augment"] = False
+    return r
+
+
+def model_kwargs(arch, norm, data, width=1.0, gn_groups=None):
+    """make_model's arguments for a CNN of the papers' tables on `data`: WideResNets have no width multiplier
+    or GroupNorm option, and Fixup-WRN keeps one final BN (P2 footnote 7)."""
+    kw = dict(norm=norm, width=width, num_classes=data.num_classes, in_channels=data.shape[0])
+    if gn_groups:
+        kw["gn_groups"] = gn_groups
+    if arch.startswith("wrn"):
+        kw.pop("width")
+        kw.pop("gn_groups", None)
+        if norm == "fixup":
+            kw["final_bn"] = True
+    return kw
+
+
+def model_in_space(arch, kw, input_space, mean, std, device):
+    """(model, input_fn): in pixel space the model standardizes inside (a `Standardize` first layer, input_fn None);
+    in standardized space it takes standardized inputs and input_fn = Standardize(mean, std) maps pixels to them.
+    Convolutional models are channels_last (measured on 2 CPU cores: PGD 2.4x faster for VGG11, 1.15x ResNet18)."""
+    check_choice("input space", input_space, INPUT_SPACES)
+    if input_space == "pixels":
+        model, input_fn = make_model(arch, mean=mean, std=std, **kw).to(device), None
+    else:
+        model, input_fn = make_model(arch, **kw).to(device), Standardize(mean, std).to(device)
+    if not arch.startswith("mlp"):
+        model = model.to(memory_format=torch.channels_last)
+    return model, input_fn
+
+
+def make_optimizer(name, params, lr, momentum=0.9, weight_decay=0.0):
+    """sgd (momentum, default 0.9) | adam | adagrad, with L2 weight decay added to the gradient."""
+    check_choice("optimizer", name, ("sgd", "adam", "adagrad"))
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.Adagrad(params, lr=lr, weight_decay=weight_decay)
+
+
+def lr_at(epoch, base_lr, milestones=(), gamma=0.1, warmup_epochs=0.0):
+    """Learning rate at fractional `epoch`: linear warm-up from 0 over `warmup_epochs`, then base_lr
+    times gamma for every milestone passed (step schedule, applied per iteration as in the P1
+    authors' code)."""
+    lr = base_lr * gamma ** sum(epoch >= m for m in milestones)
+    return lr * min(1.0, epoch / warmup_epochs) if warmup_epochs > 0 else lr
+
+
+def evaluate(model, x, y, specs, batch_size=500, seed=0):
+    """Accuracy (fraction) of `model` under every spec in `specs` ({name: spec}, see `run_attack`),
+    batched, in eval mode. Noise and random starts are drawn from a generator seeded with `seed`,
+    so repeated evaluations agree."""
+    out = {}
+    for name, spec in specs.items():
+        g = torch.Generator(device=x.device).manual_seed(seed)
+        correct = 0
+        for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+            xa = run_attack(model, xb, yb, spec, g)
+            with torch.no_grad(), eval_mode(model):
+                correct += (model(xa).argmax(1) == yb).sum()
+        out[name] = float(correct) / len(y)
+    return out
+
+
+def epoch_metrics(model, x_all, y_all, x_sub, y_sub, eps, steps, sigma=0.01, seed=0, perturbations=("gaussian",),
+                  batch_size=250):
+    """P1 Sec. 4 per-epoch measurements (App. B.2): clean accuracy on the whole test set; l2 PGD
+    robust accuracy (eps, `steps` steps of 2.5*eps/steps) and LIGS (P1 Eq. 1) for each perturbation on
+    a fixed class-balanced subset. LIGS noise is the same draw at every call (seeded), so a curve
+    over epochs shows the model changing, not the noise. The clean input gradient of the subset is
+    computed once and shared by the PGD's first step and every LIGS perturbation (bit-identical to
+    computing it in each). Keys: clean_acc, robust_acc, ligs (Gaussian), ligs_<perturbation>, and the
+    matching *_skipped counts."""
+    out = dict(clean_acc=evaluate(model, x_all, y_all, {"c": dict(kind="clean")})["c"])
+    with eval_mode(model):
+        g0 = torch.cat([ce_input_grad(model, xb, yb) for xb, yb in zip(x_sub.split(batch_size), y_sub.split(batch_size))])
+    correct = 0
+    for i in range(0, len(y_sub), batch_size):
+        xb, yb = x_sub[i:i + batch_size], y_sub[i:i + batch_size]
+        xa = pgd(model, xb, yb, eps, steps, norm="l2", grad0=g0[i:i + batch_size])
+        with torch.no_grad(), eval_mode(model):
+            correct += (model(xa).argmax(1) == yb).sum()
+    out["robust_acc"] = float(correct) / len(y_sub)
+    for p in perturbations:
+        g = torch.Generator(device=x_sub.device).manual_seed(seed)
+        value, skipped = ligs(model, x_sub, y_sub, perturbation=p, sigma=sigma, generator=g, batch_size=batch_size, g0=g0)
+        key = "ligs" if p == "gaussian" else f"ligs_{p}"
+        out[key], out[key + "_skipped"] = value, skipped
+    return out
+
+
+def landscape_probe(model, x, y, step_sizes):
+    """Santurkar et al. 2018 probes along the gradient (P1 Sec. 4.4, App. H; DECISIONS.md D17): with
+    g = grad_w L(w; B) on the batch B, for every s in step_sizes evaluate L and its gradient at
+    w - s*g on the same batch. Returns loss_min/loss_max (loss variation), gdiff_min/gdiff_max
+    (l2 gradient change ||g - g_s||) and beta = max_s ||g - g_s|| / (s ||g||) (effective smoothness).
+    Runs in train mode like the training step (BN uses batch statistics) through
+    torch.func.functional_call on copies of the parameters and buffers, so the model's parameters, BN
+    running statistics and any optimizer state are left bit-identical."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+
+    def loss_and_grad(p):
+        p = {k: v.clone().requires_grad_(True) for k, v in p.items()}
+        b = {k: v.clone() for k, v in buffers.items()}  # running-stat updates land on throw-away copies
+        with torch.enable_grad():
+            loss = F.cross_entropy(torch.func.functional_call(model, {**p, **b}, (x,)), y)
+            grads = torch.autograd.grad(loss, list(p.values()), allow_unused=True)
+        return loss.detach(), torch.cat([(gr if gr is not None else torch.zeros_like(v)).flatten()
+                                         for gr, v in zip(grads, p.values())])
+
+    flags = [m.training for m in model.modules()]
+    model.train()
+    try:
+        _, g = loss_and_grad(params)
+        sizes = [v.numel() for v in params.values()]
+        losses, diffs, betas = [], [], []
+        for s in step_sizes:
+            shifted = {k: v - s * gk.view_as(v) for (k, v), gk in zip(params.items(), g.split(sizes))}
+            loss_s, g_s = loss_and_grad(shifted)
+            d = (g - g_s).norm()
+            losses.append(loss_s)
+            diffs.append(d)
+            betas.append(d / (s * g.norm()).clamp_min(torch.finfo(g.dtype).tiny))
+    finally:
+        for m, flag in zip(model.modules(), flags):
+            m.training = flag
+    losses, diffs = torch.stack(losses), torch.stack(diffs)
+    return dict(loss_min=float(losses.min()), loss_max=float(losses.max()), gdiff_min=float(diffs.min()),
+                gdiff_max=float(diffs.max()), beta=float(torch.stack(betas).max()))
+
+
+RECIPE_DEFAULTS = dict(optimizer="sgd", momentum=0.9, weight_decay=0.0, milestones=(), gamma=0.1, warmup_epochs=0.0,
+                       augment=False, adv=None, input_fn=None, ligs_lambda=0.0, ligs_sigma=0.01)
+RECIPE_REQUIRED = ("epochs", "batch_size", "lr")
+
+
+def check_recipe(recipe):
+    """RECIPE_DEFAULTS completed by `recipe`; a key that is not one of RECIPE_REQUIRED or RECIPE_DEFAULTS is an
+    error (a misspelt key would otherwise be silently ignored), and so is a missing required one."""
+    unknown = sorted(set(recipe) - set(RECIPE_DEFAULTS) - set(RECIPE_REQUIRED))
+    missing = [k for k in RECIPE_REQUIRED if k not in recipe]
+    if unknown or missing:
+        raise ValueError(f"training recipe: unknown key(s) {unknown}, missing {missing}; expected "
+                         f"{', '.join(RECIPE_REQUIRED)} and optionally {', '.join(RECIPE_DEFAULTS)}")
+    return RECIPE_DEFAULTS | recipe
+
+
+def batch_loss(model, xb, yb, r, g_attack, amp=False, ddp=None, n_global=None):
+    """The training loss of one batch: mean CE (P1 App. B.1, P2 Sec. 3), or CE + lambda * (1 - LIGS) with the
+    noise drawn from the checkpointed `g_attack` (P1 Fig 5, double backprop). Returns (loss to backpropagate,
+    logits, the batch's summed CE for the epoch's log). Under torchrun (`ddp`) the slice's summed CE is scaled by
+    world / n_global, so that DistributedDataParallel's average over ranks is the global-batch mean."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        if r["ligs_lambda"] > 0:
+            penalty, logits = ligs_penalty(model, xb, yb, r["ligs_sigma"], g_attack)
+            loss = F.cross_entropy(logits.float(), yb) + r["ligs_lambda"] * penalty
+        elif ddp is not None:
+            logits = ddp.net(xb)
+            summed = F.cross_entropy(logits.float(), yb, reduction="sum")
+            return summed * (ddp.world / n_global), logits, summed.detach()
+        else:
+            logits = model(xb)
+            loss = F.cross_entropy(logits.float(), yb)
+    return loss, logits, loss.detach() * len(yb)
+
+
+def train_epoch(model, data, r, opt, epoch, g_data, g_attack, amp=False, on_step=None, history=None, ddp=None):
+    """One epoch: a permutation of the training set from `g_data`, then per batch crop+flip (if r["augment"], same
+    generator), the input map, adversarial examples (if r["adv"]: made in eval mode from `g_attack`, DECISIONS.md
+    D15), the LR of this fraction of an epoch, `on_step` probes (appended to `history`), loss and SGD step.
+    Under torchrun every rank draws the same global batch and trains on its slice (`ddp_slice`).
+    Returns (mean training loss, training accuracy) as floats: one host sync per epoch."""
+    dev, n, bs = data.x_train.device, len(data.y_train), r["batch_size"]
+    steps = math.ceil(n / bs)
+    model.train()
+    perm = torch.randperm(n, generator=g_data).to(dev)
+    loss_sum, correct = torch.zeros((), device=dev), torch.zeros((), device=dev)
+    for i in range(steps):
+        idx = perm[i * bs:(i + 1) * bs]
+        xb, yb = data.x_train[idx], data.y_train[idx]
+        if r["augment"]:
+            xb = augment_crop_flip(xb, g_data)
+        n_global = len(yb)
+        if ddp is not None:
+            xb, yb = ddp_slice(xb, yb, ddp)
+        xb = r["input_fn"](xb) if r["input_fn"] is not None else xb
+        if r["adv"] is not None:  # adversarial examples only (Madry et al.; DECISIONS.md D15)
+            xb = run_attack(model, xb, yb, r["adv"], g_attack)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(epoch + i / steps, r["lr"], r["milestones"], r["gamma"], r["warmup_epochs"])
+        probe = on_step(epoch * steps + i, model, xb, yb) if on_step else None
+        if probe:
+            history.append(dict(epoch=epoch + i / steps, step=epoch * steps + i, **probe))
+        loss, logits, summed = batch_loss(model, xb, yb, r, g_attack, amp, ddp, n_global)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum += summed
+        correct += (logits.argmax(1) == yb).sum()
+    if ddp is not None:
+        loss_sum, correct = ddp_sum(loss_sum, correct)
+    return float(loss_sum) / n, float(correct) / n
+
+
+def load_checkpoint(ckpt, key, model, opt, g_data, g_attack):
+    """The training state saved in `ckpt` (model, optimizer, both generators restored in place), or None when there
+    is no such file. A checkpoint trained under another `key` is refused rather than resumed."""
+    if ckpt is None or not pathlib.Path(ckpt).exists():
+        return None
+    saved = torch.load(ckpt, map_location=g_attack.device, weights_only=False)
+    if "key" in saved and saved["key"] != key:  # (checkpoints of older versions carry no key)
+        raise ValueError(f"checkpoint {ckpt} was trained with another configuration ({saved.get('key')}), not {key}")
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    g_data.set_state(saved["g_data"])
+    g_attack.set_state(saved["g_attack"].to(g_attack.get_state().device))
+    return saved["state"]
+
+
+def train_model(model, data, recipe, seed=0, ckpt=None, log=print, amp=False, on_epoch=None, on_step=None, tag="",
+                key=None, ddp_bn="sync"):
+    """Train `model` on data.x_train (already on the model's device) with `recipe` (`check_recipe`): epochs,
+    batch_size, lr, optimizer ('sgd'|'adam'|'adagrad'), momentum, weight_decay, milestones (epochs), gamma,
+    warmup_epochs, augment (crop+flip), adv (None, or an attack spec for `run_attack`: adversarial training on
+    adversarial examples only, DECISIONS.md D15), input_fn (optional: maps [0,1] batches to the model's input
+    space, e.g. a Standardize layer), ligs_lambda, ligs_sigma (P1 Fig 5: loss = CE + lambda * ligs_penalty).
+    Every random source is a seeded generator: data order and augmentation (CPU) and attack starts (device).
+    After every epoch the full state is checkpointed atomically to `ckpt` (if given); calling again with the same
+    ckpt resumes and ends with the same numbers as an uninterrupted run. `key` (any JSON-able value, see
+    `cache_path`) is stored in the checkpoint, and a checkpoint with another key is refused.
+    on_epoch(epoch, model) -> dict adds per-epoch measurements (epoch 0 = before training); on_step(step, model,
+    x, y) -> dict or None runs before each optimizer step on that step's batch (landscape probes), its results
+    kept as history rows with a "step" key. Divergence (non-finite loss) or a final training accuracy no better
+    than chance stops the run and is reported, not raised.
+    Under torchrun the model trains data-parallel with the single-process run's batches, LR schedule and data
+    order (`ddp_wrap`); ddp_bn='sync' normalizes over the global batch (P1/P2's BN), 'local' over each rank's
+    slice (a different model: its cache key says so). Rank 0 alone writes checkpoints and logs.
+    Returns dict(status='ok'|'failed', reason, history=[per-epoch dicts])."""
+    r = check_recipe(recipe)
+    key, rank = ddp_key(model, key, r, on_step, ddp_bn), ddp_rank()
+    log = log if rank == 0 else (lambda s: None)
+    key = json.loads(json.dumps(key, sort_keys=True, default=str))  # compare as stored (tuples -> lists)
+    dev = data.x_train.device
+    opt = make_optimizer(r["optimizer"], model.parameters(), r["lr"], r["momentum"], r["weight_decay"])
+    g_data = torch.Generator().manual_seed(seed)
+    g_attack = torch.Generator(device=dev).manual_seed(seed + 1 + 7919 * rank)  # rank 0 = the single-process draws
+    if is_distributed():
+        torch.distributed.barrier()  # every rank looks for the checkpoint before rank 0 may write one
+    state = load_checkpoint(ckpt, key, model, opt, g_data, g_attack)
+    if state is not None:
+        log(f"{tag} resumed from {ckpt} after epoch {state['epoch']} ({state['status']})")
+    else:
+        state = dict(epoch=0, history=[dict(epoch=0, **(on_epoch(0, model) if on_epoch else {}))], status="running",
+                     reason="")
+    ddp = ddp_wrap(model, dev, ddp_bn)
+    while state["status"] == "running" and state["epoch"] < r["epochs"]:
+        epoch, t0 = state["epoch"], time.time()
+        train_loss, train_acc = train_epoch(model, data, r, opt, epoch, g_data, g_attack, amp and dev.type == "cuda",
+                                            on_step, state["history"], ddp)
+        state["epoch"] = epoch + 1
+        if not math.isfinite(train_loss):
+            state["status"], state["reason"] = "failed", f"diverged: non-finite training loss in epoch {epoch + 1}"
+        elif state["epoch"] == r["epochs"] and train_acc <= 1.0 / data.num_classes + 0.05:
+            state["status"], state["reason"] = "failed", f"no better than chance: final training accuracy {train_acc:.3f}"
+        row = dict(epoch=epoch + 1, train_loss=train_loss, train_acc=train_acc, lr=opt.param_groups[0]["lr"],
+                   time_s=time.time() - t0)
+        if on_epoch and math.isfinite(train_loss):  # a run that ends at chance is measured too; a diverged one is not
+            row |= on_epoch(epoch + 1, model)
+        state["history"].append(row)
+        extra = "".join(f" | {k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "train_loss", "train_acc", "lr",
+                                                                               "time_s"))
+        log(f"{tag} epoch {epoch + 1:3d}/{r['epochs']} | loss {train_loss:.4f} | train acc {train_acc:.4f} | "
+            f"lr {row['lr']:.4g} | {row['time_s']:.1f}s{extra}")
+        if state["status"] == "running" and state["epoch"] == r["epochs"]:
+            state["status"] = "ok"
+        if ckpt is not None:
+            save_atomic(dict(model=model.state_dict(), opt=opt.state_dict(), g_data=g_data.get_state(),
+                             g_attack=g_attack.get_state(), state=state, key=key), ckpt)
+    ddp_unwrap(model, ddp)
+    if state["status"] == "failed":
+        log(f"{tag} FAILED: {state['reason']}")
+    return dict(status=state["status"], reason=state["reason"], history=state["history"])
+
+
+def adapt_bn(model, x, batch_size=500):
+    """Re-estimate every BatchNorm's running statistics on x (P1 Table 7, App. F; Li et al. 2016, AdaBN):
+    reset them, then run x through the model with only the BN layers in train mode, under no_grad, with
+    momentum None so that the statistics are the exact cumulative average over the batches (each batch
+    weighted equally: a batch_size dividing len(x), or >= len(x), gives the set's own mean and unbiased
+    variance). Momentum and every module's mode are restored afterwards. A model without BN is left
+    untouched. Returns the model."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return model
+    modes = {m: m.training for m in model.modules()}
+    momenta = [m.momentum for m in bns]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    with torch.no_grad():
+        for xb in x.split(batch_size):
+            model(xb)
+    for m, mom in zip(bns, momenta):
+        m.momentum = mom
+    for m, t in modes.items():
+        m.train(t)
+    return model
+
+
+# ================================================================================================
+# 11. P2's mechanism analyses: Yang et al.'s depth limit and the plug-in entropy of the output (P2 Figs 2, 3)
+# ================================================================================================
+
+
+def lambda_G(batch_size):
+    """Per-layer growth rate of the squared gradient norm in a ReLU-BN fully connected net at
+    initialization, Yang et al. 2019 Thm 8 with alpha = 1 (DECISIONS.md D21):
+        lambda_G(B) = (J'(c) + B - 1) / ((B - 3)(1 - J(c))) - 1/(B - 3),  c = -1/(B - 1),
+    with the arc-cosine kernel J(x) = (sqrt(1 - x^2) + (pi - arccos x) x) / pi and
+    J'(x) = (pi - arccos x) / pi. Decreases to pi/(pi - 1) as B -> infinity; needs B > 3."""
+    B = float(batch_size)
+    if not B > 3:
+        raise ValueError(f"batch size {batch_size}: Yang et al.'s formula needs B > 3")
+    c = -1.0 / (B - 1)
+    J = (math.sqrt(1 - c * c) + (math.pi - math.acos(c)) * c) / math.pi
+    dJ = (math.pi - math.acos(c)) / math.pi
+    return (dJ + B - 1) / ((B - 3) * (1 - J)) - 1 / (B - 3)
+
+
+def max_trainable_depth(batch_size):
+    """Yang et al.'s depth scale drawn over P2 Fig 2: L_max(B) = 16 / ln lambda_G(B) (about 41.8 layers
+    for large B; DECISIONS.md D21)."""
+    return 16.0 / math.log(lambda_G(batch_size))
+
+
+def quantized_entropy_bits(probs, bits=7):
+    """Plug-in (maximum-likelihood) entropy in bits of the softmax outputs quantized to `bits` bits per
+    class (P2 Fig 3: I(X;T) = H(T) for a deterministic net). probs: (N, K) rows of probabilities."""
+    levels = 2 ** bits
+    codes = (probs * levels).floor().clamp(max=levels - 1).to(torch.int64)
+    _, counts = torch.unique(codes, dim=0, return_counts=True)
+    p = counts.double() / counts.sum()
+    return float(-(p * p.log2()).sum())
+
+
+def entropy_ci_bits(n_samples, bits=7, n_classes=10):
+    """Half-width of P2 Fig 3's confidence interval for the plug-in entropy (Paninski 2003 bound as
+    used by P2): [log2(1 + (m - 1)/N) + N^(-1/2) log2 m] * K with m = 2^bits symbols per class;
+    about 0.316 bits for N = 60000, m = 128, K = 10 (P2 Fig 3)."""
+    m = 2 ** bits
+    return (math.log2(1 + (m - 1) / n_samples) + math.log2(m) / math.sqrt(n_samples)) * n_classes
+
+
+# ################################################################################################
+# PART II. RUNNING THEM: data, devices and torchrun, claims, run records and the command line
+# ################################################################################################
+
+# ================================================================================================
+# 12. Data: real on-disk formats, download with checksum, bundled digits, synthetic images (DECISIONS.md D23)
+# ================================================================================================
+
 
 class DataError(ValueError):
     """A dataset is missing, corrupt or mis-specified. The message is one line a user can act on."""
@@ -1422,9 +1914,53 @@ def augment_crop_flip(x, generator, pad=4, flip=True):
     return out.contiguous()
 
 
+# The 19 CIFAR-10-C corruptions by category (P2 Sec. 3: four categories), as the released files name them
+# (Hendrycks & Dietterich 2019); exp_corruption.py holds the generator.
+CORRUPTIONS = {
+    "noise": ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise"),
+    "blur": ("defocus_blur", "glass_blur", "motion_blur", "zoom_blur", "gaussian_blur"),
+    "weather": ("snow", "frost", "fog", "spatter", "brightness"),
+    "digital": ("contrast", "elastic_transform", "pixelate", "jpeg_compression", "saturate"),
+}
+CORRUPTION_NAMES = tuple(n for names in CORRUPTIONS.values() for n in names)
+CIFAR10C_URL = "https://zenodo.org/record/2535967/files/CIFAR-10-C.tar"  # 2,918,471,680 bytes
+SOURCES["cifar10c"] = ("", [("CIFAR-10-C.tar", CIFAR10C_URL, "56bf5dcef84df0e2308c6dcbcbbd8499")], ["CIFAR-10-C/labels.npy"])
+
+
+def read_cifar10c(root, name, test_labels, download_ok=False):
+    """The released CIFAR-10-C file of one corruption, memory-mapped: --data-root/CIFAR-10-C/<name>.npy,
+    uint8 (5 N, 32, 32, 3) -- severities 1..5 in blocks of N test images in CIFAR-10 test order -- checked
+    against labels.npy and `test_labels` (the CIFAR-10 test labels, N of them) block by block.
+    A missing, truncated or mislabelled file is a DataError naming it."""
+    check_choice("corruption", name, CORRUPTION_NAMES)
+    base = _require("cifar10c", root, download_ok) / "CIFAR-10-C"
+    n = len(test_labels)
+
+    def load(fname, shape):
+        path = base / fname
+        if not path.exists():
+            raise DataError(f"CIFAR-10-C file {path} not found (expected {fname} with uint8 shape {shape})")
+        try:
+            a = np.load(path, mmap_mode="r")
+        except Exception as e:  # truncated header or data, not a .npy file
+            raise DataError(f"corrupt CIFAR-10-C file {path}: {e.__class__.__name__}: {e}") from None
+        if a.dtype != np.uint8 or a.shape != shape:
+            raise DataError(f"corrupt CIFAR-10-C file {path}: {a.dtype} {a.shape}, expected uint8 {shape}")
+        return a
+
+    labels = load("labels.npy", (5 * n,))
+    expected = np.asarray(test_labels, dtype=np.int64)
+    for s in range(5):
+        if not np.array_equal(labels[s * n:(s + 1) * n].astype(np.int64), expected):
+            raise DataError(f"CIFAR-10-C labels {base / 'labels.npy'}: severity block {s + 1} differs from the CIFAR-10 "
+                            f"test labels (a different test set or a reordered file)")
+    return load(f"{name}.npy", (5 * n, 32, 32, 3))
+
+
 # ================================================================================================
-# 11. Training and evaluation (P1 App. B.1, P2 Sec. 3)
+# 13. Devices and torchrun: data-parallel training with a synchronized BatchNorm (DECISIONS.md D31)
 # ================================================================================================
+
 
 def pick_device(name="auto"):
     """--device auto|cpu|cuda -> torch.device; 'cuda' without a GPU is one clear error. Under torchrun
@@ -1436,8 +1972,6 @@ def pick_device(name="auto"):
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if is_distributed() else torch.device("cuda")
     return torch.device("cpu")
 
-
-# --- data-parallel training under torchrun (DistributedDataParallel; NCCL on GPUs, gloo on CPU) ---
 
 def is_distributed():
     """True inside a torchrun job with more than one rank (after `init_distributed`)."""
@@ -1526,340 +2060,76 @@ def sync_batchnorm(model):
             m.__class__ = cls
 
 
-def make_optimizer(name, params, lr, momentum=0.9, weight_decay=0.0):
-    """sgd (momentum, default 0.9) | adam | adagrad, with L2 weight decay added to the gradient."""
-    check_choice("optimizer", name, ("sgd", "adam", "adagrad"))
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    return torch.optim.Adagrad(params, lr=lr, weight_decay=weight_decay)
+def ddp_rank():
+    """This process's rank under torchrun, 0 in a plain process."""
+    return torch.distributed.get_rank() if is_distributed() else 0
 
 
-def lr_at(epoch, base_lr, milestones=(), gamma=0.1, warmup_epochs=0.0):
-    """Learning rate at fractional `epoch`: linear warm-up from 0 over `warmup_epochs`, then base_lr
-    times gamma for every milestone passed (step schedule, applied per iteration as in the P1
-    authors' code)."""
-    lr = base_lr * gamma ** sum(epoch >= m for m in milestones)
-    return lr * min(1.0, epoch / warmup_epochs) if warmup_epochs > 0 else lr
+def ddp_key(model, key, r, on_step, ddp_bn):
+    """The checkpoint key of a training run under torchrun (unchanged in a plain process): per-rank BN statistics
+    (ddp_bn='local') make a different model from the single-process one, so its key says so. The LIGS regularizer
+    and per-step probes are refused there (one clear error): run one process per GPU with --shard instead."""
+    if not is_distributed():
+        return key
+    check_choice("--ddp-bn", ddp_bn, ("sync", "local"))
+    if r["ligs_lambda"] > 0 or on_step is not None:
+        raise ValueError("under torchrun, training with the LIGS regularizer or per-step probes is not supported; "
+                         "run one process per GPU with --shard instead")
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if ddp_bn == "local" and has_bn and key is not None:
+        return dict(key=key, per_rank_bn=torch.distributed.get_world_size())
+    return key
 
 
-def run_attack(model, x, y, spec, generator=None):
-    """Apply one evaluation spec to a batch. spec['kind']: clean | noise (x + sigma*N(0, I), clipped
-    to spec['clip'] if given) | fgsm | bim | pgd (all other keys are passed on: eps, steps,
-    step_size, norm, loss, kappa, targeted, rand_init, clip)."""
-    kind = spec["kind"]
-    kw = {k: v for k, v in spec.items() if k not in ("kind", "name", "sigma")}
-    if kind == "clean":
-        return x
-    if kind == "noise":
-        return _clip(x + spec["sigma"] * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype),
-                     spec.get("clip"))
-    if kind == "fgsm":
-        return fgsm(model, x, y, **kw)
-    if kind == "bim":
-        return bim(model, x, y, **kw)
-    if kind == "pgd":
-        return pgd(model, x, y, generator=generator, **kw)
-    raise ValueError(f"attack kind={kind!r} is not one of clean, noise, fgsm, bim, pgd")
+def ddp_wrap(model, dev, ddp_bn):
+    """Under torchrun: the DistributedDataParallel wrapper of `model` with this rank and the world size, its
+    BatchNorm layers synchronized over the global batch when ddp_bn='sync' (`sync_batchnorm`) until `ddp_unwrap`.
+    None in a plain process."""
+    if not is_distributed():
+        return None
+    stack = contextlib.ExitStack()
+    if ddp_bn == "sync":
+        stack.enter_context(sync_batchnorm(model))
+    net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    return types.SimpleNamespace(net=net, rank=ddp_rank(), world=torch.distributed.get_world_size(), stack=stack)
 
 
-def evaluate(model, x, y, specs, batch_size=500, seed=0):
-    """Accuracy (fraction) of `model` under every spec in `specs` ({name: spec}, see `run_attack`),
-    batched, in eval mode. Noise and random starts are drawn from a generator seeded with `seed`,
-    so repeated evaluations agree."""
-    out = {}
-    for name, spec in specs.items():
-        g = torch.Generator(device=x.device).manual_seed(seed)
-        correct = 0
-        for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
-            xa = run_attack(model, xb, yb, spec, g)
-            with torch.no_grad(), eval_mode(model):
-                correct += (model(xa).argmax(1) == yb).sum()
-        out[name] = float(correct) / len(y)
-    return out
+def ddp_slice(xb, yb, ddp):
+    """This rank's contiguous slice of a global batch (drawn and augmented by every rank exactly as by one process)."""
+    part = torch.arange(len(yb), device=yb.device).tensor_split(ddp.world)[ddp.rank]
+    return xb[part], yb[part]
 
 
-def epoch_metrics(model, x_all, y_all, x_sub, y_sub, eps, steps, sigma=0.01, seed=0, perturbations=("gaussian",),
-                  batch_size=250):
-    """P1 Sec. 4 per-epoch measurements (App. B.2): clean accuracy on the whole test set; l2 PGD
-    robust accuracy (eps, `steps` steps of 2.5*eps/steps) and LIGS (P1 Eq. 1) for each perturbation on
-    a fixed class-balanced subset. LIGS noise is the same draw at every call (seeded), so a curve
-    over epochs shows the model changing, not the noise. The clean input gradient of the subset is
-    computed once and shared by the PGD's first step and every LIGS perturbation (bit-identical to
-    computing it in each). Keys: clean_acc, robust_acc, ligs (Gaussian), ligs_<perturbation>, and the
-    matching *_skipped counts."""
-    out = dict(clean_acc=evaluate(model, x_all, y_all, {"c": dict(kind="clean")})["c"])
-    with eval_mode(model):
-        g0 = torch.cat([ce_input_grad(model, xb, yb) for xb, yb in zip(x_sub.split(batch_size), y_sub.split(batch_size))])
-    correct = 0
-    for i in range(0, len(y_sub), batch_size):
-        xb, yb = x_sub[i:i + batch_size], y_sub[i:i + batch_size]
-        xa = pgd(model, xb, yb, eps, steps, norm="l2", grad0=g0[i:i + batch_size])
-        with torch.no_grad(), eval_mode(model):
-            correct += (model(xa).argmax(1) == yb).sum()
-    out["robust_acc"] = float(correct) / len(y_sub)
-    for p in perturbations:
-        g = torch.Generator(device=x_sub.device).manual_seed(seed)
-        value, skipped = ligs(model, x_sub, y_sub, perturbation=p, sigma=sigma, generator=g, batch_size=batch_size, g0=g0)
-        key = "ligs" if p == "gaussian" else f"ligs_{p}"
-        out[key], out[key + "_skipped"] = value, skipped
-    return out
+def ddp_sum(*totals):
+    """Per-rank sums (0-d tensors) summed over ranks, in one all-reduce."""
+    t = torch.stack([v.to(totals[0].dtype) for v in totals])
+    torch.distributed.all_reduce(t)
+    return tuple(t)
 
 
-def landscape_probe(model, x, y, step_sizes):
-    """Santurkar et al. 2018 probes along the gradient (P1 Sec. 4.4, App. H; DECISIONS.md D17): with
-    g = grad_w L(w; B) on the batch B, for every s in step_sizes evaluate L and its gradient at
-    w - s*g on the same batch. Returns loss_min/loss_max (loss variation), gdiff_min/gdiff_max
-    (l2 gradient change ||g - g_s||) and beta = max_s ||g - g_s|| / (s ||g||) (effective smoothness).
-    Runs in train mode like the training step (BN uses batch statistics) through
-    torch.func.functional_call on copies of the parameters and buffers, so the model's parameters, BN
-    running statistics and any optimizer state are left bit-identical."""
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
-
-    def loss_and_grad(p):
-        p = {k: v.clone().requires_grad_(True) for k, v in p.items()}
-        b = {k: v.clone() for k, v in buffers.items()}  # running-stat updates land on throw-away copies
-        with torch.enable_grad():
-            loss = F.cross_entropy(torch.func.functional_call(model, {**p, **b}, (x,)), y)
-            grads = torch.autograd.grad(loss, list(p.values()), allow_unused=True)
-        return loss.detach(), torch.cat([(gr if gr is not None else torch.zeros_like(v)).flatten()
-                                         for gr, v in zip(grads, p.values())])
-
-    flags = [m.training for m in model.modules()]
-    model.train()
-    try:
-        _, g = loss_and_grad(params)
-        sizes = [v.numel() for v in params.values()]
-        losses, diffs, betas = [], [], []
-        for s in step_sizes:
-            shifted = {k: v - s * gk.view_as(v) for (k, v), gk in zip(params.items(), g.split(sizes))}
-            loss_s, g_s = loss_and_grad(shifted)
-            d = (g - g_s).norm()
-            losses.append(loss_s)
-            diffs.append(d)
-            betas.append(d / (s * g.norm()).clamp_min(torch.finfo(g.dtype).tiny))
-    finally:
-        for m, flag in zip(model.modules(), flags):
-            m.training = flag
-    losses, diffs = torch.stack(losses), torch.stack(diffs)
-    return dict(loss_min=float(losses.min()), loss_max=float(losses.max()), gdiff_min=float(diffs.min()),
-                gdiff_max=float(diffs.max()), beta=float(torch.stack(betas).max()))
-
-
-def save_atomic(obj, path):
-    """torch.save to a temp file and rename, so an interrupted write never leaves a torn checkpoint."""
-    if not is_main_process():  # under torchrun only rank 0 writes
+def ddp_unwrap(model, ddp):
+    """End data-parallel training: BatchNorm gets its own class back, and every rank keeps rank 0's buffers (per-rank
+    BN statistics differ; rank 0's are the checkpointed ones). Nothing in a plain process."""
+    if ddp is None:
         return
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: shards may write the same file
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-RECIPE_DEFAULTS = dict(optimizer="sgd", momentum=0.9, weight_decay=0.0, milestones=(), gamma=0.1, warmup_epochs=0.0,
-                       augment=False, adv=None, input_fn=None, ligs_lambda=0.0, ligs_sigma=0.01)
-RECIPE_REQUIRED = ("epochs", "batch_size", "lr")
-DDP_BN = dict(mode="sync")  # BN under torchrun when train_model is not told: run_script sets it from --ddp-bn
-
-
-def train_model(model, data, recipe, seed=0, ckpt=None, log=print, amp=False, on_epoch=None, on_step=None, tag="",
-                key=None, ddp_bn=None):
-    """Train `model` on data.x_train (already on the model's device) with `recipe`, a dict of
-      epochs, batch_size, lr, optimizer ('sgd'|'adam'|'adagrad'), momentum, weight_decay,
-      milestones (epochs), gamma, warmup_epochs, augment (crop+flip), adv (None, or an attack spec
-      for `run_attack`: adversarial training on adversarial examples only, DECISIONS.md D15), and
-      input_fn (optional: maps [0,1] batches to the model's input space, e.g. a Standardize layer),
-      ligs_lambda, ligs_sigma (P1 Fig 5: loss = CE + lambda * ligs_penalty, double backprop).
-    Every random source is a seeded generator: data order and augmentation (CPU generator) and
-    attack starts (device generator). After every epoch the full state is checkpointed atomically to
-    `ckpt` (if given); calling again with the same ckpt resumes and ends with the same numbers as an
-    uninterrupted run. on_epoch(epoch, model) -> dict adds per-epoch measurements (epoch 0 = before
-    training); on_step(step, model, x, y) -> dict or None runs before each optimizer step on that
-    step's batch (landscape probes), its results kept as history rows with a "step" key. Divergence
-    (non-finite loss) or a final training accuracy no better than chance stops the run and is
-    reported, not raised.
-    A recipe key that is not one of RECIPE_REQUIRED or RECIPE_DEFAULTS is an error (a misspelt key
-    would otherwise be silently ignored). `key` (any JSON-able value, see `cache_path`) is stored in
-    the checkpoint; an existing checkpoint with another key is refused rather than resumed.
-    Under torchrun (`init_distributed`) the model trains data-parallel: every rank draws the same
-    permutation and augmentation of each global batch and takes its contiguous slice of it, gradients are
-    averaged by DistributedDataParallel with the loss scaled so that the step is that of the global-batch
-    mean, so batch size, LR schedule and data order are the single-process run's. BN: ddp_bn='sync'
-    (default, `sync_batchnorm`) normalizes over the global batch, which is P1/P2's BN; 'local' normalizes
-    each rank's B/G samples, a different model (its cache key says so). Adversarial starts are drawn per
-    rank (not bitwise the single-process draws). Rank 0 alone writes checkpoints and logs.
-    Returns dict(status='ok'|'failed', reason, history=[per-epoch dicts])."""
-    unknown = sorted(set(recipe) - set(RECIPE_DEFAULTS) - set(RECIPE_REQUIRED))
-    missing = [k for k in RECIPE_REQUIRED if k not in recipe]
-    if unknown or missing:
-        raise ValueError(f"training recipe: unknown key(s) {unknown}, missing {missing}; expected "
-                         f"{', '.join(RECIPE_REQUIRED)} and optionally {', '.join(RECIPE_DEFAULTS)}")
-    r = RECIPE_DEFAULTS | recipe
-    ddp, rank, world = is_distributed(), 0, 1
-    if ddp:
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        ddp_bn = ddp_bn or DDP_BN["mode"]
-        check_choice("--ddp-bn", ddp_bn, ("sync", "local"))
-        if r["ligs_lambda"] > 0 or on_step is not None:
-            raise ValueError("under torchrun, training with the LIGS regularizer or per-step probes is not supported; "
-                             "run one process per GPU with --shard instead")
-        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-        if ddp_bn == "local" and has_bn and key is not None:  # a different model from the single-process one
-            key = dict(key=key, per_rank_bn=world)
-        log = log if rank == 0 else (lambda s: None)
-    key = json.loads(json.dumps(key, sort_keys=True, default=str))  # compare as stored (tuples -> lists)
-    dev = data.x_train.device
-    to_input = r["input_fn"] or (lambda t: t)
-    opt = make_optimizer(r["optimizer"], model.parameters(), r["lr"], r["momentum"], r["weight_decay"])
-    g_data = torch.Generator().manual_seed(seed)
-    g_attack = torch.Generator(device=dev).manual_seed(seed + 1 + 7919 * rank)  # rank 0 = the single-process draws
-    state = dict(epoch=0, history=[], status="running", reason="")
-    if ddp:
-        torch.distributed.barrier()  # every rank looks for the checkpoint before rank 0 may write one
-    if ckpt is not None and pathlib.Path(ckpt).exists():
-        saved = torch.load(ckpt, map_location=dev, weights_only=False)
-        if "key" in saved and saved["key"] != key:  # (checkpoints of older versions carry no key)
-            raise ValueError(f"checkpoint {ckpt} was trained with another configuration ({saved.get('key')}), not {key}")
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["opt"])
-        g_data.set_state(saved["g_data"])
-        g_attack.set_state(saved["g_attack"].to(g_attack.get_state().device))
-        state = saved["state"]
-        log(f"{tag} resumed from {ckpt} after epoch {state['epoch']} ({state['status']})")
-
-    def checkpoint():
-        if ckpt is not None:
-            save_atomic(dict(model=model.state_dict(), opt=opt.state_dict(), g_data=g_data.get_state(),
-                             g_attack=g_attack.get_state(), state=state, key=key), ckpt)
-
-    if state["epoch"] == 0 and not state["history"]:
-        state["history"].append(dict(epoch=0, **(on_epoch(0, model) if on_epoch else {})))
-    n, bs = len(data.y_train), r["batch_size"]
-    steps_per_epoch = math.ceil(n / bs)
-    use_amp = amp and dev.type == "cuda"
-    net, stack = model, contextlib.ExitStack()
-    if ddp:
-        if ddp_bn == "sync":
-            stack.enter_context(sync_batchnorm(model))
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    while state["status"] == "running" and state["epoch"] < r["epochs"]:
-        epoch, t0 = state["epoch"], time.time()
-        model.train()
-        perm = torch.randperm(n, generator=g_data).to(dev)
-        loss_sum, correct = torch.zeros((), device=dev), torch.zeros((), device=dev)
-        for i in range(steps_per_epoch):
-            idx = perm[i * bs:(i + 1) * bs]
-            xb, yb = data.x_train[idx], data.y_train[idx]
-            if r["augment"]:
-                xb = augment_crop_flip(xb, g_data)
-            n_batch = len(yb)
-            if ddp:  # this rank's slice of the global batch (permuted and augmented above exactly as one process)
-                part = torch.arange(n_batch, device=dev).tensor_split(world)[rank]
-                xb, yb = xb[part], yb[part]
-            xb = to_input(xb)
-            if r["adv"] is not None:  # adversarial examples only (Madry et al.; DECISIONS.md D15), made in eval mode
-                xb = run_attack(model, xb, yb, r["adv"], g_attack)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(epoch + i / steps_per_epoch, r["lr"], r["milestones"], r["gamma"], r["warmup_epochs"])
-            probe = on_step(epoch * steps_per_epoch + i, model, xb, yb) if on_step else None
-            if probe:
-                state["history"].append(dict(epoch=epoch + i / steps_per_epoch, step=epoch * steps_per_epoch + i, **probe))
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                if r["ligs_lambda"] > 0:  # P1 Fig 5: CE + lambda * (1 - LIGS), noise from the checkpointed generator
-                    penalty, logits = ligs_penalty(model, xb, yb, r["ligs_sigma"], g_attack)
-                    loss = F.cross_entropy(logits.float(), yb) + r["ligs_lambda"] * penalty
-                elif ddp:  # DDP averages over ranks: scale the slice's sum so the step is the global-batch mean's
-                    logits = net(xb)
-                    loss_local = F.cross_entropy(logits.float(), yb, reduction="sum")
-                    loss = loss_local * (world / n_batch)
-                else:
-                    logits = model(xb)
-                    loss = F.cross_entropy(logits.float(), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss_local.detach() if ddp else loss.detach() * len(yb)
-            correct += (logits.argmax(1) == yb).sum()
-        if ddp:
-            totals = torch.stack([loss_sum, correct.to(loss_sum.dtype)])
-            torch.distributed.all_reduce(totals)
-            loss_sum, correct = totals[0], totals[1]
-        train_loss, train_acc = float(loss_sum) / n, float(correct) / n  # one sync per epoch
-        state["epoch"] = epoch + 1
-        if not math.isfinite(train_loss):
-            state["status"], state["reason"] = "failed", f"diverged: non-finite training loss in epoch {epoch + 1}"
-        elif state["epoch"] == r["epochs"] and train_acc <= 1.0 / data.num_classes + 0.05:
-            state["status"], state["reason"] = "failed", f"no better than chance: final training accuracy {train_acc:.3f}"
-        row = dict(epoch=epoch + 1, train_loss=train_loss, train_acc=train_acc, lr=opt.param_groups[0]["lr"],
-                   time_s=time.time() - t0)
-        if on_epoch and math.isfinite(train_loss):  # a run that ends at chance is measured too; a diverged one is not
-            row |= on_epoch(epoch + 1, model)
-        state["history"].append(row)
-        base_keys = ("epoch", "train_loss", "train_acc", "lr", "time_s")
-        extra = "".join(f" | {k} {v:.4f}" for k, v in row.items() if k not in base_keys)
-        log(f"{tag} epoch {epoch + 1:3d}/{r['epochs']} | loss {train_loss:.4f} | train acc {train_acc:.4f} | "
-            f"lr {row['lr']:.4g} | {row['time_s']:.1f}s{extra}")
-        if state["status"] == "running" and state["epoch"] == r["epochs"]:
-            state["status"] = "ok"
-        checkpoint()
-    if ddp:
-        stack.close()
-        for b in model.buffers():  # per-rank BN statistics differ: every rank keeps rank 0's (the checkpointed ones)
-            torch.distributed.broadcast(b, 0)
-    if state["status"] == "failed":
-        log(f"{tag} FAILED: {state['reason']}")
-    return dict(status=state["status"], reason=state["reason"], history=state["history"])
+    ddp.stack.close()
+    for b in model.buffers():
+        torch.distributed.broadcast(b, 0)
 
 
 # ================================================================================================
-# 12. P2's mechanism analyses: Yang et al.'s depth limit and the plug-in entropy of the output (P2 Figs 2, 3)
+# 14. Claims: a claim as data, Welch intervals, verdicts (DECISIONS.md D7, D25)
 # ================================================================================================
 
-def lambda_G(batch_size):
-    """Per-layer growth rate of the squared gradient norm in a ReLU-BN fully connected net at
-    initialization, Yang et al. 2019 Thm 8 with alpha = 1 (DECISIONS.md D21):
-        lambda_G(B) = (J'(c) + B - 1) / ((B - 3)(1 - J(c))) - 1/(B - 3),  c = -1/(B - 1),
-    with the arc-cosine kernel J(x) = (sqrt(1 - x^2) + (pi - arccos x) x) / pi and
-    J'(x) = (pi - arccos x) / pi. Decreases to pi/(pi - 1) as B -> infinity; needs B > 3."""
-    B = float(batch_size)
-    if not B > 3:
-        raise ValueError(f"batch size {batch_size}: Yang et al.'s formula needs B > 3")
-    c = -1.0 / (B - 1)
-    J = (math.sqrt(1 - c * c) + (math.pi - math.acos(c)) * c) / math.pi
-    dJ = (math.pi - math.acos(c)) / math.pi
-    return (dJ + B - 1) / ((B - 3) * (1 - J)) - 1 / (B - 3)
 
+def claim(id, paper, text, paper_value, metric, a, b=None, expect="<", per=(), scale=1.0, **kw):
+    """A claim of a paper as data, tested by `evaluate_claims` on a script's rows: mean(metric | rows matching `a`)
+    minus mean(metric | rows matching `b`) (or the mean of `a` alone when b is None) is expected `expect` 0,
+    separately for every combination of the fields in `per`. `scale` = 100 reports fractions as percentage points;
+    extra keys (e.g. `where`, a filter on every row) are passed on."""
+    return dict(id=id, paper=paper, claim=text, paper_value=paper_value, metric=metric, a=a, b=b, expect=expect, per=per,
+                scale=scale, **kw)
 
-def max_trainable_depth(batch_size):
-    """Yang et al.'s depth scale drawn over P2 Fig 2: L_max(B) = 16 / ln lambda_G(B) (about 41.8 layers
-    for large B; DECISIONS.md D21)."""
-    return 16.0 / math.log(lambda_G(batch_size))
-
-
-def quantized_entropy_bits(probs, bits=7):
-    """Plug-in (maximum-likelihood) entropy in bits of the softmax outputs quantized to `bits` bits per
-    class (P2 Fig 3: I(X;T) = H(T) for a deterministic net). probs: (N, K) rows of probabilities."""
-    levels = 2 ** bits
-    codes = (probs * levels).floor().clamp(max=levels - 1).to(torch.int64)
-    _, counts = torch.unique(codes, dim=0, return_counts=True)
-    p = counts.double() / counts.sum()
-    return float(-(p * p.log2()).sum())
-
-
-def entropy_ci_bits(n_samples, bits=7, n_classes=10):
-    """Half-width of P2 Fig 3's confidence interval for the plug-in entropy (Paninski 2003 bound as
-    used by P2): [log2(1 + (m - 1)/N) + N^(-1/2) log2 m] * K with m = 2^bits symbols per class;
-    about 0.316 bits for N = 60000, m = 128, K = 10 (P2 Fig 3)."""
-    m = 2 ** bits
-    return (math.log2(1 + (m - 1) / n_samples) + math.log2(m) / math.sqrt(n_samples)) * n_classes
-
-
-# ================================================================================================
-# 13. Claims: intervals, verdicts, attack sanity checks, the checkpoint cache (DECISIONS.md D7, D25)
-# ================================================================================================
 
 def t_quantile(p, df):
     """Quantile of Student's t distribution with `df` (> 0, may be fractional) degrees of freedom,
@@ -2027,44 +2297,19 @@ def write_claims(run_dir, claims, rows, header, records=None, label=None):
     return results
 
 
-def check_attack(model, x, y, spec, n=100, large=10.0, seed=0):
-    """The cheap checks against a broken or masked attack of Carlini et al. 2019 for one attack
-    `spec` (see `run_attack`: pgd, bim or fgsm), on the first `n` of (x, y). Returns flat keys
-    zero_grad (share of samples whose CE input gradient is exactly 0), acc_x0.5/acc_x1/acc_x2
-    (accuracy at 0.5, 1, 2 times eps), acc_onestep (one step of size eps in the same norm: FGSM
-    for linf), acc_large (`large` times eps), and flags: "" or the failed checks joined by "; "."""
-    x, y = x[:n], y[:n]
-    eps = spec["eps"]
-    acc = {}
+# ================================================================================================
+# 15. Run records, the checkpoint cache, presets and the command line (every exp_*.py)
+# ================================================================================================
 
-    def run(sp):
-        return evaluate(model, x, y, {"a": sp}, batch_size=n, seed=seed)["a"]
-
-    for f in (0.5, 1.0, 2.0, large):
-        sp = dict(spec, eps=eps * f)
-        if "step_size" in sp and sp.get("kind") != "fgsm":
-            sp["step_size"] = spec["step_size"] * f
-        acc[f] = run(sp)
-    if spec["kind"] == "fgsm":
-        one = acc[1.0]
-    else:
-        one = run(dict(kind="pgd", norm=spec.get("norm", "linf"), loss=spec.get("loss", "ce"), eps=eps, steps=1, step_size=eps,
-                       clip=spec.get("clip")))
-    with eval_mode(model):
-        g = ce_input_grad(model, x, y)
-    zero = float((g.flatten(1).abs().amax(1) == 0).float().mean())
-    tol = 1.0 / len(y) + 1e-9  # one sample
-    flags = []
-    if not (acc[0.5] + tol >= acc[1.0] and acc[1.0] + tol >= acc[2.0] and acc[2.0] + tol >= acc[large]):
-        flags.append(f"accuracy rises with eps ({acc[0.5]:.2f}, {acc[1.0]:.2f}, {acc[2.0]:.2f}, {acc[large]:.2f})")
-    if spec["kind"] != "fgsm" and acc[1.0] > one + tol:
-        flags.append(f"iterative attack weaker than one step ({acc[1.0]:.2f} > {one:.2f})")
-    if acc[large] > 0.10:
-        flags.append(f"{large:g} x eps leaves {acc[large]:.0%} accuracy")
-    if zero > 0:
-        flags.append(f"{zero:.0%} zero input gradients")
-    return {"zero_grad": zero, "acc_x0.5": acc[0.5], "acc_x1": acc[1.0], "acc_x2": acc[2.0], "acc_onestep": one,
-            "acc_large": acc[large], "flags": "; ".join(flags)}
+def save_atomic(obj, path):
+    """torch.save to a temp file and rename, so an interrupted write never leaves a torn checkpoint."""
+    if not is_main_process():  # under torchrun only rank 0 writes
+        return
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: shards may write the same file
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def cache_path(cache_dir, key):
@@ -2079,9 +2324,18 @@ def cache_path(cache_dir, key):
     return pathlib.Path(cache_dir) / f"{hashlib.sha256(text.encode()).hexdigest()[:20]}.pt"
 
 
-# ================================================================================================
-# 14. Run records, presets and command-line plumbing (every exp_*.py)
-# ================================================================================================
+def model_key(dataset, size, arch, kw, recipe, seed, amp, input_space, mean, std, channels=None):
+    """The cache key of a CNN of the papers' tables (exp_table1.py, exp_corruption.py, exp_transfer.py and the
+    sources of exp_feature_datasets.py build it alike, so a model trained by one is reused by the others):
+    everything that determines the weights. The input space is spelt as the first versions did ("p1"/"p2"), so
+    caches filled by them still hit."""
+    key = dict(dataset=dataset, size=size, arch=arch, model=kw, recipe=recipe, seed=seed, amp=amp,
+               input=dict(conv={"pixels": "p1", "standardized": "p2"}[input_space], mean=mean, std=std))
+    if channels:
+        key["channels"] = channels
+    return key
+
+
 
 def mean_sem(values):
     """(mean, standard error of the mean, n) of the finite values; SEM = std(ddof=1)/sqrt(n), as P2 reports."""
@@ -2170,14 +2424,6 @@ def load_records(run_dir):
         return json.loads(path.read_text())["records"]
     except (json.JSONDecodeError, KeyError) as e:
         raise DataError(f"corrupt {path}: {e}") from None
-
-
-def add_scale_out_flags(parser, unit):
-    """--shard K/N and --ddp-bn, the same in every exp_*.py (README: running at paper scale)."""
-    parser.add_argument("--shard", type=parse_shard, metavar="K/N", help=f"run only the {unit} with index = K mod N "
-                        "(SLURM arrays, one process per GPU); every shard writes its own record files into the shared --out")
-    parser.add_argument("--ddp-bn", default="sync", choices=["sync", "local"], help="BN under torchrun: statistics of "
-                        "the global batch (sync, P1/P2's BN) or of each rank's slice (local, a different model)")
 
 
 def parse_shard(text):
@@ -2377,7 +2623,6 @@ def run_script(main, get_args):
         sys.stdout = open(os.devnull, "w")
     try:
         args = get_args()
-        DDP_BN["mode"] = getattr(args, "ddp_bn", None) or "sync"
         main(args)
         finish_distributed()
     except (DataError, ValueError) as e:
@@ -2448,6 +2693,68 @@ def write_config(run_dir, args, script_path, device):
     write_text_atomic(pathlib.Path(run_dir) / "code.py", pathlib.Path(script_path).read_text())
 
 
+def fmt_default(v):
+    """A default as --help shows it: eps-like fractions of 255 as k/255, other floats to 4 significant digits,
+    lists space-separated."""
+    if isinstance(v, (list, tuple)):
+        return " ".join(fmt_default(x) for x in v)
+    if isinstance(v, float) and not v.is_integer():
+        k = v * 255
+        return f"{round(k)}/255" if abs(k - round(k)) < 1e-9 and 0 < abs(round(k)) < 255 else f"{v:.4g}"
+    return str(v)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help of every exp_*.py: the script's docstring as written, then each flag with the value that will run
+    for the chosen --preset/--artifact (none shown where there is none)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+        return text + (f" (default: {fmt_default(action.default)})".replace("%", "%%") if shown else "")
+
+
+def make_parser(doc, artifacts, default_artifact, presets, skipped=()):
+    """(parser, its first group "what to reproduce") of an exp_*.py: the script's docstring as the description,
+    --artifact (the reproduced ones only; a skipped one is explained by `parse_with_presets`) and --preset."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
+    p.skipped = dict(skipped)
+    g = p.add_argument_group("what to reproduce")
+    g.add_argument("--artifact", default=default_artifact, choices=list(artifacts),
+                   help="the paper's table or figure" + (f" (not reproduced here: {', '.join(p.skipped)})" if skipped else ""))
+    g.add_argument("--preset", default="paper", choices=list(presets),
+                   help="paper: the paper's settings; quick: the bundled digits on a CPU in minutes; smoke: a test run")
+    return p, g
+
+
+def add_run_flags(parser, script, unit="runs", data=None, download="fetch missing datasets (md5-checked)", amp=True,
+                  cache=None, outputs="table.md, claims.md and the figures"):
+    """The flags every exp_*.py shares, in two groups: data and device (--data-root holding `data`, --download,
+    --device, --amp), and run management (--cache, --out, --resume, --shard, --ddp-bn, --plot-only). `unit` names
+    what one record holds (runs, models, cells); data=None leaves out the data flags; cache=None leaves out --cache.
+    Returns the "data and device" group, for the script's own data flags."""
+    g = parser.add_argument_group("data and device")
+    if data is not None:
+        g.add_argument("--data-root", default="data", help=f"folder holding {data}")
+        g.add_argument("--download", action="store_true", help=download)
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
+    if amp:
+        g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+                       help="bf16 autocast for training on CUDA")
+    g = parser.add_argument_group("run management")
+    if cache is not None:
+        g.add_argument("--cache", metavar="DIR", help=cache)
+    g.add_argument("--out", metavar="RUN_DIR", help=f"run directory (none: runs/{script}/<timestamp>)")
+    g.add_argument("--resume", action="store_true", help=f"continue the run in --out, keeping finished {unit}")
+    g.add_argument("--shard", type=parse_shard, metavar="K/N", help=f"run only the {unit} with index = K mod N "
+                   "(SLURM arrays, one process per GPU); every shard writes its own record files into the shared --out")
+    g.add_argument("--ddp-bn", default="sync", choices=["sync", "local"], help="BN under torchrun: statistics of "
+                   "the global batch (sync, P1/P2's BN) or of each rank's slice (local, a different model)")
+    g.add_argument("--plot-only", metavar="RUN_DIR", nargs="+", help=f"redraw {outputs} from the records of "
+                   "RUN_DIR (several: the shards of one run, merged)")
+    return parser._action_groups[-2]
+
+
 def parse_with_presets(parser, resolve, argv=None):
     """Parse the command line with the values that will actually run as defaults: `resolve(preset,
     artifact)` -> {dest: value} (the chosen preset's settings for the chosen artifact) becomes the
@@ -2461,6 +2768,9 @@ def parse_with_presets(parser, resolve, argv=None):
         if a.dest in ("preset", "artifact"):
             pre.add_argument(*a.option_strings, dest=a.dest, default=a.default)
     known, _ = pre.parse_known_args(argv)
+    if getattr(known, "artifact", None) in getattr(parser, "skipped", {}):
+        print(f"skipped {known.artifact}: {parser.skipped[known.artifact]}")
+        sys.exit(0)
     for a in parser._actions:  # a bad --preset/--artifact is reported by the full parser below
         if a.dest in ("preset", "artifact") and a.choices and getattr(known, a.dest) not in a.choices:
             valid = False
@@ -2515,654 +2825,3 @@ def _resumed(parser, args, argv):
 def print_config(args):
     """Print the resolved configuration at start (it is also saved to config.json)."""
     print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
-
-
-# ================================================================================================
-# 15. Corruptions: a batched CIFAR-10-C generator, the released files, BN-statistics adaptation
-#     (P1 Fig 1, Table 7, App. F; P2 Table 4; Hendrycks & Dietterich 2019; DECISIONS.md D26-D28)
-# ================================================================================================
-
-# The 19 CIFAR-10-C corruptions by category (P2 Sec. 3: four categories) and their severity constants
-# (1..5) from Hendrycks & Dietterich's CIFAR generator. Pixels are in [0, 1]; every result is clipped,
-# multiplied by 255 and truncated to uint8, as in the released files.
-CORRUPTIONS = {
-    "noise": ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise"),
-    "blur": ("defocus_blur", "glass_blur", "motion_blur", "zoom_blur", "gaussian_blur"),
-    "weather": ("snow", "frost", "fog", "spatter", "brightness"),
-    "digital": ("contrast", "elastic_transform", "pixelate", "jpeg_compression", "saturate"),
-}
-CORRUPTION_NAMES = tuple(n for names in CORRUPTIONS.values() for n in names)
-APPROXIMATE = ("motion_blur", "snow")  # ImageMagick's motion blur, re-implemented (DECISIONS.md D27)
-SEVERITY = {
-    "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),
-    "shot_noise": (500, 250, 100, 75, 50),
-    "impulse_noise": (0.01, 0.02, 0.03, 0.05, 0.07),
-    "speckle_noise": (0.06, 0.10, 0.12, 0.16, 0.20),
-    "defocus_blur": ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)),  # disk radius, alias blur
-    "glass_blur": ((0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)),  # sigma, max shift, passes
-    "motion_blur": ((6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5)),  # radius, sigma
-    "zoom_blur": (1.06, 1.11, 1.16, 1.21, 1.26),  # zoom factors 1, 1.01, ... below this bound
-    "gaussian_blur": (0.4, 0.6, 0.7, 0.8, 1.0),
-    "snow": ((0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.9), (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9),
-             (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85), (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8)),
-    "frost": ((1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45)),
-    "fog": ((0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)),  # strength, plasma-fractal wibble decay
-    "spatter": ((0.62, 0.1, 0.7, 0.7, 0.5, 0), (0.65, 0.1, 0.8, 0.7, 0.5, 0), (0.65, 0.3, 1, 0.69, 0.5, 0),
-                (0.65, 0.1, 0.7, 0.69, 0.6, 1), (0.65, 0.1, 0.5, 0.68, 0.6, 1)),  # last: 0 water, 1 mud
-    "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),
-    "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),
-    "elastic_transform": ((0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05), (0.1, 0.03, 0.03)),
-    "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),
-    "jpeg_compression": (80, 65, 58, 50, 40),
-    "saturate": ((0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2)),
-}
-FROST_FILES = ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg")  # the generator draws 1 of 5
-
-
-def _pad_index(n, r, mode, device):
-    """Source index of every position of a length-n axis padded by r on both sides, for the border
-    rules of the reference libraries: 'nearest' (edge), 'mirror' (d c b | a b c d: OpenCV's default
-    BORDER_REFLECT_101, scipy 'mirror') and 'reflect' (c b a | a b c: scipy/skimage 'reflect')."""
-    i = torch.arange(-r, n + r, device=device)
-    if mode == "nearest":
-        return i.clamp(0, n - 1)
-    period = 2 * n - 2 if mode == "mirror" else 2 * n
-    i = i.remainder(max(period, 1))
-    return torch.where(i < n, i, period - i - (0 if mode == "mirror" else 1))
-
-
-def _filter_matrix(n, k, mode, device):
-    """1-D correlation with kernel k over a length-n axis, borders by the rule of `_pad_index`, as an
-    (n, n) matrix: filtering a 32-pixel axis is then one small matrix product (on a CPU much faster
-    than a float64 convolution, and the same on every device)."""
-    r = len(k) // 2
-    src = _pad_index(n, r, mode, "cpu")
-    m = torch.zeros(n, n, dtype=torch.float64)
-    rows = torch.arange(n)
-    for t in range(len(k)):
-        m.index_put_((rows, src[t:t + n]), k[t].double().expand(n), accumulate=True)
-    return m.to(device)
-
-
-def _filter2d(x, kh, kw=None, mode="nearest"):
-    """Separable correlation of (B, C, H, W) with the 1-D kernels kh (rows) and kw (columns, default kh)
-    under a border rule of `_pad_index` -- scipy.ndimage / skimage / cv2 filtering, batched."""
-    kw = kh if kw is None else kw
-    H, W = x.shape[-2:]
-    mh, mw = _filter_matrix(H, kh, mode, x.device).to(x.dtype), _filter_matrix(W, kw, mode, x.device).to(x.dtype)
-    return _sandwich(mh, x, mw)
-
-
-def _sandwich(mh, x, mw):
-    """mh @ x @ mw.T over the last two axes of x (einsum: a broadcast mh @ x runs one tiny product per
-    image on a CPU)."""
-    return torch.einsum("hk,...kw->...hw", mh, x @ mw.T)
-
-
-def _gauss1d(sigma, truncate=4.0):
-    """scipy.ndimage's Gaussian kernel: radius int(truncate * sigma + 0.5), normalized to sum 1."""
-    r = int(truncate * sigma + 0.5)
-    t = torch.arange(-r, r + 1, dtype=torch.float64)
-    k = torch.exp(-0.5 * t ** 2 / max(sigma, 1e-12) ** 2) if sigma > 0 else (t == 0).double()
-    return k / k.sum()
-
-
-def _gaussian(x, sigma, mode="nearest", truncate=4.0):
-    """skimage.filters.gaussian per channel (scipy gaussian_filter over H and W)."""
-    return _filter2d(x, _gauss1d(sigma, truncate), mode=mode) if sigma > 0 else x
-
-
-def _zoom_matrix(n_in, n_out, device):
-    """scipy.ndimage.zoom(order=1) along one axis as an (n_out, n_in) matrix: output i samples the input
-    at i * (n_in - 1) / (n_out - 1), linearly interpolated."""
-    pos = torch.arange(n_out, dtype=torch.float64) * ((n_in - 1) / max(n_out - 1, 1))
-    lo = pos.floor().long().clamp(0, n_in - 1)
-    hi = (lo + 1).clamp(max=n_in - 1)
-    w = pos - lo
-    m = torch.zeros(n_out, n_in, dtype=torch.float64)
-    m[torch.arange(n_out), lo] += 1 - w
-    m[torch.arange(n_out), hi] += w
-    return m.to(device)
-
-
-def _clipped_zoom_matrix(n, z, device):
-    """The generator's clipped_zoom along one axis: crop the centre ceil(n / z) pixels, zoom them by z
-    (output length round(ceil(n / z) * z), scipy's rule), trim the centre n."""
-    ch = int(math.ceil(n / z))
-    top = (n - ch) // 2
-    n_out = int(round(ch * z))
-    trim = (n_out - n) // 2
-    m = torch.zeros(n, n, dtype=torch.float64, device=device)
-    m[:, top:top + ch] = _zoom_matrix(ch, n_out, device)[trim:trim + n]
-    return m
-
-
-def _trunc_u8(x):
-    """[0, 1] floats -> uint8 the way the released files were made: clip, times 255, truncate."""
-    return (x.clamp(0, 1) * 255).nan_to_num(0.0).to(torch.uint8)
-
-
-_LINEAR_MAPS = {}
-
-
-def _linear_map(x, key, fn):
-    """fn(x) for a linear map fn of (B, C, H, W) float64 images that acts on each (H, W) plane alike.
-    For small images fn is turned once into a sparse (HW, HW) matrix (its response to every basis
-    image), cached under `key`: one sparse product then replaces fn's many small steps (zoom blur sums
-    up to 26 zooms). Exact up to the order of floating-point additions."""
-    B, C, H, W = x.shape
-    if H * W > 64 * 64:
-        return fn(x)
-    k = (key, H, W, str(x.device))
-    if k not in _LINEAR_MAPS:
-        basis = torch.eye(H * W, dtype=torch.float64, device=x.device).view(H * W, 1, H, W)
-        with warnings.catch_warnings():  # torch calls its sparse CSR tensors a beta feature
-            warnings.simplefilter("ignore")
-            _LINEAR_MAPS[k] = fn(basis).reshape(H * W, H * W).T.to_sparse_csr()
-    return (_LINEAR_MAPS[k] @ x.reshape(B * C, H * W).T).T.reshape(B, C, H, W)
-
-
-def rgb_to_hsv(x):
-    """(B, 3, H, W) RGB in [0, 1] -> HSV in [0, 1], skimage.color.rgb2hsv's conventions (grey: hue 0,
-    saturation 0; ties in the maximum resolved blue over green over red)."""
-    r, g, b = x.unbind(1)
-    v = torch.maximum(torch.maximum(r, g), b)
-    delta = v - torch.minimum(torch.minimum(r, g), b)
-    grey = delta == 0
-    s = torch.where(grey, 0.0, delta / torch.where(v == 0, 1.0, v))
-    top_b, top_g = b == v, g == v
-    num = torch.where(top_b, r - g, torch.where(top_g, b - r, g - b))
-    h = torch.where(top_b, 4.0, torch.where(top_g, 2.0, 0.0)) + num / torch.where(grey, 1.0, delta)
-    h = torch.where(grey, 0.0, (h / 6.0).remainder(1.0))
-    return torch.stack([h, s, v], 1)
-
-
-def hsv_to_rgb(x):
-    """Inverse of `rgb_to_hsv` (skimage.color.hsv2rgb): the sector floor(6h) mod 6 picks, per channel,
-    one of v, p = v(1 - s), q = v(1 - fs), t = v(1 - (1 - f)s)."""
-    h, s, v = x.unbind(1)
-    hi = torch.floor(h * 6)
-    f = h * 6 - hi
-    cand = torch.stack([v, v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)])  # v, p, q, t
-    pick = torch.tensor([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]], device=x.device)
-    idx = pick[hi.long().remainder(6)].movedim(-1, 1)  # (B, 3, H, W): which candidate each channel takes
-    return cand.movedim(0, 1).gather(1, idx)
-
-
-def plasma_fractal(n, size, decay, generator=None, device="cpu"):
-    """n plasma fractals (diamond-square, Fournier et al. 1982) of side `size` (a power of two), each in
-    [0, 1]: the generator's fog texture, with its amplitudes (wibble 100, divided by `decay` per level)."""
-    m = torch.zeros(n, size, size, dtype=torch.float64, device=device)
-    step, wibble = size, 100.0
-
-    def noisy_mean(a):  # a / 4 + wibble * U(-wibble, wibble)
-        return a / 4 + wibble * (2 * _rand(a.shape, generator, device) - 1) * wibble
-
-    while step >= 2:
-        h = step // 2
-        corners = m[:, 0::step, 0::step]
-        sq = corners + corners.roll(-1, 1)
-        m[:, h::step, h::step] = noisy_mean(sq + sq.roll(-1, 2))
-        centres, corners = m[:, h::step, h::step], m[:, 0::step, 0::step]
-        m[:, 0::step, h::step] = noisy_mean(centres + centres.roll(1, 1) + corners + corners.roll(-1, 2))
-        m[:, h::step, 0::step] = noisy_mean(centres + centres.roll(1, 2) + corners + corners.roll(-1, 1))
-        step, wibble = h, wibble / decay
-    m = m - m.amin((1, 2), keepdim=True)
-    return m / m.amax((1, 2), keepdim=True)
-
-
-def _gen_device(generator):
-    return generator.device if generator is not None else "cpu"
-
-
-def _rand(shape, generator, device, kind="rand", low=0, high=None):
-    """Random numbers from `generator` (drawn on its own device, so a CPU generator gives the same
-    stream for every device of x), moved to `device`: kind rand (U[0, 1)), randn, or randint [low, high)."""
-    gd = _gen_device(generator)
-    if kind == "randint":
-        return torch.randint(low, high, shape, generator=generator, device=gd).to(device)
-    fn = torch.rand if kind == "rand" else torch.randn
-    # drawn in float32 (torch's float64 normal sampler is ~5x slower on a CPU), used in float64
-    return fn(shape, generator=generator, device=gd).to(device, torch.float64)
-
-
-def motion_blur_kernel(radius, sigma):
-    """ImageMagick's motion-blur weights: width 2*ceil(radius)+1 taps of a one-sided Gaussian,
-    normalized (MagickCore MotionBlurImage)."""
-    i = torch.arange(2 * math.ceil(radius) + 1, dtype=torch.float64)
-    k = torch.exp(-i ** 2 / (2 * sigma ** 2))
-    return k / k.sum()
-
-
-def _motion_blur(x, radius, sigma, angle_deg):
-    """ImageMagick-style motion blur of (B, C, H, W), one angle per image (degrees): pixel (r, c) is the
-    weighted sum of the pixels (r + round(i sin a), c + round(i cos a)), i = 0..width-1, with edge
-    pixels repeated beyond the border. An approximation of the generator's Wand call: ImageMagick
-    works at 16-bit depth and its rounding cannot be matched bit for bit (DECISIONS.md D27)."""
-    B, C, H, W = x.shape
-    k = motion_blur_kernel(radius, sigma).to(x)
-    a = torch.deg2rad(angle_deg.to(x))
-    out = torch.zeros_like(x)
-    rows, cols = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
-    b = torch.arange(B, device=x.device)[:, None, None]
-    for i in range(len(k)):
-        dx = torch.ceil(i * torch.cos(a) - 0.5).long()  # MagickCore: ceil(i*cos - 0.5), ceil(i*sin - 0.5)
-        dy = torch.ceil(i * torch.sin(a) - 0.5).long()
-        r = (rows[None, :] + dy[:, None]).clamp(0, H - 1)[:, :, None]
-        c = (cols[None, :] + dx[:, None]).clamp(0, W - 1)[:, None, :]
-        out += k[i] * x.permute(0, 2, 3, 1)[b, r, c].permute(0, 3, 1, 2)
-    return out
-
-
-def _pil_box_matrix(n_in, n_out):
-    """Pillow's Image.resize(BOX) along one axis as an (n_out, n_in) matrix (ImagingResample's
-    precompute_coeffs with the box filter: input pixels whose centre falls in the output pixel's
-    support, equally weighted)."""
-    scale = n_in / n_out
-    fscale = max(scale, 1.0)
-    support = 0.5 * fscale
-    m = torch.zeros(n_out, n_in, dtype=torch.float64)
-    for o in range(n_out):
-        centre = (o + 0.5) * scale
-        lo, hi = max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), n_in)
-        for i in range(lo, hi):
-            t = (i - centre + 0.5) / fscale
-            m[o, i] = 1.0 if -0.5 < t <= 0.5 else 0.0
-        m[o] /= m[o].sum()
-    return m
-
-
-def _pil_resize_box(u8, size):
-    """Pillow's 8-bit BOX resize of uint8 (B, C, H, W): horizontal pass, rounded to 8 bits, then the
-    vertical pass, rounded (Pillow's two-pass fixed-point resampling; ties may differ by one level)."""
-    B, C, H, W = u8.shape
-    mw = _pil_box_matrix(W, size).to(u8.device)
-    mh = _pil_box_matrix(H, size).to(u8.device)
-    t = torch.floor(u8.double() @ mw.T + 0.5).clamp(0, 255)
-    return torch.floor(torch.einsum("hk,...kw->...hw", mh, t) + 0.5).clamp(0, 255)
-
-
-def _jpeg(u8, quality):
-    """JPEG re-encoding with Pillow (libjpeg), one image at a time on the CPU: a codec, not batchable."""
-    from PIL import Image
-    out = []
-    for img in u8.permute(0, 2, 3, 1).cpu().numpy():
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, "JPEG", quality=quality)
-        out.append(np.asarray(Image.open(buf).convert("RGB")))
-    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(u8.device)
-
-
-def _glass_swaps(u8, shifts, delta):
-    """The generator's local pixel shuffle on uint8 (B, C, H, W): for h, then w, running down from
-    n - delta to delta + 1, swap pixel (h, w) with (h + dy, w + dx); shifts (passes, positions, 2, B)
-    hold (dx, dy) in {-delta, ..., delta - 1} (numpy's randint excludes its upper bound). The swaps are
-    sequential in the positions, as in the generator: they are followed on a permutation of pixel
-    indices in numpy (one cheap host step per position, batched over images), then applied at once."""
-    B, C, H, W = u8.shape
-    hw = np.array([(h, w) for h in range(H - delta, delta, -1) for w in range(W - delta, delta, -1)])
-    s = shifts.cpu().numpy()
-    base = np.arange(B) * H * W
-    p = base + (hw[:, 0] * W + hw[:, 1])[:, None]  # (positions, B) in the flattened (B * H * W) pixels
-    perm = np.arange(B * H * W)
-    for it in range(s.shape[0]):
-        q = base + (hw[:, 0, None] + s[it, :, 1]) * W + hw[:, 1, None] + s[it, :, 0]
-        for pj, qj in zip(p, q):
-            perm[pj], perm[qj] = perm[qj], perm[pj]
-    perm = torch.from_numpy(perm % (H * W)).to(u8.device).view(B, 1, H * W).expand(B, C, H * W)
-    return u8.reshape(B, C, H * W).gather(2, perm).view(B, C, H, W)
-
-
-def _sobel_canny(u8, low=50, high=150):
-    """OpenCV's Canny edge detector (3x3 Sobel with replicated borders, L1 gradient magnitude,
-    non-maximum suppression with OpenCV's fixed-point tan(22.5 deg) test and its tie rules, then
-    8-connected hysteresis) on uint8 (B, H, W) -> bool edges."""
-    B, H, W = u8.shape
-    x = u8.double()[:, None]
-    dx = _filter2d(x, torch.tensor([1.0, 2.0, 1.0]), torch.tensor([-1.0, 0.0, 1.0]))[:, 0].long()
-    dy = _filter2d(x, torch.tensor([-1.0, 0.0, 1.0]), torch.tensor([1.0, 2.0, 1.0]))[:, 0].long()
-    mag = dx.abs() + dy.abs()
-    mp = F.pad(mag, (1, 1, 1, 1))  # magnitudes outside the image are 0
-
-    def at(di, dj):  # the magnitude of the neighbour (row + di, col + dj)
-        return mp[:, 1 + di:1 + di + H, 1 + dj:1 + dj + W]
-
-    ax, ay = dx.abs(), dy.abs() << 15
-    tg22 = ax * 13573  # round(tan(22.5 deg) * 2^15)
-    tg67 = tg22 + (ax << 16)
-    s = torch.where((dx ^ dy) < 0, -1, 1)
-    diag = torch.where(s < 0, (mag > at(-1, 1)) & (mag > at(1, -1)), (mag > at(-1, -1)) & (mag > at(1, 1)))
-    local_max = torch.where(ay < tg22, (mag > at(0, -1)) & (mag >= at(0, 1)),
-                            torch.where(ay > tg67, (mag > at(-1, 0)) & (mag >= at(1, 0)), diag))
-    cand = local_max & (mag > low)
-    strong, weak = cand & (mag > high), cand & (mag <= high)
-    def dilate(m):  # 3x3 binary dilation
-        p = F.pad(m, (1, 1, 1, 1))
-        m = p[:, :, :-2] | p[:, :, 1:-1] | p[:, :, 2:]
-        return m[:, :-2] | m[:, 1:-1] | m[:, 2:]
-
-    while True:  # hysteresis: grow the strong edges through 8-connected weak pixels
-        grown = strong | (weak & dilate(strong))
-        if torch.equal(grown, strong):
-            return strong
-        strong = grown
-
-
-def _chamfer_distance(zero, cap=20.0):
-    """OpenCV's distanceTransform(DIST_L2, mask 5): the 5x5 chamfer distance (steps 1, 1.4 and 2.1969,
-    summed in float32 as OpenCV 5 does) to the nearest True pixel of `zero` (B, H, W), capped at `cap`
-    (all the generator keeps). Bellman-Ford relaxation: after k sweeps every distance below k is final."""
-    one, diag, knight = (torch.tensor(v, dtype=torch.float32) for v in (1.0, 1.4, 2.1969))
-    big = torch.tensor(cap + 10.0)
-    d = torch.where(zero, torch.tensor(0.0), big).float()
-    B, H, W = d.shape
-    moves = [(0, 1, one), (1, 0, one), (1, 1, diag), (1, -1, diag), (1, 2, knight), (2, 1, knight), (1, -2, knight),
-             (2, -1, knight)]
-    for _ in range(int(cap) + 2):
-        p = F.pad(d, (2, 2, 2, 2), value=float(big))
-        new = d
-        for di, dj, cost in moves + [(-a, -b, c) for a, b, c in moves]:
-            new = torch.minimum(new, p[:, 2 + di:2 + di + H, 2 + dj:2 + dj + W] + cost.to(d.device))
-        if torch.equal(new, d):
-            break
-        d = new
-    return d.clamp(max=cap)
-
-
-def _equalize_hist(u8):
-    """OpenCV's equalizeHist on uint8 (B, H, W): the lookup table round(255 * cdf excluding the first
-    occupied level / (N - its count)); a constant image stays constant."""
-    B = u8.shape[0]
-    flat = u8.reshape(B, -1).long()
-    hist = torch.zeros(B, 256, dtype=torch.long, device=u8.device).scatter_add_(1, flat, torch.ones_like(flat))
-    first = (hist > 0).long().argmax(1, keepdim=True)
-    n_first = hist.gather(1, first)
-    total = flat.shape[1]
-    cum = hist.cumsum(1) - n_first  # counts above the first occupied level
-    scale = 255.0 / (total - n_first).clamp(min=1).double()
-    lut = torch.round(cum.double() * scale).clamp(0, 255)
-    lut = torch.where(torch.arange(256, device=u8.device) <= first, 0.0, lut)
-    lut = torch.where(n_first == total, first.double().expand(-1, 256), lut)
-    return lut.gather(1, flat).view(u8.shape)
-
-
-def _spatter(x, c, generator):
-    """The generator's spatter: a thresholded, blurred Gaussian 'liquid' layer drawn as water (severities
-    1-3: edge-shaded pale turquoise, via OpenCV's Canny, distance transform and histogram equalization,
-    re-implemented above) or mud (4-5: brown blots)."""
-    B, _, H, W = x.shape
-    liquid = _gaussian((c[0] + c[1] * _rand((B, 1, H, W), generator, x.device, "randn")), c[2])[:, 0]
-    liquid = torch.where(liquid < c[3], 0.0, liquid)
-    if c[5] == 0:
-        lu8 = (liquid * 255).floor().remainder(256)  # numpy's astype(uint8): a liquid value above 1 wraps around
-        dist = _chamfer_distance(_sobel_canny(lu8.to(torch.uint8))).float().double()[:, None]
-        box = torch.ones(3, dtype=torch.float64)
-        dist = (_filter2d(dist, box, mode="mirror") / 9).float().floor()  # cv2.blur -> astype(uint8)
-        dist = _equalize_hist(dist[:, 0].to(torch.uint8)).double()[:, None]
-        ker = torch.tensor([[-2.0, -1, 0], [-1, 1, 1], [0, 1, 2]], dtype=torch.float64)
-        dist = _linear_map(dist, ("emboss",), lambda e: _filter2d_2d(e, ker, "mirror"))
-        dist = torch.round(dist).clamp(0, 255)  # filter2D to uint8 (saturating)
-        dist = torch.round(_filter2d(dist, box, mode="mirror") / 9)  # cv2.blur on uint8 rounds
-        m = (lu8[:, None] * dist).float().double()
-        m = m / m.amax((2, 3), keepdim=True) * c[4]  # 0/0 -> NaN -> a black image, as in the generator
-        colour = torch.tensor([175, 238, 238], dtype=torch.float64, device=x.device).view(1, 3, 1, 1) / 255
-        return x + m * colour
-    m = _gaussian(torch.where(liquid > c[3], 1.0, 0.0)[:, None], c[4])
-    m = torch.where(m < 0.8, 0.0, m)
-    colour = torch.tensor([63, 42, 20], dtype=torch.float64, device=x.device).view(1, 3, 1, 1) / 255
-    return x * (1 - m) + colour * m
-
-
-def _warp_affine(x, M):
-    """cv2.warpAffine(x, M) with bilinear interpolation and BORDER_REFLECT_101 on float (B, C, H, W), one
-    2x3 matrix per image (B, 2, 3) mapping source to destination: each output pixel samples the input at
-    M^-1 (x, y). (OpenCV 5 samples float images at these exact positions; OpenCV 3, which made the
-    released files, rounded them to 1/32 pixel: a difference of at most 1/64 pixel.)"""
-    B, C, H, W = x.shape
-    a, b, c0, d, e, f0 = M.double().reshape(B, 6).unbind(1)
-    det = a * e - b * d
-    inv = torch.where(det != 0, 1 / det, torch.zeros_like(det))
-    A11, A12, A21, A22 = e * inv, -b * inv, -d * inv, a * inv
-    B1, B2 = -A11 * c0 - A12 * f0, -A21 * c0 - A22 * f0
-    ys = torch.arange(H, dtype=torch.float64, device=x.device).view(1, H, 1)
-    xs = torch.arange(W, dtype=torch.float64, device=x.device).view(1, 1, W)
-    v = lambda t: t.view(B, 1, 1)
-    return _bilinear(x, v(A21) * xs + v(A22) * ys + v(B2), v(A11) * xs + v(A12) * ys + v(B1), "mirror")
-
-
-def _bilinear(x, rows, cols, mode):
-    """Sample (B, C, H, W) at fractional (rows, cols) (B, H, W), bilinearly, neighbours beyond the border
-    taken by the rule of `_pad_index`: grid_sample's reflection about the border pixels' centres
-    (align_corners=True) is 'mirror', about their outer edges (align_corners=False) is 'reflect'."""
-    H, W = x.shape[-2:]
-    if mode == "mirror":
-        grid = torch.stack([cols * (2 / (W - 1)) - 1, rows * (2 / (H - 1)) - 1], -1)
-    else:
-        grid = torch.stack([(2 * cols + 1) / W - 1, (2 * rows + 1) / H - 1], -1)
-    return F.grid_sample(x, grid.to(x.dtype), "bilinear", "reflection", align_corners=mode == "mirror")
-
-
-def _elastic(x, c, generator):
-    """The generator's elastic transform: a random affine warp of three control points (cv2), then a
-    displacement field of Gaussian-smoothed uniform noise applied with linear interpolation (scipy
-    map_coordinates, 'reflect' borders). Constants are fractions of the image size."""
-    B, C, H, W = x.shape
-    alpha, sigma, shift = (v * H for v in c)
-    cy, cx, sq = H // 2, W // 2, min(H, W) // 3
-    src = torch.tensor([[cx + sq, cy + sq], [cx + sq, cy - sq], [cx - sq, cy - sq]], dtype=torch.float64)  # (x, y)
-    dst = src + shift * (2 * _rand((B, 3, 2), generator, "cpu").float().double() - 1)
-    dst = dst.float().double()  # float32 points, as in the generator
-    P = torch.cat([src, torch.ones(3, 1, dtype=torch.float64)], 1)  # solve M @ [x, y, 1] = dst for each image
-    M = torch.linalg.solve(P, dst).transpose(1, 2).to(x.device)
-    x = _warp_affine(x.float().double(), M).float().double()
-    fields = [(_gaussian(2 * _rand((B, 1, H, W), generator, x.device) - 1, sigma, "reflect", 3.0) * alpha).float()
-              for _ in range(2)]
-    dx, dy = (f.double()[:, 0] for f in fields)
-    rows = torch.arange(H, dtype=torch.float64, device=x.device).view(1, H, 1) + dy
-    cols = torch.arange(W, dtype=torch.float64, device=x.device).view(1, 1, W) + dx
-    return _bilinear(x, rows, cols, "reflect").float().double()
-
-
-_FROST_CACHE = {}
-
-
-def _frost_images(frost_dir, device):
-    """Hendrycks's frost pictures from `frost_dir`, scaled by 0.2 (bilinear, as cv2.resize) -> uint8-valued
-    float tensors (3, h, w). A missing file is a DataError naming it."""
-    key = (str(frost_dir), str(device))
-    if key not in _FROST_CACHE:
-        from PIL import Image
-        imgs = []
-        for name in FROST_FILES:
-            path = pathlib.Path(frost_dir) / name
-            if not path.exists():
-                raise DataError(f"frost image {path} not found: --frost-dir must hold {', '.join(FROST_FILES)} "
-                                f"(from Hendrycks's robustness repository, ImageNet-C/create_c)")
-            a = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).double()
-            size = (int(round(a.shape[1] * 0.2)), int(round(a.shape[2] * 0.2)))
-            a = F.interpolate(a[None], size=size, mode="bilinear", align_corners=False)[0]
-            imgs.append(torch.round(a).clamp(0, 255).to(device))
-        _FROST_CACHE[key] = imgs
-    return _FROST_CACHE[key]
-
-
-def corrupt(x, name, severity, generator=None, frost_dir=None):
-    """One CIFAR-10-C corruption (Hendrycks & Dietterich 2019) at `severity` 1..5 of a batch x
-    (B, 3, H, W) in [0, 1], on x's device, computed in float64 as the reference generator does, and
-    returned as uint8 (B, 3, H, W) truncated like the released files. Random numbers come from
-    `generator` (a torch.Generator on any device; the same generator state gives the same images on
-    every device of x). Severity constants are CIFAR-10-C's (32x32 images; DECISIONS.md D26).
-    Exact ports (same uint8 output up to floating-point ties, tested against numpy/scipy/skimage/
-    Pillow/OpenCV): every corruption but motion_blur and snow, whose ImageMagick motion blur is
-    re-implemented approximately (DECISIONS.md D27), and frost, whose pictures come from `frost_dir`."""
-    check_choice("corruption", name, CORRUPTION_NAMES)
-    if not (isinstance(severity, int) and 1 <= severity <= 5):
-        raise ValueError(f"severity {severity!r}: expected an integer in 1..5")
-    if x.dim() != 4 or x.shape[1] != 3:
-        raise ValueError(f"corrupt expects RGB images (B, 3, H, W), got {tuple(x.shape)}")
-    c = SEVERITY[name][severity - 1]
-    g, dev = generator, x.device
-    B, _, H, W = x.shape
-    x = x.double()
-    if name == "gaussian_noise":
-        out = x + c * _rand(x.shape, g, dev, "randn")
-    elif name == "shot_noise":
-        rate = (x * c).to(_gen_device(g))
-        out = torch.poisson(rate, generator=g).to(dev) / c
-    elif name == "impulse_noise":  # skimage random_noise('s&p'): each element flipped w.p. c, to 1 or 0 w.p. 1/2
-        flip, salt = _rand(x.shape, g, dev) < c, _rand(x.shape, g, dev) < 0.5
-        out = torch.where(flip, salt.double(), x)
-    elif name == "speckle_noise":
-        out = x + x * c * _rand(x.shape, g, dev, "randn")
-    elif name == "gaussian_blur":
-        out = _gaussian(x, c)
-    elif name == "defocus_blur":
-        k = _defocus_kernel(*c)
-        out = _linear_map(x, ("defocus", c), lambda e: _filter2d_2d(e, k, "mirror"))
-    elif name == "glass_blur":
-        sigma, delta, passes = c
-        u = _trunc_u8(_gaussian(x, sigma))
-        n = (H - 2 * delta) * (W - 2 * delta)
-        shifts = _rand((passes, n, 2, B), g, dev, "randint", -delta, delta)
-        out = _gaussian(_glass_swaps(u, shifts, delta).double() / 255, sigma)
-    elif name == "motion_blur":  # rounded to 8 bits by the PNG round trip, not truncated
-        angle = _rand((B,), g, dev) * 90 - 45
-        return torch.round(_motion_blur(x * 255, c[0], c[1], angle)).clamp(0, 255).to(torch.uint8)
-    elif name == "zoom_blur":  # the mean of x and its zooms by 1, 1.01, ... (float32 x, as in the generator)
-        zooms = np.arange(1, c, 0.01)
-
-        def zoom_mean(e):
-            return (e + sum(_clipped_zoom_matrix(H, z, dev) @ e @ _clipped_zoom_matrix(W, z, dev).T for z in zooms)
-                    ) / (len(zooms) + 1)
-
-        out = _linear_map(x.float().double(), ("zoom", c), zoom_mean)
-    elif name == "snow":
-        xf = x.float().double()
-        layer = c[0] + c[1] * _rand((B, 1, H, W), g, dev, "randn")
-        layer = _sandwich(_clipped_zoom_matrix(H, c[2], dev), layer, _clipped_zoom_matrix(W, c[2], dev))
-        layer = torch.where(layer < c[3], 0.0, layer)
-        layer = (layer.clamp(0, 1) * 255).floor()  # an 8-bit greyscale image before ImageMagick
-        angle = _rand((B,), g, dev) * 90 - 135
-        layer = torch.round(_motion_blur(layer, c[4], c[5], angle)).clamp(0, 255) / 255
-        grey = (0.299 * xf[:, 0] + 0.587 * xf[:, 1] + 0.114 * xf[:, 2])[:, None].float().double()
-        xf = c[6] * xf + (1 - c[6]) * torch.maximum(xf, grey * 1.5 + 0.5)
-        out = xf + layer + layer.flip(2, 3)
-    elif name == "frost":
-        if frost_dir is None:
-            raise ValueError("frost needs Hendrycks's frost images: pass their folder as frost_dir (--frost-dir)")
-        imgs = _frost_images(frost_dir, dev)
-        pick = _rand((B,), g, "cpu", "randint", 0, len(imgs)).tolist()
-        u = _rand((B, 2), g, "cpu")
-        crops = []
-        for i, k in enumerate(pick):
-            h, w = imgs[k].shape[1:]
-            r0, c0 = int(u[i, 0] * (h - H)), int(u[i, 1] * (w - W))
-            crops.append(imgs[k][:, r0:r0 + H, c0:c0 + W])
-        return (c[0] * torch.round(x * 255) + c[1] * torch.stack(crops)).clamp(0, 255).to(torch.uint8)
-    elif name == "fog":
-        size = 1 << max(0, (max(H, W) - 1).bit_length())
-        plasma = plasma_fractal(B, size, c[1], g, dev)[:, None, :H, :W]
-        top = x.amax((1, 2, 3), keepdim=True)
-        out = (x + c[0] * plasma) * top / (top + c[0])
-    elif name == "spatter":
-        out = _spatter(x.float().double(), c, g)
-    elif name in ("brightness", "saturate"):
-        hsv = rgb_to_hsv(x)
-        if name == "brightness":
-            hsv[:, 2] = (hsv[:, 2] + c).clamp(0, 1)
-        else:
-            hsv[:, 1] = (hsv[:, 1] * c[0] + c[1]).clamp(0, 1)
-        out = hsv_to_rgb(hsv)
-    elif name == "contrast":
-        m = x.mean((2, 3), keepdim=True)
-        out = (x - m) * c + m
-    elif name == "elastic_transform":
-        out = _elastic(x, c, g)
-    elif name == "pixelate":
-        u = torch.round(x * 255)
-        return _pil_resize_box(_pil_resize_box(u, int(H * c)), H).to(torch.uint8)
-    else:  # jpeg_compression
-        return _jpeg(torch.round(x * 255).to(torch.uint8), c)
-    return _trunc_u8(out)
-
-
-def _defocus_kernel(radius, alias_blur):
-    """The generator's defocus kernel: an aliased disk of `radius` on a 17x17 grid, normalized, then
-    smoothed by cv2.GaussianBlur(3x3, sigma=alias_blur) in float32."""
-    t = torch.arange(-8, 9, dtype=torch.float32)
-    disk = ((t[:, None] ** 2 + t[None, :] ** 2) <= radius ** 2).float()
-    disk = disk / disk.sum()
-    g = torch.exp(-torch.tensor([-1.0, 0.0, 1.0]) ** 2 / (2 * alias_blur ** 2))
-    g = (g / g.sum()).float()
-    k = _filter2d(disk[None, None].double(), g.double(), mode="mirror")[0, 0].float()
-    r = int((k != 0).any(0).nonzero().max()) - 8  # drop the all-zero border (the disk is small at CIFAR's radii)
-    return k[8 - r:9 + r, 8 - r:9 + r]
-
-
-def _filter2d_2d(x, k, mode):
-    """Correlation of (B, C, H, W) with a 2-D kernel (cv2.filter2D per channel)."""
-    B, C, H, W = x.shape
-    r = k.shape[0] // 2
-    p = x[:, :, _pad_index(H, r, mode, x.device)][:, :, :, _pad_index(W, r, mode, x.device)]
-    return F.conv2d(p.reshape(B * C, 1, H + 2 * r, W + 2 * r), k.to(x)[None, None]).view(B, C, H, W)
-
-
-CIFAR10C_URL = "https://zenodo.org/record/2535967/files/CIFAR-10-C.tar"  # 2,918,471,680 bytes
-SOURCES["cifar10c"] = ("", [("CIFAR-10-C.tar", CIFAR10C_URL, "56bf5dcef84df0e2308c6dcbcbbd8499")], ["CIFAR-10-C/labels.npy"])
-
-
-def read_cifar10c(root, name, test_labels, download_ok=False):
-    """The released CIFAR-10-C file of one corruption, memory-mapped: --data-root/CIFAR-10-C/<name>.npy,
-    uint8 (5 N, 32, 32, 3) -- severities 1..5 in blocks of N test images in CIFAR-10 test order -- checked
-    against labels.npy and `test_labels` (the CIFAR-10 test labels, N of them) block by block.
-    A missing, truncated or mislabelled file is a DataError naming it."""
-    check_choice("corruption", name, CORRUPTION_NAMES)
-    base = _require("cifar10c", root, download_ok) / "CIFAR-10-C"
-    n = len(test_labels)
-
-    def load(fname, shape):
-        path = base / fname
-        if not path.exists():
-            raise DataError(f"CIFAR-10-C file {path} not found (expected {fname} with uint8 shape {shape})")
-        try:
-            a = np.load(path, mmap_mode="r")
-        except Exception as e:  # truncated header or data, not a .npy file
-            raise DataError(f"corrupt CIFAR-10-C file {path}: {e.__class__.__name__}: {e}") from None
-        if a.dtype != np.uint8 or a.shape != shape:
-            raise DataError(f"corrupt CIFAR-10-C file {path}: {a.dtype} {a.shape}, expected uint8 {shape}")
-        return a
-
-    labels = load("labels.npy", (5 * n,))
-    expected = np.asarray(test_labels, dtype=np.int64)
-    for s in range(5):
-        if not np.array_equal(labels[s * n:(s + 1) * n].astype(np.int64), expected):
-            raise DataError(f"CIFAR-10-C labels {base / 'labels.npy'}: severity block {s + 1} differs from the CIFAR-10 "
-                            f"test labels (a different test set or a reordered file)")
-    return load(f"{name}.npy", (5 * n, 32, 32, 3))
-
-
-def adapt_bn(model, x, batch_size=500):
-    """Re-estimate every BatchNorm's running statistics on x (P1 Table 7, App. F; Li et al. 2016, AdaBN):
-    reset them, then run x through the model with only the BN layers in train mode, under no_grad, with
-    momentum None so that the statistics are the exact cumulative average over the batches (each batch
-    weighted equally: a batch_size dividing len(x), or >= len(x), gives the set's own mean and unbiased
-    variance). Momentum and every module's mode are restored afterwards. A model without BN is left
-    untouched. Returns the model."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return model
-    modes = {m: m.training for m in model.modules()}
-    momenta = [m.momentum for m in bns]
-    model.eval()
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    with torch.no_grad():
-        for xb in x.split(batch_size):
-            model(xb)
-    for m, mom in zip(bns, momenta):
-        m.momentum = mom
-    for m, t in modes.items():
-        m.train(t)
-    return model

@@ -109,8 +109,8 @@ def cost_table1(args):
         kw = dict(norm=n, num_classes=10, in_channels=shape[0]) | ({} if a.startswith("wrn") else dict(width=args.width))
         r = exp_table1.recipe(args, d, a, n)
         t.train(a, shape, n_train, r["epochs"], args.seeds, batch=r["batch_size"], **kw)
-        conv = exp_table1.ARTIFACTS[args.artifact]["runs"]["conv"]
-        specs = exp_table1.attack_suite(args, conv, d, (1.0, 1.0, 1.0))
+        space = exp_table1.ARTIFACTS[args.artifact]["runs"]["space"]
+        specs = exp_table1.attack_suite(args, space, d, (1.0, 1.0, 1.0))
         t.model(a, shape, fb=args.seeds * n_test * sum(attack_steps(s) for s in specs.values()), kind="attack", **kw)
         t.model(a, shape, fwd=args.seeds * n_test * len(specs), **kw)
     return t
@@ -137,7 +137,7 @@ def cost_transfer(args):
         for training in ("standard", "adversarial"):
             for n in args.norm:
                 kw = dict(norm=n, num_classes=10, in_channels=3, width=args.width)
-                r = exp_transfer.recipe(args, "p1", n, training)
+                r = exp_transfer.recipe(args, "pixels", n, training)
                 t.train(args.arch[0], shape, n_train, r["epochs"], args.seeds, batch=r["batch_size"],
                         adv_steps=r["adv"]["steps"] if r.get("adv") else 0, **kw)
                 t.model(args.arch[0], shape, fb=args.seeds * pool * args.inv_steps, kind="extract", **kw)

@@ -4,9 +4,23 @@ Reproduces P1 Fig 1 (VGG16 x five norms, standard and adversarial training: accu
 P1 Table 7 (BN models before and after re-estimating the BN statistics on each corrupted set, App. F)
 and P2 Table 4 with its Sec. 3 prose (VGG8, VGG13, WRN-28-10 Fixup vs BN: noise corruptions per
 severity, mCE, per-corruption gaps). Corrupted images are the released CIFAR-10-C files when they are
-under --data-root (or fetched with --download), otherwise made by common.corrupt, a batched port of
+under --data-root (or fetched with --download), otherwise made by `corrupt` (section 2), a batched port of
 Hendrycks & Dietterich's generator (motion blur and snow approximated; frost needs --frost-dir).
 
+Quick results (update_readme.py writes this from results/quick/):
+    python exp_corruption.py --preset quick --artifact fig1
+        9 held / 12 reversed / 62 inconclusive
+        P1 Fig 1: IN is more accurate than none under fog and contrast (standard training): +20.7 [+13.2, +28.3]
+          (held)
+    python exp_corruption.py --preset quick --artifact p2_t4
+        0 held / 0 reversed / 26 inconclusive
+        P2 Sec. 3: BN has higher error than none on every noise corruption at every severity: +26.9 [-10.5, +64.3]
+          (inconclusive)
+    python exp_corruption.py --preset quick --artifact t7
+        2 held / 0 reversed / 0 inconclusive
+        P1 Table 7: Re-estimating the BN statistics on each corrupted set raises accuracy: +9.6 [+4.6, +14.5] (held)
+
+Run it:
     python exp_corruption.py --preset quick --artifact fig1   # bundled digits, CPU, ~5 min per artifact
     python exp_corruption.py --artifact t7 --device cuda      # P1 Table 7 (CIFAR-10 and CIFAR-10-C under data/)
     python exp_corruption.py --compare-released               # generator vs the released files, per severity
@@ -15,89 +29,42 @@ Hendrycks & Dietterich's generator (motion blur and snow approximated; frost nee
 Corruptions are applied in [0, 1] pixel space; P2's models standardize afterwards (P2 Sec. 3), P1's
 inside the model. Models are trained with exp_table1.py's recipes, so --cache shares them (DECISIONS.md D28).
 """
-import argparse
 import copy
+import functools
+import io
 import math
 import pathlib
 import time
+import warnings
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from common import (APPROXIMATE, CORRUPTIONS, CORRUPTION_NAMES, DataError, NORMS, Standardize, Sweep, adapt_bn,
-                    add_scale_out_flags, build_dataset, cache_path, check_numbers, class_balanced_subset, corrupt,
-                    evaluate, fmt_mean_sem, log_to, make_model, mean_sem, merge_runs, parse_with_presets, pick_device,
-                    prepare_run_dir, print_config, read_cifar10, read_cifar10c, run_script, save_figure, set_seed, show,
-                    train_model, write_claims, write_config, write_text_atomic)
+from common import (CORRUPTIONS, CORRUPTION_NAMES, DataError, NORMS, P2_INPUT, Sweep, adapt_bn, add_run_flags, build_dataset,
+                    cache_path, check_choice, check_numbers, claim, class_balanced_subset, evaluate, fmt_mean_sem, log_to,
+                    make_model, make_parser, mean_sem, merge_runs, model_in_space, model_key, model_kwargs, paper_recipe,
+                    parse_with_presets, pick_device, prepare_run_dir, print_config, read_cifar10, read_cifar10c, run_script,
+                    save_figure, set_seed, show, train_model, with_overrides, write_claims, write_config, write_text_atomic)
+
 
 # ================================================================================================
-# 1. Artifacts: what each one trains, and the papers' claims it tests
+# 1. Paper settings
 # ================================================================================================
 
 NOISE3 = ["gaussian_noise", "shot_noise", "speckle_noise"]  # the noises P1 Sec. 1 names
+
 CATEGORY = {n: cat for cat, names in CORRUPTIONS.items() for n in names}
 
 
-def claim(id, paper, text, paper_value, a, b, expect="<", metric="acc_c", per=(), where=None):
-    """A claim as data (common.evaluate_claims), on the per-corruption rows of `rows_for_claims`."""
-    return dict(id=id, paper=paper, claim=text, paper_value=paper_value, metric=metric, a=a, b=b, expect=expect, per=per,
-                where=where or {}, scale=100.0)
-
-
-STD, ADV = dict(training="standard"), dict(training="adversarial")
-MEAN = dict(severity="mean", stats="source")  # accuracy averaged over the five severities, statistics not adapted
-FIG1_CLAIMS = [
-    claim("fig1_adv_noise", "P1 Fig 1", "Adversarial training raises accuracy under noise", "higher for every norm "
-          "(figure only; Ford et al. 2019)", ADV, STD, ">", per=("norm", "corruption"), where=MEAN | dict(corruption=NOISE3)),
-    claim("fig1_adv_fog_contrast", "P1 Fig 1", "Adversarial training lowers accuracy under fog and contrast", "lower "
-          "(figure only)", ADV, STD, per=("norm", "corruption"), where=MEAN | dict(corruption=["fog", "contrast"])),
-    *[claim(f"fig1_{n}_noise", "P1 Fig 1", f"{n.upper()} is less accurate than none under noise (standard training)",
-            "none best on noise (figure only)", dict(norm=n), dict(norm="none"), per=("corruption",),
-            where=MEAN | STD | dict(corruption=NOISE3)) for n in ("bn", "in", "ln", "gn")],
-    *[claim(f"fig1_{n}_fog_contrast", "P1 Fig 1", f"{n.upper()} is more accurate than none under fog and contrast "
-            "(standard training)", "normalized better (figure only)", dict(norm=n), dict(norm="none"), ">",
-            per=("corruption",), where=MEAN | STD | dict(corruption=["fog", "contrast"])) for n in ("bn", "in", "ln", "gn")],
-    *[claim(f"fig1_in_contrast_{n}", "P1 Fig 1", f"IN is unusually robust to contrast: above {n.upper()} (standard "
-            "training)", "IN highest on contrast (figure only)", {"norm": "in"}, dict(norm=n), ">",
-            where=MEAN | STD | dict(corruption="contrast")) for n in ("none", "bn", "ln", "gn")],
-    *[claim(f"fig1_bn_below_{n}", "P1 Sec. 5", f"BN is more vulnerable than {n.upper()} to every corruption (standard "
-            "training)", "all corruptions (figure only)", dict(norm="bn"), dict(norm=n), per=("corruption",),
-            where=MEAN | STD) for n in ("in", "ln", "gn")],
-]
-T7_CLAIMS = [claim("t7_adapt", "P1 Table 7", "Re-estimating the BN statistics on each corrupted set raises accuracy",
-                   "VGG16 71.9 → 79.4, ResNet18 73.9 → 82.3", dict(stats="adapted"), dict(stats="source"), ">",
-                   metric="acc_mean", per=("arch",), where=dict(severity="all"))]
-BN, NONE, FIXUP = dict(norm="bn"), dict(norm="none"), dict(norm="fixup")
-P2_T4_CLAIMS = [
-    *[claim(f"p2t4_noise_cells_{ref}", "P2 Sec. 3", f"BN has higher error than {ref} on every noise corruption at every "
-            "severity", "every cell (VGG13 Gaussian gap 26-28 at severities 3-5)", BN, b,
-            per=("arch", "corruption", "severity"), where=dict(category="noise", severity=[1, 2, 3, 4, 5], stats="source"))
-      for ref, b in (("none", NONE), ("Fixup", FIXUP))],
-    *[claim(f"p2t4_noise_{ref}", "P2 Table 4", f"BN is less accurate than {ref} under noise (mean over severities)",
-            "VGG8 −9.2/−7.5/−5.6/−4.5, VGG13 −20.9/−13.6/−14.1/−11.1, WRN −12.1/−10.7/−8.7/−6.9 (Gaussian/impulse/shot/"
-            "speckle)", BN, b, per=("arch", "corruption"), where=MEAN | dict(category="noise"))
-      for ref, b in (("none", NONE), ("Fixup", FIXUP))],
-    *[claim(f"p2t4_mce_{ref}", "P2 Sec. 3", f"BN increases mCE over all corruptions (vs {ref})", "VGG8 +1.9 ± 0.9, VGG13 "
-            "+2.0 ± 0.3, WRN +1.6 ± 0.4", BN, b, ">", metric="mce", per=("arch",), where=dict(severity="all", stats="source"))
-      for ref, b in (("none", NONE), ("Fixup", FIXUP))],
-    *[claim(f"p2t4_clean_{ref}", "P2 Table 4", f"BN raises clean accuracy (vs {ref})", "VGG8 +0.8, VGG13 +1.3, WRN +1.3",
-            BN, b, ">", metric="acc_clean", per=("arch",), where=dict(severity="all", stats="source"))
-      for ref, b in (("none", NONE), ("Fixup", FIXUP))],
-]
-ARTIFACTS = {  # conv: input convention (DECISIONS.md D2); models {dataset: [archs]}; norms; trainings; adapt BN?
-    "fig1": dict(title="P1 Fig 1", runs=dict(conv="p1", models={"cifar10": ["vgg16"]}, norms=list(NORMS),
-                                             trainings=["standard", "adversarial"], seeds=1, adapt=False),
-                 claims=FIG1_CLAIMS),
-    "t7": dict(title="P1 Table 7", runs=dict(conv="p1", models={"cifar10": ["vgg16", "resnet18"]}, norms=["bn"],
-                                             trainings=["standard"], seeds=1, adapt=True), claims=T7_CLAIMS),
-    "p2_t4": dict(title="P2 Table 4", runs=dict(conv="p2", models={"cifar10": ["vgg8", "vgg13", "wrn28_10"]},
-                                                norms=["none", "bn", "fixup"], trainings=["standard"], seeds=3, adapt=False),
-                  claims=P2_T4_CLAIMS),
+ARTIFACTS = {  # space: input space (DECISIONS.md D2); models {dataset: [archs]}; norms; trainings; adapt BN?
+    "fig1": dict(title="P1 Fig 1", runs=dict(space="pixels", models={"cifar10": ["vgg16"]}, norms=list(NORMS),
+                                             trainings=["standard", "adversarial"], seeds=1, adapt=False)),
+    "t7": dict(title="P1 Table 7", runs=dict(space="pixels", models={"cifar10": ["vgg16", "resnet18"]}, norms=["bn"],
+                                             trainings=["standard"], seeds=1, adapt=True)),
+    "p2_t4": dict(title="P2 Table 4", runs=dict(space="standardized", models={"cifar10": ["vgg8", "vgg13", "wrn28_10"]},
+                                                norms=["none", "bn", "fixup"], trainings=["standard"], seeds=3, adapt=False)),
 }
-
-# ================================================================================================
-# 2. Arguments and presets
-# ================================================================================================
 
 PRESETS = {
     "paper": dict(dataset=None, arch=None, norm=None, width=1.0, batch_size=128, weight_decay=5e-4, warmup_epochs=0.0,
@@ -111,17 +78,14 @@ PRESETS = {
                   weight_decay=5e-4, warmup_epochs=0.0, n_eval=40, size=None, gn_groups=2, adv_eps=0.5, adv_steps=2,
                   adv_step_size=0.1, channels=None, seeds=1, severities=[1, 5]),
 }
+
+
 # Per artifact, the quick preset's models and seeds (digits; DECISIONS.md D28). p2_t4 keeps P2's fixed LR, under
 # which unnormalized VGGs need 30 epochs (measured with 10: 3 of 10 at chance on the test digits, the rest at 36-89 %).
 QUICK = {
     "fig1": dict(arch=["vgg11"], seeds=3), "t7": dict(arch=["vgg11", "resnet18"], seeds=5),
     "p2_t4": dict(arch=["vgg8", "vgg11"], seeds=5, norm=["none", "bn"], epochs=30),
 }
-P1_CIFAR_VGG = dict(epochs=200, lr=0.01, milestones=(100, 150), augment=True)  # as exp_table1.py (DECISIONS.md D1)
-P1_RESNET = dict(epochs=350, lr=0.1, milestones=(150, 250), augment=True)      # P1 App. B.1
-P2_CIFAR = dict(epochs=150, lr=0.01, milestones=(), augment=True)              # P2 Table 2 protocol (VGG8, WRN)
-P2_DEPTH = dict(epochs=350, milestones=(150, 250), augment=True)               # P2 Table 3 protocol (VGG13)
-P2_INPUT = {"svhn": ((0.5,) * 3, (0.5,) * 3)}
 
 
 def resolve(preset, artifact):
@@ -133,71 +97,8 @@ def resolve(preset, artifact):
     return v
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--artifact", default="fig1", choices=sorted(ARTIFACTS), help="paper figure or table to reproduce")
-    p.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="paper settings, quick (digits, CPU) or smoke")
-    p.add_argument("--dataset", default=None, help="override the dataset: cifar10|digits|synthetic")
-    p.add_argument("--arch", nargs="+", default=None, help="override the architectures (e.g. vgg16 resnet18)")
-    p.add_argument("--norm", nargs="+", default=None, choices=list(NORMS) + ["fixup"], help="override the norms")
-    p.add_argument("--seeds", type=int, help="seeds per model (P2 Table 4: 3 for VGG, 5 for WRN; P1: 1)")
-    p.add_argument("--width", type=float, help="channel multiplier (1 = the paper's models)")
-    p.add_argument("--epochs", type=int, help="training epochs (None = each model's recipe: P1 VGG 200, ResNet 350; "
-                   "P2 150, VGG13 350)")
-    p.add_argument("--lr", type=float, help="initial learning rate (None = each model's recipe)")
-    p.add_argument("--batch-size", type=int, help="SGD batch size")
-    p.add_argument("--weight-decay", type=float, help="L2 weight decay (DECISIONS.md D1)")
-    p.add_argument("--warmup-epochs", type=float, help="linear LR warm-up")
-    p.add_argument("--adv-eps", type=float, help="adversarial training (fig1): l2 PGD budget in pixels (DECISIONS.md D15)")
-    p.add_argument("--adv-steps", type=int, help="adversarial training: PGD steps")
-    p.add_argument("--adv-step-size", type=float, help="adversarial training: PGD step size")
-    p.add_argument("--n-eval", type=int, help="test images evaluated, class-balanced (None = the whole test set)")
-    p.add_argument("--size", type=int, help="resize images to size x size (None = the dataset's own)")
-    p.add_argument("--channels", type=int, help="repeat grey images to this many channels (None = the dataset's own)")
-    p.add_argument("--gn-groups", type=int, help="GroupNorm groups (None = min(32, channels))")
-    p.add_argument("--corruptions", nargs="+", default=list(CORRUPTION_NAMES), choices=list(CORRUPTION_NAMES),
-                   help="corruptions to evaluate")
-    p.add_argument("--severities", nargs="+", type=int, help="severities to evaluate (1..5)")
-    p.add_argument("--source", default="auto", choices=["auto", "released", "generated"], help="corrupted images: the "
-                   "released CIFAR-10-C files (auto: when present under --data-root) or common.corrupt")
-    p.add_argument("--frost-dir", default=None, help="folder with Hendrycks's frost1.png..frost5.jpg (generated frost; "
-                   "without it frost is skipped and said so)")
-    p.add_argument("--corruption-seed", type=int, default=0, help="seed of the generated corruptions")
-    p.add_argument("--adapt-split", action="store_true", help="t7: adapt the BN statistics on one half of each corrupted "
-                   "set and evaluate both columns on the other (default: adapt and evaluate on the whole set)")
-    p.add_argument("--compare-released", action="store_true", help="only compare the generator with the released "
-                   "CIFAR-10-C files: mean absolute difference per corruption and severity")
-    p.add_argument("--data-root", default="data", help="folder holding cifar-10-batches-py/ and CIFAR-10-C/")
-    p.add_argument("--download", action="store_true", help="fetch missing CIFAR-10 / CIFAR-10-C (md5-checked; 2.9 GB)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast for training on CUDA")
-    p.add_argument("--cache", default=None, help="shared checkpoint cache: reuse a model trained by any script with the "
-                   "same dataset, architecture, norm, width, recipe and seed")
-    p.add_argument("--out", default=None, help="run directory (default runs/exp_corruption/<timestamp>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out, keeping finished models")
-    add_scale_out_flags(p, "runs")
-    p.add_argument("--plot-only", metavar="RUN_DIR", nargs="+", default=None,
-                   help="redraw table.md, claims.md and the figure from the records of RUN_DIR (several: the shards of one "
-                   "run, merged)")
-    args = parse_with_presets(p, resolve, argv)
-    if args.plot_only:
-        return args
-    if args.dataset is not None and args.dataset not in ("cifar10", "digits", "synthetic"):
-        p.error(f"--dataset {args.dataset!r}: expected cifar10, digits or synthetic")
-    check_numbers(p, args, at_least_one=("seeds", "epochs", "batch_size", "adv_steps", "n_eval", "size", "channels",
-                                         "gn_groups"),
-                  positive=("width", "lr"), non_negative=("weight_decay", "warmup_epochs", "adv_eps", "adv_step_size",
-                                                          "corruption_seed"))
-    bad = [s for s in args.severities if not 1 <= s <= 5]
-    if bad:
-        p.error(f"--severities {bad[0]}: expected integers in 1..5")
-    if args.frost_dir is not None and not pathlib.Path(args.frost_dir).is_dir():
-        p.error(f"--frost-dir {args.frost_dir}: not a folder")
-    return args
-
-
 # ================================================================================================
-# 3. Experiment: models (exp_table1.py's recipes), corrupted sets, evaluation
+# 2. Experiment
 # ================================================================================================
 
 def planned_runs(args):
@@ -223,38 +124,18 @@ def plan(args):
 
 
 def recipe(args, dataset, arch, norm, training):
-    """exp_table1.py's recipe for this model (the same dict, so the checkpoint-cache key matches), plus
-    l2 PGD adversarial training (exp_ligs_trend.py's, DECISIONS.md D15) for fig1's right panel."""
-    if ARTIFACTS[args.artifact]["runs"]["conv"] == "p1":
-        r = P1_RESNET if arch.startswith("resnet") else P1_CIFAR_VGG
-    elif arch == "vgg13":
-        r = P2_DEPTH | dict(lr=0.1 if norm == "bn" else 0.01)
+    """exp_table1.py's recipe for this model (common.RECIPES: the same dict, so the checkpoint-cache key matches;
+    P1's ResNet recipe for every ResNet, P2 Table 3's depth protocol for VGG13), plus l2 PGD adversarial training
+    (exp_ligs_trend.py's, DECISIONS.md D15) for fig1's right panel."""
+    if ARTIFACTS[args.artifact]["runs"]["space"] == "pixels":
+        r = paper_recipe("p1_resnet" if arch.startswith("resnet") else "p1_cifar_vgg")
     else:
-        r = P2_CIFAR
-    r = dict(r, batch_size=args.batch_size, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs)
-    if args.epochs is not None:
-        scale = args.epochs / r["epochs"]
-        r |= dict(epochs=args.epochs, milestones=tuple(max(1, round(m * scale)) for m in r["milestones"]))
-    if args.lr is not None:
-        r["lr"] = args.lr
-    if dataset in ("digits", "synthetic"):
-        r["augment"] = False
+        r = paper_recipe("p2_depth" if arch == "vgg13" else "p2_cifar", norm)
+    r = with_overrides(r, args, dataset)
     if training == "adversarial":
         r["adv"] = dict(kind="pgd", norm="l2", eps=args.adv_eps, steps=args.adv_steps, step_size=args.adv_step_size,
                         clip=(0.0, 1.0))
     return r
-
-
-def model_kwargs(args, data, arch, norm):
-    kw = dict(norm=norm, width=args.width, num_classes=data.num_classes, in_channels=data.shape[0])
-    if args.gn_groups:
-        kw["gn_groups"] = args.gn_groups
-    if arch.startswith("wrn"):
-        kw.pop("width")
-        kw.pop("gn_groups", None)
-        if norm == "fixup":
-            kw["final_bn"] = True  # P2 footnote 7
-    return kw
 
 
 def eval_subset(args, data):
@@ -319,24 +200,17 @@ def evaluate_corruptions(args, model, input_fn, sets, y, adapt, log):
 
 
 def run_one(args, data, sets, dataset, arch, norm, training, seed, device, ckpt, log):
-    conv = ARTIFACTS[args.artifact]["runs"]["conv"]
+    space = ARTIFACTS[args.artifact]["runs"]["space"]
     set_seed(seed)
-    kw = model_kwargs(args, data, arch, norm)
-    mean, std = P2_INPUT.get(dataset, (data.mean, data.std))
-    if conv == "p1":
-        model, input_fn = make_model(arch, mean=data.mean, std=data.std, **kw).to(device), None
-    else:
-        model, input_fn = make_model(arch, **kw).to(device), Standardize(mean, std).to(device)
-    model = model.to(memory_format=torch.channels_last)
+    kw = model_kwargs(arch, norm, data, args.width, args.gn_groups)
+    mean, std = (data.mean, data.std) if space == "pixels" else P2_INPUT.get(dataset, (data.mean, data.std))
+    model, input_fn = model_in_space(arch, kw, space, mean, std, device)
     r = recipe(args, dataset, arch, norm, training)
-    key = dict(dataset=dataset, size=args.size, arch=arch, model=kw, recipe=r, seed=seed, amp=args.amp,
-               input=dict(conv=conv, mean=mean, std=std))  # exp_table1.py's key: a model trained there is reused
-    if args.channels:
-        key["channels"] = args.channels
+    key = model_key(dataset, args.size, arch, kw, r, seed, args.amp, space, mean, std, args.channels)  # exp_table1.py's
     tag = f"[{dataset} {arch} {norm} {training} s{seed}]"
     t0 = time.time()
     res = train_model(model, data, r | dict(input_fn=input_fn), seed=seed, ckpt=cache_path(args.cache, key) or ckpt,
-                      log=log, amp=args.amp, tag=tag, key=key)
+                      log=log, amp=args.amp, tag=tag, key=key, ddp_bn=args.ddp_bn)
     rec = dict(artifact=args.artifact, dataset=dataset, arch=arch, norm=norm, training=training, seed=seed,
                status=res["status"], reason=res["reason"], epochs=r["epochs"], lr=r["lr"])
     if res["status"] != "ok":
@@ -378,9 +252,692 @@ def compare_released(args, device):
     return out
 
 
+# --- The CIFAR-10-C generator: a batched port of Hendrycks & Dietterich's (2019) per-image generator ---------------
+# (P1 Fig 1, P2 Table 4; DECISIONS.md D26-D27). Only this script uses it, so it lives here rather than in common.py.
+# tests/test_corruptions.py checks it against tests/cifar_c_reference.py, written from the original's formulas.
+
+# The severity constants (1..5) of Hendrycks & Dietterich's CIFAR generator. Pixels are in [0, 1]; every result
+# is clipped, multiplied by 255 and truncated to uint8, as in the released files.
+APPROXIMATE = ("motion_blur", "snow")  # ImageMagick's motion blur, re-implemented (DECISIONS.md D27)
+SEVERITY = {
+    "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),
+    "shot_noise": (500, 250, 100, 75, 50),
+    "impulse_noise": (0.01, 0.02, 0.03, 0.05, 0.07),
+    "speckle_noise": (0.06, 0.10, 0.12, 0.16, 0.20),
+    "defocus_blur": ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)),  # disk radius, alias blur
+    "glass_blur": ((0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)),  # sigma, max shift, passes
+    "motion_blur": ((6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5)),  # radius, sigma
+    "zoom_blur": (1.06, 1.11, 1.16, 1.21, 1.26),  # zoom factors 1, 1.01, ... below this bound
+    "gaussian_blur": (0.4, 0.6, 0.7, 0.8, 1.0),
+    "snow": ((0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.9), (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9),
+             (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85), (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8)),
+    "frost": ((1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45)),
+    "fog": ((0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)),  # strength, plasma-fractal wibble decay
+    "spatter": ((0.62, 0.1, 0.7, 0.7, 0.5, 0), (0.65, 0.1, 0.8, 0.7, 0.5, 0), (0.65, 0.3, 1, 0.69, 0.5, 0),
+                (0.65, 0.1, 0.7, 0.69, 0.6, 1), (0.65, 0.1, 0.5, 0.68, 0.6, 1)),  # last: 0 water, 1 mud
+    "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),
+    "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),
+    "elastic_transform": ((0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05), (0.1, 0.03, 0.03)),
+    "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),
+    "jpeg_compression": (80, 65, 58, 50, 40),
+    "saturate": ((0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2)),
+}
+FROST_FILES = ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg")  # the generator draws 1 of 5
+
+
+def _pad_index(n, r, mode, device):
+    """Source index of every position of a length-n axis padded by r on both sides, for the border
+    rules of the reference libraries: 'nearest' (edge), 'mirror' (d c b | a b c d: OpenCV's default
+    BORDER_REFLECT_101, scipy 'mirror') and 'reflect' (c b a | a b c: scipy/skimage 'reflect')."""
+    i = torch.arange(-r, n + r, device=device)
+    if mode == "nearest":
+        return i.clamp(0, n - 1)
+    period = 2 * n - 2 if mode == "mirror" else 2 * n
+    i = i.remainder(max(period, 1))
+    return torch.where(i < n, i, period - i - (0 if mode == "mirror" else 1))
+
+
+def _filter_matrix(n, k, mode, device):
+    """1-D correlation with kernel k over a length-n axis, borders by the rule of `_pad_index`, as an
+    (n, n) matrix: filtering a 32-pixel axis is then one small matrix product (on a CPU much faster
+    than a float64 convolution, and the same on every device)."""
+    r = len(k) // 2
+    src = _pad_index(n, r, mode, "cpu")
+    m = torch.zeros(n, n, dtype=torch.float64)
+    rows = torch.arange(n)
+    for t in range(len(k)):
+        m.index_put_((rows, src[t:t + n]), k[t].double().expand(n), accumulate=True)
+    return m.to(device)
+
+
+def _filter2d(x, kh, kw=None, mode="nearest"):
+    """Separable correlation of (B, C, H, W) with the 1-D kernels kh (rows) and kw (columns, default kh)
+    under a border rule of `_pad_index` -- scipy.ndimage / skimage / cv2 filtering, batched."""
+    kw = kh if kw is None else kw
+    H, W = x.shape[-2:]
+    mh, mw = _filter_matrix(H, kh, mode, x.device).to(x.dtype), _filter_matrix(W, kw, mode, x.device).to(x.dtype)
+    return _sandwich(mh, x, mw)
+
+
+def _sandwich(mh, x, mw):
+    """mh @ x @ mw.T over the last two axes of x (einsum: a broadcast mh @ x runs one tiny product per
+    image on a CPU)."""
+    return torch.einsum("hk,...kw->...hw", mh, x @ mw.T)
+
+
+def _gauss1d(sigma, truncate=4.0):
+    """scipy.ndimage's Gaussian kernel: radius int(truncate * sigma + 0.5), normalized to sum 1."""
+    r = int(truncate * sigma + 0.5)
+    t = torch.arange(-r, r + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * t ** 2 / max(sigma, 1e-12) ** 2) if sigma > 0 else (t == 0).double()
+    return k / k.sum()
+
+
+def _gaussian(x, sigma, mode="nearest", truncate=4.0):
+    """skimage.filters.gaussian per channel (scipy gaussian_filter over H and W)."""
+    return _filter2d(x, _gauss1d(sigma, truncate), mode=mode) if sigma > 0 else x
+
+
+def _zoom_matrix(n_in, n_out, device):
+    """scipy.ndimage.zoom(order=1) along one axis as an (n_out, n_in) matrix: output i samples the input
+    at i * (n_in - 1) / (n_out - 1), linearly interpolated."""
+    pos = torch.arange(n_out, dtype=torch.float64) * ((n_in - 1) / max(n_out - 1, 1))
+    lo = pos.floor().long().clamp(0, n_in - 1)
+    hi = (lo + 1).clamp(max=n_in - 1)
+    w = pos - lo
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    m[torch.arange(n_out), lo] += 1 - w
+    m[torch.arange(n_out), hi] += w
+    return m.to(device)
+
+
+def _clipped_zoom_matrix(n, z, device):
+    """The generator's clipped_zoom along one axis: crop the centre ceil(n / z) pixels, zoom them by z
+    (output length round(ceil(n / z) * z), scipy's rule), trim the centre n."""
+    ch = int(math.ceil(n / z))
+    top = (n - ch) // 2
+    n_out = int(round(ch * z))
+    trim = (n_out - n) // 2
+    m = torch.zeros(n, n, dtype=torch.float64, device=device)
+    m[:, top:top + ch] = _zoom_matrix(ch, n_out, device)[trim:trim + n]
+    return m
+
+
+def _trunc_u8(x):
+    """[0, 1] floats -> uint8 the way the released files were made: clip, times 255, truncate."""
+    return (x.clamp(0, 1) * 255).nan_to_num(0.0).to(torch.uint8)
+
+
+_LINEAR_MAPS = {}
+
+
+def _linear_map(x, key, fn):
+    """fn(x) for a linear map fn of (B, C, H, W) float64 images that acts on each (H, W) plane alike.
+    For small images fn is turned once into a sparse (HW, HW) matrix (its response to every basis
+    image), cached under `key`: one sparse product then replaces fn's many small steps (zoom blur sums
+    up to 26 zooms). Exact up to the order of floating-point additions."""
+    B, C, H, W = x.shape
+    if H * W > 64 * 64:
+        return fn(x)
+    k = (key, H, W, str(x.device))
+    if k not in _LINEAR_MAPS:
+        basis = torch.eye(H * W, dtype=torch.float64, device=x.device).view(H * W, 1, H, W)
+        with warnings.catch_warnings():  # torch calls its sparse CSR tensors a beta feature
+            warnings.simplefilter("ignore")
+            _LINEAR_MAPS[k] = fn(basis).reshape(H * W, H * W).T.to_sparse_csr()
+    return (_LINEAR_MAPS[k] @ x.reshape(B * C, H * W).T).T.reshape(B, C, H, W)
+
+
+def rgb_to_hsv(x):
+    """(B, 3, H, W) RGB in [0, 1] -> HSV in [0, 1], skimage.color.rgb2hsv's conventions (grey: hue 0,
+    saturation 0; ties in the maximum resolved blue over green over red)."""
+    r, g, b = x.unbind(1)
+    v = torch.maximum(torch.maximum(r, g), b)
+    delta = v - torch.minimum(torch.minimum(r, g), b)
+    grey = delta == 0
+    s = torch.where(grey, 0.0, delta / torch.where(v == 0, 1.0, v))
+    top_b, top_g = b == v, g == v
+    num = torch.where(top_b, r - g, torch.where(top_g, b - r, g - b))
+    h = torch.where(top_b, 4.0, torch.where(top_g, 2.0, 0.0)) + num / torch.where(grey, 1.0, delta)
+    h = torch.where(grey, 0.0, (h / 6.0).remainder(1.0))
+    return torch.stack([h, s, v], 1)
+
+
+def hsv_to_rgb(x):
+    """Inverse of `rgb_to_hsv` (skimage.color.hsv2rgb): the sector floor(6h) mod 6 picks, per channel,
+    one of v, p = v(1 - s), q = v(1 - fs), t = v(1 - (1 - f)s)."""
+    h, s, v = x.unbind(1)
+    hi = torch.floor(h * 6)
+    f = h * 6 - hi
+    cand = torch.stack([v, v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)])  # v, p, q, t
+    pick = torch.tensor([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]], device=x.device)
+    idx = pick[hi.long().remainder(6)].movedim(-1, 1)  # (B, 3, H, W): which candidate each channel takes
+    return cand.movedim(0, 1).gather(1, idx)
+
+
+def plasma_fractal(n, size, decay, generator=None, device="cpu"):
+    """n plasma fractals (diamond-square, Fournier et al. 1982) of side `size` (a power of two), each in
+    [0, 1]: the generator's fog texture, with its amplitudes (wibble 100, divided by `decay` per level)."""
+    m = torch.zeros(n, size, size, dtype=torch.float64, device=device)
+    step, wibble = size, 100.0
+
+    def noisy_mean(a):  # a / 4 + wibble * U(-wibble, wibble)
+        return a / 4 + wibble * (2 * _rand(a.shape, generator, device) - 1) * wibble
+
+    while step >= 2:
+        h = step // 2
+        corners = m[:, 0::step, 0::step]
+        sq = corners + corners.roll(-1, 1)
+        m[:, h::step, h::step] = noisy_mean(sq + sq.roll(-1, 2))
+        centres, corners = m[:, h::step, h::step], m[:, 0::step, 0::step]
+        m[:, 0::step, h::step] = noisy_mean(centres + centres.roll(1, 1) + corners + corners.roll(-1, 2))
+        m[:, h::step, 0::step] = noisy_mean(centres + centres.roll(1, 2) + corners + corners.roll(-1, 1))
+        step, wibble = h, wibble / decay
+    m = m - m.amin((1, 2), keepdim=True)
+    return m / m.amax((1, 2), keepdim=True)
+
+
+def _gen_device(generator):
+    return generator.device if generator is not None else "cpu"
+
+
+def _rand(shape, generator, device, kind="rand", low=0, high=None):
+    """Random numbers from `generator` (drawn on its own device, so a CPU generator gives the same
+    stream for every device of x), moved to `device`: kind rand (U[0, 1)), randn, or randint [low, high)."""
+    gd = _gen_device(generator)
+    if kind == "randint":
+        return torch.randint(low, high, shape, generator=generator, device=gd).to(device)
+    fn = torch.rand if kind == "rand" else torch.randn
+    # drawn in float32 (torch's float64 normal sampler is ~5x slower on a CPU), used in float64
+    return fn(shape, generator=generator, device=gd).to(device, torch.float64)
+
+
+def motion_blur_kernel(radius, sigma):
+    """ImageMagick's motion-blur weights: width 2*ceil(radius)+1 taps of a one-sided Gaussian,
+    normalized (MagickCore MotionBlurImage)."""
+    i = torch.arange(2 * math.ceil(radius) + 1, dtype=torch.float64)
+    k = torch.exp(-i ** 2 / (2 * sigma ** 2))
+    return k / k.sum()
+
+
+def _motion_blur(x, radius, sigma, angle_deg):
+    """ImageMagick-style motion blur of (B, C, H, W), one angle per image (degrees): pixel (r, c) is the
+    weighted sum of the pixels (r + round(i sin a), c + round(i cos a)), i = 0..width-1, with edge
+    pixels repeated beyond the border. An approximation of the generator's Wand call: ImageMagick
+    works at 16-bit depth and its rounding cannot be matched bit for bit (DECISIONS.md D27)."""
+    B, C, H, W = x.shape
+    k = motion_blur_kernel(radius, sigma).to(x)
+    a = torch.deg2rad(angle_deg.to(x))
+    out = torch.zeros_like(x)
+    rows, cols = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
+    b = torch.arange(B, device=x.device)[:, None, None]
+    for i in range(len(k)):
+        dx = torch.ceil(i * torch.cos(a) - 0.5).long()  # MagickCore: ceil(i*cos - 0.5), ceil(i*sin - 0.5)
+        dy = torch.ceil(i * torch.sin(a) - 0.5).long()
+        r = (rows[None, :] + dy[:, None]).clamp(0, H - 1)[:, :, None]
+        c = (cols[None, :] + dx[:, None]).clamp(0, W - 1)[:, None, :]
+        out += k[i] * x.permute(0, 2, 3, 1)[b, r, c].permute(0, 3, 1, 2)
+    return out
+
+
+def _pil_box_matrix(n_in, n_out):
+    """Pillow's Image.resize(BOX) along one axis as an (n_out, n_in) matrix (ImagingResample's
+    precompute_coeffs with the box filter: input pixels whose centre falls in the output pixel's
+    support, equally weighted)."""
+    scale = n_in / n_out
+    fscale = max(scale, 1.0)
+    support = 0.5 * fscale
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for o in range(n_out):
+        centre = (o + 0.5) * scale
+        lo, hi = max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), n_in)
+        for i in range(lo, hi):
+            t = (i - centre + 0.5) / fscale
+            m[o, i] = 1.0 if -0.5 < t <= 0.5 else 0.0
+        m[o] /= m[o].sum()
+    return m
+
+
+def _pil_resize_box(u8, size):
+    """Pillow's 8-bit BOX resize of uint8 (B, C, H, W): horizontal pass, rounded to 8 bits, then the
+    vertical pass, rounded (Pillow's two-pass fixed-point resampling; ties may differ by one level)."""
+    B, C, H, W = u8.shape
+    mw = _pil_box_matrix(W, size).to(u8.device)
+    mh = _pil_box_matrix(H, size).to(u8.device)
+    t = torch.floor(u8.double() @ mw.T + 0.5).clamp(0, 255)
+    return torch.floor(torch.einsum("hk,...kw->...hw", mh, t) + 0.5).clamp(0, 255)
+
+
+def _jpeg(u8, quality):
+    """JPEG re-encoding with Pillow (libjpeg), one image at a time on the CPU: a codec, not batchable."""
+    from PIL import Image
+    out = []
+    for img in u8.permute(0, 2, 3, 1).cpu().numpy():
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, "JPEG", quality=quality)
+        out.append(np.asarray(Image.open(buf).convert("RGB")))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(u8.device)
+
+
+def _glass_swaps(u8, shifts, delta):
+    """The generator's local pixel shuffle on uint8 (B, C, H, W): for h, then w, running down from
+    n - delta to delta + 1, swap pixel (h, w) with (h + dy, w + dx); shifts (passes, positions, 2, B)
+    hold (dx, dy) in {-delta, ..., delta - 1} (numpy's randint excludes its upper bound). The swaps are
+    sequential in the positions, as in the generator: they are followed on a permutation of pixel
+    indices in numpy (one cheap host step per position, batched over images), then applied at once."""
+    B, C, H, W = u8.shape
+    hw = np.array([(h, w) for h in range(H - delta, delta, -1) for w in range(W - delta, delta, -1)])
+    s = shifts.cpu().numpy()
+    base = np.arange(B) * H * W
+    p = base + (hw[:, 0] * W + hw[:, 1])[:, None]  # (positions, B) in the flattened (B * H * W) pixels
+    perm = np.arange(B * H * W)
+    for it in range(s.shape[0]):
+        q = base + (hw[:, 0, None] + s[it, :, 1]) * W + hw[:, 1, None] + s[it, :, 0]
+        for pj, qj in zip(p, q):
+            perm[pj], perm[qj] = perm[qj], perm[pj]
+    perm = torch.from_numpy(perm % (H * W)).to(u8.device).view(B, 1, H * W).expand(B, C, H * W)
+    return u8.reshape(B, C, H * W).gather(2, perm).view(B, C, H, W)
+
+
+def _sobel_canny(u8, low=50, high=150):
+    """OpenCV's Canny edge detector (3x3 Sobel with replicated borders, L1 gradient magnitude,
+    non-maximum suppression with OpenCV's fixed-point tan(22.5 deg) test and its tie rules, then
+    8-connected hysteresis) on uint8 (B, H, W) -> bool edges."""
+    B, H, W = u8.shape
+    x = u8.double()[:, None]
+    dx = _filter2d(x, torch.tensor([1.0, 2.0, 1.0]), torch.tensor([-1.0, 0.0, 1.0]))[:, 0].long()
+    dy = _filter2d(x, torch.tensor([-1.0, 0.0, 1.0]), torch.tensor([1.0, 2.0, 1.0]))[:, 0].long()
+    mag = dx.abs() + dy.abs()
+    mp = F.pad(mag, (1, 1, 1, 1))  # magnitudes outside the image are 0
+
+    def at(di, dj):  # the magnitude of the neighbour (row + di, col + dj)
+        return mp[:, 1 + di:1 + di + H, 1 + dj:1 + dj + W]
+
+    ax, ay = dx.abs(), dy.abs() << 15
+    tg22 = ax * 13573  # round(tan(22.5 deg) * 2^15)
+    tg67 = tg22 + (ax << 16)
+    s = torch.where((dx ^ dy) < 0, -1, 1)
+    diag = torch.where(s < 0, (mag > at(-1, 1)) & (mag > at(1, -1)), (mag > at(-1, -1)) & (mag > at(1, 1)))
+    local_max = torch.where(ay < tg22, (mag > at(0, -1)) & (mag >= at(0, 1)),
+                            torch.where(ay > tg67, (mag > at(-1, 0)) & (mag >= at(1, 0)), diag))
+    cand = local_max & (mag > low)
+    strong, weak = cand & (mag > high), cand & (mag <= high)
+    def dilate(m):  # 3x3 binary dilation
+        p = F.pad(m, (1, 1, 1, 1))
+        m = p[:, :, :-2] | p[:, :, 1:-1] | p[:, :, 2:]
+        return m[:, :-2] | m[:, 1:-1] | m[:, 2:]
+
+    while True:  # hysteresis: grow the strong edges through 8-connected weak pixels
+        grown = strong | (weak & dilate(strong))
+        if torch.equal(grown, strong):
+            return strong
+        strong = grown
+
+
+def _chamfer_distance(zero, cap=20.0):
+    """OpenCV's distanceTransform(DIST_L2, mask 5): the 5x5 chamfer distance (steps 1, 1.4 and 2.1969,
+    summed in float32 as OpenCV 5 does) to the nearest True pixel of `zero` (B, H, W), capped at `cap`
+    (all the generator keeps). Bellman-Ford relaxation: after k sweeps every distance below k is final."""
+    one, diag, knight = (torch.tensor(v, dtype=torch.float32) for v in (1.0, 1.4, 2.1969))
+    big = torch.tensor(cap + 10.0)
+    d = torch.where(zero, torch.tensor(0.0), big).float()
+    B, H, W = d.shape
+    moves = [(0, 1, one), (1, 0, one), (1, 1, diag), (1, -1, diag), (1, 2, knight), (2, 1, knight), (1, -2, knight),
+             (2, -1, knight)]
+    for _ in range(int(cap) + 2):
+        p = F.pad(d, (2, 2, 2, 2), value=float(big))
+        new = d
+        for di, dj, cost in moves + [(-a, -b, c) for a, b, c in moves]:
+            new = torch.minimum(new, p[:, 2 + di:2 + di + H, 2 + dj:2 + dj + W] + cost.to(d.device))
+        if torch.equal(new, d):
+            break
+        d = new
+    return d.clamp(max=cap)
+
+
+def _equalize_hist(u8):
+    """OpenCV's equalizeHist on uint8 (B, H, W): the lookup table round(255 * cdf excluding the first
+    occupied level / (N - its count)); a constant image stays constant."""
+    B = u8.shape[0]
+    flat = u8.reshape(B, -1).long()
+    hist = torch.zeros(B, 256, dtype=torch.long, device=u8.device).scatter_add_(1, flat, torch.ones_like(flat))
+    first = (hist > 0).long().argmax(1, keepdim=True)
+    n_first = hist.gather(1, first)
+    total = flat.shape[1]
+    cum = hist.cumsum(1) - n_first  # counts above the first occupied level
+    scale = 255.0 / (total - n_first).clamp(min=1).double()
+    lut = torch.round(cum.double() * scale).clamp(0, 255)
+    lut = torch.where(torch.arange(256, device=u8.device) <= first, 0.0, lut)
+    lut = torch.where(n_first == total, first.double().expand(-1, 256), lut)
+    return lut.gather(1, flat).view(u8.shape)
+
+
+def _spatter(x, c, generator):
+    """The generator's spatter: a thresholded, blurred Gaussian 'liquid' layer drawn as water (severities
+    1-3: edge-shaded pale turquoise, via OpenCV's Canny, distance transform and histogram equalization,
+    re-implemented above) or mud (4-5: brown blots)."""
+    B, _, H, W = x.shape
+    liquid = _gaussian((c[0] + c[1] * _rand((B, 1, H, W), generator, x.device, "randn")), c[2])[:, 0]
+    liquid = torch.where(liquid < c[3], 0.0, liquid)
+    if c[5] == 0:
+        lu8 = (liquid * 255).floor().remainder(256)  # numpy's astype(uint8): a liquid value above 1 wraps around
+        dist = _chamfer_distance(_sobel_canny(lu8.to(torch.uint8))).float().double()[:, None]
+        box = torch.ones(3, dtype=torch.float64)
+        dist = (_filter2d(dist, box, mode="mirror") / 9).float().floor()  # cv2.blur -> astype(uint8)
+        dist = _equalize_hist(dist[:, 0].to(torch.uint8)).double()[:, None]
+        ker = torch.tensor([[-2.0, -1, 0], [-1, 1, 1], [0, 1, 2]], dtype=torch.float64)
+        dist = _linear_map(dist, ("emboss",), lambda e: _filter2d_2d(e, ker, "mirror"))
+        dist = torch.round(dist).clamp(0, 255)  # filter2D to uint8 (saturating)
+        dist = torch.round(_filter2d(dist, box, mode="mirror") / 9)  # cv2.blur on uint8 rounds
+        m = (lu8[:, None] * dist).float().double()
+        m = m / m.amax((2, 3), keepdim=True) * c[4]  # 0/0 -> NaN -> a black image, as in the generator
+        colour = torch.tensor([175, 238, 238], dtype=torch.float64, device=x.device).view(1, 3, 1, 1) / 255
+        return x + m * colour
+    m = _gaussian(torch.where(liquid > c[3], 1.0, 0.0)[:, None], c[4])
+    m = torch.where(m < 0.8, 0.0, m)
+    colour = torch.tensor([63, 42, 20], dtype=torch.float64, device=x.device).view(1, 3, 1, 1) / 255
+    return x * (1 - m) + colour * m
+
+
+def _warp_affine(x, M):
+    """cv2.warpAffine(x, M) with bilinear interpolation and BORDER_REFLECT_101 on float (B, C, H, W), one
+    2x3 matrix per image (B, 2, 3) mapping source to destination: each output pixel samples the input at
+    M^-1 (x, y). (OpenCV 5 samples float images at these exact positions; OpenCV 3, which made the
+    released files, rounded them to 1/32 pixel: a difference of at most 1/64 pixel.)"""
+    B, C, H, W = x.shape
+    a, b, c0, d, e, f0 = M.double().reshape(B, 6).unbind(1)
+    det = a * e - b * d
+    inv = torch.where(det != 0, 1 / det, torch.zeros_like(det))
+    A11, A12, A21, A22 = e * inv, -b * inv, -d * inv, a * inv
+    B1, B2 = -A11 * c0 - A12 * f0, -A21 * c0 - A22 * f0
+    ys = torch.arange(H, dtype=torch.float64, device=x.device).view(1, H, 1)
+    xs = torch.arange(W, dtype=torch.float64, device=x.device).view(1, 1, W)
+    v = lambda t: t.view(B, 1, 1)
+    return _bilinear(x, v(A21) * xs + v(A22) * ys + v(B2), v(A11) * xs + v(A12) * ys + v(B1), "mirror")
+
+
+def _bilinear(x, rows, cols, mode):
+    """Sample (B, C, H, W) at fractional (rows, cols) (B, H, W), bilinearly, neighbours beyond the border
+    taken by the rule of `_pad_index`: grid_sample's reflection about the border pixels' centres
+    (align_corners=True) is 'mirror', about their outer edges (align_corners=False) is 'reflect'."""
+    H, W = x.shape[-2:]
+    if mode == "mirror":
+        grid = torch.stack([cols * (2 / (W - 1)) - 1, rows * (2 / (H - 1)) - 1], -1)
+    else:
+        grid = torch.stack([(2 * cols + 1) / W - 1, (2 * rows + 1) / H - 1], -1)
+    return F.grid_sample(x, grid.to(x.dtype), "bilinear", "reflection", align_corners=mode == "mirror")
+
+
+def _elastic(x, c, generator):
+    """The generator's elastic transform: a random affine warp of three control points (cv2), then a
+    displacement field of Gaussian-smoothed uniform noise applied with linear interpolation (scipy
+    map_coordinates, 'reflect' borders). Constants are fractions of the image size."""
+    B, C, H, W = x.shape
+    alpha, sigma, shift = (v * H for v in c)
+    cy, cx, sq = H // 2, W // 2, min(H, W) // 3
+    src = torch.tensor([[cx + sq, cy + sq], [cx + sq, cy - sq], [cx - sq, cy - sq]], dtype=torch.float64)  # (x, y)
+    dst = src + shift * (2 * _rand((B, 3, 2), generator, "cpu").float().double() - 1)
+    dst = dst.float().double()  # float32 points, as in the generator
+    P = torch.cat([src, torch.ones(3, 1, dtype=torch.float64)], 1)  # solve M @ [x, y, 1] = dst for each image
+    M = torch.linalg.solve(P, dst).transpose(1, 2).to(x.device)
+    x = _warp_affine(x.float().double(), M).float().double()
+    fields = [(_gaussian(2 * _rand((B, 1, H, W), generator, x.device) - 1, sigma, "reflect", 3.0) * alpha).float()
+              for _ in range(2)]
+    dx, dy = (f.double()[:, 0] for f in fields)
+    rows = torch.arange(H, dtype=torch.float64, device=x.device).view(1, H, 1) + dy
+    cols = torch.arange(W, dtype=torch.float64, device=x.device).view(1, 1, W) + dx
+    return _bilinear(x, rows, cols, "reflect").float().double()
+
+
+_FROST_CACHE = {}
+
+
+def _frost_images(frost_dir, device):
+    """Hendrycks's frost pictures from `frost_dir`, scaled by 0.2 (bilinear, as cv2.resize) -> uint8-valued
+    float tensors (3, h, w). A missing file is a DataError naming it."""
+    key = (str(frost_dir), str(device))
+    if key not in _FROST_CACHE:
+        from PIL import Image
+        imgs = []
+        for name in FROST_FILES:
+            path = pathlib.Path(frost_dir) / name
+            if not path.exists():
+                raise DataError(f"frost image {path} not found: --frost-dir must hold {', '.join(FROST_FILES)} "
+                                f"(from Hendrycks's robustness repository, ImageNet-C/create_c)")
+            a = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).double()
+            size = (int(round(a.shape[1] * 0.2)), int(round(a.shape[2] * 0.2)))
+            a = F.interpolate(a[None], size=size, mode="bilinear", align_corners=False)[0]
+            imgs.append(torch.round(a).clamp(0, 255).to(device))
+        _FROST_CACHE[key] = imgs
+    return _FROST_CACHE[key]
+
+
+def corrupt(x, name, severity, generator=None, frost_dir=None):
+    """One CIFAR-10-C corruption (Hendrycks & Dietterich 2019) at `severity` 1..5 of a batch x
+    (B, 3, H, W) in [0, 1], on x's device, computed in float64 as the reference generator does, and
+    returned as uint8 (B, 3, H, W) truncated like the released files. Random numbers come from
+    `generator` (a torch.Generator on any device; the same generator state gives the same images on
+    every device of x). Severity constants are CIFAR-10-C's (32x32 images; DECISIONS.md D26).
+    Exact ports (same uint8 output up to floating-point ties, tested against numpy/scipy/skimage/
+    Pillow/OpenCV): every corruption but motion_blur and snow, whose ImageMagick motion blur is
+    re-implemented approximately (DECISIONS.md D27), and frost, whose pictures come from `frost_dir`."""
+    check_choice("corruption", name, CORRUPTION_NAMES)
+    if not (isinstance(severity, int) and 1 <= severity <= 5):
+        raise ValueError(f"severity {severity!r}: expected an integer in 1..5")
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"corrupt expects RGB images (B, 3, H, W), got {tuple(x.shape)}")
+    c = SEVERITY[name][severity - 1]
+    g, dev = generator, x.device
+    B, _, H, W = x.shape
+    x = x.double()
+    if name == "gaussian_noise":
+        out = x + c * _rand(x.shape, g, dev, "randn")
+    elif name == "shot_noise":
+        rate = (x * c).to(_gen_device(g))
+        out = torch.poisson(rate, generator=g).to(dev) / c
+    elif name == "impulse_noise":  # skimage random_noise('s&p'): each element flipped w.p. c, to 1 or 0 w.p. 1/2
+        flip, salt = _rand(x.shape, g, dev) < c, _rand(x.shape, g, dev) < 0.5
+        out = torch.where(flip, salt.double(), x)
+    elif name == "speckle_noise":
+        out = x + x * c * _rand(x.shape, g, dev, "randn")
+    elif name == "gaussian_blur":
+        out = _gaussian(x, c)
+    elif name == "defocus_blur":
+        k = _defocus_kernel(*c)
+        out = _linear_map(x, ("defocus", c), lambda e: _filter2d_2d(e, k, "mirror"))
+    elif name == "glass_blur":
+        sigma, delta, passes = c
+        u = _trunc_u8(_gaussian(x, sigma))
+        n = (H - 2 * delta) * (W - 2 * delta)
+        shifts = _rand((passes, n, 2, B), g, dev, "randint", -delta, delta)
+        out = _gaussian(_glass_swaps(u, shifts, delta).double() / 255, sigma)
+    elif name == "motion_blur":  # rounded to 8 bits by the PNG round trip, not truncated
+        angle = _rand((B,), g, dev) * 90 - 45
+        return torch.round(_motion_blur(x * 255, c[0], c[1], angle)).clamp(0, 255).to(torch.uint8)
+    elif name == "zoom_blur":  # the mean of x and its zooms by 1, 1.01, ... (float32 x, as in the generator)
+        zooms = np.arange(1, c, 0.01)
+
+        def zoom_mean(e):
+            return (e + sum(_clipped_zoom_matrix(H, z, dev) @ e @ _clipped_zoom_matrix(W, z, dev).T for z in zooms)
+                    ) / (len(zooms) + 1)
+
+        out = _linear_map(x.float().double(), ("zoom", c), zoom_mean)
+    elif name == "snow":
+        xf = x.float().double()
+        layer = c[0] + c[1] * _rand((B, 1, H, W), g, dev, "randn")
+        layer = _sandwich(_clipped_zoom_matrix(H, c[2], dev), layer, _clipped_zoom_matrix(W, c[2], dev))
+        layer = torch.where(layer < c[3], 0.0, layer)
+        layer = (layer.clamp(0, 1) * 255).floor()  # an 8-bit greyscale image before ImageMagick
+        angle = _rand((B,), g, dev) * 90 - 135
+        layer = torch.round(_motion_blur(layer, c[4], c[5], angle)).clamp(0, 255) / 255
+        grey = (0.299 * xf[:, 0] + 0.587 * xf[:, 1] + 0.114 * xf[:, 2])[:, None].float().double()
+        xf = c[6] * xf + (1 - c[6]) * torch.maximum(xf, grey * 1.5 + 0.5)
+        out = xf + layer + layer.flip(2, 3)
+    elif name == "frost":
+        if frost_dir is None:
+            raise ValueError("frost needs Hendrycks's frost images: pass their folder as frost_dir (--frost-dir)")
+        imgs = _frost_images(frost_dir, dev)
+        pick = _rand((B,), g, "cpu", "randint", 0, len(imgs)).tolist()
+        u = _rand((B, 2), g, "cpu")
+        crops = []
+        for i, k in enumerate(pick):
+            h, w = imgs[k].shape[1:]
+            r0, c0 = int(u[i, 0] * (h - H)), int(u[i, 1] * (w - W))
+            crops.append(imgs[k][:, r0:r0 + H, c0:c0 + W])
+        return (c[0] * torch.round(x * 255) + c[1] * torch.stack(crops)).clamp(0, 255).to(torch.uint8)
+    elif name == "fog":
+        size = 1 << max(0, (max(H, W) - 1).bit_length())
+        plasma = plasma_fractal(B, size, c[1], g, dev)[:, None, :H, :W]
+        top = x.amax((1, 2, 3), keepdim=True)
+        out = (x + c[0] * plasma) * top / (top + c[0])
+    elif name == "spatter":
+        out = _spatter(x.float().double(), c, g)
+    elif name in ("brightness", "saturate"):
+        hsv = rgb_to_hsv(x)
+        if name == "brightness":
+            hsv[:, 2] = (hsv[:, 2] + c).clamp(0, 1)
+        else:
+            hsv[:, 1] = (hsv[:, 1] * c[0] + c[1]).clamp(0, 1)
+        out = hsv_to_rgb(hsv)
+    elif name == "contrast":
+        m = x.mean((2, 3), keepdim=True)
+        out = (x - m) * c + m
+    elif name == "elastic_transform":
+        out = _elastic(x, c, g)
+    elif name == "pixelate":
+        u = torch.round(x * 255)
+        return _pil_resize_box(_pil_resize_box(u, int(H * c)), H).to(torch.uint8)
+    else:  # jpeg_compression
+        return _jpeg(torch.round(x * 255).to(torch.uint8), c)
+    return _trunc_u8(out)
+
+
+def _defocus_kernel(radius, alias_blur):
+    """The generator's defocus kernel: an aliased disk of `radius` on a 17x17 grid, normalized, then
+    smoothed by cv2.GaussianBlur(3x3, sigma=alias_blur) in float32."""
+    t = torch.arange(-8, 9, dtype=torch.float32)
+    disk = ((t[:, None] ** 2 + t[None, :] ** 2) <= radius ** 2).float()
+    disk = disk / disk.sum()
+    g = torch.exp(-torch.tensor([-1.0, 0.0, 1.0]) ** 2 / (2 * alias_blur ** 2))
+    g = (g / g.sum()).float()
+    k = _filter2d(disk[None, None].double(), g.double(), mode="mirror")[0, 0].float()
+    r = int((k != 0).any(0).nonzero().max()) - 8  # drop the all-zero border (the disk is small at CIFAR's radii)
+    return k[8 - r:9 + r, 8 - r:9 + r]
+
+
+def _filter2d_2d(x, k, mode):
+    """Correlation of (B, C, H, W) with a 2-D kernel (cv2.filter2D per channel)."""
+    B, C, H, W = x.shape
+    r = k.shape[0] // 2
+    p = x[:, :, _pad_index(H, r, mode, x.device)][:, :, :, _pad_index(W, r, mode, x.device)]
+    return F.conv2d(p.reshape(B * C, 1, H + 2 * r, W + 2 * r), k.to(x)[None, None]).view(B, C, H, W)
+
+
 # ================================================================================================
-# 4. Tables, figures and claims (regenerated from results.json by --plot-only)
+# 3. Main
 # ================================================================================================
+
+def main(args):
+    if args.plot_only:
+        run_dir, cfg, records, missing = merge_runs(args.plot_only, "exp_corruption.py", planned_runs)
+        write_outputs(run_dir, records, cfg, not missing)
+        print(f"redrew {run_dir / 'table.md'}, claims.md and {run_dir / 'figure.png'}")
+        return
+    device = pick_device(args.device)
+    if args.compare_released:
+        compare_released(args, device)
+        return
+    todo = plan(args)
+    dataset = todo[0][0] if todo else (args.dataset or "cifar10")
+    data = build_dataset(dataset, args.data_root, device, args.download, size=args.size, channels=args.channels,
+                         n_train=1000 if dataset == "synthetic" else None, seed=0)
+    if data.shape[0] != 3:
+        raise DataError(f"--dataset {dataset}: corruptions need RGB images, got {data.shape[0]} channel(s); pass "
+                        f"--channels 3")
+    for _, arch, norm, _ in todo:
+        with torch.device("meta"):  # a wrong architecture or norm fails here, before anything is written
+            make_model(arch, **model_kwargs(arch, norm, data, args.width, args.gn_groups))
+    idx = eval_subset(args, data)
+    sets = CorruptedSets(args, data, idx, device)
+    run_dir = prepare_run_dir("exp_corruption", args.out, args.resume, args.shard)
+    log_to(run_dir, args.shard)
+    print_config(args)
+    print(f"run directory: {run_dir} | device: {device} | artifact: {ARTIFACTS[args.artifact]['title']} | "
+          f"{dataset}: train {tuple(data.x_train.shape)}, evaluated {len(idx)} test images")
+    print(f"corruptions: {sets.kind}; {len(sets.names)} of {len(args.corruptions)} evaluated" +
+          "".join(f"; skipped {k}: {v}" for k, v in sets.skipped.items()))
+    args.corruption_source, args.skipped_corruptions = sets.kind, sets.skipped
+    args.recipes = {f"{d} {a} {n} {t}": recipe(args, d, a, n, t) for d, a, n, t in todo}
+    write_config(run_dir, args, __file__, device)
+    sweep = Sweep(run_dir, planned_runs(args), args.shard)
+    todo = sweep.todo()
+    t0 = time.time()
+    for k, (_, name, m) in enumerate(todo):
+        ckpt = run_dir / "ckpt" / f"{name}.pt"
+        rec = run_one(args, data, sets, m["dataset"], m["arch"], m["norm"], m["training"], m["seed"], device, ckpt, print)
+        sweep.save(name, [rec])  # every finished model is kept
+        print(f"model {k + 1} of {len(todo)} done here ({len(sweep.runs)} in the run) | {time.time() - t0:.0f}s | ETA "
+              f"{(time.time() - t0) / (k + 1) * (len(todo) - k - 1):.0f}s")
+    records = sweep.records()
+    write_outputs(run_dir, records, vars(args), not sweep.missing())
+    show(run_dir / "table.md")
+    show(run_dir / "claims.md")
+    print(f"wrote {run_dir}/results.json, results.csv, table.md, claims.md, figure.png" + sweep.report())
+
+
+# ================================================================================================
+# 4. Claims, tables and figures
+# ================================================================================================
+
+claim_pp = functools.partial(claim, scale=100.0)  # accuracies: effects in percentage points
+STD, ADV = dict(training="standard"), dict(training="adversarial")
+MEAN = dict(severity="mean", stats="source")  # accuracy averaged over the five severities, statistics not adapted
+FIG1_CLAIMS = [
+    claim_pp("fig1_adv_noise", "P1 Fig 1", "Adversarial training raises accuracy under noise", "higher for every norm "
+             "(figure only; Ford et al. 2019)", "acc_c", ADV, STD, ">", per=("norm", "corruption"),
+             where=MEAN | dict(corruption=NOISE3)),
+    claim_pp("fig1_adv_fog_contrast", "P1 Fig 1", "Adversarial training lowers accuracy under fog and contrast", "lower "
+          "(figure only)", "acc_c", ADV, STD, per=("norm", "corruption"), where=MEAN | dict(corruption=["fog", "contrast"])),
+    *[claim_pp(f"fig1_{n}_noise", "P1 Fig 1", f"{n.upper()} is less accurate than none under noise (standard training)",
+            "none best on noise (figure only)", "acc_c", dict(norm=n), dict(norm="none"), per=("corruption",),
+            where=MEAN | STD | dict(corruption=NOISE3)) for n in ("bn", "in", "ln", "gn")],
+    *[claim_pp(f"fig1_{n}_fog_contrast", "P1 Fig 1", f"{n.upper()} is more accurate than none under fog and contrast "
+            "(standard training)", "normalized better (figure only)", "acc_c", dict(norm=n), dict(norm="none"), ">",
+            per=("corruption",), where=MEAN | STD | dict(corruption=["fog", "contrast"])) for n in ("bn", "in", "ln", "gn")],
+    *[claim_pp(f"fig1_in_contrast_{n}", "P1 Fig 1", f"IN is unusually robust to contrast: above {n.upper()} (standard "
+            "training)", "IN highest on contrast (figure only)", "acc_c", {"norm": "in"}, dict(norm=n), ">",
+            where=MEAN | STD | dict(corruption="contrast")) for n in ("none", "bn", "ln", "gn")],
+    *[claim_pp(f"fig1_bn_below_{n}", "P1 Sec. 5", f"BN is more vulnerable than {n.upper()} to every corruption (standard "
+            "training)", "all corruptions (figure only)", "acc_c", dict(norm="bn"), dict(norm=n), per=("corruption",),
+            where=MEAN | STD) for n in ("in", "ln", "gn")],
+]
+T7_CLAIMS = [claim_pp("t7_adapt", "P1 Table 7", "Re-estimating the BN statistics on each corrupted set raises accuracy",
+                      "VGG16 71.9 → 79.4, ResNet18 73.9 → 82.3", "acc_mean", dict(stats="adapted"), dict(stats="source"),
+                      ">", per=("arch",), where=dict(severity="all"))]
+BN, NONE, FIXUP = dict(norm="bn"), dict(norm="none"), dict(norm="fixup")
+P2_T4_CLAIMS = [
+    *[claim_pp(f"p2t4_noise_cells_{ref}", "P2 Sec. 3", f"BN has higher error than {ref} on every noise corruption at every "
+            "severity", "every cell (VGG13 Gaussian gap 26-28 at severities 3-5)", "acc_c", BN, b,
+            per=("arch", "corruption", "severity"), where=dict(category="noise", severity=[1, 2, 3, 4, 5], stats="source"))
+      for ref, b in (("none", NONE), ("Fixup", FIXUP))],
+    *[claim_pp(f"p2t4_noise_{ref}", "P2 Table 4", f"BN is less accurate than {ref} under noise (mean over severities)",
+            "VGG8 −9.2/−7.5/−5.6/−4.5, VGG13 −20.9/−13.6/−14.1/−11.1, WRN −12.1/−10.7/−8.7/−6.9 (Gaussian/impulse/shot/"
+            "speckle)", "acc_c", BN, b, per=("arch", "corruption"), where=MEAN | dict(category="noise"))
+      for ref, b in (("none", NONE), ("Fixup", FIXUP))],
+    *[claim_pp(f"p2t4_mce_{ref}", "P2 Sec. 3", f"BN increases mCE over all corruptions (vs {ref})", "VGG8 +1.9 ± 0.9, VGG13 "
+            "+2.0 ± 0.3, WRN +1.6 ± 0.4", "mce", BN, b, ">", per=("arch",), where=dict(severity="all", stats="source"))
+      for ref, b in (("none", NONE), ("Fixup", FIXUP))],
+    *[claim_pp(f"p2t4_clean_{ref}", "P2 Table 4", f"BN raises clean accuracy (vs {ref})", "VGG8 +0.8, VGG13 +1.3, WRN +1.3",
+            "acc_clean", BN, b, ">", per=("arch",), where=dict(severity="all", stats="source"))
+      for ref, b in (("none", NONE), ("Fixup", FIXUP))],
+]
+
+CLAIMS = {  # the papers' claims each artifact tests (common.claim; verdicts by common.evaluate_claims)
+    "fig1": FIG1_CLAIMS,
+    "t7": T7_CLAIMS,
+    "p2_t4": P2_T4_CLAIMS,
+}
+
 
 def summary(rec):
     """Means over severities and corruptions of one record: acc_<name> (over severities), acc_mean (all
@@ -398,7 +955,7 @@ def summary(rec):
     return out
 
 
-def rows_for_claims(records):
+def claim_rows(records):
     """Long rows for common.evaluate_claims: one per model, corruption and severity (and 'mean' over
     severities), with stats 'source' (the trained BN statistics) or 'adapted'; plus one row per model
     with the means over all corruptions (severity 'all')."""
@@ -538,60 +1095,65 @@ def write_outputs(run_dir, records, cfg, finished=True):
     write_text_atomic(run_dir / "table.md", make_table(records, cfg, header))
     make_figure(records, run_dir / "figure.png", header[2:].split("\n")[0] + " | accuracy per corruption, mean over "
                 "severities; error bars: SEM over seeds" + ("" if finished else " (interrupted run)"))
-    write_claims(run_dir, ARTIFACTS[art]["claims"], rows_for_claims(records),
+    write_claims(run_dir, CLAIMS[art], claim_rows(records),
                  "# Claims: " + header[2:])
 
 
 # ================================================================================================
-# 5. Main: data -> corrupted sets -> per model: train (or reuse) -> evaluate -> save -> tables
+# 5. Command line
 # ================================================================================================
 
-def main(args):
+def get_args(argv=None):
+    p, g = make_parser(__doc__, ARTIFACTS, "fig1", PRESETS)
+    g.add_argument("--dataset", choices=["cifar10", "digits", "synthetic"], help="override the dataset")
+    g.add_argument("--arch", nargs="+", help="override the architectures (e.g. vgg16 resnet18)")
+    g.add_argument("--norm", nargs="+", choices=list(NORMS) + ["fixup"], help="override the norms")
+    g.add_argument("--seeds", type=int, help="seeds per model (P2 Table 4: 3 for VGG, 5 for WRN; P1: 1)")
+    g.add_argument("--corruptions", nargs="+", default=list(CORRUPTION_NAMES), choices=list(CORRUPTION_NAMES),
+                   help="corruptions to evaluate")
+    g.add_argument("--severities", nargs="+", type=int, help="severities to evaluate (1..5)")
+    g.add_argument("--compare-released", action="store_true", help="only compare the generator with the released "
+                   "CIFAR-10-C files: mean absolute difference per corruption and severity")
+    g = p.add_argument_group("training")
+    g.add_argument("--width", type=float, help="channel multiplier (1 = the paper's models)")
+    g.add_argument("--epochs", type=int, help="training epochs (unset: each model's recipe: P1 VGG 200, ResNet 350; "
+                   "P2 150, VGG13 350)")
+    g.add_argument("--lr", type=float, help="initial learning rate (unset: each model's recipe)")
+    g.add_argument("--batch-size", type=int, help="SGD batch size")
+    g.add_argument("--weight-decay", type=float, help="L2 weight decay (DECISIONS.md D1)")
+    g.add_argument("--warmup-epochs", type=float, help="linear LR warm-up")
+    g.add_argument("--adv-eps", type=float, help="adversarial training (fig1): l2 PGD budget in pixels (DECISIONS.md D15)")
+    g.add_argument("--adv-steps", type=int, help="adversarial training: PGD steps")
+    g.add_argument("--adv-step-size", type=float, help="adversarial training: PGD step size")
+    g.add_argument("--gn-groups", type=int, help="GroupNorm groups (unset: min(32, channels))")
+    g.add_argument("--source", default="auto", choices=["auto", "released", "generated"], help="corrupted images: the "
+                   "released CIFAR-10-C files (auto: when present under --data-root) or common.corrupt")
+    g = p.add_argument_group("attack budgets and measurements")
+    g.add_argument("--n-eval", type=int, help="test images evaluated, class-balanced (unset: the whole test set)")
+    g = add_run_flags(p, "exp_corruption", unit="runs", data="cifar-10-batches-py/ and CIFAR-10-C/",
+                         download="fetch missing CIFAR-10 / CIFAR-10-C (md5-checked; 2.9 GB)",
+                         cache="shared checkpoint cache: reuse a model trained by any script with the same dataset, "
+                               "architecture, norm, width, recipe and seed", outputs="table.md, claims.md and the figure")
+    g.add_argument("--size", type=int, help="resize images to size x size (unset: the dataset's own)")
+    g.add_argument("--channels", type=int, help="repeat grey images to this many channels (unset: the dataset's own)")
+    g.add_argument("--frost-dir", help="folder with Hendrycks's frost1.png..frost5.jpg (generated frost; "
+                   "without it frost is skipped and said so)")
+    g.add_argument("--corruption-seed", type=int, default=0, help="seed of the generated corruptions")
+    g.add_argument("--adapt-split", action="store_true", help="t7: adapt the BN statistics on one half of each corrupted "
+                   "set and evaluate both columns on the other (default: adapt and evaluate on the whole set)")
+    args = parse_with_presets(p, resolve, argv)
     if args.plot_only:
-        run_dir, cfg, records, missing = merge_runs(args.plot_only, "exp_corruption.py", planned_runs)
-        write_outputs(run_dir, records, cfg, not missing)
-        print(f"redrew {run_dir / 'table.md'}, claims.md and {run_dir / 'figure.png'}")
-        return
-    device = pick_device(args.device)
-    if args.compare_released:
-        compare_released(args, device)
-        return
-    todo = plan(args)
-    dataset = todo[0][0] if todo else (args.dataset or "cifar10")
-    data = build_dataset(dataset, args.data_root, device, args.download, size=args.size, channels=args.channels,
-                         n_train=1000 if dataset == "synthetic" else None, seed=0)
-    if data.shape[0] != 3:
-        raise DataError(f"--dataset {dataset}: corruptions need RGB images, got {data.shape[0]} channel(s); pass "
-                        f"--channels 3")
-    for _, arch, norm, _ in todo:
-        with torch.device("meta"):  # a wrong architecture or norm fails here, before anything is written
-            make_model(arch, **model_kwargs(args, data, arch, norm))
-    idx = eval_subset(args, data)
-    sets = CorruptedSets(args, data, idx, device)
-    run_dir = prepare_run_dir("exp_corruption", args.out, args.resume, args.shard)
-    log_to(run_dir, args.shard)
-    print_config(args)
-    print(f"run directory: {run_dir} | device: {device} | artifact: {ARTIFACTS[args.artifact]['title']} | "
-          f"{dataset}: train {tuple(data.x_train.shape)}, evaluated {len(idx)} test images")
-    print(f"corruptions: {sets.kind}; {len(sets.names)} of {len(args.corruptions)} evaluated" +
-          "".join(f"; skipped {k}: {v}" for k, v in sets.skipped.items()))
-    args.corruption_source, args.skipped_corruptions = sets.kind, sets.skipped
-    args.recipes = {f"{d} {a} {n} {t}": recipe(args, d, a, n, t) for d, a, n, t in todo}
-    write_config(run_dir, args, __file__, device)
-    sweep = Sweep(run_dir, planned_runs(args), args.shard)
-    todo = sweep.todo()
-    t0 = time.time()
-    for k, (_, name, m) in enumerate(todo):
-        ckpt = run_dir / "ckpt" / f"{name}.pt"
-        rec = run_one(args, data, sets, m["dataset"], m["arch"], m["norm"], m["training"], m["seed"], device, ckpt, print)
-        sweep.save(name, [rec])  # every finished model is kept
-        print(f"model {k + 1} of {len(todo)} done here ({len(sweep.runs)} in the run) | {time.time() - t0:.0f}s | ETA "
-              f"{(time.time() - t0) / (k + 1) * (len(todo) - k - 1):.0f}s")
-    records = sweep.records()
-    write_outputs(run_dir, records, vars(args), not sweep.missing())
-    show(run_dir / "table.md")
-    show(run_dir / "claims.md")
-    print(f"wrote {run_dir}/results.json, results.csv, table.md, claims.md, figure.png" + sweep.report())
+        return args
+    check_numbers(p, args, at_least_one=("seeds", "epochs", "batch_size", "adv_steps", "n_eval", "size", "channels",
+                                         "gn_groups"),
+                  positive=("width", "lr"), non_negative=("weight_decay", "warmup_epochs", "adv_eps", "adv_step_size",
+                                                          "corruption_seed"))
+    bad = [s for s in args.severities if not 1 <= s <= 5]
+    if bad:
+        p.error(f"--severities {bad[0]}: expected integers in 1..5")
+    if args.frost_dir is not None and not pathlib.Path(args.frost_dir).is_dir():
+        p.error(f"--frost-dir {args.frost_dir}: not a folder")
+    return args
 
 
 if __name__ == "__main__":

@@ -7,6 +7,21 @@ Yang et al.'s maximum trainable depth 16 / ln lambda_G(B) drawn over the BN pane
 Fig 3: the plug-in entropy of the 7-bit-quantized softmax output on the training set (I(X;T) = H(T))
 with Paninski's interval. The grid runs cell by cell; --resume continues an interrupted sweep.
 
+Quick results (update_readme.py writes this from results/quick/):
+    python exp_depth_batch.py --preset quick
+        0 held / 0 reversed / 4 inconclusive
+        P2 Figs 2, 5: At trainable depths BN nets are less robust to BIM than unnormalized ones (cells >= 90 % clean,
+          pooled over depths): -3.9 [-54.6, +46.9] (inconclusive)
+    python exp_depth_batch.py --preset quick --artifact fig5a
+        0 held / 0 reversed / 4 inconclusive
+        P2 Figs 2, 5: At trainable depths BN nets are less robust to BIM than unnormalized ones (cells >= 90 % clean,
+          pooled over depths): -1.6 [-42.3, +39.1] (inconclusive)
+    python exp_depth_batch.py --preset quick --artifact fig5b
+        0 held / 0 reversed / 4 inconclusive
+        P2 Figs 2, 5: At trainable depths BN nets are less robust to BIM than unnormalized ones (cells >= 90 % clean,
+          pooled over depths): +3.3 [-2.7, +9.3] (inconclusive)
+
+Run it:
     python exp_depth_batch.py --preset quick                 # digits, a reduced grid, CPU (~4 min)
     python exp_depth_batch.py --dataset mnist --download     # paper preset: depths 10..60 x batch 5..500
     python exp_depth_batch.py --artifact fig5b               # both nets 40 epochs (fig5a: 10; fig2: BN 10 / none 40)
@@ -16,47 +31,27 @@ Settings the paper leaves open (DECISIONS.md D21): width 384, depths 10, 15, ...
 momentum; after training, the BN running statistics are recomputed exactly over the training set
 (cumulative average, one pass).
 """
-import argparse
+import functools
 import math
 import time
 
 import torch
 
-from common import (Data, Sweep, add_scale_out_flags, build_dataset, check_attack, check_numbers, entropy_ci_bits,
-                    eval_mode, evaluate, log_to, make_model, max_trainable_depth, mean_sem, merge_runs,
-                    parse_with_presets, pick_device, prepare_run_dir, print_config, quantized_entropy_bits, run_script,
-                    save_figure, set_seed, show, train_model, write_claims, write_config, write_text_atomic)
+from common import (Data, Sweep, add_run_flags, build_dataset, check_attack, check_numbers, claim, entropy_ci_bits, eval_mode,
+                    evaluate, log_to, make_model, make_parser, max_trainable_depth, mean_sem, merge_runs, parse_with_presets,
+                    pick_device, prepare_run_dir, print_config, quantized_entropy_bits, run_script, save_figure, set_seed,
+                    show, train_model, write_claims, write_config, write_text_atomic)
+
 
 # ================================================================================================
-# 1. Artifacts: what each one trains, and the papers' claims it tests
+# 1. Paper settings
 # ================================================================================================
 
-
-def claim(id, paper, text, paper_value, metric, a, b=None, expect="<", per=(), scale=100.0, **kw):
-    """A claim as data, tested by common.evaluate_claims on one row per trained cell and seed; `trained` marks
-    cells with >= 90 % clean accuracy, `largest_batch`/`smallest_batch` the grid's extreme batch sizes. Cells of
-    different depths are pooled as replicates (the paper's grid has 3 seeds; the quick grid one)."""
-    return dict(id=id, paper=paper, claim=text, paper_value=paper_value, metric=metric, a=a, b=b, expect=expect, per=per,
-                scale=scale, **kw)
-
-
-GRID_CLAIMS = [
-    claim("grid_bim", "P2 Figs 2, 5", "At trainable depths BN nets are less robust to BIM than unnormalized ones "
-          "(cells >= 90 % clean, pooled over depths)", "figure only", "acc_bim", dict(norm="bn", trained=True),
-          dict(norm="none", trained=True), per=("batch",)),
-    claim("grid_bn_batch", "P2 Fig 2", "BN's BIM accuracy falls as the batch size grows (largest vs smallest B, "
-          "trained cells)", "figure only", "acc_bim", dict(norm="bn", trained=True, largest_batch=True),
-          dict(norm="bn", trained=True, smallest_batch=True)),
-]
 ARTIFACTS = {  # name -> title, runs ((BN, none) epochs of each figure), claims
-    "fig2": dict(title="P2 Figs 2/3: depth x batch, BN 10 epochs / none 40", runs=dict(epochs=(10, 40)), claims=GRID_CLAIMS),
-    "fig5a": dict(title="P2 Fig 5(a): depth x batch, 10 epochs each", runs=dict(epochs=(10, 10)), claims=GRID_CLAIMS),
-    "fig5b": dict(title="P2 Fig 5(b): depth x batch, 40 epochs each", runs=dict(epochs=(40, 40)), claims=GRID_CLAIMS),
+    "fig2": dict(title="P2 Figs 2/3: depth x batch, BN 10 epochs / none 40", runs=dict(epochs=(10, 40))),
+    "fig5a": dict(title="P2 Fig 5(a): depth x batch, 10 epochs each", runs=dict(epochs=(10, 10))),
+    "fig5b": dict(title="P2 Fig 5(b): depth x batch, 40 epochs each", runs=dict(epochs=(40, 40))),
 }
-
-# ================================================================================================
-# 2. Arguments and presets
-# ================================================================================================
 
 PRESETS = {  # DECISIONS.md D21
     "paper": dict(dataset="mnist", depths=list(range(10, 61, 5)), batches=[5, 10, 15, 20, 50, 100, 200, 500], width=384,
@@ -75,44 +70,8 @@ def resolve(preset, artifact):
     return dict(PRESETS[preset])
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--artifact", default="fig2", choices=sorted(ARTIFACTS), help="epochs: fig2 BN 10 / none 40; fig5a, fig5b")
-    p.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="paper, quick (CPU scale) or smoke")
-    p.add_argument("--dataset", choices=["mnist", "digits"], help="dataset")
-    p.add_argument("--depths", type=int, nargs="+", help="numbers of hidden layers L")
-    p.add_argument("--batches", type=int, nargs="+", help="batch sizes B")
-    p.add_argument("--width", type=int, help="hidden width (P2/Yang: 384)")
-    p.add_argument("--lr-per-sample", type=float, help="c in eta = c * B (P2: 1e-5)")
-    p.add_argument("--seeds", type=int, help="seeds per cell (P2: 3)")
-    p.add_argument("--epoch-scale", type=float, help="multiply the figure's epochs (smoke runs)")
-    p.add_argument("--n-eval", type=int, help="test samples evaluated (None = all)")
-    p.add_argument("--bn-eps", type=float, default=1e-3, help="BN epsilon c (P2: 1e-3)")
-    p.add_argument("--noise-var", type=float, default=0.25, help="Gaussian noise variance (DECISIONS.md D19)")
-    p.add_argument("--bim-eps", type=float, default=0.1, help="BIM budget, standardized units (P2: 0.1)")
-    p.add_argument("--bim-steps", type=int, default=20, help="BIM iterations")
-    p.add_argument("--bim-step", type=float, default=0.01, help="BIM step size")
-    p.add_argument("--data-root", default="data", help="folder holding the datasets")
-    p.add_argument("--download", action="store_true", help="fetch missing datasets (md5-checked)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
-    p.add_argument("--out", default=None, help="run directory (default runs/exp_depth_batch/<timestamp>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out, keeping finished runs")
-    add_scale_out_flags(p, "cells")
-    p.add_argument("--plot-only", metavar="RUN_DIR", nargs="+", default=None,
-                   help="redraw table.md, claims.md and the figures from the records of RUN_DIR (several: the shards of one "
-                   "run, merged)")
-    args = parse_with_presets(p, resolve, argv)
-    if args.plot_only:
-        return args
-    check_numbers(p, args, at_least_one=("depths", "width", "seeds", "n_eval", "bim_steps"),
-                  positive=("lr_per_sample", "epoch_scale", "bn_eps", "bim_eps", "bim_step"), non_negative=("noise_var",))
-    if min(args.batches) < 2:
-        p.error(f"--batches {args.batches}: expected batch sizes >= 2 (BN needs two samples)")
-    return args
-
-
 # ================================================================================================
-# 3. Experiment
+# 2. Experiment
 # ================================================================================================
 
 def standardized(args, device):
@@ -143,14 +102,14 @@ def planned_runs(args):
             for n in ("bn", "none") for d in args.depths for b in args.batches for s in range(args.seeds)]
 
 
-def run_cell(args, data, norm, depth, batch, seed, device, ckpt):
+def run_one(args, data, norm, depth, batch, seed, device, ckpt):
     epochs_bn, epochs_none = ARTIFACTS[args.artifact]["runs"]["epochs"]
     epochs = max(1, round((epochs_bn if norm == "bn" else epochs_none) * args.epoch_scale))
     set_seed(seed)
     model = make_model("mlp", norm=norm, in_dim=data.x_train.shape[1], hidden=[args.width] * depth,
                        bn_eps=args.bn_eps).to(device)
     recipe = dict(epochs=epochs, batch_size=batch, lr=args.lr_per_sample * batch, momentum=0.0, weight_decay=0.0)
-    res = train_model(model, data, recipe, seed=seed, ckpt=ckpt, log=lambda s: None)
+    res = train_model(model, data, recipe, seed=seed, ckpt=ckpt, log=lambda s: None, ddp_bn=args.ddp_bn)
     rec = dict(artifact=args.artifact, dataset=args.dataset, norm=norm, depth=depth, batch=batch, seed=seed, epochs=epochs,
                lr=recipe["lr"], status=res["status"], reason=res["reason"])
     if res["status"] != "ok":
@@ -168,10 +127,59 @@ def run_cell(args, data, norm, depth, batch, seed, device, ckpt):
 
 
 # ================================================================================================
-# Figures and table
+# 3. Main
 # ================================================================================================
-# 4. Tables, figures and claims (regenerated from results.json by --plot-only)
+
+def main(args):
+    if args.plot_only:
+        run_dir, cfg, records, _ = merge_runs(args.plot_only, "exp_depth_batch.py", planned_runs)
+        write_outputs(run_dir, records, cfg)
+        print(f"redrew the table, claims and figures in {run_dir}")
+        return
+    device = pick_device(args.device)
+    data = standardized(args, device)
+    args.n_train = len(data.y_train)
+    run_dir = prepare_run_dir("exp_depth_batch", args.out, args.resume, args.shard)
+    log_to(run_dir, args.shard)
+    print_config(args)
+    write_config(run_dir, args, __file__, device)
+    sweep = Sweep(run_dir, planned_runs(args), args.shard)
+    todo = sweep.todo()
+    print(f"run directory: {run_dir} | {len(sweep.runs)} cells, {len(sweep.mine())} in this process, {len(todo)} to do "
+          f"| d = {data.x_train.shape[1]}")
+    t0 = time.time()
+    for i, name, c in todo:
+        ckpt = run_dir / "ckpt" / f"{name}.pt"
+        rec = run_one(args, data, c["norm"], c["depth"], c["batch"], c["seed"], device, ckpt)
+        sweep.save(name, [rec])  # cell by cell: an interrupted sweep resumes here
+        accs = " ".join(f"{k[4:]} {v:.3f}" for k, v in rec.items() if k.startswith("acc_"))
+        print(f"[{i + 1}/{len(sweep.runs)}] {name}: {rec['status']} {accs} ({time.time() - t0:.0f}s)")
+    write_outputs(run_dir, sweep.records(), vars(args))
+    show(run_dir / "table.md")
+    show(run_dir / "claims.md")
+    print(f"wrote {run_dir} in {time.time() - t0:.0f}s" + sweep.report())
+
+
 # ================================================================================================
+# 4. Claims, tables and figures
+# ================================================================================================
+
+claim_pp = functools.partial(claim, scale=100.0)  # accuracies: effects in percentage points
+GRID_CLAIMS = [
+    claim_pp("grid_bim", "P2 Figs 2, 5", "At trainable depths BN nets are less robust to BIM than unnormalized ones "
+          "(cells >= 90 % clean, pooled over depths)", "figure only", "acc_bim", dict(norm="bn", trained=True),
+          dict(norm="none", trained=True), per=("batch",)),
+    claim_pp("grid_bn_batch", "P2 Fig 2", "BN's BIM accuracy falls as the batch size grows (largest vs smallest B, "
+          "trained cells)", "figure only", "acc_bim", dict(norm="bn", trained=True, largest_batch=True),
+          dict(norm="bn", trained=True, smallest_batch=True)),
+]
+
+CLAIMS = {  # the papers' claims each artifact tests (common.claim; verdicts by common.evaluate_claims)
+    "fig2": GRID_CLAIMS,
+    "fig5a": GRID_CLAIMS,
+    "fig5b": GRID_CLAIMS,
+}
+
 
 def cell_stats(records, norm, depth, batch, key):
     rs = [r for r in records if (r["norm"], r["depth"], r["batch"]) == (norm, depth, batch)]
@@ -276,42 +284,40 @@ def write_outputs(run_dir, records, cfg):
     batches = [r["batch"] for r in records]
     rows = [r | dict(trained=r.get("acc_clean", 0) >= 0.9, largest_batch=r["batch"] == max(batches),
                      smallest_batch=r["batch"] == min(batches)) for r in records]
-    write_claims(run_dir, ARTIFACTS[cfg["artifact"]]["claims"], rows, "# Claims: " + title, records,
+    write_claims(run_dir, CLAIMS[cfg["artifact"]], rows, "# Claims: " + title, records,
                  lambda r: f"{r['norm']} L={r['depth']} B={r['batch']} s{r['seed']}")
 
 
 # ================================================================================================
-# 5. Main
+# 5. Command line
 # ================================================================================================
 
-def main(args):
+def get_args(argv=None):
+    p, g = make_parser(__doc__, ARTIFACTS, "fig2", PRESETS)
+    g.add_argument("--dataset", choices=["mnist", "digits"], help="dataset")
+    g.add_argument("--depths", type=int, nargs="+", help="numbers of hidden layers L")
+    g.add_argument("--batches", type=int, nargs="+", help="batch sizes B")
+    g.add_argument("--seeds", type=int, help="seeds per cell (P2: 3)")
+    g = p.add_argument_group("training")
+    g.add_argument("--width", type=int, help="hidden width (P2/Yang: 384)")
+    g.add_argument("--lr-per-sample", type=float, help="c in eta = c * B (P2: 1e-5)")
+    g.add_argument("--epoch-scale", type=float, help="multiply the figure's epochs (smoke runs)")
+    g.add_argument("--bn-eps", type=float, default=1e-3, help="BN epsilon c (P2: 1e-3)")
+    g = p.add_argument_group("attack budgets and measurements")
+    g.add_argument("--n-eval", type=int, help="test samples evaluated (unset: all)")
+    g.add_argument("--noise-var", type=float, default=0.25, help="Gaussian noise variance (DECISIONS.md D19)")
+    g.add_argument("--bim-eps", type=float, default=0.1, help="BIM budget, standardized units (P2: 0.1)")
+    g.add_argument("--bim-steps", type=int, default=20, help="BIM iterations")
+    g.add_argument("--bim-step", type=float, default=0.01, help="BIM step size")
+    add_run_flags(p, "exp_depth_batch", unit="cells", data="the datasets", amp=False)
+    args = parse_with_presets(p, resolve, argv)
     if args.plot_only:
-        run_dir, cfg, records, _ = merge_runs(args.plot_only, "exp_depth_batch.py", planned_runs)
-        write_outputs(run_dir, records, cfg)
-        print(f"redrew the table, claims and figures in {run_dir}")
-        return
-    device = pick_device(args.device)
-    data = standardized(args, device)
-    args.n_train = len(data.y_train)
-    run_dir = prepare_run_dir("exp_depth_batch", args.out, args.resume, args.shard)
-    log_to(run_dir, args.shard)
-    print_config(args)
-    write_config(run_dir, args, __file__, device)
-    sweep = Sweep(run_dir, planned_runs(args), args.shard)
-    todo = sweep.todo()
-    print(f"run directory: {run_dir} | {len(sweep.runs)} cells, {len(sweep.mine())} in this process, {len(todo)} to do "
-          f"| d = {data.x_train.shape[1]}")
-    t0 = time.time()
-    for i, name, c in todo:
-        ckpt = run_dir / "ckpt" / f"{name}.pt"
-        rec = run_cell(args, data, c["norm"], c["depth"], c["batch"], c["seed"], device, ckpt)
-        sweep.save(name, [rec])  # cell by cell: an interrupted sweep resumes here
-        accs = " ".join(f"{k[4:]} {v:.3f}" for k, v in rec.items() if k.startswith("acc_"))
-        print(f"[{i + 1}/{len(sweep.runs)}] {name}: {rec['status']} {accs} ({time.time() - t0:.0f}s)")
-    write_outputs(run_dir, sweep.records(), vars(args))
-    show(run_dir / "table.md")
-    show(run_dir / "claims.md")
-    print(f"wrote {run_dir} in {time.time() - t0:.0f}s" + sweep.report())
+        return args
+    check_numbers(p, args, at_least_one=("depths", "width", "seeds", "n_eval", "bim_steps"),
+                  positive=("lr_per_sample", "epoch_scale", "bn_eps", "bim_eps", "bim_step"), non_negative=("noise_var",))
+    if min(args.batches) < 2:
+        p.error(f"--batches {args.batches}: expected batch sizes >= 2 (BN needs two samples)")
+    return args
 
 
 if __name__ == "__main__":

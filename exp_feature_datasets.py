@@ -8,6 +8,23 @@ the next class). Then trains ResNet18 with and without BN on each (P1 Table 6) a
 test set with true labels, every epoch: clean and robust accuracy, LIGS, and for D_det and D_conflict the
 accuracies aligned with the robust and with the non-robust features. Reproduces P1 Figs 6, 12, 7, 13.
 
+Quick results (update_readme.py writes this from results/quick/):
+    python exp_feature_datasets.py --preset quick --artifact build --cache cache
+        0 held / 0 reversed / 0 inconclusive
+    python exp_feature_datasets.py --preset quick --artifact fig12 --cache cache
+        3 held / 0 reversed / 1 inconclusive
+        P1 Fig 12: LIGS on D_NR is above LIGS on D_rand: +0.030 [+0.027, +0.033] (held)
+    python exp_feature_datasets.py --preset quick --artifact fig13 --cache cache
+        1 held / 1 reversed / 2 inconclusive
+        P1 Fig 13: Without BN, RF-aligned accuracy stays above NRF-aligned accuracy: -90.8 [-94.9, -86.7] (held)
+    python exp_feature_datasets.py --preset quick --artifact fig6 --cache cache
+        6 held / 0 reversed / 4 inconclusive
+        P1 Fig 6: LIGS of a model trained on D_R is above 0.9: +0.096 [+0.094, +0.098] (held)
+    python exp_feature_datasets.py --preset quick --artifact fig7 --cache cache
+        1 held / 1 reversed / 2 inconclusive
+        P1 Fig 7: Without BN, RF-aligned accuracy stays above NRF-aligned accuracy: -85.3 [-95.8, -74.8] (held)
+
+Run it:
     python exp_feature_datasets.py --artifact build --cache cache      # the five datasets (CIFAR-10; GPU hours)
     python exp_feature_datasets.py --artifact fig6 --cache cache       # D_R and D_rand, reusing what build made
     python exp_feature_datasets.py --artifact fig6 --datasets-from released   # Ilyas et al.'s released sets
@@ -19,7 +36,6 @@ inside the run directory), named by a hash of everything that determines them; a
 at its first missing chunk and ends with the same dataset. Every example is kept (P1 does not say
 whether failed targeted attacks were filtered); the success rate and feature distances are logged.
 """
-import argparse
 import hashlib
 import json
 import math
@@ -29,89 +45,36 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import (Data, DataError, Sweep, accuracy, add_scale_out_flags, build_dataset, cache_path, check_numbers,
-                    class_balanced_subset, epoch_metrics, eval_mode, feature_distance, fmt_mean_sem, invert_features,
-                    log_to, make_model, mean_sem, merge_runs, other_label_indices, parse_with_presets, pgd, pick_device,
-                    prepare_run_dir, print_config, read_ilyas_dataset, run_script, save_atomic, save_figure, set_seed,
-                    show, train_model, write_claims, write_config, write_text_atomic)
+from common import (Data, DataError, Sweep, accuracy, add_run_flags, build_dataset, cache_path, check_numbers, claim,
+                    class_balanced_subset, epoch_metrics, eval_mode, feature_distance, fmt_mean_sem, invert_features, log_to,
+                    make_model, make_parser, mean_sem, merge_runs, model_key, other_label_indices, parse_with_presets, pgd,
+                    pick_device, prepare_run_dir, print_config, read_ilyas_dataset, run_script, save_atomic, save_figure,
+                    set_seed, show, train_model, write_claims, write_config, write_text_atomic)
+
 
 # ================================================================================================
-# 1. Artifacts: which datasets each one trains on, and the paper's claims it tests
+# 1. Paper settings
 # ================================================================================================
 
 KINDS = ("d_r", "d_nr", "d_rand", "d_det", "d_conflict")
-NAMES = dict(d_r="D_R", d_nr="D_NR", d_rand="D_rand", d_det="D_det", d_conflict="D_conflict")
+
 TABLE6 = {  # P1 Table 6: initial LR and data augmentation per dataset (SGD 0.9, WD 5e-4, batch 128, 150 epochs)
     "d_r": dict(lr=0.01, augment=True), "d_nr": dict(lr=0.01, augment=True), "d_rand": dict(lr=0.01, augment=True),
     "d_det": dict(lr=0.1, augment=False), "d_conflict": dict(lr=0.1, augment=False)}
+
+
 ALIGNED = ("d_det", "d_conflict")  # robust features point to the original class, non-robust ones to the label
 
-
-def claim(id, paper, text, paper_value, metric, a, b=None, expect="<", per=(), scale=1.0, **kw):
-    """A claim as data, tested by common.evaluate_claims on one row per trained model (its final epoch plus
-    the curve summaries of `summary_rows`)."""
-    return dict(id=id, paper=paper, claim=text, paper_value=paper_value, metric=metric, a=a, b=b, expect=expect, per=per,
-                scale=scale, **kw)
-
-
-def aligned_claims(fig, kind):
-    """P1 Fig 7 (D_conflict) and Fig 13 (D_det, 'resembles D_conflict'). rf = P(pred = y+1) on clean test
-    images: the robust features of class y were labelled y+1; nrf = P(pred = y): the non-robust ones."""
-    BN, NONE = dict(kind=kind, norm="bn"), dict(kind=kind, norm="none")
-    return [
-        claim(f"{fig}_bn_rf_falls", f"P1 {fig.replace('fig', 'Fig ')}", "With BN, RF-aligned accuracy peaks early and "
-              "then falls", "rises to about 80 %, then falls sharply (figure only)", "rf_drop", BN, None, ">", scale=100.0),
-        claim(f"{fig}_bn_nrf_overtakes", f"P1 {fig.replace('fig', 'Fig ')}", "With BN, NRF-aligned accuracy ends above "
-              "RF-aligned accuracy", "eventually overtakes (figure only)", "nrf_minus_rf", BN, None, ">", scale=100.0),
-        claim(f"{fig}_none_rf", f"P1 {fig.replace('fig', 'Fig ')}", "Without BN, RF-aligned accuracy stays above "
-              "NRF-aligned accuracy", "RF high, NRF low throughout (figure only)", "nrf_minus_rf", NONE, None, "<",
-              scale=100.0),
-        claim(f"{fig}_bn_vs_none", f"P1 {fig.replace('fig', 'Fig ')}", "BN leans more on non-robust features than no "
-              "norm (NRF minus RF accuracy)", "BN: NRF wins; none: RF wins (figure only)", "nrf_minus_rf",
-              BN, NONE, ">", scale=100.0),
-    ]
-
-
-FIG6_CLAIMS = [
-    claim("fig6_robust", "P1 Fig 6", "Training on D_R gives higher robust accuracy than on D_rand", "D_R fairly high, "
-          "D_rand about 0 (Ilyas et al.: 48 % vs 0 %)", "robust_acc", dict(kind="d_r"), dict(kind="d_rand"), ">",
-          per=("norm",), scale=100.0),
-    claim("fig6_dr_ligs", "P1 Fig 6", "LIGS of a model trained on D_R is above 0.9", "above 0.9 (figure only)", "ligs",
-          dict(kind="d_r"), None, ">", per=("norm",), ref=0.9),
-    claim("fig6_drand_ligs", "P1 Fig 6", "LIGS on D_rand ends below LIGS on D_R", "very low (figure only)", "ligs",
-          dict(kind="d_rand"), dict(kind="d_r"), "<", per=("norm",)),
-    claim("fig6_none_chance", "P1 Fig 6", "Without BN the model does not learn D_rand: test accuracy below 15 %",
-          "stays at 10 % (figure only)", "clean_acc", dict(kind="d_rand", norm="none"), None, "<", ref=0.15, scale=100.0),
-    claim("fig6_bn_learns", "P1 Fig 6", "With BN the model learns D_rand: higher test accuracy than without",
-          "above 10 % after about 25 epochs (figure only)", "clean_acc", dict(kind="d_rand", norm="bn"),
-          dict(kind="d_rand", norm="none"), ">", scale=100.0),
-    claim("fig6_ligs_rise", "P1 Fig 6", "With BN on D_rand, LIGS rises above its initial value", "rises before "
-          "convergence starts (figure only)", "ligs_rise", dict(kind="d_rand", norm="bn"), None, ">"),
-    claim("fig6_ligs_drop", "P1 Fig 6", "With BN on D_rand, LIGS falls from its peak by the end", "drops sharply once "
-          "it converges (figure only)", "ligs_drop", dict(kind="d_rand", norm="bn"), None, ">"),
-]
-FIG12_CLAIMS = [
-    claim("fig12_r_above_nr", "P1 Fig 12", "LIGS on D_R is above LIGS on D_NR", "D_R highest (figure only)", "ligs",
-          dict(kind="d_r"), dict(kind="d_nr"), ">", per=("norm",)),
-    claim("fig12_nr_above_rand", "P1 Fig 12", "LIGS on D_NR is above LIGS on D_rand", "D_NR in between (figure only)",
-          "ligs", dict(kind="d_nr"), dict(kind="d_rand"), ">", per=("norm",)),
-]
 ARTIFACTS = {
     "build": dict(title="P1 App. E: the feature datasets D_R, D_NR, D_rand, D_det, D_conflict",
-                  runs=dict(datasets=list(KINDS)), claims=[]),
+                  runs=dict(datasets=list(KINDS))),
     "fig6": dict(title="P1 Fig 6: ResNet18 with and without BN on D_R and D_rand",
-                 runs=dict(datasets=["d_r", "d_rand"]), claims=FIG6_CLAIMS),
-    "fig12": dict(title="P1 Fig 12: LIGS on D_R, D_NR and D_rand", runs=dict(datasets=["d_r", "d_nr", "d_rand"]),
-                  claims=FIG12_CLAIMS),
-    "fig7": dict(title="P1 Fig 7: D_conflict, RF- and NRF-aligned accuracy", runs=dict(datasets=["d_conflict"]),
-                 claims=aligned_claims("fig7", "d_conflict")),
-    "fig13": dict(title="P1 Fig 13: D_det, RF- and NRF-aligned accuracy", runs=dict(datasets=["d_det"]),
-                  claims=aligned_claims("fig13", "d_det")),
+                 runs=dict(datasets=["d_r", "d_rand"])),
+    "fig12": dict(title="P1 Fig 12: LIGS on D_R, D_NR and D_rand", runs=dict(datasets=["d_r", "d_nr", "d_rand"])),
+    "fig7": dict(title="P1 Fig 7: D_conflict, RF- and NRF-aligned accuracy", runs=dict(datasets=["d_conflict"])),
+    "fig13": dict(title="P1 Fig 13: D_det, RF- and NRF-aligned accuracy", runs=dict(datasets=["d_det"])),
 }
 
-# ================================================================================================
-# 2. Arguments and presets
-# ================================================================================================
 
 PRESETS = {
     # Sources (P1 App. E): ResNet50 with P1's ResNet recipe (App. B.1: 350 epochs, LR 0.1, /10 at 150 and 250),
@@ -151,92 +114,8 @@ def resolve(preset, artifact):
     return dict(PRESETS[preset], norm=["none", "bn"], lr=None)
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--artifact", default="fig6", choices=sorted(ARTIFACTS), help="figure to reproduce, or build: only "
-                   "build and save the datasets")
-    p.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="paper settings, quick (digits, CPU) or smoke")
-    p.add_argument("--dataset", choices=["cifar10", "digits", "synthetic"], help="the dataset D the features come from")
-    p.add_argument("--size", type=int, help="resize images to size x size (None = the dataset's own)")
-    p.add_argument("--channels", type=int, help="repeat grey images to this many channels (None = the dataset's own)")
-    p.add_argument("--datasets-from", default="built", choices=["built", "released"], help="train on datasets built "
-                   "here, or on Ilyas et al.'s released D_R/D_NR/D_rand/D_det (DATA_ROOT/release_datasets/, CIFAR-10)")
-    p.add_argument("--datasets-dir", default=None, help="where built datasets live (default: CACHE/feature_datasets "
-                   "with --cache, else RUN_DIR/datasets)")
-    p.add_argument("--source-std", default=None, help="standard source checkpoint to use instead of training one: a "
-                   "state_dict of common.make_model(SOURCE_ARCH, norm='bn', width=SOURCE_WIDTH), or this project's "
-                   "checkpoint (a dict with 'model')")
-    p.add_argument("--source-rob", default=None, help="robust source checkpoint, same format")
-    p.add_argument("--source-arch", help="source architecture (P1 App. E: resnet50)")
-    p.add_argument("--source-width", type=float, help="source channel multiplier")
-    p.add_argument("--source-epochs", type=int, help="source training epochs")
-    p.add_argument("--source-lr", type=float, help="source initial LR")
-    p.add_argument("--source-milestones", type=int, nargs="*", help="source LR /10 epochs")
-    p.add_argument("--adv-eps", type=float, help="robust source: l2 adversarial training budget (0.5)")
-    p.add_argument("--adv-steps", type=int, help="robust source: PGD steps (7)")
-    p.add_argument("--adv-step-size", type=float, help="robust source: PGD step size (0.1)")
-    p.add_argument("--n-build", type=int, help="training images turned into each dataset (None = all)")
-    p.add_argument("--chunk", type=int, help="images per saved chunk (the unit a killed build resumes from)")
-    p.add_argument("--build-batch", type=int, help="images optimised at once on the device")
-    p.add_argument("--inv-steps", type=int, help="D_R/D_NR: representation-inversion steps (P1 App. B.3: 1000)")
-    p.add_argument("--inv-step", type=float, help="D_R/D_NR: l2 length of each step (0.1)")
-    p.add_argument("--attack-eps", type=float, help="D_rand/D_det/D_conflict: targeted l2 PGD budget (0.5)")
-    p.add_argument("--attack-step", type=float, help="its step size (0.1)")
-    p.add_argument("--attack-steps", type=int, help="its steps (100)")
-    p.add_argument("--build-seed", type=int, default=0, help="seed of the start images and random targets")
-    p.add_argument("--arch", help="architecture trained on the datasets (P1: resnet18)")
-    p.add_argument("--width", type=float, help="its channel multiplier")
-    p.add_argument("--norm", nargs="+", choices=["none", "bn", "in", "ln", "gn"], help="norms of the trained models")
-    p.add_argument("--epochs", type=int, help="training epochs (P1 Table 6: 150)")
-    p.add_argument("--milestones", type=int, nargs="*", help="epochs where the LR is divided by 10 (50, 100)")
-    p.add_argument("--lr", type=float, help="initial LR for every dataset (None = the preset's per dataset; paper: "
-                   "P1 Table 6, 0.01, or 0.1 for D_det and D_conflict)")
-    p.add_argument("--batch-size", type=int, help="SGD batch size (128)")
-    p.add_argument("--weight-decay", type=float, help="L2 weight decay (5e-4)")
-    p.add_argument("--warmup-epochs", type=float, help="linear LR warm-up epochs")
-    p.add_argument("--seeds", type=int, help="seeds per trained model")
-    p.add_argument("--rand-seeds", type=int, help="seeds per model on D_rand (P1: its warm-up repeats across seeds)")
-    p.add_argument("--per-class", type=int, help="robust accuracy and LIGS subset per class (P1: 100)")
-    p.add_argument("--eps", type=float, help="l2 budget of the per-epoch robust accuracy (P1: 0.25)")
-    p.add_argument("--eval-steps", type=int, help="its PGD steps, of 2.5*eps/steps each (P1: 10)")
-    p.add_argument("--sigma", type=float, default=0.01, help="LIGS perturbation scale (P1 App. B.4)")
-    p.add_argument("--gn-groups", type=int, help="GroupNorm groups (None = min(32, channels))")
-    p.add_argument("--data-root", default="data", help="folder holding cifar-10-batches-py/ and release_datasets/")
-    p.add_argument("--download", action="store_true", help="fetch CIFAR-10 if missing (md5-checked)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast for training on CUDA")
-    p.add_argument("--cache", default=None, help="shared cache: trained sources and targets, and built datasets, reused "
-                   "when everything that determines them matches")
-    p.add_argument("--out", default=None, help="run directory (default runs/exp_feature_datasets/<timestamp>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out, keeping finished models and chunks")
-    add_scale_out_flags(p, "runs")
-    p.add_argument("--plot-only", metavar="RUN_DIR", nargs="+", default=None,
-                   help="redraw table.md, claims.md and the figures from the records of RUN_DIR (several: the shards of one "
-                   "run, merged)")
-    args = parse_with_presets(p, resolve, argv)
-    if args.plot_only:
-        return args
-    check_numbers(p, args, at_least_one=("source_epochs", "adv_steps", "n_build", "chunk", "build_batch", "attack_steps",
-                                         "epochs", "batch_size", "seeds", "rand_seeds", "per_class", "eval_steps", "size",
-                                         "channels", "gn_groups", "milestones", "source_milestones"),
-                  positive=("source_width", "source_lr", "adv_eps", "adv_step_size", "inv_step", "attack_eps",
-                            "attack_step", "width", "lr", "eps", "sigma"),
-                  non_negative=("inv_steps", "weight_decay", "warmup_epochs", "build_seed"))
-    if args.datasets_from == "released":
-        if args.dataset != "cifar10":
-            p.error(f"--datasets-from released: Ilyas et al.'s sets are CIFAR-10, not --dataset {args.dataset}")
-        if "d_conflict" in ARTIFACTS[args.artifact]["runs"]["datasets"] or args.artifact == "build":
-            p.error(f"--datasets-from released: {args.artifact} needs D_conflict (P1's own), which was never released; "
-                    f"build it instead")
-    for flag in ("source_std", "source_rob"):
-        path = getattr(args, flag)
-        if path is not None and not pathlib.Path(path).is_file():
-            p.error(f"--{flag.replace('_', '-')} {path}: no such file")
-    return args
-
-
 # ================================================================================================
-# 3. Experiment: sources, building the datasets (chunked, resumable), training on them
+# 2. Experiment
 # ================================================================================================
 
 def state_hash(model):
@@ -297,17 +176,16 @@ def get_source(args, data, robust, device, run_dir):
                   warmup_epochs=args.warmup_epochs) | (dict(adv=adv) if adv else {})
     model_kw = dict(norm="bn", width=args.source_width, num_classes=data.num_classes, in_channels=data.shape[0]) | kw
     # exp_table1.py's / exp_corruption.py's cache key: a ResNet50 trained there with this recipe is reused
-    key = dict(dataset=args.dataset, size=args.size, arch=args.source_arch, model=model_kw, recipe=recipe, seed=0,
-               amp=args.amp, input=dict(conv="p1", mean=data.mean, std=data.std))
-    if args.channels:
-        key["channels"] = args.channels
+    key = model_key(args.dataset, args.size, args.source_arch, model_kw, recipe, 0, args.amp, "pixels", data.mean, data.std,
+                    args.channels)
     ckpt = cache_path(args.cache, key) or run_dir / "ckpt" / f"source_{role}.pt"
     if args.shard and not finished(ckpt):
         if args.artifact != "build":
             raise DataError(SHARD_NEEDS_BUILD.format(what=f"the {role} source model", where=ckpt))
         if args.shard[0] != SOURCE_SHARD[role] % args.shard[1]:
             return None  # another shard trains it (training one model twice at once would race)
-    res = train_model(model, data, recipe, seed=0, amp=args.amp, tag=f"[source {role}]", key=key, ckpt=ckpt)
+    res = train_model(model, data, recipe, seed=0, amp=args.amp, tag=f"[source {role}]", key=key, ckpt=ckpt,
+                      ddp_bn=args.ddp_bn)
     if res["status"] != "ok":
         raise DataError(f"the {role} source model failed to train ({res['reason']}); change its recipe "
                         f"(--source-lr, --source-epochs) or pass --source-{'rob' if robust else 'std'}")
@@ -472,7 +350,7 @@ def planned_runs(args):
             for s in range(args.rand_seeds if k == "d_rand" else args.seeds)]
 
 
-def train_on(args, kind, ds, ds_hash, data, subset, norm, seed, device, ckpt):
+def run_one(args, kind, ds, ds_hash, data, subset, norm, seed, device, ckpt):
     """ResNet18 with `norm` trained on dataset `kind` (P1 Table 6), measured every epoch on the real test set."""
     set_seed(seed)
     kw = dict(gn_groups=args.gn_groups) if args.gn_groups else {}
@@ -495,7 +373,7 @@ def train_on(args, kind, ds, ds_hash, data, subset, norm, seed, device, ckpt):
                amp=args.amp, measure=dict(eps=args.eps, steps=args.eval_steps, per_class=args.per_class, sigma=args.sigma,
                                           aligned=kind in ALIGNED))
     res = train_model(model, train, recipe, seed=seed, ckpt=cache_path(args.cache, key) or ckpt, amp=args.amp,
-                      on_epoch=on_epoch, tag=f"[{NAMES[kind]} {norm} s{seed}]", key=key)
+                      on_epoch=on_epoch, tag=f"[{NAMES[kind]} {norm} s{seed}]", key=key, ddp_bn=args.ddp_bn)
     # Not learning a dataset (D_rand without BN, P1 Fig 6) is a result here, not a failed run: only divergence is.
     status = "failed" if res["status"] == "failed" and res["reason"].startswith("diverged") else "ok"
     base = dict(artifact=args.artifact, dataset=args.dataset, kind=kind, name=NAMES[kind], norm=norm, seed=seed,
@@ -504,8 +382,143 @@ def train_on(args, kind, ds, ds_hash, data, subset, norm, seed, device, ckpt):
 
 
 # ================================================================================================
-# 4. Tables, figures and claims (regenerated from results.json by --plot-only)
+# 3. Main
 # ================================================================================================
+
+def main(args):
+    if args.plot_only:
+        run_dir, cfg, records, _ = merge_runs(args.plot_only, "exp_feature_datasets.py", planned_runs)
+        write_outputs(run_dir, records, cfg)
+        print(f"redrew {run_dir / 'table.md'}, claims.md and figure.png")
+        return
+    device = pick_device(args.device)
+    data = build_dataset(args.dataset, args.data_root, device, args.download, size=args.size, channels=args.channels,
+                         n_train=1000 if args.dataset == "synthetic" else None)
+    for norm in args.norm:  # a wrong architecture or norm fails here, before anything is written
+        with torch.device("meta"):
+            make_model(args.arch, norm=norm, width=args.width, in_channels=data.shape[0],
+                       **(dict(gn_groups=args.gn_groups) if args.gn_groups else {}))
+    run_dir = prepare_run_dir("exp_feature_datasets", args.out, args.resume, args.shard)
+    log_to(run_dir, args.shard)
+    print_config(args)
+    write_config(run_dir, args, __file__, device)
+    kinds = ARTIFACTS[args.artifact]["runs"]["datasets"]
+    print(f"run directory: {run_dir} | device: {device} | {ARTIFACTS[args.artifact]['title']} | {args.dataset}: train "
+          f"{tuple(data.x_train.shape)}, test {tuple(data.x_test.shape)}")
+    datasets = {}
+    if args.datasets_from == "released":
+        for kind in kinds:
+            x, y = read_ilyas_dataset(args.data_root, kind)
+            datasets[kind] = dict(x=to_u8(x), y=y, meta=dict(kind=kind, name=NAMES[kind], n=len(y), origin="released",
+                                                          key_hash=hashlib.sha256(x.numpy().tobytes()).hexdigest()[:12]))
+    else:
+        root = pathlib.Path(args.datasets_dir or (pathlib.Path(args.cache) / "feature_datasets" if args.cache
+                                                  else run_dir / "datasets"))
+        needs = set(kinds) | ({"d_r"} if "d_conflict" in kinds else set())
+        sources, info, waiting = {}, {}, []
+        for role in ("standard", "robust"):
+            if role == "robust" and "d_r" not in needs or role == "standard" and not needs - {"d_r"}:
+                continue
+            got = get_source(args, data, role == "robust", device, run_dir)
+            if got is None:
+                waiting.append(f"the {role} source model (trained by shard {SOURCE_SHARD[role] % args.shard[1]})")
+                continue
+            sources[role], info[role] = got
+        for kind in [k for k in KINDS if k in needs]:
+            d_r = datasets.get("d_r")
+            role = "robust" if kind == "d_r" else "standard"
+            if role not in sources or kind == "d_conflict" and d_r is None:
+                waiting.append(f"{NAMES[kind]} (needs {'D_R' if role in sources else f'the {role} source'})")
+                continue
+            built = build_kind(args, kind, data, sources, info, root, d_r,
+                               d_r["meta"]["key_hash"] if kind == "d_conflict" else None)
+            if built is None:
+                waiting.append(f"{NAMES[kind]} (chunks of other shards)")
+                continue
+            datasets[kind] = built
+            datasets[kind]["meta"]["path"] = str(root / f"{kind}-{datasets[kind]['meta']['key_hash']}" / "data.pt")
+        if waiting:  # only a sharded build gets here
+            print(f"this shard has done its part; still to come from other shards: {'; '.join(waiting)}. Run the "
+                  f"same command with --resume once they have finished (each pass gets further: sources, then chunks, "
+                  f"then D_conflict's chunks).")
+    sweep = Sweep(run_dir, planned_runs(args), args.shard)
+    sweep.save("datasets", [dict(datasets[k]["meta"], record="dataset") for k in KINDS if k in datasets])  # re-read above
+    subset = class_balanced_subset(data.y_test, args.per_class)
+    todo, t0 = sweep.todo(), time.time()
+    for i, (_, name, r) in enumerate(todo):
+        kind = r["kind"]
+        ckpt = run_dir / "ckpt" / f"{name}.pt"
+        sweep.save(name, run_one(args, kind, datasets[kind], datasets[kind]["meta"]["key_hash"], data, subset, r["norm"],
+                                  r["seed"], device, ckpt))  # every finished model is kept
+        print(f"model {i + 1} of {len(todo)} done here ({len(sweep.runs)} in the run) | {time.time() - t0:.0f}s | ETA "
+              f"{(time.time() - t0) / (i + 1) * (len(todo) - i - 1):.0f}s")
+    write_outputs(run_dir, sweep.records(), vars(args), datasets)
+    show(run_dir / "table.md")
+    if args.artifact != "build":
+        show(run_dir / "claims.md")
+    print(f"wrote {run_dir}/results.json, table.md, claims.md, figure.png" + sweep.report())
+
+
+# ================================================================================================
+# 4. Claims, tables and figures
+# ================================================================================================
+
+NAMES = dict(d_r="D_R", d_nr="D_NR", d_rand="D_rand", d_det="D_det", d_conflict="D_conflict")
+
+
+def aligned_claims(fig, kind):
+    """P1 Fig 7 (D_conflict) and Fig 13 (D_det, 'resembles D_conflict'). rf = P(pred = y+1) on clean test
+    images: the robust features of class y were labelled y+1; nrf = P(pred = y): the non-robust ones."""
+    BN, NONE = dict(kind=kind, norm="bn"), dict(kind=kind, norm="none")
+    return [
+        claim(f"{fig}_bn_rf_falls", f"P1 {fig.replace('fig', 'Fig ')}", "With BN, RF-aligned accuracy peaks early and "
+              "then falls", "rises to about 80 %, then falls sharply (figure only)", "rf_drop", BN, None, ">", scale=100.0),
+        claim(f"{fig}_bn_nrf_overtakes", f"P1 {fig.replace('fig', 'Fig ')}", "With BN, NRF-aligned accuracy ends above "
+              "RF-aligned accuracy", "eventually overtakes (figure only)", "nrf_minus_rf", BN, None, ">", scale=100.0),
+        claim(f"{fig}_none_rf", f"P1 {fig.replace('fig', 'Fig ')}", "Without BN, RF-aligned accuracy stays above "
+              "NRF-aligned accuracy", "RF high, NRF low throughout (figure only)", "nrf_minus_rf", NONE, None, "<",
+              scale=100.0),
+        claim(f"{fig}_bn_vs_none", f"P1 {fig.replace('fig', 'Fig ')}", "BN leans more on non-robust features than no "
+              "norm (NRF minus RF accuracy)", "BN: NRF wins; none: RF wins (figure only)", "nrf_minus_rf",
+              BN, NONE, ">", scale=100.0),
+    ]
+
+
+FIG6_CLAIMS = [
+    claim("fig6_robust", "P1 Fig 6", "Training on D_R gives higher robust accuracy than on D_rand", "D_R fairly high, "
+          "D_rand about 0 (Ilyas et al.: 48 % vs 0 %)", "robust_acc", dict(kind="d_r"), dict(kind="d_rand"), ">",
+          per=("norm",), scale=100.0),
+    claim("fig6_dr_ligs", "P1 Fig 6", "LIGS of a model trained on D_R is above 0.9", "above 0.9 (figure only)", "ligs",
+          dict(kind="d_r"), None, ">", per=("norm",), ref=0.9),
+    claim("fig6_drand_ligs", "P1 Fig 6", "LIGS on D_rand ends below LIGS on D_R", "very low (figure only)", "ligs",
+          dict(kind="d_rand"), dict(kind="d_r"), "<", per=("norm",)),
+    claim("fig6_none_chance", "P1 Fig 6", "Without BN the model does not learn D_rand: test accuracy below 15 %",
+          "stays at 10 % (figure only)", "clean_acc", dict(kind="d_rand", norm="none"), None, "<", ref=0.15, scale=100.0),
+    claim("fig6_bn_learns", "P1 Fig 6", "With BN the model learns D_rand: higher test accuracy than without",
+          "above 10 % after about 25 epochs (figure only)", "clean_acc", dict(kind="d_rand", norm="bn"),
+          dict(kind="d_rand", norm="none"), ">", scale=100.0),
+    claim("fig6_ligs_rise", "P1 Fig 6", "With BN on D_rand, LIGS rises above its initial value", "rises before "
+          "convergence starts (figure only)", "ligs_rise", dict(kind="d_rand", norm="bn"), None, ">"),
+    claim("fig6_ligs_drop", "P1 Fig 6", "With BN on D_rand, LIGS falls from its peak by the end", "drops sharply once "
+          "it converges (figure only)", "ligs_drop", dict(kind="d_rand", norm="bn"), None, ">"),
+]
+
+FIG12_CLAIMS = [
+    claim("fig12_r_above_nr", "P1 Fig 12", "LIGS on D_R is above LIGS on D_NR", "D_R highest (figure only)", "ligs",
+          dict(kind="d_r"), dict(kind="d_nr"), ">", per=("norm",)),
+    claim("fig12_nr_above_rand", "P1 Fig 12", "LIGS on D_NR is above LIGS on D_rand", "D_NR in between (figure only)",
+          "ligs", dict(kind="d_nr"), dict(kind="d_rand"), ">", per=("norm",)),
+]
+
+
+CLAIMS = {  # the papers' claims each artifact tests (common.claim; verdicts by common.evaluate_claims)
+    "build": [],
+    "fig6": FIG6_CLAIMS,
+    "fig12": FIG12_CLAIMS,
+    "fig7": aligned_claims("fig7", "d_conflict"),
+    "fig13": aligned_claims("fig13", "d_det"),
+}
+
 
 def runs_of(records):
     out = {}
@@ -515,7 +528,7 @@ def runs_of(records):
     return {k: sorted(v, key=lambda r: r["epoch"]) for k, v in out.items()}
 
 
-def summary_rows(records):
+def claim_rows(records):
     """One row per trained model: its final epoch plus curve summaries (P1 Figs 6, 7: rises, peaks and drops)."""
     rows = []
     for (kind, norm, seed), hist in runs_of(records).items():
@@ -554,7 +567,7 @@ def build_table(metas):
 
 def make_table(records, metas, cfg, header):
     lines = [header, ""] + build_table(metas)
-    rows = summary_rows(records)
+    rows = claim_rows(records)
     if rows:
         lr = cfg.get("lr")
         lines += ["", "## Models trained on them", "", f"{cfg['arch']} (width {cfg['width']:g}), {cfg['epochs']} epochs, "
@@ -664,85 +677,86 @@ def write_outputs(run_dir, records, cfg, datasets=None):
             path = m.get("path")
             datasets[m["kind"]] = torch.load(path, weights_only=False) if path and pathlib.Path(path).exists() else None
     make_figures(epochs, datasets or {}, run_dir, artifact, header[2:])
-    write_claims(run_dir, ARTIFACTS[artifact]["claims"], summary_rows(epochs), "# Claims: " + header[2:], None)
+    write_claims(run_dir, CLAIMS[artifact], claim_rows(epochs), "# Claims: " + header[2:], None)
 
 
 # ================================================================================================
-# 5. Main: data -> sources -> datasets (built or released) -> train on each (measuring every epoch) -> plot
+# 5. Command line
 # ================================================================================================
 
-def main(args):
+def get_args(argv=None):
+    p, g = make_parser(__doc__, ARTIFACTS, "fig6", PRESETS)
+    g.add_argument("--dataset", choices=["cifar10", "digits", "synthetic"], help="the dataset D the features come from")
+    g.add_argument("--datasets-from", default="built", choices=["built", "released"], help="train on datasets built "
+                   "here, or on Ilyas et al.'s released D_R/D_NR/D_rand/D_det (DATA_ROOT/release_datasets/, CIFAR-10)")
+    g.add_argument("--arch", help="architecture trained on the datasets (P1: resnet18)")
+    g.add_argument("--norm", nargs="+", choices=["none", "bn", "in", "ln", "gn"], help="norms of the trained models")
+    g.add_argument("--seeds", type=int, help="seeds per trained model")
+    g.add_argument("--rand-seeds", type=int, help="seeds per model on D_rand (P1: its warm-up repeats across seeds)")
+    g = p.add_argument_group("training")
+    g.add_argument("--source-std", help="standard source checkpoint to use instead of training one: a "
+                   "state_dict of common.make_model(SOURCE_ARCH, norm='bn', width=SOURCE_WIDTH), or this project's "
+                   "checkpoint (a dict with 'model')")
+    g.add_argument("--source-rob", help="robust source checkpoint, same format")
+    g.add_argument("--source-arch", help="source architecture (P1 App. E: resnet50)")
+    g.add_argument("--source-width", type=float, help="source channel multiplier")
+    g.add_argument("--source-epochs", type=int, help="source training epochs")
+    g.add_argument("--source-lr", type=float, help="source initial LR")
+    g.add_argument("--source-milestones", type=int, nargs="*", help="source LR /10 epochs")
+    g.add_argument("--adv-eps", type=float, help="robust source: l2 adversarial training budget (0.5)")
+    g.add_argument("--adv-steps", type=int, help="robust source: PGD steps (7)")
+    g.add_argument("--adv-step-size", type=float, help="robust source: PGD step size (0.1)")
+    g.add_argument("--width", type=float, help="its channel multiplier")
+    g.add_argument("--epochs", type=int, help="training epochs (P1 Table 6: 150)")
+    g.add_argument("--milestones", type=int, nargs="*", help="epochs where the LR is divided by 10 (50, 100)")
+    g.add_argument("--lr", type=float, help="initial LR for every dataset (unset: the preset's per dataset; paper: "
+                   "P1 Table 6, 0.01, or 0.1 for D_det and D_conflict)")
+    g.add_argument("--batch-size", type=int, help="SGD batch size (128)")
+    g.add_argument("--weight-decay", type=float, help="L2 weight decay (5e-4)")
+    g.add_argument("--warmup-epochs", type=float, help="linear LR warm-up epochs")
+    g.add_argument("--gn-groups", type=int, help="GroupNorm groups (unset: min(32, channels))")
+    g = p.add_argument_group("attack budgets and measurements")
+    g.add_argument("--inv-steps", type=int, help="D_R/D_NR: representation-inversion steps (P1 App. B.3: 1000)")
+    g.add_argument("--inv-step", type=float, help="D_R/D_NR: l2 length of each step (0.1)")
+    g.add_argument("--attack-eps", type=float, help="D_rand/D_det/D_conflict: targeted l2 PGD budget (0.5)")
+    g.add_argument("--attack-step", type=float, help="its step size (0.1)")
+    g.add_argument("--attack-steps", type=int, help="its steps (100)")
+    g.add_argument("--per-class", type=int, help="robust accuracy and LIGS subset per class (P1: 100)")
+    g.add_argument("--eps", type=float, help="l2 budget of the per-epoch robust accuracy (P1: 0.25)")
+    g.add_argument("--eval-steps", type=int, help="its PGD steps, of 2.5*eps/steps each (P1: 10)")
+    g.add_argument("--sigma", type=float, default=0.01, help="LIGS perturbation scale (P1 App. B.4)")
+    g = add_run_flags(p, "exp_feature_datasets", unit="runs", data="cifar-10-batches-py/ and release_datasets/",
+                         download="fetch CIFAR-10 if missing (md5-checked)",
+                         cache="shared cache: trained sources and targets, and built datasets, reused when everything "
+                               "that determines them matches")
+    g.add_argument("--size", type=int, help="resize images to size x size (unset: the dataset's own)")
+    g.add_argument("--channels", type=int, help="repeat grey images to this many channels (unset: the dataset's own)")
+    g.add_argument("--datasets-dir", help="where built datasets live (default: CACHE/feature_datasets "
+                   "with --cache, else RUN_DIR/datasets)")
+    g.add_argument("--n-build", type=int, help="training images turned into each dataset (unset: all)")
+    g.add_argument("--chunk", type=int, help="images per saved chunk (the unit a killed build resumes from)")
+    g.add_argument("--build-batch", type=int, help="images optimised at once on the device")
+    g.add_argument("--build-seed", type=int, default=0, help="seed of the start images and random targets")
+    args = parse_with_presets(p, resolve, argv)
     if args.plot_only:
-        run_dir, cfg, records, _ = merge_runs(args.plot_only, "exp_feature_datasets.py", planned_runs)
-        write_outputs(run_dir, records, cfg)
-        print(f"redrew {run_dir / 'table.md'}, claims.md and figure.png")
-        return
-    device = pick_device(args.device)
-    data = build_dataset(args.dataset, args.data_root, device, args.download, size=args.size, channels=args.channels,
-                         n_train=1000 if args.dataset == "synthetic" else None)
-    for norm in args.norm:  # a wrong architecture or norm fails here, before anything is written
-        with torch.device("meta"):
-            make_model(args.arch, norm=norm, width=args.width, in_channels=data.shape[0],
-                       **(dict(gn_groups=args.gn_groups) if args.gn_groups else {}))
-    run_dir = prepare_run_dir("exp_feature_datasets", args.out, args.resume, args.shard)
-    log_to(run_dir, args.shard)
-    print_config(args)
-    write_config(run_dir, args, __file__, device)
-    kinds = ARTIFACTS[args.artifact]["runs"]["datasets"]
-    print(f"run directory: {run_dir} | device: {device} | {ARTIFACTS[args.artifact]['title']} | {args.dataset}: train "
-          f"{tuple(data.x_train.shape)}, test {tuple(data.x_test.shape)}")
-    datasets = {}
+        return args
+    check_numbers(p, args, at_least_one=("source_epochs", "adv_steps", "n_build", "chunk", "build_batch", "attack_steps",
+                                         "epochs", "batch_size", "seeds", "rand_seeds", "per_class", "eval_steps", "size",
+                                         "channels", "gn_groups", "milestones", "source_milestones"),
+                  positive=("source_width", "source_lr", "adv_eps", "adv_step_size", "inv_step", "attack_eps",
+                            "attack_step", "width", "lr", "eps", "sigma"),
+                  non_negative=("inv_steps", "weight_decay", "warmup_epochs", "build_seed"))
     if args.datasets_from == "released":
-        for kind in kinds:
-            x, y = read_ilyas_dataset(args.data_root, kind)
-            datasets[kind] = dict(x=to_u8(x), y=y, meta=dict(kind=kind, name=NAMES[kind], n=len(y), origin="released",
-                                                          key_hash=hashlib.sha256(x.numpy().tobytes()).hexdigest()[:12]))
-    else:
-        root = pathlib.Path(args.datasets_dir or (pathlib.Path(args.cache) / "feature_datasets" if args.cache
-                                                  else run_dir / "datasets"))
-        needs = set(kinds) | ({"d_r"} if "d_conflict" in kinds else set())
-        sources, info, waiting = {}, {}, []
-        for role in ("standard", "robust"):
-            if role == "robust" and "d_r" not in needs or role == "standard" and not needs - {"d_r"}:
-                continue
-            got = get_source(args, data, role == "robust", device, run_dir)
-            if got is None:
-                waiting.append(f"the {role} source model (trained by shard {SOURCE_SHARD[role] % args.shard[1]})")
-                continue
-            sources[role], info[role] = got
-        for kind in [k for k in KINDS if k in needs]:
-            d_r = datasets.get("d_r")
-            role = "robust" if kind == "d_r" else "standard"
-            if role not in sources or kind == "d_conflict" and d_r is None:
-                waiting.append(f"{NAMES[kind]} (needs {'D_R' if role in sources else f'the {role} source'})")
-                continue
-            built = build_kind(args, kind, data, sources, info, root, d_r,
-                               d_r["meta"]["key_hash"] if kind == "d_conflict" else None)
-            if built is None:
-                waiting.append(f"{NAMES[kind]} (chunks of other shards)")
-                continue
-            datasets[kind] = built
-            datasets[kind]["meta"]["path"] = str(root / f"{kind}-{datasets[kind]['meta']['key_hash']}" / "data.pt")
-        if waiting:  # only a sharded build gets here
-            print(f"this shard has done its part; still to come from other shards: {'; '.join(waiting)}. Run the "
-                  f"same command with --resume once they have finished (each pass gets further: sources, then chunks, "
-                  f"then D_conflict's chunks).")
-    sweep = Sweep(run_dir, planned_runs(args), args.shard)
-    sweep.save("datasets", [dict(datasets[k]["meta"], record="dataset") for k in KINDS if k in datasets])  # re-read above
-    subset = class_balanced_subset(data.y_test, args.per_class)
-    todo, t0 = sweep.todo(), time.time()
-    for i, (_, name, r) in enumerate(todo):
-        kind = r["kind"]
-        ckpt = run_dir / "ckpt" / f"{name}.pt"
-        sweep.save(name, train_on(args, kind, datasets[kind], datasets[kind]["meta"]["key_hash"], data, subset, r["norm"],
-                                  r["seed"], device, ckpt))  # every finished model is kept
-        print(f"model {i + 1} of {len(todo)} done here ({len(sweep.runs)} in the run) | {time.time() - t0:.0f}s | ETA "
-              f"{(time.time() - t0) / (i + 1) * (len(todo) - i - 1):.0f}s")
-    write_outputs(run_dir, sweep.records(), vars(args), datasets)
-    show(run_dir / "table.md")
-    if args.artifact != "build":
-        show(run_dir / "claims.md")
-    print(f"wrote {run_dir}/results.json, table.md, claims.md, figure.png" + sweep.report())
+        if args.dataset != "cifar10":
+            p.error(f"--datasets-from released: Ilyas et al.'s sets are CIFAR-10, not --dataset {args.dataset}")
+        if "d_conflict" in ARTIFACTS[args.artifact]["runs"]["datasets"] or args.artifact == "build":
+            p.error(f"--datasets-from released: {args.artifact} needs D_conflict (P1's own), which was never released; "
+                    f"build it instead")
+    for flag in ("source_std", "source_rob"):
+        path = getattr(args, flag)
+        if path is not None and not pathlib.Path(path).is_file():
+            p.error(f"--{flag.replace('_', '-')} {path}: no such file")
+    return args
 
 
 if __name__ == "__main__":

@@ -11,63 +11,46 @@ standardized; attacks are in standardized units with no clipping (DECISIONS.md D
   Table 7:  the same MLPs trained with the linear model's weight decay.
   Fig 4:    the 2-unit bottleneck's pre-activations over training, with and without BN (DECISIONS.md D20).
 
+Quick results (update_readme.py writes this from results/quick/):
+    python exp_input_dim.py --preset quick
+        7 held / 0 reversed / 8 inconclusive
+        P2 Table 11: The adversarial damage (FGSM loss - clean loss) grows with the input dimension (k = 4 vs 1):
+          +0.200 [+0.195, +0.205] (held)
+
+Run it:
     python exp_input_dim.py --preset quick      # bundled digits, all tables and Fig 4, CPU, ~2 min
     python exp_input_dim.py --dataset mnist     # paper preset on MNIST (--download fetches it)
 """
-import argparse
+import functools
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (Data, Sweep, add_scale_out_flags, build_dataset, check_attack, check_numbers, eval_mode,
-                    fmt_mean_sem, is_main_process, log_to, make_model, mean_sem, merge_runs, parse_with_presets,
-                    pick_device, prepare_run_dir, print_config, resize_images, run_attack, run_script, save_figure,
-                    set_seed, show, train_model, write_claims, write_config, write_text_atomic)
+from common import (Data, Sweep, add_run_flags, build_dataset, check_attack, check_numbers, claim, eval_mode, fmt_mean_sem,
+                    is_main_process, log_to, make_model, make_parser, mean_sem, merge_runs, parse_with_presets, pick_device,
+                    prepare_run_dir, print_config, resize_images, run_attack, run_script, save_figure, set_seed, show,
+                    train_model, write_claims, write_config, write_text_atomic)
+
 
 # ================================================================================================
-# 1. Artifacts: what each one trains, and the papers' claims it tests
+# 1. Paper settings
 # ================================================================================================
 
 LAMBDA = {2: 0.01, 3: 0.0225, 4: 0.05}  # P2 Table 11's weight decay per upscaling factor (used again in Table 7)
 
-
-def claim(id, paper, text, paper_value, metric, a, b=None, expect="<", per=(), scale=100.0, **kw):
-    """A claim as data, tested by common.evaluate_claims on one row per trained model (plus damage01 =
-    FGSM loss - clean loss)."""
-    return dict(id=id, paper=paper, claim=text, paper_value=paper_value, metric=metric, a=a, b=b, expect=expect, per=per,
-                scale=scale, **kw)
-
-
 T11 = dict(table="t11", lam=0.0)
+
+
 ARTIFACTS = {  # name -> title, runs, claims
     "t11": dict(title="P2 Table 11: linear model, FGSM, input dimension x weight decay",
-                runs=dict(ks=[1, 2, 3, 4], lambdas=LAMBDA), claims=[
-                    claim("t11_acc", "P2 Table 11", "Without weight decay, FGSM accuracy falls as the input dimension "
-                          "grows (k = 4 vs 1)", "accuracy ratio 0.1 at k = 4", "acc_fgsm01", T11 | dict(k=4), T11 | dict(k=1)),
-                    claim("t11_damage", "P2 Table 11", "The adversarial damage (FGSM loss - clean loss) grows with the "
-                          "input dimension (k = 4 vs 1)", "×4 predicted (∝ √d)", "damage01", T11 | dict(k=4),
-                          T11 | dict(k=1), ">", scale=1.0),
-                    claim("t11_wd", "P2 Table 11", "Weight decay restores FGSM accuracy at k = 4", "ratio back to ≈ 1",
-                          "acc_fgsm01", dict(table="t11", k=4, wd=True), T11 | dict(k=4), ">")]),
-    "t6": dict(title="P2 Tables 6 and 12: MLP with and without one BN layer", runs=dict(ks=[1, 2, 3], norms=["none", "bn"]),
-               claims=[claim("t6_bim", "P2 Tables 6, 12", "One BN layer lowers BIM accuracy", "about −40 points at every k",
-                             "acc_bim", dict(table="t6", norm="bn"), dict(table="t6", norm="none"), per=("k",)),
-                       claim("t6_noise", "P2 Tables 6, 12", "One BN layer lowers noise accuracy", "−13 to −16 points",
-                             "acc_noise", dict(table="t6", norm="bn"), dict(table="t6", norm="none"), per=("k",))]),
-    "t7": dict(title="P2 Table 7: the MLPs with Table 11's weight decay", runs=dict(ks=[2, 3], norms=["none", "bn"]),
-               claims=[claim("t7_wd", "P2 Table 7", "Weight decay raises BIM accuracy", "always helps",
-                             "acc_bim", dict(table="t7"), dict(table="t6"), ">", per=("k", "norm")),
-                       claim("t7_bn", "P2 Table 7", "BN lowers BIM accuracy also with weight decay", "always hurts",
-                             "acc_bim", dict(table="t7", norm="bn"), dict(table="t7", norm="none"), per=("k",))]),
-    "fig4": dict(title="P2 Fig 4: 2-unit bottleneck activations over training", runs=dict(norms=["none", "bn"]),
-                 claims=[]),  # a picture (P2: BN spreads the points from init); nothing to test as a number
+                runs=dict(ks=[1, 2, 3, 4], lambdas=LAMBDA)),
+    "t6": dict(title="P2 Tables 6 and 12: MLP with and without one BN layer", runs=dict(ks=[1, 2, 3], norms=["none", "bn"])),
+    "t7": dict(title="P2 Table 7: the MLPs with Table 11's weight decay", runs=dict(ks=[2, 3], norms=["none", "bn"])),
+    # a picture (P2: BN spreads the points from init): nothing to test as a number
+    "fig4": dict(title="P2 Fig 4: 2-unit bottleneck activations over training", runs=dict(norms=["none", "bn"])),
 }
-
-# ================================================================================================
-# 2. Arguments and presets
-# ================================================================================================
 
 PRESETS = {
     "paper": dict(dataset="mnist", seeds=5, mlp_seeds=5, epochs=50, mlp_epochs=50, bottleneck_epochs=500,
@@ -85,50 +68,8 @@ def resolve(preset, artifact):
     return dict(PRESETS[preset])
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--artifact", default="all", choices=["all"] + list(ARTIFACTS),
-                   help="Table 11 (linear), Tables 6/12 (MLP), Table 7 (MLP + WD), Fig 4 (bottleneck)")
-    p.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="paper, quick (CPU scale) or smoke")
-    p.add_argument("--dataset", choices=["mnist", "digits"], help="dataset")
-    p.add_argument("--seeds", type=int, help="seeds for Table 11")
-    p.add_argument("--mlp-seeds", type=int, help="seeds for Tables 6, 7, 12 (P2: 5)")
-    p.add_argument("--epochs", type=int, help="linear model epochs (P2: 50)")
-    p.add_argument("--mlp-epochs", type=int, help="MLP epochs (P2: 50)")
-    p.add_argument("--bottleneck-epochs", type=int, help="Fig 4 epochs (P2: 500)")
-    p.add_argument("--snapshots", type=int, nargs="+", help="Fig 4 epochs to plot (P2: init, ~20, end)")
-    p.add_argument("--fgsm-eps", type=float, default=0.1, help="Table 11 FGSM budget; the loss is also taken at half of it "
-                   "(P2: 0.1 and 0.05, standardized units)")
-    p.add_argument("--bim-eps", type=float, default=0.1, help="BIM budget (P2: 0.1)")
-    p.add_argument("--bim-steps", type=int, help="BIM iterations (P2: 100)")
-    p.add_argument("--bim-step", type=float, help="BIM step size (P2: 1e-3)")
-    p.add_argument("--noise-std", type=float, default=1.0, help="std of the noise added before upscaling (P2 footnote 6)")
-    p.add_argument("--n-plot", type=int, help="training points drawn in Fig 4")
-    p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate, no momentum (P2: 1e-2)")
-    p.add_argument("--batch-size", type=int, default=128, help="SGD batch size (P2: 128)")
-    p.add_argument("--post-relu", action="store_true", help="Fig 4: plot the 2-unit layer after its ReLU (DECISIONS.md D20)")
-    p.add_argument("--data-root", default="data", help="folder holding the datasets")
-    p.add_argument("--download", action="store_true", help="fetch missing datasets (md5-checked)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
-    p.add_argument("--out", default=None, help="run directory (default runs/exp_input_dim/<timestamp>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out, keeping finished runs")
-    add_scale_out_flags(p, "runs")
-    p.add_argument("--plot-only", metavar="RUN_DIR", nargs="+", default=None,
-                   help="redraw table.md, claims.md and fig4.png from the records of RUN_DIR (several: the shards of one "
-                   "run, merged)")
-    args = parse_with_presets(p, resolve, argv)
-    if args.plot_only:
-        return args
-    check_numbers(p, args, at_least_one=("seeds", "mlp_seeds", "epochs", "mlp_epochs", "bottleneck_epochs", "bim_steps",
-                                         "batch_size", "n_plot"),
-                  positive=("fgsm_eps", "bim_eps", "bim_step", "lr"), non_negative=("noise_std", "snapshots"))
-    if any(e > args.bottleneck_epochs for e in args.snapshots):
-        p.error(f"--snapshots {args.snapshots}: expected epochs in 0..{args.bottleneck_epochs} (--bottleneck-epochs)")
-    return args
-
-
 # ================================================================================================
-# 3. Experiment
+# 2. Experiment
 # ================================================================================================
 
 def base_data(args, device):
@@ -158,7 +99,7 @@ def acc_and_loss(model, x, y, spec, generator=None, batch_size=1000):
 
 def train(args, data, model, epochs, weight_decay, seed, ckpt, on_epoch=None):
     recipe = dict(epochs=epochs, batch_size=args.batch_size, lr=args.lr, momentum=0.0, weight_decay=weight_decay)
-    return train_model(model, data, recipe, seed=seed, ckpt=ckpt, log=lambda s: None, on_epoch=on_epoch)
+    return train_model(model, data, recipe, seed=seed, ckpt=ckpt, log=lambda s: None, on_epoch=on_epoch, ddp_bn=args.ddp_bn)
 
 
 def planned_runs(args):
@@ -253,8 +194,71 @@ def run_fig4(args, base, device, run_dir):
 
 
 # ================================================================================================
-# 4. Tables, figures and claims (regenerated from results.json by --plot-only)
+# 3. Main
 # ================================================================================================
+
+def main(args):
+    if args.plot_only:
+        run_dir, cfg, records, _ = merge_runs(args.plot_only, "exp_input_dim.py", planned_runs)
+        write_outputs(run_dir, records, cfg)
+        npz = run_dir / "fig4_activations.npz"
+        if npz.exists():
+            z = np.load(npz)
+            acts = {n: {int(k.split("_")[1]): z[k] for k in z.files if k.startswith(n + "_")} for n in ("none", "bn")}
+            plot_fig4(acts, z["labels"], run_dir / "fig4.png", cfg["snapshots"])
+        print(f"redrew the tables, claims and figure in {run_dir}")
+        return
+    device = pick_device(args.device)
+    base = base_data(args, device)
+    run_dir = prepare_run_dir("exp_input_dim", args.out, args.resume, args.shard)
+    log_to(run_dir, args.shard)
+    print_config(args)
+    write_config(run_dir, args, __file__, device)
+    print(f"run directory: {run_dir} | base images {tuple(base[0].shape[1:])}, upscaled x1..x4 by nearest neighbour")
+    sweep = Sweep(run_dir, planned_runs(args), args.shard)
+    t0 = time.time()
+    for _, name, r in sweep.todo():
+        if r["table"] == "t11":
+            sweep.save(name, [run_t11(args, base, device, run_dir, r["k"], r["lam"], r["seed"])])
+        elif r["table"] in ("t6", "t7"):
+            sweep.save(name, [run_mlp(args, base, device, run_dir, r["table"], r["k"], r["norm"], r["seed"])])
+        else:
+            acts, labels = run_fig4(args, base, device, run_dir)
+            plot_fig4(acts, labels, run_dir / "fig4.png", args.snapshots)
+            sweep.save(name, [])  # its results are fig4_activations.npz and fig4.png
+        print(f"{name} done ({time.time() - t0:.0f}s)")
+    records = sweep.records()
+    write_outputs(run_dir, records, vars(args))
+    show(run_dir / "table.md")
+    show(run_dir / "claims.md")
+    print(f"wrote {run_dir} in {time.time() - t0:.0f}s" + sweep.report())
+
+
+# ================================================================================================
+# 4. Claims, tables and figures
+# ================================================================================================
+
+claim_pp = functools.partial(claim, scale=100.0)  # accuracies: effects in percentage points
+CLAIMS = {  # the papers' claims each artifact tests (common.claim; verdicts by common.evaluate_claims)
+    "t11": [
+    claim_pp("t11_acc", "P2 Table 11", "Without weight decay, FGSM accuracy falls as the input dimension "
+          "grows (k = 4 vs 1)", "accuracy ratio 0.1 at k = 4", "acc_fgsm01", T11 | dict(k=4), T11 | dict(k=1)),
+    claim_pp("t11_damage", "P2 Table 11", "The adversarial damage (FGSM loss - clean loss) grows with the "
+          "input dimension (k = 4 vs 1)", "×4 predicted (∝ √d)", "damage01", T11 | dict(k=4),
+          T11 | dict(k=1), ">", scale=1.0),
+    claim_pp("t11_wd", "P2 Table 11", "Weight decay restores FGSM accuracy at k = 4", "ratio back to ≈ 1",
+          "acc_fgsm01", dict(table="t11", k=4, wd=True), T11 | dict(k=4), ">")],
+    "t6": [claim_pp("t6_bim", "P2 Tables 6, 12", "One BN layer lowers BIM accuracy", "about −40 points at every k",
+          "acc_bim", dict(table="t6", norm="bn"), dict(table="t6", norm="none"), per=("k",)),
+    claim_pp("t6_noise", "P2 Tables 6, 12", "One BN layer lowers noise accuracy", "−13 to −16 points",
+          "acc_noise", dict(table="t6", norm="bn"), dict(table="t6", norm="none"), per=("k",))],
+    "t7": [claim_pp("t7_wd", "P2 Table 7", "Weight decay raises BIM accuracy", "always helps",
+          "acc_bim", dict(table="t7"), dict(table="t6"), ">", per=("k", "norm")),
+    claim_pp("t7_bn", "P2 Table 7", "BN lowers BIM accuracy also with weight decay", "always hurts",
+          "acc_bim", dict(table="t7", norm="bn"), dict(table="t7", norm="none"), per=("k",))],
+    "fig4": [],
+}
+
 
 def make_tables(records, cfg):
     lines = [f"# P2 Sec. 4 / App. B: input dimension, weight decay and BN (preset {cfg['preset']}, {cfg['dataset']})", ""]
@@ -317,7 +321,7 @@ def write_outputs(run_dir, records, cfg):
     write_text_atomic(run_dir / "table.md", make_tables(records, cfg))
     rows = [r | dict(wd=r["lam"] > 0, damage01=r["loss_fgsm01"] - r["loss_clean"] if "loss_fgsm01" in r else None)
             for r in records]
-    claims = [c for name, art in ARTIFACTS.items() if any(r["table"] == name for r in records) for c in art["claims"]]
+    claims = [c for name, cs in CLAIMS.items() if any(r["table"] == name for r in records) for c in cs]
     write_claims(run_dir, claims, rows, f"# Claims: P2 Sec. 4 / App. B (preset {cfg['preset']}, {cfg['dataset']})", records,
                  lambda r: f"{r['table']} k={r['k']} lambda={r['lam']:g} {r['norm']} s{r['seed']}")
 
@@ -342,44 +346,41 @@ def plot_fig4(acts, labels, path, snapshots):
 
 
 # ================================================================================================
-# 5. Main
+# 5. Command line
 # ================================================================================================
 
-def main(args):
+def get_args(argv=None):
+    p, g = make_parser(__doc__, ["all"] + list(ARTIFACTS), "all", PRESETS)
+    g.add_argument("--dataset", choices=["mnist", "digits"], help="dataset")
+    g.add_argument("--seeds", type=int, help="seeds for Table 11")
+    g.add_argument("--mlp-seeds", type=int, help="seeds for Tables 6, 7, 12 (P2: 5)")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, help="linear model epochs (P2: 50)")
+    g.add_argument("--mlp-epochs", type=int, help="MLP epochs (P2: 50)")
+    g.add_argument("--bottleneck-epochs", type=int, help="Fig 4 epochs (P2: 500)")
+    g.add_argument("--lr", type=float, default=0.01, help="SGD learning rate, no momentum (P2: 1e-2)")
+    g.add_argument("--batch-size", type=int, default=128, help="SGD batch size (P2: 128)")
+    g.add_argument("--post-relu", action="store_true", help="Fig 4: plot the 2-unit layer after its ReLU (DECISIONS.md D20)")
+    g = p.add_argument_group("attack budgets and measurements")
+    g.add_argument("--snapshots", type=int, nargs="+", help="Fig 4 epochs to plot (P2: init, ~20, end)")
+    g.add_argument("--fgsm-eps", type=float, default=0.1, help="Table 11 FGSM budget; the loss is also taken at half of it "
+                   "(P2: 0.1 and 0.05, standardized units)")
+    g.add_argument("--bim-eps", type=float, default=0.1, help="BIM budget (P2: 0.1)")
+    g.add_argument("--bim-steps", type=int, help="BIM iterations (P2: 100)")
+    g.add_argument("--bim-step", type=float, help="BIM step size (P2: 1e-3)")
+    g.add_argument("--noise-std", type=float, default=1.0, help="std of the noise added before upscaling (P2 footnote 6)")
+    g.add_argument("--n-plot", type=int, help="training points drawn in Fig 4")
+    add_run_flags(p, "exp_input_dim", unit="runs", data="the datasets", amp=False,
+                     outputs="table.md, claims.md and fig4.png")
+    args = parse_with_presets(p, resolve, argv)
     if args.plot_only:
-        run_dir, cfg, records, _ = merge_runs(args.plot_only, "exp_input_dim.py", planned_runs)
-        write_outputs(run_dir, records, cfg)
-        npz = run_dir / "fig4_activations.npz"
-        if npz.exists():
-            z = np.load(npz)
-            acts = {n: {int(k.split("_")[1]): z[k] for k in z.files if k.startswith(n + "_")} for n in ("none", "bn")}
-            plot_fig4(acts, z["labels"], run_dir / "fig4.png", cfg["snapshots"])
-        print(f"redrew the tables, claims and figure in {run_dir}")
-        return
-    device = pick_device(args.device)
-    base = base_data(args, device)
-    run_dir = prepare_run_dir("exp_input_dim", args.out, args.resume, args.shard)
-    log_to(run_dir, args.shard)
-    print_config(args)
-    write_config(run_dir, args, __file__, device)
-    print(f"run directory: {run_dir} | base images {tuple(base[0].shape[1:])}, upscaled x1..x4 by nearest neighbour")
-    sweep = Sweep(run_dir, planned_runs(args), args.shard)
-    t0 = time.time()
-    for _, name, r in sweep.todo():
-        if r["table"] == "t11":
-            sweep.save(name, [run_t11(args, base, device, run_dir, r["k"], r["lam"], r["seed"])])
-        elif r["table"] in ("t6", "t7"):
-            sweep.save(name, [run_mlp(args, base, device, run_dir, r["table"], r["k"], r["norm"], r["seed"])])
-        else:
-            acts, labels = run_fig4(args, base, device, run_dir)
-            plot_fig4(acts, labels, run_dir / "fig4.png", args.snapshots)
-            sweep.save(name, [])  # its results are fig4_activations.npz and fig4.png
-        print(f"{name} done ({time.time() - t0:.0f}s)")
-    records = sweep.records()
-    write_outputs(run_dir, records, vars(args))
-    show(run_dir / "table.md")
-    show(run_dir / "claims.md")
-    print(f"wrote {run_dir} in {time.time() - t0:.0f}s" + sweep.report())
+        return args
+    check_numbers(p, args, at_least_one=("seeds", "mlp_seeds", "epochs", "mlp_epochs", "bottleneck_epochs", "bim_steps",
+                                         "batch_size", "n_plot"),
+                  positive=("fgsm_eps", "bim_eps", "bim_step", "lr"), non_negative=("noise_std", "snapshots"))
+    if any(e > args.bottleneck_epochs for e in args.snapshots):
+        p.error(f"--snapshots {args.snapshots}: expected epochs in 0..{args.bottleneck_epochs} (--bottleneck-epochs)")
+    return args
 
 
 if __name__ == "__main__":

@@ -6,6 +6,23 @@ gradient at regular training steps -- loss variation, l2 gradient change and eff
 beta-smoothness -- for ResNet18 x five norms (14), VGG16 x norms (15), ResNet18-BN with vs without
 shortcut (16) and Fixup vs BN ResNet18 (17).
 
+Quick results (update_readme.py writes this from results/quick/):
+    python exp_landscape.py --preset quick --artifact fig14
+        0 held / 0 reversed / 2 inconclusive
+        P1 Fig 14: BN makes the ResNet18 landscape smoother than none (β-smoothness): +12.976 (inconclusive)
+    python exp_landscape.py --preset quick --artifact fig15
+        0 held / 0 reversed / 5 inconclusive
+        P1 Fig 15: BN makes the VGG16 landscape smoother than none (β-smoothness): -24.008 (inconclusive)
+    python exp_landscape.py --preset quick --artifact fig16
+        0 held / 0 reversed / 0 inconclusive
+    python exp_landscape.py --preset quick --artifact fig17
+        0 held / 0 reversed / 2 inconclusive
+        P1 Fig 17: Fixup gives less stable gradients than BN (β-smoothness): -13.306 (inconclusive)
+    python exp_landscape.py --preset quick --artifact fig9
+        0 held / 0 reversed / 1 inconclusive
+        P1 Fig 9: BN gives lower LIGS than Fixup (ResNet-20): -0.013 (inconclusive)
+
+Run it:
     python exp_landscape.py --artifact fig14 --download     # paper preset, CIFAR-10
     python exp_landscape.py --preset quick --artifact fig9  # bundled digits, CPU; also fig14..fig17
     python exp_landscape.py --plot-only runs/exp_landscape/<run>
@@ -16,35 +33,19 @@ leaves parameters, optimizer state and BN running statistics bit-identical (test
 DECISIONS.md D14 (SGD 0.9, WD 5e-4, batch 128, LR 0.01, 150 epochs, /10 at 50 and 100, crop+flip).
 The Fig 9 Fixup network is ResNet-20 (DECISIONS.md D17).
 """
-import argparse
 import time
 
 import torch
 
-from common import (NORMS, Sweep, add_scale_out_flags, build_dataset, cache_path, check_attack, check_numbers,
-                    class_balanced_subset, epoch_metrics, fmt_mean_sem, landscape_probe, log_to, make_model, mean_sem,
-                    merge_runs, parse_with_presets, pick_device, prepare_run_dir, print_config, run_script, save_figure,
-                    set_seed, show, train_model, write_claims, write_config, write_text_atomic)
+from common import (DATASETS, NORMS, Sweep, add_run_flags, build_dataset, cache_path, check_attack, check_numbers, claim,
+                    class_balanced_subset, epoch_metrics, fmt_mean_sem, landscape_probe, log_to, make_model, make_parser,
+                    mean_sem, merge_runs, parse_with_presets, pick_device, prepare_run_dir, print_config, run_script,
+                    save_figure, set_seed, show, train_model, write_claims, write_config, write_text_atomic)
+
 
 # ================================================================================================
-# 1. Artifacts: what each one trains, and the papers' claims it tests
+# 1. Paper settings
 # ================================================================================================
-
-
-def claim(id, paper, text, paper_value, metric, a, b=None, expect="<", per=(), scale=1.0, **kw):
-    """A claim as data, tested by common.evaluate_claims on one row per run: Fig 9 its final epoch; Figs
-    14-17 the means over its probes (loss_range, gdiff_max, beta). Claims of "no effect" (P1: the shortcut
-    changes LIGS trivially, Fixup and BN reach similar accuracy) would need an equivalence margin the
-    paper does not give, so they are shown in the figures and not tested."""
-    return dict(id=id, paper=paper, claim=text, paper_value=paper_value, metric=metric, a=a, b=b, expect=expect, per=per,
-                scale=scale, **kw)
-
-
-def probe_claims(fig, bigger, smaller, text):
-    return [claim(f"{fig}_{m}", f"P1 {fig.replace('fig', 'Fig ')}", f"{text} ({name})", "figure only", m,
-                  dict(variant=smaller), dict(variant=bigger)) for m, name in (("beta", "β-smoothness"),
-                                                                                ("gdiff_max", "gradient change"))]
-
 
 ARTIFACTS = {  # name -> title, runs ([(variant, arch, norm, shortcut)], measure: "epoch" metrics or "probe"s), claims
     "fig9": dict(title="P1 Fig 9: shortcuts (ResNet-20/56, BN) and Fixup vs BN (ResNet-20): accuracy and LIGS",
@@ -52,32 +53,20 @@ ARTIFACTS = {  # name -> title, runs ([(variant, arch, norm, shortcut)], measure
                                    ("resnet20 no shortcut", "resnet20", "bn", False),
                                    ("resnet56 shortcut", "resnet56", "bn", True),
                                    ("resnet56 no shortcut", "resnet56", "bn", False),
-                                   ("resnet20 fixup", "resnet20", "fixup", True)], measure="epoch"),
-                 claims=[claim("fig9_ligs", "P1 Fig 9", "BN gives lower LIGS than Fixup (ResNet-20)", "figure only", "ligs",
-                               dict(variant="resnet20 shortcut"), dict(variant="resnet20 fixup"))]),
+                                   ("resnet20 fixup", "resnet20", "fixup", True)], measure="epoch")),
     "fig14": dict(title="P1 Fig 14: landscape of ResNet18 x norms",
-                  runs=dict(models=[(n, "resnet18", n, True) for n in NORMS], measure="probe"),
-                  claims=probe_claims("fig14", "none", "bn", "BN makes the ResNet18 landscape smoother than none")),
+                  runs=dict(models=[(n, "resnet18", n, True) for n in NORMS], measure="probe")),
     "fig15": dict(title="P1 Fig 15: landscape of VGG16 x norms",
-                  runs=dict(models=[(n, "vgg16", n, True) for n in NORMS], measure="probe"),
-                  claims=probe_claims("fig15", "none", "bn", "BN makes the VGG16 landscape smoother than none") + [
-                      claim(f"fig15_{n}_beta", "P1 Fig 15", f"{n.upper()} smooths less than BN (β-smoothness)",
-                            "figure only", "beta", dict(variant=n), dict(variant="bn"), ">") for n in ("in", "ln", "gn")]),
+                  runs=dict(models=[(n, "vgg16", n, True) for n in NORMS], measure="probe")),
     "fig16": dict(title="P1 Fig 16: landscape of ResNet18-BN with vs without shortcut",
                   runs=dict(models=[("shortcut", "resnet18", "bn", True), ("no shortcut", "resnet18", "bn", False)],
-                            measure="probe"), claims=[]),  # P1: a trivial effect (not tested, see `claim`)
+                            measure="probe")),  # P1: a trivial effect (not tested, see `claim`)
     "fig17": dict(title="P1 Fig 17: landscape of Fixup vs BN ResNet18",
-                  runs=dict(models=[("bn", "resnet18", "bn", True), ("fixup", "resnet18", "fixup", True)], measure="probe"),
-                  claims=[
-                      claim(f"fig17_{m}", "P1 Fig 17", f"Fixup gives less stable gradients than BN ({name})",
-                            "figure only", m, dict(variant="fixup"), dict(variant="bn"), ">")
-                      for m, name in (("beta", "β-smoothness"), ("gdiff_max", "gradient change"))]),
+                  runs=dict(models=[("bn", "resnet18", "bn", True), ("fixup", "resnet18", "fixup", True)], measure="probe")),
 }
+
 STEP_MULTIPLIERS = [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0]  # x base LR (DECISIONS.md D17)
 
-# ================================================================================================
-# 2. Arguments and presets
-# ================================================================================================
 
 PRESETS = {  # DECISIONS.md D14 (training), D17 (probes)
     "paper": dict(dataset="cifar10", width=1.0, seeds=1, epochs=150, lr=0.01, milestones=[50, 100], batch_size=128,
@@ -100,54 +89,8 @@ def resolve(preset, artifact):
     return dict(PRESETS[preset])
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--artifact", default="fig14", choices=sorted(ARTIFACTS), help="figure to reproduce")
-    p.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="paper settings, quick (digits, CPU) or smoke")
-    p.add_argument("--norm", nargs="+", default=None, choices=list(NORMS) + ["fixup"], help="narrow the compared norms")
-    p.add_argument("--dataset", choices=["cifar10", "svhn", "mnist", "digits", "synthetic"], help="dataset")
-    p.add_argument("--width", type=float, help="channel multiplier (ResNet-20/56 use min(1, 4x this))")
-    p.add_argument("--seeds", type=int, help="seeds per model")
-    p.add_argument("--epochs", type=int, help="training epochs")
-    p.add_argument("--lr", type=float, help="initial learning rate")
-    p.add_argument("--milestones", type=int, nargs="*", help="epochs where the LR is divided by 10")
-    p.add_argument("--batch-size", type=int, help="SGD batch size")
-    p.add_argument("--weight-decay", type=float, help="L2 weight decay")
-    p.add_argument("--warmup-epochs", type=float, help="linear LR warm-up epochs")
-    p.add_argument("--probe-every", type=int, help="probe every k optimizer steps")
-    p.add_argument("--probe-epochs", type=int, help="probe during the first k epochs")
-    p.add_argument("--per-class", type=int, help="Fig 9 evaluation subset per class (P1 App. B.2: 100)")
-    p.add_argument("--eps", type=float, help="Fig 9: l2 budget of the robust accuracy (P1 App. B.2: 0.25)")
-    p.add_argument("--attack-steps", type=int, help="Fig 9: its PGD steps, of 2.5*eps/steps each")
-    p.add_argument("--sigma", type=float, default=0.01, help="LIGS perturbation scale (P1 App. B.4)")
-    p.add_argument("--size", type=int, default=None, help="resize images (None: digits 32 for VGG, 16 for ResNets)")
-    p.add_argument("--gn-groups", type=int, help="GroupNorm groups (None = min(32, channels))")
-    p.add_argument("--data-root", default="data", help="folder holding the datasets")
-    p.add_argument("--download", action="store_true", help="fetch missing datasets (md5-checked)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast for training on CUDA")
-    p.add_argument("--cache", default=None, help="shared checkpoint cache: reuse a model (with its per-epoch measurements) "
-                   "trained with the same data, model, recipe, measurements and seed")
-    p.add_argument("--out", default=None, help="run directory (default runs/exp_landscape/<timestamp>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out, keeping finished runs")
-    add_scale_out_flags(p, "runs")
-    p.add_argument("--plot-only", metavar="RUN_DIR", nargs="+", default=None,
-                   help="redraw table.md, claims.md and the figure from the records of RUN_DIR (several: the shards of one "
-                   "run, merged)")
-    args = parse_with_presets(p, resolve, argv)
-    if args.plot_only:
-        return args
-    check_numbers(p, args, at_least_one=("epochs", "batch_size", "probe_every", "probe_epochs", "per_class", "seeds",
-                                         "attack_steps", "size", "gn_groups", "milestones"),
-                  positive=("width", "lr", "eps", "sigma"), non_negative=("weight_decay", "warmup_epochs"))
-    if args.norm and not any(t[2] in args.norm for t in ARTIFACTS[args.artifact]["runs"]["models"]):
-        p.error(f"--norm {' '.join(args.norm)}: {args.artifact} compares "
-                f"{sorted({t[2] for t in ARTIFACTS[args.artifact]['runs']['models']})}")
-    return args
-
-
 # ================================================================================================
-# 3. Experiment
+# 2. Experiment
 # ================================================================================================
 
 def input_size(args, arch):
@@ -194,7 +137,8 @@ def run_one(args, data, subset, variant, arch, norm, shortcut, seed, device, ckp
     key = dict(dataset=args.dataset, size=input_size(args, arch), arch=arch, model=dict(norm=norm, width=width, **kw),
                recipe=recipe, seed=seed, amp=args.amp, measure=measure)  # everything behind the weights and the history
     res = train_model(model, data, recipe, seed=seed, ckpt=cache_path(args.cache, key) or ckpt, amp=args.amp,
-                      on_epoch=on_epoch, on_step=on_step if kind == "probe" else None, tag=f"[{variant} s{seed}]", key=key)
+                      on_epoch=on_epoch, on_step=on_step if kind == "probe" else None, tag=f"[{variant} s{seed}]", key=key,
+                      ddp_bn=args.ddp_bn)
     base = dict(artifact=args.artifact, dataset=args.dataset, arch=arch, norm=norm, shortcut=shortcut, seed=seed,
                 variant=variant, status=res["status"], reason=res["reason"])
     rows = [base | h for h in res["history"]]
@@ -205,8 +149,67 @@ def run_one(args, data, subset, variant, arch, norm, shortcut, seed, device, ckp
 
 
 # ================================================================================================
-# 4. Tables, figures and claims (regenerated from results.json by --plot-only)
+# 3. Main
 # ================================================================================================
+
+def main(args):
+    if args.plot_only:
+        run_dir, cfg, records, _ = merge_runs(args.plot_only, "exp_landscape.py", planned_runs)
+        write_outputs(run_dir, records, cfg)
+        print(f"redrew the table, claims and figure in {run_dir}")
+        return
+    device = pick_device(args.device)
+    todo = models(args)
+    datasets = {}
+    for _, arch, _, _ in todo:
+        size = input_size(args, arch)
+        if size not in datasets:
+            datasets[size] = build_dataset(args.dataset, args.data_root, device, args.download, size=size,
+                                           n_train=1000 if args.dataset == "synthetic" else None)
+    run_dir = prepare_run_dir("exp_landscape", args.out, args.resume, args.shard)
+    log_to(run_dir, args.shard)
+    print_config(args)
+    write_config(run_dir, args, __file__, device)
+    print(f"run directory: {run_dir} | {len(todo)} models x {args.seeds} seed(s) | probe step lengths "
+          f"{[round(m * args.lr, 4) for m in STEP_MULTIPLIERS]} every {args.probe_every} steps")
+    sweep = Sweep(run_dir, planned_runs(args), args.shard)
+    spec = {t[0]: t for t in todo}
+    t0 = time.time()
+    for _, name, r in sweep.todo():
+        variant, arch, norm, shortcut = spec[r["variant"]]
+        data = datasets[input_size(args, arch)]
+        subset = class_balanced_subset(data.y_test, args.per_class)
+        ckpt = run_dir / "ckpt" / f"{name}.pt"
+        sweep.save(name, run_one(args, data, subset, variant, arch, norm, shortcut, r["seed"], device, ckpt))
+    write_outputs(run_dir, sweep.records(), vars(args))
+    show(run_dir / "table.md")
+    show(run_dir / "claims.md")
+    print(f"wrote {run_dir} in {time.time() - t0:.0f}s" + sweep.report())
+
+
+# ================================================================================================
+# 4. Claims, tables and figures
+# ================================================================================================
+
+def probe_claims(fig, bigger, smaller, text):
+    return [claim(f"{fig}_{m}", f"P1 {fig.replace('fig', 'Fig ')}", f"{text} ({name})", "figure only", m,
+                  dict(variant=smaller), dict(variant=bigger)) for m, name in (("beta", "β-smoothness"),
+                                                                                ("gdiff_max", "gradient change"))]
+
+
+CLAIMS = {  # the papers' claims each artifact tests (common.claim; verdicts by common.evaluate_claims)
+    "fig9": [claim("fig9_ligs", "P1 Fig 9", "BN gives lower LIGS than Fixup (ResNet-20)", "figure only", "ligs",
+    dict(variant="resnet20 shortcut"), dict(variant="resnet20 fixup"))],
+    "fig14": probe_claims("fig14", "none", "bn", "BN makes the ResNet18 landscape smoother than none"),
+    "fig15": probe_claims("fig15", "none", "bn", "BN makes the VGG16 landscape smoother than none") + [
+    claim(f"fig15_{n}_beta", "P1 Fig 15", f"{n.upper()} smooths less than BN (β-smoothness)",
+          "figure only", "beta", dict(variant=n), dict(variant="bn"), ">") for n in ("in", "ln", "gn")],
+    "fig16": [],
+    "fig17": [
+    claim(f"fig17_{m}", "P1 Fig 17", f"Fixup gives less stable gradients than BN ({name})",
+          "figure only", m, dict(variant="fixup"), dict(variant="bn"), ">")
+    for m, name in (("beta", "β-smoothness"), ("gdiff_max", "gradient change"))],
+}
 
 COLORS = dict(none="0.25", bn="C0", ln="C2", gn="C3", fixup="C4", **{"in": "C1"})
 
@@ -298,7 +301,7 @@ def make_figure(records, path, title, kind):
     save_figure(fig, path)
 
 
-def run_rows(records, kind):
+def claim_rows(records, kind):
     """One row per run (variant, seed): Fig 9 its final epoch; Figs 14-17 its probes' means of loss_range,
     gdiff_max and beta."""
     runs = {}
@@ -323,47 +326,50 @@ def write_outputs(run_dir, records, cfg):
     write_text_atomic(run_dir / "table.md", make_table(records, header, kind))
     budget = f" | robust acc: l2 PGD eps {cfg['eps']:g}" if kind == "epoch" and "eps" in cfg else ""
     make_figure(records, run_dir / f"{artifact}.png", header[2:] + budget, kind)
-    write_claims(run_dir, ARTIFACTS[artifact]["claims"], run_rows(records, kind), "# Claims: " + header[2:], records,
+    write_claims(run_dir, CLAIMS[artifact], claim_rows(records, kind), "# Claims: " + header[2:], records,
                  lambda r: f"{r['variant']} s{r['seed']}")
 
 
 # ================================================================================================
-# 5. Main
+# 5. Command line
 # ================================================================================================
 
-def main(args):
+def get_args(argv=None):
+    p, g = make_parser(__doc__, ARTIFACTS, "fig14", PRESETS)
+    g.add_argument("--norm", nargs="+", choices=list(NORMS) + ["fixup"], help="narrow the compared norms")
+    g.add_argument("--dataset", choices=DATASETS, help="dataset")
+    g.add_argument("--seeds", type=int, help="seeds per model")
+    g = p.add_argument_group("training")
+    g.add_argument("--width", type=float, help="channel multiplier (ResNet-20/56 use min(1, 4x this))")
+    g.add_argument("--epochs", type=int, help="training epochs")
+    g.add_argument("--lr", type=float, help="initial learning rate")
+    g.add_argument("--milestones", type=int, nargs="*", help="epochs where the LR is divided by 10")
+    g.add_argument("--batch-size", type=int, help="SGD batch size")
+    g.add_argument("--weight-decay", type=float, help="L2 weight decay")
+    g.add_argument("--warmup-epochs", type=float, help="linear LR warm-up epochs")
+    g.add_argument("--gn-groups", type=int, help="GroupNorm groups (unset: min(32, channels))")
+    g = p.add_argument_group("attack budgets and measurements")
+    g.add_argument("--probe-every", type=int, help="probe every k optimizer steps")
+    g.add_argument("--probe-epochs", type=int, help="probe during the first k epochs")
+    g.add_argument("--per-class", type=int, help="Fig 9 evaluation subset per class (P1 App. B.2: 100)")
+    g.add_argument("--eps", type=float, help="Fig 9: l2 budget of the robust accuracy (P1 App. B.2: 0.25)")
+    g.add_argument("--attack-steps", type=int, help="Fig 9: its PGD steps, of 2.5*eps/steps each")
+    g.add_argument("--sigma", type=float, default=0.01, help="LIGS perturbation scale (P1 App. B.4)")
+    g = add_run_flags(p, "exp_landscape", unit="runs", data="the datasets",
+                         cache="shared checkpoint cache: reuse a model (with its per-epoch measurements) trained with the "
+                               "same data, model, recipe, measurements and seed",
+                         outputs="table.md, claims.md and the figure")
+    g.add_argument("--size", type=int, help="resize images (unset: digits 32 for VGG, 16 for ResNets)")
+    args = parse_with_presets(p, resolve, argv)
     if args.plot_only:
-        run_dir, cfg, records, _ = merge_runs(args.plot_only, "exp_landscape.py", planned_runs)
-        write_outputs(run_dir, records, cfg)
-        print(f"redrew the table, claims and figure in {run_dir}")
-        return
-    device = pick_device(args.device)
-    todo = models(args)
-    datasets = {}
-    for _, arch, _, _ in todo:
-        size = input_size(args, arch)
-        if size not in datasets:
-            datasets[size] = build_dataset(args.dataset, args.data_root, device, args.download, size=size,
-                                           n_train=1000 if args.dataset == "synthetic" else None)
-    run_dir = prepare_run_dir("exp_landscape", args.out, args.resume, args.shard)
-    log_to(run_dir, args.shard)
-    print_config(args)
-    write_config(run_dir, args, __file__, device)
-    print(f"run directory: {run_dir} | {len(todo)} models x {args.seeds} seed(s) | probe step lengths "
-          f"{[round(m * args.lr, 4) for m in STEP_MULTIPLIERS]} every {args.probe_every} steps")
-    sweep = Sweep(run_dir, planned_runs(args), args.shard)
-    spec = {t[0]: t for t in todo}
-    t0 = time.time()
-    for _, name, r in sweep.todo():
-        variant, arch, norm, shortcut = spec[r["variant"]]
-        data = datasets[input_size(args, arch)]
-        subset = class_balanced_subset(data.y_test, args.per_class)
-        ckpt = run_dir / "ckpt" / f"{name}.pt"
-        sweep.save(name, run_one(args, data, subset, variant, arch, norm, shortcut, r["seed"], device, ckpt))
-    write_outputs(run_dir, sweep.records(), vars(args))
-    show(run_dir / "table.md")
-    show(run_dir / "claims.md")
-    print(f"wrote {run_dir} in {time.time() - t0:.0f}s" + sweep.report())
+        return args
+    check_numbers(p, args, at_least_one=("epochs", "batch_size", "probe_every", "probe_epochs", "per_class", "seeds",
+                                         "attack_steps", "size", "gn_groups", "milestones"),
+                  positive=("width", "lr", "eps", "sigma"), non_negative=("weight_decay", "warmup_epochs"))
+    if args.norm and not any(t[2] in args.norm for t in ARTIFACTS[args.artifact]["runs"]["models"]):
+        p.error(f"--norm {' '.join(args.norm)}: {args.artifact} compares "
+                f"{sorted({t[2] for t in ARTIFACTS[args.artifact]['runs']['models']})}")
+    return args
 
 
 if __name__ == "__main__":

@@ -6,6 +6,21 @@ regularizer), Fig 8 (width, depth, activation, weight decay, learning rate, opti
 empirical Fig 3 (clean accuracy vs LIGS, coloured by robust accuracy). Every run is measured at
 epoch 0 (before any step) and after every epoch, on a fixed class-balanced evaluation subset.
 
+Quick results (update_readme.py writes this from results/quick/):
+    python exp_ligs_trend.py --preset quick --artifact fig2
+        4 held / 0 reversed / 0 inconclusive
+        P1 Fig 2: none keeps higher LIGS than BN (Gaussian perturbation): +0.008 [+0.006, +0.011] (held)
+    python exp_ligs_trend.py --preset quick --artifact fig4
+        5 held / 2 reversed / 0 inconclusive
+        P1 Fig 4: Adversarial training keeps LIGS close to 1 (above 0.95): +0.045 [+0.045, +0.046] (held)
+    python exp_ligs_trend.py --preset quick --artifact fig5
+        1 held / 0 reversed / 3 inconclusive
+        P1 Fig 5: The LIGS regularizer (λ = 10) raises LIGS: +0.007 [+0.002, +0.011] (held)
+    python exp_ligs_trend.py --preset quick --artifact fig8
+        0 held / 0 reversed / 5 inconclusive
+        P1 Fig 8: A wider net has slightly higher LIGS: +0.007 (inconclusive)
+
+Run it:
     python exp_ligs_trend.py --norm bn                      # P1 Fig 4, BN only (CIFAR-10; --download fetches it)
     python exp_ligs_trend.py --preset quick                 # Figs 4/10 on the bundled digits, CPU, ~4 min
     python exp_ligs_trend.py --preset quick --artifact fig5 # the regularizer; also fig2, fig8
@@ -17,87 +32,42 @@ batch 128, LR 0.01, 150 epochs, /10 at 50 and 100, crop+flip. Adversarial traini
 targeted random labels in train mode). LIGS: Gaussian sigma 0.01, no clipping,
 eval mode (DECISIONS.md D12). Fig 11 (ImageNet) is not implemented: it is listed as skipped.
 """
-import argparse
-import sys
 import time
 
 import torch
 
-from common import (NORMS, Sweep, add_scale_out_flags, build_dataset, cache_path, check_attack, check_numbers,
-                    class_balanced_subset, epoch_metrics, fmt_mean_sem, log_to, make_model, mean_sem, merge_runs,
-                    parse_with_presets, pick_device, prepare_run_dir, print_config, run_script, save_figure, set_seed,
-                    show, train_model, write_claims, write_config, write_text_atomic)
+from common import (DATASETS, NORMS, Sweep, add_run_flags, build_dataset, cache_path, check_attack, check_numbers, claim,
+                    class_balanced_subset, epoch_metrics, fmt_mean_sem, log_to, make_model, make_parser, mean_sem, merge_runs,
+                    parse_with_presets, pick_device, prepare_run_dir, print_config, run_script, save_figure, set_seed, show,
+                    train_model, write_claims, write_config, write_text_atomic)
+
 
 # ================================================================================================
-# 1. Artifacts: what each one trains, and the papers' claims it tests
+# 1. Paper settings
 # ================================================================================================
 
 LAMBDAS = [0.0, 0.1, 1.0, 10.0]  # DECISIONS.md D13
+
 FACTORS = {  # P1 Fig 8 settings, DECISIONS.md D16; the base run is ResNet18-BN, standard training
     "width": [0.5, 1.0, 2.0], "depth": ["resnet18", "resnet34", "resnet50"], "act": ["relu", "leaky_relu", "selu"],
     "weight_decay": [0.0, 5e-4, 5e-3], "lr": [0.01, 0.1, 0.5], "optimizer": ["sgd", "adagrad", "adam"],
 }
+
+
 OPT_LR = {"adagrad": 0.01, "adam": 1e-3}  # DECISIONS.md D16: learning rates of the other optimizers
 
-
-def claim(id, paper, text, paper_value, metric, a, b=None, expect="<", per=(), scale=1.0, **kw):
-    """A claim as data, tested by common.evaluate_claims on one row per run (its final epoch; ligs_change =
-    final LIGS - epoch-0 LIGS)."""
-    return dict(id=id, paper=paper, claim=text, paper_value=paper_value, metric=metric, a=a, b=b, expect=expect, per=per,
-                scale=scale, **kw)
-
-
-STD, ADV = dict(training="standard"), dict(training="adversarial")
-FIG4_CLAIMS = [
-    claim("fig4_ligs_falls", "P1 Fig 4", "LIGS falls during standard training", "falls over training (figure only)",
-          "ligs_change", STD, per=("norm",)),
-    claim("fig4_bn_ligs", "P1 Fig 4", "BN gives lower LIGS than none (standard training)", "clearly lower during the "
-          "whole run (figure only)", "ligs", STD | dict(norm="bn"), STD | dict(norm="none")),
-    claim("fig4_bn_robust", "P1 Fig 4", "BN gives lower robust accuracy than none (standard training)", "lower (figure "
-          "only)", "robust_acc", STD | dict(norm="bn"), STD | dict(norm="none"), scale=100.0),
-    claim("fig4_bn_clean", "P1 Fig 4", "BN gives slightly higher clean accuracy (standard training)", "slightly higher "
-          "(figure only)", "clean_acc", STD | dict(norm="bn"), STD | dict(norm="none"), ">", scale=100.0),
-    *[claim(f"fig10_{n}_ligs", "P1 Fig 10", f"{n.upper()} gives lower LIGS than none (standard training)", "like BN "
-            "(figure only)", "ligs", STD | dict(norm=n), STD | dict(norm="none")) for n in ("in", "ln", "gn")],
-    claim("fig4_adv_ligs", "P1 Fig 4", "Adversarial training keeps LIGS close to 1 (above 0.95)", "close to 1 (figure "
-          "only)", "ligs", ADV, None, ">", per=("norm",), ref=0.95),
-    claim("fig4_adv_vs_std", "P1 Fig 4", "Standard training gives lower LIGS than adversarial training",
-          "much lower (figure only)", "ligs", STD, ADV, per=("norm",)),
-]
-FIG2_CLAIMS = [claim(f"fig2_{k}", "P1 Fig 2", f"none keeps higher LIGS than BN ({name} perturbation)", "always above "
-                     "(figure only)", k, dict(norm="none"), dict(norm="bn"), ">")
-               for k, name in (("ligs", "Gaussian"), ("ligs_uniform", "uniform"), ("ligs_fgsm", "FGSM"), ("ligs_pgd", "PGD"))]
-FIG5_CLAIMS = [
-    claim(f"fig5_{m}_{lam:g}", "P1 Fig 5", f"The LIGS regularizer (λ = {lam:g}) raises {what}", "by a large margin (figure "
-          "only)", m, dict(ligs_lambda=lam), dict(ligs_lambda=0.0), ">", scale=100.0 if m == "robust_acc" else 1.0)
-    for lam in (1.0, 10.0) for m, what in (("ligs", "LIGS"), ("robust_acc", "robust accuracy"))]
-FIG8_CLAIMS = [
-    claim("fig8_width", "P1 Fig 8", "A wider net has slightly higher LIGS", "slightly higher (figure only)", "ligs",
-          dict(factor="width", value="2.0"), dict(factor="width", value="0.5"), ">"),
-    claim("fig8_depth", "P1 Fig 8", "A deeper net has slightly lower LIGS", "slightly lower (figure only)", "ligs",
-          dict(factor="depth", value="resnet50"), dict(factor="depth", value="resnet18")),
-    claim("fig8_selu", "P1 Fig 8", "SELU gives higher LIGS than ReLU", "slightly higher (figure only)", "ligs",
-          dict(factor="act", value="selu"), dict(factor="act", value="relu"), ">"),
-    claim("fig8_lr", "P1 Fig 8", "A high LR (0.5) gives lower final LIGS than 0.01", "slightly lower at the end (figure "
-          "only)", "ligs", dict(factor="lr", value="0.5"), dict(factor="lr", value="0.01")),
-    claim("fig8_adam", "P1 Fig 8", "Adam gives higher LIGS than SGD", "slightly higher (figure only)", "ligs",
-          dict(factor="optimizer", value="adam"), dict(factor="optimizer", value="sgd"), ">"),
-]
 ARTIFACTS = {  # name -> title, runs (what varies), claims
     "fig4": dict(title="P1 Figs 4 and 10: {standard, adversarial} x norms", runs=dict(training=["standard", "adversarial"],
-                 norms=list(NORMS)), claims=FIG4_CLAIMS),
+                 norms=list(NORMS))),
     "fig2": dict(title="P1 Fig 2: LIGS with Gaussian, uniform, FGSM and PGD perturbations, none vs bn",
-                 runs=dict(norms=["none", "bn"], perturbations=["gaussian", "uniform", "fgsm", "pgd"]), claims=FIG2_CLAIMS),
-    "fig5": dict(title="P1 Fig 5: LIGS regularizer, ResNet18-BN", runs=dict(norms=["bn"], lambdas=LAMBDAS),
-                 claims=FIG5_CLAIMS),
+                 runs=dict(norms=["none", "bn"], perturbations=["gaussian", "uniform", "fgsm", "pgd"])),
+    "fig5": dict(title="P1 Fig 5: LIGS regularizer, ResNet18-BN", runs=dict(norms=["bn"], lambdas=LAMBDAS)),
     "fig8": dict(title="P1 Fig 8: width, depth, activation, weight decay, learning rate, optimizer (ResNet18-BN)",
-                 runs=dict(norms=["bn"], factors=FACTORS), claims=FIG8_CLAIMS),
+                 runs=dict(norms=["bn"], factors=FACTORS)),
 }
-SKIPPED = {"fig11": "P1 Fig 11 trains ResNet18/50 on ImageNet, which is not implemented here (no ImageNet offline)"}
 
-# ================================================================================================
-# 2. Arguments and presets
-# ================================================================================================
+
+SKIPPED = {"fig11": "P1 Fig 11 trains ResNet18/50 on ImageNet, which is not implemented here (no ImageNet offline)"}
 
 PRESETS = {  # DECISIONS.md D14 (base run), D15 (adversarial training)
     "paper": dict(dataset="cifar10", arch="resnet18", width=1.0, seeds=1, epochs=150, lr=0.01, milestones=[50, 100],
@@ -117,6 +87,8 @@ PRESETS = {  # DECISIONS.md D14 (base run), D15 (adversarial training)
                   adv_eps=0.5, adv_steps=2, adv_step_size=0.1, size=16, gn_groups=2, norm=None,
                   training=["standard", "adversarial"], lambdas=LAMBDAS),
 }
+
+
 QUICK_SEEDS = {"fig5": 3, "fig8": 1}  # quick: fewer seeds where a run costs more (fig5: double backprop) or many runs
 
 
@@ -129,60 +101,8 @@ def resolve(preset, artifact):
     return v
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--artifact", default="fig4", choices=sorted(ARTIFACTS) + sorted(SKIPPED), help="figure to reproduce")
-    p.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="paper settings, quick (digits, CPU) or smoke")
-    p.add_argument("--norm", nargs="+", choices=list(NORMS), help="norms (fig4, fig2)")
-    p.add_argument("--training", nargs="+", choices=["standard", "adversarial"], help="fig4: standard and/or adversarial")
-    p.add_argument("--lambdas", nargs="+", type=float, help="fig5: regularizer weights")
-    p.add_argument("--factors", nargs="+", default=list(FACTORS), choices=list(FACTORS), help="fig8: factors to vary")
-    p.add_argument("--dataset", choices=["cifar10", "svhn", "mnist", "digits", "synthetic"], help="dataset")
-    p.add_argument("--arch", help="base architecture")
-    p.add_argument("--width", type=float, help="channel multiplier of the base model")
-    p.add_argument("--seeds", type=int, help="seeds per run (P1 reports one)")
-    p.add_argument("--epochs", type=int, help="training epochs")
-    p.add_argument("--lr", type=float, help="initial learning rate")
-    p.add_argument("--milestones", type=int, nargs="*", help="epochs where the LR is divided by 10")
-    p.add_argument("--batch-size", type=int, help="SGD batch size")
-    p.add_argument("--weight-decay", type=float, help="L2 weight decay")
-    p.add_argument("--warmup-epochs", type=float, help="linear LR warm-up epochs")
-    p.add_argument("--per-class", type=int, help="evaluation subset per class (P1 App. B.2: 100)")
-    p.add_argument("--eps", type=float, help="l2 budget of the per-epoch robust accuracy (P1 App. B.2: 0.25)")
-    p.add_argument("--attack-steps", type=int, help="its PGD steps, of 2.5*eps/steps each (P1 App. B.2: 10)")
-    p.add_argument("--adv-eps", type=float, help="adversarial training: l2 PGD budget (DECISIONS.md D15)")
-    p.add_argument("--adv-steps", type=int, help="adversarial training: PGD steps")
-    p.add_argument("--adv-step-size", type=float, help="adversarial training: PGD step size")
-    p.add_argument("--sigma", type=float, default=0.01, help="LIGS perturbation scale (P1 App. B.4)")
-    p.add_argument("--size", type=int, help="resize images to size x size (None: the dataset's own)")
-    p.add_argument("--gn-groups", type=int, help="GroupNorm groups (None = min(32, channels))")
-    p.add_argument("--data-root", default="data", help="folder holding the datasets")
-    p.add_argument("--download", action="store_true", help="fetch missing datasets (md5-checked)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast for training on CUDA")
-    p.add_argument("--cache", default=None, help="shared checkpoint cache: reuse a model (with its per-epoch measurements) "
-                   "trained with the same data, model, recipe, measurements and seed")
-    p.add_argument("--out", default=None, help="run directory (default runs/exp_ligs_trend/<timestamp>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out, keeping finished runs")
-    add_scale_out_flags(p, "runs")
-    p.add_argument("--plot-only", metavar="RUN_DIR", nargs="+", default=None,
-                   help="redraw table.md, claims.md and the figures from the records of RUN_DIR (several: the shards of one "
-                   "run, merged)")
-    args = parse_with_presets(p, resolve, argv)
-    if args.plot_only:
-        return args
-    if args.artifact in SKIPPED:
-        print(f"skipped {args.artifact}: {SKIPPED[args.artifact]}")
-        sys.exit(0)
-    check_numbers(p, args, at_least_one=("epochs", "batch_size", "attack_steps", "per_class", "seeds", "adv_steps", "size",
-                                         "gn_groups", "milestones"),
-                  positive=("width", "lr", "eps", "adv_eps", "adv_step_size", "sigma"),
-                  non_negative=("weight_decay", "warmup_epochs", "lambdas"))
-    return args
-
-
 # ================================================================================================
-# 3. Experiment: the runs of each figure, and the per-epoch measurement
+# 2. Experiment
 # ================================================================================================
 
 def runs(args):
@@ -240,7 +160,7 @@ def run_one(args, data, subset, variant, o, seed, device, ckpt):
                measure=dict(eps=args.eps, steps=args.attack_steps, per_class=args.per_class, sigma=args.sigma,
                             perturbations=perturbations))  # everything behind the weights and the history
     res = train_model(model, data, recipe, seed=seed, ckpt=cache_path(args.cache, key) or ckpt, amp=args.amp,
-                      on_epoch=on_epoch, tag=f"[{variant} s{seed}]", key=key)
+                      on_epoch=on_epoch, tag=f"[{variant} s{seed}]", key=key, ddp_bn=args.ddp_bn)
     base = dict(artifact=args.artifact, dataset=args.dataset, arch=arch, norm=o["norm"], seed=seed, variant=variant,
                 training="adversarial" if adv else "standard", factor=o.get("factor"), value=str(o.get("value")),
                 ligs_lambda=o.get("ligs_lambda", 0.0), status=res["status"], reason=res["reason"])
@@ -252,8 +172,91 @@ def run_one(args, data, subset, variant, o, seed, device, ckpt):
 
 
 # ================================================================================================
-# 4. Tables, figures and claims (regenerated from results.json by --plot-only)
+# 3. Main
 # ================================================================================================
+
+def main(args):
+    if args.plot_only:
+        run_dir, cfg, records, _ = merge_runs(args.plot_only, "exp_ligs_trend.py", planned_runs)
+        write_outputs(run_dir, records, cfg)
+        print(f"redrew the table, claims and figures in {run_dir}")
+        return
+    device = pick_device(args.device)
+    data = build_dataset(args.dataset, args.data_root, device, args.download, size=args.size,
+                         n_train=1000 if args.dataset == "synthetic" else None)
+    run_dir = prepare_run_dir("exp_ligs_trend", args.out, args.resume, args.shard)
+    log_to(run_dir, args.shard)
+    print_config(args)
+    write_config(run_dir, args, __file__, device)
+    subset = class_balanced_subset(data.y_test, args.per_class)
+    print(f"run directory: {run_dir} | {args.dataset}: train {tuple(data.x_train.shape)}, eval subset {len(subset)} "
+          f"({args.per_class}/class) | robust eps {args.eps:g} (l2, {args.attack_steps} steps)")
+    sweep = Sweep(run_dir, planned_runs(args), args.shard)
+    overrides = dict(runs(args))
+    t0 = time.time()
+    for _, name, r in sweep.todo():
+        ckpt = run_dir / "ckpt" / f"{name}.pt"
+        sweep.save(name, run_one(args, data, subset, r["variant"], overrides[r["variant"]], r["seed"], device, ckpt))
+    write_outputs(run_dir, sweep.records(), vars(args))
+    show(run_dir / "table.md")
+    show(run_dir / "claims.md")
+    print(f"wrote {run_dir} in {time.time() - t0:.0f}s" + sweep.report())
+
+
+# ================================================================================================
+# 4. Claims, tables and figures
+# ================================================================================================
+
+STD, ADV = dict(training="standard"), dict(training="adversarial")
+
+FIG4_CLAIMS = [
+    claim("fig4_ligs_falls", "P1 Fig 4", "LIGS falls during standard training", "falls over training (figure only)",
+          "ligs_change", STD, per=("norm",)),
+    claim("fig4_bn_ligs", "P1 Fig 4", "BN gives lower LIGS than none (standard training)", "clearly lower during the "
+          "whole run (figure only)", "ligs", STD | dict(norm="bn"), STD | dict(norm="none")),
+    claim("fig4_bn_robust", "P1 Fig 4", "BN gives lower robust accuracy than none (standard training)", "lower (figure "
+          "only)", "robust_acc", STD | dict(norm="bn"), STD | dict(norm="none"), scale=100.0),
+    claim("fig4_bn_clean", "P1 Fig 4", "BN gives slightly higher clean accuracy (standard training)", "slightly higher "
+          "(figure only)", "clean_acc", STD | dict(norm="bn"), STD | dict(norm="none"), ">", scale=100.0),
+    *[claim(f"fig10_{n}_ligs", "P1 Fig 10", f"{n.upper()} gives lower LIGS than none (standard training)", "like BN "
+            "(figure only)", "ligs", STD | dict(norm=n), STD | dict(norm="none")) for n in ("in", "ln", "gn")],
+    claim("fig4_adv_ligs", "P1 Fig 4", "Adversarial training keeps LIGS close to 1 (above 0.95)", "close to 1 (figure "
+          "only)", "ligs", ADV, None, ">", per=("norm",), ref=0.95),
+    claim("fig4_adv_vs_std", "P1 Fig 4", "Standard training gives lower LIGS than adversarial training",
+          "much lower (figure only)", "ligs", STD, ADV, per=("norm",)),
+]
+
+
+FIG2_CLAIMS = [claim(f"fig2_{k}", "P1 Fig 2", f"none keeps higher LIGS than BN ({name} perturbation)", "always above "
+                     "(figure only)", k, dict(norm="none"), dict(norm="bn"), ">")
+               for k, name in (("ligs", "Gaussian"), ("ligs_uniform", "uniform"), ("ligs_fgsm", "FGSM"), ("ligs_pgd", "PGD"))]
+
+FIG5_CLAIMS = [
+    claim(f"fig5_{m}_{lam:g}", "P1 Fig 5", f"The LIGS regularizer (λ = {lam:g}) raises {what}", "by a large margin (figure "
+          "only)", m, dict(ligs_lambda=lam), dict(ligs_lambda=0.0), ">", scale=100.0 if m == "robust_acc" else 1.0)
+    for lam in (1.0, 10.0) for m, what in (("ligs", "LIGS"), ("robust_acc", "robust accuracy"))]
+
+
+FIG8_CLAIMS = [
+    claim("fig8_width", "P1 Fig 8", "A wider net has slightly higher LIGS", "slightly higher (figure only)", "ligs",
+          dict(factor="width", value="2.0"), dict(factor="width", value="0.5"), ">"),
+    claim("fig8_depth", "P1 Fig 8", "A deeper net has slightly lower LIGS", "slightly lower (figure only)", "ligs",
+          dict(factor="depth", value="resnet50"), dict(factor="depth", value="resnet18")),
+    claim("fig8_selu", "P1 Fig 8", "SELU gives higher LIGS than ReLU", "slightly higher (figure only)", "ligs",
+          dict(factor="act", value="selu"), dict(factor="act", value="relu"), ">"),
+    claim("fig8_lr", "P1 Fig 8", "A high LR (0.5) gives lower final LIGS than 0.01", "slightly lower at the end (figure "
+          "only)", "ligs", dict(factor="lr", value="0.5"), dict(factor="lr", value="0.01")),
+    claim("fig8_adam", "P1 Fig 8", "Adam gives higher LIGS than SGD", "slightly higher (figure only)", "ligs",
+          dict(factor="optimizer", value="adam"), dict(factor="optimizer", value="sgd"), ">"),
+]
+
+CLAIMS = {  # the papers' claims each artifact tests (common.claim; verdicts by common.evaluate_claims)
+    "fig4": FIG4_CLAIMS,
+    "fig2": FIG2_CLAIMS,
+    "fig5": FIG5_CLAIMS,
+    "fig8": FIG8_CLAIMS,
+}
+
 
 def by_variant(records):
     out = {}
@@ -369,7 +372,7 @@ def make_figures(records, run_dir, artifact, title):
         save_figure(fig, run_dir / "fig8.png")
 
 
-def final_rows(records):
+def claim_rows(records):
     """One row per run (variant, seed): its final epoch, plus ligs_change = final LIGS - epoch-0 LIGS."""
     runs = {}
     for r in records:
@@ -390,40 +393,52 @@ def write_outputs(run_dir, records, cfg):
     write_text_atomic(run_dir / "table.md", make_table(records, header))
     budgets = f" | robust acc: l2 PGD eps {cfg['eps']:g}, {cfg['attack_steps']} steps; error bars: SEM over seeds"
     make_figures(records, run_dir, artifact, header[2:] + budgets)
-    write_claims(run_dir, ARTIFACTS[artifact]["claims"], final_rows(records), "# Claims: " + header[2:], records,
+    write_claims(run_dir, CLAIMS[artifact], claim_rows(records), "# Claims: " + header[2:], records,
                  lambda r: f"{r['variant']} s{r['seed']}")
 
 
 # ================================================================================================
-# 5. Main: seed -> data -> model -> train (measuring every epoch) -> save -> plot
+# 5. Command line
 # ================================================================================================
 
-def main(args):
+def get_args(argv=None):
+    p, g = make_parser(__doc__, ARTIFACTS, "fig4", PRESETS, SKIPPED)
+    g.add_argument("--norm", nargs="+", choices=list(NORMS), help="norms (fig4, fig2)")
+    g.add_argument("--lambdas", nargs="+", type=float, help="fig5: regularizer weights")
+    g.add_argument("--factors", nargs="+", default=list(FACTORS), choices=list(FACTORS), help="fig8: factors to vary")
+    g.add_argument("--dataset", choices=DATASETS, help="dataset")
+    g.add_argument("--arch", help="base architecture")
+    g.add_argument("--seeds", type=int, help="seeds per run (P1 reports one)")
+    g = p.add_argument_group("training")
+    g.add_argument("--training", nargs="+", choices=["standard", "adversarial"], help="fig4: standard and/or adversarial")
+    g.add_argument("--width", type=float, help="channel multiplier of the base model")
+    g.add_argument("--epochs", type=int, help="training epochs")
+    g.add_argument("--lr", type=float, help="initial learning rate")
+    g.add_argument("--milestones", type=int, nargs="*", help="epochs where the LR is divided by 10")
+    g.add_argument("--batch-size", type=int, help="SGD batch size")
+    g.add_argument("--weight-decay", type=float, help="L2 weight decay")
+    g.add_argument("--warmup-epochs", type=float, help="linear LR warm-up epochs")
+    g.add_argument("--adv-eps", type=float, help="adversarial training: l2 PGD budget (DECISIONS.md D15)")
+    g.add_argument("--adv-steps", type=int, help="adversarial training: PGD steps")
+    g.add_argument("--adv-step-size", type=float, help="adversarial training: PGD step size")
+    g.add_argument("--gn-groups", type=int, help="GroupNorm groups (unset: min(32, channels))")
+    g = p.add_argument_group("attack budgets and measurements")
+    g.add_argument("--per-class", type=int, help="evaluation subset per class (P1 App. B.2: 100)")
+    g.add_argument("--eps", type=float, help="l2 budget of the per-epoch robust accuracy (P1 App. B.2: 0.25)")
+    g.add_argument("--attack-steps", type=int, help="its PGD steps, of 2.5*eps/steps each (P1 App. B.2: 10)")
+    g.add_argument("--sigma", type=float, default=0.01, help="LIGS perturbation scale (P1 App. B.4)")
+    g = add_run_flags(p, "exp_ligs_trend", unit="runs", data="the datasets",
+                         cache="shared checkpoint cache: reuse a model (with its per-epoch measurements) trained with the "
+                               "same data, model, recipe, measurements and seed")
+    g.add_argument("--size", type=int, help="resize images to size x size (unset: the dataset's own)")
+    args = parse_with_presets(p, resolve, argv)
     if args.plot_only:
-        run_dir, cfg, records, _ = merge_runs(args.plot_only, "exp_ligs_trend.py", planned_runs)
-        write_outputs(run_dir, records, cfg)
-        print(f"redrew the table, claims and figures in {run_dir}")
-        return
-    device = pick_device(args.device)
-    data = build_dataset(args.dataset, args.data_root, device, args.download, size=args.size,
-                         n_train=1000 if args.dataset == "synthetic" else None)
-    run_dir = prepare_run_dir("exp_ligs_trend", args.out, args.resume, args.shard)
-    log_to(run_dir, args.shard)
-    print_config(args)
-    write_config(run_dir, args, __file__, device)
-    subset = class_balanced_subset(data.y_test, args.per_class)
-    print(f"run directory: {run_dir} | {args.dataset}: train {tuple(data.x_train.shape)}, eval subset {len(subset)} "
-          f"({args.per_class}/class) | robust eps {args.eps:g} (l2, {args.attack_steps} steps)")
-    sweep = Sweep(run_dir, planned_runs(args), args.shard)
-    overrides = dict(runs(args))
-    t0 = time.time()
-    for _, name, r in sweep.todo():
-        ckpt = run_dir / "ckpt" / f"{name}.pt"
-        sweep.save(name, run_one(args, data, subset, r["variant"], overrides[r["variant"]], r["seed"], device, ckpt))
-    write_outputs(run_dir, sweep.records(), vars(args))
-    show(run_dir / "table.md")
-    show(run_dir / "claims.md")
-    print(f"wrote {run_dir} in {time.time() - t0:.0f}s" + sweep.report())
+        return args
+    check_numbers(p, args, at_least_one=("epochs", "batch_size", "attack_steps", "per_class", "seeds", "adv_steps", "size",
+                                         "gn_groups", "milestones"),
+                  positive=("width", "lr", "eps", "adv_eps", "adv_step_size", "sigma"),
+                  non_negative=("weight_decay", "warmup_epochs", "lambdas"))
+    return args
 
 
 if __name__ == "__main__":

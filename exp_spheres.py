@@ -9,6 +9,12 @@ Fig 8: a 2-hidden-layer, 1000-unit ReLU MLP with and without BN, trained with pl
 several learning rates and seeds; training loss/accuracy with 95 % bands; noisy-test accuracy of the
 models that reached 100 % training accuracy at the smallest learning rate (P2: BN 94.83 %, none 96.06 %).
 
+Quick results (update_readme.py writes this from results/quick/):
+    python exp_spheres.py --preset quick
+        2 held / 1 reversed / 2 inconclusive
+        P2 App. C: BN lowers noisy-test accuracy (models at 100 % training accuracy): -0.3 [-0.6, -0.1] (held)
+
+Run it:
     python exp_spheres.py                     # both figures at the paper's scale (CPU, ~3 min)
     python exp_spheres.py --artifact fig1     # or fig8; --preset smoke for seconds
     python exp_spheres.py --plot-only runs/exp_spheres/<run>
@@ -18,53 +24,28 @@ width 128, depth 16, 2 batches x 32, PyTorch default init. BN sits after each hi
 (Galloway's code puts it before). --bn-stats first-batch reproduces the notebook's subtlety
 (DECISIONS.md D22): running statistics set by one pass over batch 1, then eval mode for both batches.
 """
-import argparse
 import time
 
 import torch
 import torch.nn as nn
 
-from common import (Data, DeepLinear, Sweep, accuracy, add_scale_out_flags, check_numbers, fmt_mean_sem, log_to,
-                    make_model, make_spheres, mean_sem, merge_runs, parse_with_presets, pick_device, prepare_run_dir,
+from common import (Data, DeepLinear, Sweep, accuracy, add_run_flags, check_numbers, claim, fmt_mean_sem, log_to, make_model,
+                    make_parser, make_spheres, mean_sem, merge_runs, parse_with_presets, pick_device, prepare_run_dir,
                     print_config, run_script, save_figure, set_seed, show, train_model, write_claims, write_config,
                     write_text_atomic)
 
+
 # ================================================================================================
-# 1. Artifacts: what each one trains, and the papers' claims it tests
+# 1. Paper settings
 # ================================================================================================
 
 LRS = {"none": [0.001, 0.01, 0.1], "bn": [0.001, 0.01]}  # P2 App. C: no-BN reaches zero training error up to 0.1
 
-
-def claim(id, paper, text, paper_value, metric, a, b=None, expect="<", per=(), scale=1.0, **kw):
-    """A claim as data, tested by common.evaluate_claims on `claim_rows`: Fig 1 one row per norm and layer
-    (one initialization, so n = 1); Fig 8 one row per (norm, lr, seed) with fits = 1 when the model reached
-    100 % training accuracy (0 when it did not, diverged included) and its noisy-test accuracy."""
-    return dict(id=id, paper=paper, claim=text, paper_value=paper_value, metric=metric, a=a, b=b, expect=expect, per=per,
-                scale=scale, **kw)
-
-
 ARTIFACTS = {  # name -> title, runs, claims
-    "fig1": dict(title="P2 Figs 1/7: deep linear net at init, joint PCA per layer", runs=dict(norms=["bn", "none"]),
-                 claims=[claim("fig1_mix", "P2 Figs 1, 7", "With BN the classes are mixed at the deepest layer shown, "
-                               "without BN they stay separable", "mixed by layer 14 (figure only)", "separability",
-                               dict(norm="bn", deepest=True), dict(norm="none", deepest=True))]),
-    "fig8": dict(title="P2 Fig 8 and App. C: learning-rate sensitivity and noisy test accuracy", runs=dict(lrs=LRS),
-                 claims=[
-                     claim("fig8_bn_lr", "P2 Fig 8", "The BN net cannot be trained to 100 % training accuracy at η = 0.01 "
-                           "(fewer than half the seeds)", "cannot be trained", "fits", dict(norm="bn", lr=0.01), None, "<",
-                           ref=0.5),
-                     claim("fig8_none_lr", "P2 Fig 8", "The no-norm net reaches 100 % training accuracy at η = 0.1 "
-                           "(more than half the seeds)", "zero training error up to 0.1", "fits", dict(norm="none", lr=0.1),
-                           None, ">", ref=0.5),
-                     claim("appc_noise", "P2 App. C", "BN lowers noisy-test accuracy (models at 100 % training accuracy)",
-                           "94.83 vs 96.06 (η = 0.001)", "noisy_test_acc", dict(norm="bn", fits=1.0),
-                           dict(norm="none", fits=1.0), per=("lr",), scale=100.0)]),
+    "fig1": dict(title="P2 Figs 1/7: deep linear net at init, joint PCA per layer", runs=dict(norms=["bn", "none"])),
+    "fig8": dict(title="P2 Fig 8 and App. C: learning-rate sensitivity and noisy test accuracy", runs=dict(lrs=LRS)),
 }
 
-# ================================================================================================
-# 2. Arguments and presets
-# ================================================================================================
 
 PRESETS = {  # the paper's scale is cheap, so quick = paper (DECISIONS.md D22)
     "paper": dict(seeds=5, epochs=200, n_train=250, n_test=10000, width=1000, lin_width=128, lin_depth=16),
@@ -78,44 +59,8 @@ def resolve(preset, artifact):
     return dict(PRESETS[preset])
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--artifact", default="all", choices=["all"] + list(ARTIFACTS), help="figure(s) to reproduce")
-    p.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="paper, quick (CPU scale) or smoke")
-    p.add_argument("--seeds", type=int, help="Fig 8 seeds (P2: 5)")
-    p.add_argument("--epochs", type=int, help="Fig 8 training epochs")
-    p.add_argument("--n-train", type=int, help="training points per class")
-    p.add_argument("--n-test", type=int, help="noisy test points per class (P2: 10000)")
-    p.add_argument("--noise-var", type=float, default=0.005, help="test noise variance (DECISIONS.md D22)")
-    p.add_argument("--width", type=int, help="Fig 8 hidden width (P2: 1000)")
-    p.add_argument("--batch-size", type=int, default=50, help="P2 App. C: 50")
-    p.add_argument("--dim", type=int, default=2, help="sphere dimension (P2: 2)")
-    p.add_argument("--lin-width", type=int, help="Figs 1/7 deep linear net width")
-    p.add_argument("--lin-depth", type=int, help="Figs 1/7 depth (layers 0..depth-2 shown)")
-    p.add_argument("--batch-points", type=int, default=32, help="Figs 1/7 points per mini-batch (16 per class)")
-    p.add_argument("--bn-stats", default="batch", choices=["batch", "first-batch"],
-                   help="Figs 1/7: each batch's own statistics, or the notebook's running statistics of batch 1")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
-    p.add_argument("--out", default=None, help="run directory (default runs/exp_spheres/<timestamp>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out, keeping finished runs")
-    add_scale_out_flags(p, "runs")
-    p.add_argument("--plot-only", metavar="RUN_DIR", nargs="+", default=None,
-                   help="redraw table.md, claims.md and fig8.png from the records of RUN_DIR (several: the shards of one "
-                   "run, merged)")
-    args = parse_with_presets(p, resolve, argv)
-    if args.plot_only:
-        return args
-    check_numbers(p, args, at_least_one=("seeds", "epochs", "n_train", "n_test", "width", "lin_width", "lin_depth",
-                                         "batch_size", "dim", "batch_points"), non_negative=("noise_var",))
-    if args.lin_depth < 2:
-        p.error(f"--lin-depth {args.lin_depth}: expected >= 2 (layers 0..depth-2 are shown)")
-    if args.batch_points < 4 or args.batch_points % 2:
-        p.error(f"--batch-points {args.batch_points}: expected an even number >= 4")
-    return args
-
-
 # ================================================================================================
-# 3. Experiment. Figs 1/7: the deep linear network at initialization
+# 2. Experiment
 # ================================================================================================
 
 def joint_pca(a, b):
@@ -198,10 +143,6 @@ def plot_fig1(proj, labels, path, depth):
     save_figure(fig, path)
 
 
-# ------------------------------------------------------------------------------------------------
-# Fig 8: learning-rate sensitivity of the 2 x 1000 ReLU MLP
-# ------------------------------------------------------------------------------------------------
-
 def planned_runs(args):
     """(name, record fields) of every run in a fixed order (the unit of --shard): fig1 is one run, fig8 one per
     norm, learning rate and seed."""
@@ -225,7 +166,7 @@ def run_fig8(args, device, run_dir, norm, lr, seed, log):
     model = make_model("mlp", norm=norm, in_dim=args.dim, hidden=[args.width] * 2, num_classes=2, init="default").to(device)
     recipe = dict(epochs=args.epochs, batch_size=args.batch_size, lr=lr, momentum=0.0, weight_decay=0.0)
     ckpt = run_dir / "ckpt" / f"{norm}_lr{lr:g}_s{seed}.pt"
-    res = train_model(model, data, recipe, seed=seed, ckpt=ckpt, log=lambda s: None)
+    res = train_model(model, data, recipe, seed=seed, ckpt=ckpt, log=lambda s: None, ddp_bn=args.ddp_bn)
     base = dict(artifact="fig8", norm=norm, lr=lr, seed=seed, status=res["status"], reason=res["reason"])
     rows = [base | h for h in res["history"] if h["epoch"] > 0]
     final = dict(train_acc_eval=accuracy(model, data.x_train, data.y_train),
@@ -268,8 +209,61 @@ def plot_fig8(records, path, steps_per_epoch):
 
 
 # ================================================================================================
-# 4. Tables, figures and claims (table and claims regenerated from results.json by --plot-only)
+# 3. Main
 # ================================================================================================
+
+def main(args):
+    if args.plot_only:
+        run_dir, cfg, records, _ = merge_runs(args.plot_only, "exp_spheres.py", planned_runs)
+        write_outputs(run_dir, records, cfg)
+        if any(r.get("artifact") == "fig8" for r in records):
+            plot_fig8(records, run_dir / "fig8.png", -(-2 * cfg["n_train"] // cfg["batch_size"]))
+        print(f"redrew {run_dir / 'table.md'}, claims.md and fig8.png (fig1.png needs a rerun of --artifact fig1)")
+        return
+    device = pick_device(args.device)
+    run_dir = prepare_run_dir("exp_spheres", args.out, args.resume, args.shard)
+    log_to(run_dir, args.shard)
+    print_config(args)
+    write_config(run_dir, args, __file__, device)
+    sweep = Sweep(run_dir, planned_runs(args), args.shard)
+    t0 = time.time()
+    for _, name, r in sweep.mine():
+        if name == "fig1":  # recomputed, also on --resume: it is instant and its figure is not kept in the records
+            fig1, proj, labels = run_fig1(args, device)
+            plot_fig1(proj, labels, run_dir / "fig1.png", args.lin_depth)
+            sweep.save(name, fig1)
+            print(f"fig1 done in {time.time() - t0:.1f}s")
+        elif name not in sweep.finished():
+            sweep.save(name, run_fig8(args, device, run_dir, r["norm"], r["lr"], r["seed"], print))
+    records = sweep.records()
+    if any(r.get("artifact") == "fig8" for r in records):
+        plot_fig8(records, run_dir / "fig8.png", -(-2 * args.n_train // args.batch_size))
+    write_outputs(run_dir, records, vars(args))
+    show(run_dir / "table.md")
+    show(run_dir / "claims.md")
+    print(f"wrote {run_dir} in {time.time() - t0:.0f}s" + sweep.report())
+
+
+# ================================================================================================
+# 4. Claims, tables and figures
+# ================================================================================================
+
+CLAIMS = {  # the papers' claims each artifact tests (common.claim; verdicts by common.evaluate_claims)
+    "fig1": [claim("fig1_mix", "P2 Figs 1, 7", "With BN the classes are mixed at the deepest layer shown, "
+    "without BN they stay separable", "mixed by layer 14 (figure only)", "separability",
+    dict(norm="bn", deepest=True), dict(norm="none", deepest=True))],
+    "fig8": [
+    claim("fig8_bn_lr", "P2 Fig 8", "The BN net cannot be trained to 100 % training accuracy at η = 0.01 "
+          "(fewer than half the seeds)", "cannot be trained", "fits", dict(norm="bn", lr=0.01), None, "<",
+          ref=0.5),
+    claim("fig8_none_lr", "P2 Fig 8", "The no-norm net reaches 100 % training accuracy at η = 0.1 "
+          "(more than half the seeds)", "zero training error up to 0.1", "fits", dict(norm="none", lr=0.1),
+          None, ">", ref=0.5),
+    claim("appc_noise", "P2 App. C", "BN lowers noisy-test accuracy (models at 100 % training accuracy)",
+          "94.83 vs 96.06 (η = 0.001)", "noisy_test_acc", dict(norm="bn", fits=1.0),
+          dict(norm="none", fits=1.0), per=("lr",), scale=100.0)],
+}
+
 
 def claim_rows(records):
     """Rows for the claims: Fig 1 per (norm, layer) with `deepest` marking the last layer shown; Fig 8 one
@@ -287,7 +281,7 @@ def claim_rows(records):
 
 def write_outputs(run_dir, records, cfg):
     write_text_atomic(run_dir / "table.md", make_table(records, cfg))
-    claims = [c for name, art in ARTIFACTS.items() if any(r.get("artifact") == name for r in records) for c in art["claims"]]
+    claims = [c for name, cs in CLAIMS.items() if any(r.get("artifact") == name for r in records) for c in cs]
     write_claims(run_dir, claims, claim_rows(records), f"# Claims: P2 Figs 1, 7, 8 on the adversarial spheres "
                  f"(preset {cfg['preset']})")
 
@@ -325,39 +319,37 @@ def make_table(records, args_like):
 
 
 # ================================================================================================
-# 5. Main
+# 5. Command line
 # ================================================================================================
 
-def main(args):
+def get_args(argv=None):
+    p, g = make_parser(__doc__, ["all"] + list(ARTIFACTS), "all", PRESETS)
+    g.add_argument("--seeds", type=int, help="Fig 8 seeds (P2: 5)")
+    g.add_argument("--bn-stats", default="batch", choices=["batch", "first-batch"],
+                   help="Figs 1/7: each batch's own statistics, or the notebook's running statistics of batch 1")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, help="Fig 8 training epochs")
+    g.add_argument("--width", type=int, help="Fig 8 hidden width (P2: 1000)")
+    g.add_argument("--batch-size", type=int, default=50, help="P2 App. C: 50")
+    g.add_argument("--lin-width", type=int, help="Figs 1/7 deep linear net width")
+    g.add_argument("--lin-depth", type=int, help="Figs 1/7 depth (layers 0..depth-2 shown)")
+    g = p.add_argument_group("attack budgets and measurements")
+    g.add_argument("--n-test", type=int, help="noisy test points per class (P2: 10000)")
+    g.add_argument("--noise-var", type=float, default=0.005, help="test noise variance (DECISIONS.md D22)")
+    g = add_run_flags(p, "exp_spheres", unit="runs", amp=False, outputs="table.md, claims.md and fig8.png")
+    g.add_argument("--n-train", type=int, help="training points per class")
+    g.add_argument("--dim", type=int, default=2, help="sphere dimension (P2: 2)")
+    g.add_argument("--batch-points", type=int, default=32, help="Figs 1/7 points per mini-batch (16 per class)")
+    args = parse_with_presets(p, resolve, argv)
     if args.plot_only:
-        run_dir, cfg, records, _ = merge_runs(args.plot_only, "exp_spheres.py", planned_runs)
-        write_outputs(run_dir, records, cfg)
-        if any(r.get("artifact") == "fig8" for r in records):
-            plot_fig8(records, run_dir / "fig8.png", -(-2 * cfg["n_train"] // cfg["batch_size"]))
-        print(f"redrew {run_dir / 'table.md'}, claims.md and fig8.png (fig1.png needs a rerun of --artifact fig1)")
-        return
-    device = pick_device(args.device)
-    run_dir = prepare_run_dir("exp_spheres", args.out, args.resume, args.shard)
-    log_to(run_dir, args.shard)
-    print_config(args)
-    write_config(run_dir, args, __file__, device)
-    sweep = Sweep(run_dir, planned_runs(args), args.shard)
-    t0 = time.time()
-    for _, name, r in sweep.mine():
-        if name == "fig1":  # recomputed, also on --resume: it is instant and its figure is not kept in the records
-            fig1, proj, labels = run_fig1(args, device)
-            plot_fig1(proj, labels, run_dir / "fig1.png", args.lin_depth)
-            sweep.save(name, fig1)
-            print(f"fig1 done in {time.time() - t0:.1f}s")
-        elif name not in sweep.finished():
-            sweep.save(name, run_fig8(args, device, run_dir, r["norm"], r["lr"], r["seed"], print))
-    records = sweep.records()
-    if any(r.get("artifact") == "fig8" for r in records):
-        plot_fig8(records, run_dir / "fig8.png", -(-2 * args.n_train // args.batch_size))
-    write_outputs(run_dir, records, vars(args))
-    show(run_dir / "table.md")
-    show(run_dir / "claims.md")
-    print(f"wrote {run_dir} in {time.time() - t0:.0f}s" + sweep.report())
+        return args
+    check_numbers(p, args, at_least_one=("seeds", "epochs", "n_train", "n_test", "width", "lin_width", "lin_depth",
+                                         "batch_size", "dim", "batch_points"), non_negative=("noise_var",))
+    if args.lin_depth < 2:
+        p.error(f"--lin-depth {args.lin_depth}: expected >= 2 (layers 0..depth-2 are shown)")
+    if args.batch_points < 4 or args.batch_points % 2:
+        p.error(f"--batch-points {args.batch_points}: expected an even number >= 4")
+    return args
 
 
 if __name__ == "__main__":

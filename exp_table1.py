@@ -4,128 +4,63 @@ Reproduces P1 Tables 1, 2, 8 and P2 Tables 1, 2 (= Table 9), 3, 8 and P2 App. A.
 train each (dataset, arch, norm, seed), then measure clean, Gaussian-noise and adversarial
 accuracy. The papers' claim: normalization keeps or raises clean accuracy and lowers robust accuracy.
 
+Quick results (update_readme.py writes this from results/quick/):
+    python exp_table1.py --preset quick
+        5 held / 14 reversed / 7 inconclusive
+        P1 Table 1: BN raises clean accuracy: +2.6 [+1.7, +3.5] (held)
+
+Run it:
     python exp_table1.py --preset quick                    # bundled digits, CPU, 5-10 min (README table)
     python exp_table1.py --artifact p1_t1 --data-root data  # P1 Table 1 (CIFAR-10 + SVHN; --download fetches them)
     python exp_table1.py --artifact p2_t1 --device cuda     # P2 Table 1 (VGG8 on SVHN, 5 seeds)
     python exp_table1.py --plot-only runs/exp_table1/<run> # redraw table.md, claims.md, figure
 
-Two eps conventions (DECISIONS.md D2): P1 artifacts attack [0,1] pixels (the model standardizes
+Two input spaces (DECISIONS.md D2): P1 artifacts attack [0,1] pixels (the model standardizes
 inside); P2 artifacts attack standardized inputs with the papers' clip ranges. P2 Table 5 (torchvision
 ImageNet weights) and P1's ImageNet rows need files that cannot be had offline: they are listed as
 skipped. Deviations: P2 Table 2 selected the epoch with the best *test* accuracy; we report the
 final epoch (DECISIONS.md D18).
 """
-import argparse
+import functools
 import math
-import sys
 import time
 
 import torch
 
-from common import (DataError, NORMS, Standardize, Sweep, add_scale_out_flags, build_dataset, cache_path, check_attack,
-                    check_numbers, class_balanced_subset, evaluate, fmt_mean_sem, log_to, make_model, mean_sem,
-                    merge_runs, parse_with_presets, pick_device, prepare_run_dir, print_config, read_cifar101,
-                    run_script, save_figure, set_seed, show, train_model, write_claims, write_config, write_text_atomic)
+from common import (DATASETS, DataError, NORMS, P2_INPUT, Sweep, add_run_flags, build_dataset, cache_path, check_attack,
+                    check_numbers, claim, class_balanced_subset, evaluate, fmt_mean_sem, log_to, make_model, make_parser,
+                    mean_sem, merge_runs, model_in_space, model_key, model_kwargs, paper_recipe, parse_with_presets,
+                    pick_device, prepare_run_dir, print_config, read_cifar101, run_script, save_figure, set_seed, show,
+                    train_model, with_overrides, write_claims, write_config, write_text_atomic)
+
 
 # ================================================================================================
-# 1. Artifacts: what each one trains, and the papers' claims it tests
+# 1. Paper settings
 # ================================================================================================
 
-P1_CIFAR_VGG = dict(epochs=200, lr=0.01, milestones=(100, 150), augment=True)  # P1 Table 4 is empty: DECISIONS.md D1
-P1_SVHN_VGG = dict(epochs=50, lr=0.01, milestones=(25, 40), augment=False)     # DECISIONS.md D1
-P1_RESNET50 = dict(epochs=350, lr=0.1, milestones=(150, 250), augment=True)    # P1 App. B.1
-P2_SVHN = dict(epochs=50, lr=0.01, milestones=(25, 40), augment=False)         # P2 Sec. 3
-P2_CIFAR = dict(epochs=150, lr=0.01, milestones=(), augment=True)              # P2 Table 2: fixed LR
-P2_DEPTH = dict(epochs=350, milestones=(150, 250), augment=True)               # P2 Table 3: lr 0.1 with BN, 0.01 without
-
-
-def claim(id, paper, text, paper_value, metric, a, b=None, expect="<", per=("dataset", "arch"), **kw):
-    """A claim as data (tested by common.evaluate_claims, separately for each combination of `per`)."""
-    return dict(id=id, paper=paper, claim=text, paper_value=paper_value, metric=metric, a=a, b=b, expect=expect, per=per,
-                scale=100.0, **kw)
-
-
-BN, NONE, FIXUP = dict(norm="bn"), dict(norm="none"), dict(norm="fixup")
-NAMES = dict(bn="BN", ln="LN", gn="GN", **{"in": "IN"})
-P1_T1_CLAIMS = [
-    claim("p1t1_clean", "P1 Table 1", "BN raises clean accuracy", "+1 to +5 points in every row (CIFAR-10 ResNet50 "
-          "95.6 vs 92.15)", "acc_clean", BN, NONE, ">"),
-    claim("p1t1_pgd_l2", "P1 Table 1", "BN lowers PGD-ℓ2 accuracy", "−5 to −20 points on CIFAR-10/SVHN (ResNet50 9.15 vs "
-          "29.24)", "acc_pgd_l2", BN, NONE),
-    claim("p1t1_pgd_linf", "P1 Table 1", "BN lowers PGD-ℓ∞ accuracy", "−2.5 to −13 points (ResNet50 36.37 vs 49.33)",
-          "acc_pgd_linf", BN, NONE),
-    claim("p1t1_cw_l2", "P1 Table 1", "BN lowers CW-ℓ2 accuracy", "ResNet50 8.72 vs 17.09", "acc_cw_l2", BN, NONE),
-    claim("p1t1_cw_linf", "P1 Table 1", "BN lowers CW-ℓ∞ accuracy", "ResNet50 36.64 vs 49.24", "acc_cw_linf", BN, NONE),
-]
-P1_T2_CLAIMS = [claim(f"p1t2_{m}_{n}", "P1 Table 2", f"{NAMES[n]} lowers {label} accuracy", "numbers lost in the paper; "
-                      "every norm below none", f"acc_{m}", dict(norm=n), NONE)
-                for m, label in (("pgd_l2", "PGD-ℓ2"), ("pgd_linf", "PGD-ℓ∞")) for n in ("in", "ln", "gn")] + [
-    claim("p1t2_in_lowest", "P1 Table 2", "IN gives lower PGD-ℓ2 accuracy than BN", "IN lowest everywhere but ResNet50",
-          "acc_pgd_l2", {"norm": "in"}, BN)]
-P2_T1_CLAIMS = [
-    claim("p2t1_clean", "P2 Table 1", "BN raises clean accuracy", "+1.86 ± 0.05", "acc_clean", BN, NONE, ">"),
-    claim("p2t1_noise", "P2 Table 1", "BN lowers accuracy under Gaussian noise", "−5.5 ± 0.6", "acc_noise", BN, NONE),
-    claim("p2t1_pgd_linf", "P2 Table 1", "BN lowers PGD-ℓ∞ accuracy", "−17 ± 1", "acc_pgd_linf", BN, NONE),
-    claim("p2t1_pgd_l2", "P2 Table 1", "BN lowers PGD-ℓ2 accuracy", "−20 ± 1", "acc_pgd_l2", BN, NONE),
-]
-P2_T2_CLAIMS = [
-    claim("p2t2_noise", "P2 Table 2", "BN lowers noise accuracy (VGG8)", "−6 ± 1", "acc_noise", BN, NONE),
-    claim("p2t2_pgd_linf", "P2 Table 2", "BN lowers PGD-ℓ∞ accuracy (VGG8)", "−17.3 ± 0.7", "acc_pgd_linf", BN, NONE),
-    claim("p2t2_pgd_l2", "P2 Table 2", "BN lowers PGD-ℓ2 accuracy (VGG8)", "−5.9 ± 0.4", "acc_pgd_l2", BN, NONE),
-    claim("p2t2_c101_clean", "P2 Table 2", "BN raises CIFAR-10.1 clean accuracy (VGG8)", "+2.0 ± 0.3", "acc_c101_clean", BN,
-          NONE, ">"),
-    claim("p2t2_c101_noise", "P2 Table 2", "BN lowers CIFAR-10.1 noise accuracy (VGG8)", "−6 ± 1", "acc_c101_noise", BN,
-          NONE),
-    claim("p2t9_noise", "P2 Tables 2, 9", "Fixup beats BN under noise (WRN-28-10)", "+11.6 ± 1.9", "acc_noise", FIXUP, BN,
-          ">"),
-    claim("p2t9_pgd_linf", "P2 Tables 2, 9", "Fixup beats BN under PGD-ℓ∞ (WRN-28-10)", "+5.4 ± 0.6", "acc_pgd_linf",
-          FIXUP, BN, ">"),
-    claim("p2t9_pgd_l2", "P2 Tables 2, 9", "Fixup beats BN under PGD-ℓ2 (WRN-28-10)", "+1.1 ± 0.4", "acc_pgd_l2", FIXUP,
-          BN, ">"),
-    claim("p2t9_c101_noise", "P2 Tables 2, 9", "Fixup beats BN under noise on CIFAR-10.1 (WRN-28-10)", "+9.5 ± 1.5",
-          "acc_c101_noise", FIXUP, BN, ">"),
-]
-P2_T3_CLAIMS = [
-    claim("p2t3_pgd_linf", "P2 Table 3", "BN (at LR 0.1) lowers PGD-ℓ∞ accuracy at every depth", "L=8: 40.6 vs 55.6; "
-          "L=13: 28.5 vs 40.3", "acc_pgd_linf", BN, NONE),
-    claim("p2t3_noise", "P2 Table 3", "BN lowers noise accuracy at every depth", "L=8: 77 vs 81.7", "acc_noise", BN, NONE),
-    claim("p2t3_deep", "P2 Table 3", "The deepest BN model does not recover VGG8-none's PGD-ℓ∞ accuracy",
-          "VGG19-BN 30.0 vs VGG8 55.6", "acc_pgd_linf", dict(arch="vgg19", norm="bn"), dict(arch="vgg8", norm="none"),
-          per=("dataset",)),
-]
 P1_MODELS = {"cifar10": ["vgg11", "vgg16", "resnet50"], "svhn": ["vgg11", "vgg16"]}
-ARTIFACTS = {  # name -> title, runs (convention, {dataset: [archs]}, norms, seeds, seed tries), claims
-    "p1_t1": dict(title="P1 Table 1", runs=dict(conv="p1", models=P1_MODELS, norms=["none", "bn"], seeds=1),
-                  claims=P1_T1_CLAIMS),
-    "p1_t2": dict(title="P1 Table 2", runs=dict(conv="p1", models=P1_MODELS, norms=list(NORMS), seeds=1),
-                  claims=P1_T1_CLAIMS + P1_T2_CLAIMS),
-    "p1_t8": dict(title="P1 Table 8", runs=dict(conv="p1", models={"cifar10": P1_MODELS["cifar10"]}, norms=["none", "bn"],
-                                                seeds=1),
-                  claims=[claim("p1t8_fgsm", "P1 Table 8", "BN is *more* accurate under FGSM (a reversal)",
-                                "VGG16 51.28 vs 23.26; ResNet50 38.07 vs 28.23", "acc_fgsm", BN, NONE, ">")]),
-    "p2_t1": dict(title="P2 Table 1", runs=dict(conv="p2", models={"svhn": ["vgg8"]}, norms=["none", "bn"], seeds=5),
-                  claims=P2_T1_CLAIMS),
-    "p2_t2": dict(title="P2 Tables 2 and 9", runs=dict(conv="p2", models={"cifar10": ["vgg8", "wrn28_10"]},
-                                                       norms=["none", "bn", "fixup"], seeds=3), claims=P2_T2_CLAIMS),
-    "p2_t3": dict(title="P2 Table 3", runs=dict(conv="p2", models={"cifar10": ["vgg8", "vgg11", "vgg13", "vgg16", "vgg19"]},
-                                                norms=["none", "bn"], seeds=3, max_tries=10), claims=P2_T3_CLAIMS),
+PIXELS, STANDARDIZED = dict(space="pixels"), dict(space="standardized")  # the input space of each artifact (DECISIONS.md D2)
+ARTIFACTS = {  # name -> title, runs (input space, {dataset: [archs]}, norms, seeds, seed tries)
+    "p1_t1": dict(title="P1 Table 1", runs=PIXELS | dict(models=P1_MODELS, norms=["none", "bn"], seeds=1)),
+    "p1_t2": dict(title="P1 Table 2", runs=PIXELS | dict(models=P1_MODELS, norms=list(NORMS), seeds=1)),
+    "p1_t8": dict(title="P1 Table 8",
+                  runs=PIXELS | dict(models={"cifar10": P1_MODELS["cifar10"]}, norms=["none", "bn"], seeds=1)),
+    "p2_t1": dict(title="P2 Table 1", runs=STANDARDIZED | dict(models={"svhn": ["vgg8"]}, norms=["none", "bn"], seeds=5)),
+    "p2_t2": dict(title="P2 Tables 2 and 9",
+                  runs=STANDARDIZED | dict(models={"cifar10": ["vgg8", "wrn28_10"]}, norms=["none", "bn", "fixup"], seeds=3)),
+    "p2_t3": dict(title="P2 Table 3",
+                  runs=STANDARDIZED | dict(models={"cifar10": ["vgg8", "vgg11", "vgg13", "vgg16", "vgg19"]},
+                                           norms=["none", "bn"], seeds=3, max_tries=10)),
     # P2 Table 8 trains BN models only; its claim (no deeper VGG-BN is much more robust than VGG8-BN, P2 Table 1)
     # compares with another artifact's runs, so it has no claim of its own here.
-    "p2_t8": dict(title="P2 Table 8", runs=dict(conv="p2", models={"svhn": ["vgg11", "vgg13", "vgg16", "vgg19"]}, norms=["bn"],
-                                                seeds=5), claims=[]),
-    "p2_pgd_vs_bim": dict(title="P2 App. A.2", runs=dict(conv="p2", models={"svhn": ["vgg8"]}, norms=["none", "bn"], seeds=5),
-                          claims=P2_T1_CLAIMS + [
-                              claim("p2a2_bim", "P2 App. A.2", "BIM (step eps/20) is weaker than PGD (step eps/10)",
-                                    "31.3 vs 27.1 (none), 15 vs 10 (BN)", "bim_minus_pgd_linf", {}, None, ">",
-                                    per=("dataset", "arch", "norm"))]),
+    "p2_t8": dict(title="P2 Table 8",
+                  runs=STANDARDIZED | dict(models={"svhn": ["vgg11", "vgg13", "vgg16", "vgg19"]}, norms=["bn"], seeds=5)),
+    "p2_pgd_vs_bim": dict(title="P2 App. A.2",
+                          runs=STANDARDIZED | dict(models={"svhn": ["vgg8"]}, norms=["none", "bn"], seeds=5)),
 }
 ARTIFACTS["p2_t9"] = ARTIFACTS["p2_t2"]
 SKIPPED = {"p2_t5": "P2 Table 5 needs ImageNet and torchvision's pretrained VGG weights, which cannot be fetched offline",
            "p1_t1_imagenet": "P1 Table 1's ImageNet rows need ImageNet and pretrained weights (not available offline)"}
-
-# ================================================================================================
-# 2. Arguments and presets
-# ================================================================================================
 
 PRESETS = {  # the paper's values; attack budgets by convention in resolve()
     "paper": dict(dataset=None, arch=None, norm=None, width=1.0, batch_size=128, weight_decay=5e-4, warmup_epochs=0.0,
@@ -145,6 +80,8 @@ PRESETS = {  # the paper's values; attack budgets by convention in resolve()
                   batch_size=32, weight_decay=5e-4, warmup_epochs=0.0, n_eval=100, attack_steps=3, size=None, gn_groups=2,
                   eps_l2=1.0, eps_linf=4 / 255, eps_fgsm=16 / 255),
 }
+
+
 P1_BUDGETS = dict(eps_l2=0.25, eps_linf=1 / 255, eps_fgsm=4 / 255, noise_std=0.5)  # P1 App. B.2, App. G; pixels
 P2_BUDGETS = dict(eps_l2=0.03 * math.sqrt(3072), eps_linf=0.03, eps_fgsm=0.03, noise_std=0.5)  # P2 Sec. 3: eps2 = eps*sqrt(d)
 
@@ -152,69 +89,12 @@ P2_BUDGETS = dict(eps_l2=0.03 * math.sqrt(3072), eps_linf=0.03, eps_fgsm=0.03, n
 def resolve(preset, artifact):
     """The values that run for this preset and artifact (shown by --help, saved in config.json)."""
     art = ARTIFACTS.get(artifact, ARTIFACTS["p1_t1"])["runs"]
-    return (P1_BUDGETS if art["conv"] == "p1" else P2_BUDGETS) | dict(seeds=art["seeds"], max_seed_tries=None) \
+    return (P1_BUDGETS if art["space"] == "pixels" else P2_BUDGETS) | dict(seeds=art["seeds"], max_seed_tries=None) \
         | PRESETS[preset]
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--artifact", default="p1_t1", choices=sorted(ARTIFACTS) + sorted(SKIPPED), help="paper table to reproduce")
-    p.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="paper settings, quick (digits, CPU) or smoke")
-    p.add_argument("--dataset", default=None, help="override the artifact's datasets: cifar10|svhn|mnist|digits|synthetic")
-    p.add_argument("--arch", nargs="+", default=None, help="override the architectures (e.g. vgg11 resnet18)")
-    p.add_argument("--norm", nargs="+", default=None, choices=list(NORMS) + ["fixup"], help="override the norms")
-    p.add_argument("--seeds", type=int, help="successful seeds per model (P2: mean ± SEM over them)")
-    p.add_argument("--max-seed-tries", type=int, help="seeds tried per model before giving up (P2 Table 3: 10; "
-                   "None = --seeds)")
-    p.add_argument("--width", type=float, help="channel multiplier (1 = the paper's models)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (None = each model's recipe: P1 VGG 200 on "
-                   "CIFAR-10 / 50 on SVHN, ResNet50 350; P2 50 SVHN / 150 CIFAR-10 / 350 Table 3)")
-    p.add_argument("--lr", type=float, default=None, help="initial learning rate (None = each model's recipe: 0.01, "
-                   "ResNet50 0.1, P2 Table 3 BN 0.1)")
-    p.add_argument("--batch-size", type=int, help="SGD batch size")
-    p.add_argument("--weight-decay", type=float, help="L2 weight decay (not stated by the papers: DECISIONS.md D1)")
-    p.add_argument("--warmup-epochs", type=float, help="linear LR warm-up")
-    p.add_argument("--n-eval", type=int, help="test samples attacked, class-balanced (None = the full test set)")
-    p.add_argument("--attack-steps", type=int, help="PGD/CW/BIM iterations")
-    p.add_argument("--eps-l2", type=float, help="PGD-ℓ2 and CW-ℓ2 budget (P1: pixels; P2: standardized, 0.03·√3072)")
-    p.add_argument("--eps-linf", type=float, help="PGD-ℓ∞, CW-ℓ∞ and BIM budget")
-    p.add_argument("--eps-fgsm", type=float, help="FGSM budget (P1 Table 8: 4/255)")
-    p.add_argument("--noise-std", type=float, help="Gaussian noise std in standardized units (P2: variance 1/4)")
-    p.add_argument("--size", type=int, default=None, help="resize images to size x size (None: the dataset's own; "
-                   "digits 32 for VGG, 16 otherwise)")
-    p.add_argument("--gn-groups", type=int, default=None, help="GroupNorm groups (None = min(32, channels))")
-    p.add_argument("--data-root", default="data", help="folder holding cifar-10-batches-py/, svhn/, mnist/")
-    p.add_argument("--download", action="store_true", help="fetch missing datasets (md5-checked)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast for training on CUDA")
-    p.add_argument("--cache", default=None, help="shared checkpoint cache: reuse a model trained by any script with "
-                   "the same dataset, architecture, norm, width, recipe and seed")
-    p.add_argument("--out", default=None, help="run directory (default runs/exp_table1/<timestamp>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out, keeping finished models")
-    add_scale_out_flags(p, "runs")
-    p.add_argument("--plot-only", metavar="RUN_DIR", nargs="+", default=None,
-                   help="redraw table.md, claims.md and the figure from the records of RUN_DIR (several: the shards of one "
-                   "run, merged)")
-    args = parse_with_presets(p, resolve, argv)
-    if args.plot_only:
-        return args
-    if args.artifact in SKIPPED:
-        print(f"skipped {args.artifact}: {SKIPPED[args.artifact]}")
-        sys.exit(0)
-    args.max_seed_tries = args.max_seed_tries or ARTIFACTS[args.artifact]["runs"].get("max_tries", args.seeds)
-    if args.dataset is not None and args.dataset not in ("cifar10", "svhn", "mnist", "digits", "synthetic"):
-        p.error(f"--dataset {args.dataset!r}: expected cifar10, svhn, mnist, digits or synthetic")
-    check_numbers(p, args, at_least_one=("epochs", "batch_size", "attack_steps", "n_eval", "seeds", "max_seed_tries",
-                                         "size", "gn_groups"),
-                  positive=("width", "lr"), non_negative=("eps_l2", "eps_linf", "eps_fgsm", "noise_std", "weight_decay",
-                                                          "warmup_epochs"))
-    if args.max_seed_tries < args.seeds:
-        p.error(f"--max-seed-tries {args.max_seed_tries} < --seeds {args.seeds}")
-    return args
-
-
 # ================================================================================================
-# 3. Experiment: what is trained, how it is attacked
+# 2. Experiment
 # ================================================================================================
 
 def plan(args):
@@ -242,31 +122,21 @@ def input_size(args, dataset, arch):
 
 
 def recipe(args, dataset, arch, norm):
-    """The paper's training recipe for this model (P1 App. B.1, P2 Sec. 3), with flag overrides."""
-    art = args.artifact
-    if art.startswith("p1"):
-        r = P1_RESNET50 if arch == "resnet50" else (P1_SVHN_VGG if dataset == "svhn" else P1_CIFAR_VGG)
-    elif art == "p2_t3":
-        r = P2_DEPTH | dict(lr=0.1 if norm == "bn" else 0.01)
+    """The paper's training recipe for this model (common.RECIPES: P1 App. B.1, P2 Sec. 3), with flag overrides.
+    P1: ResNet50's recipe for ResNet50, VGG's for every other model; P2 Table 3: the depth protocol."""
+    if args.artifact.startswith("p1"):
+        name = "p1_resnet" if arch == "resnet50" else "p1_svhn_vgg" if dataset == "svhn" else "p1_cifar_vgg"
     else:
-        r = P2_SVHN if dataset == "svhn" else P2_CIFAR
-    r = dict(r, batch_size=args.batch_size, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs)
-    if args.epochs is not None:  # keep milestones at the same fraction of training
-        scale = args.epochs / r["epochs"]
-        r |= dict(epochs=args.epochs, milestones=tuple(max(1, round(m * scale)) for m in r["milestones"]))
-    if args.lr is not None:
-        r["lr"] = args.lr
-    if dataset in ("digits", "synthetic", "mnist", "svhn"):
-        r["augment"] = False  # crop+flip is a CIFAR augmentation (flipping digits changes them)
-    return r
+        name = "p2_depth" if args.artifact == "p2_t3" else "p2_svhn" if dataset == "svhn" else "p2_cifar"
+    return with_overrides(paper_recipe(name, norm), args, dataset)
 
 
-def attack_suite(args, conv, dataset, std):
+def attack_suite(args, space, dataset, std):
     """{name: spec} of the artifact's measurements (P1 App. B.2, App. G; P2 Sec. 3, App. A.2). `std` is
-    the per-channel std, used to express the noise (std in standardized units) in pixels under P1's
-    convention. Step sizes: P1 2.5*eps/steps (MadryLab, the pgd default); P2 eps/10, BIM eps/20."""
+    the per-channel std, used to express the noise (std in standardized units) in P1's pixel space. Step sizes:
+    P1 2.5*eps/steps (MadryLab, the pgd default); P2 eps/10, BIM eps/20."""
     k = args.attack_steps
-    if conv == "p1":
+    if space == "pixels":
         clip, l2, linf = (0.0, 1.0), args.eps_l2, args.eps_linf
         sigma = args.noise_std * torch.tensor(std).view(1, -1, 1, 1)
         return dict(clean=dict(kind="clean"), noise=dict(kind="noise", sigma=sigma),
@@ -285,44 +155,23 @@ def attack_suite(args, conv, dataset, std):
     return specs
 
 
-P2_INPUT = {"svhn": ((0.5,) * 3, (0.5,) * 3)}  # P2 SVHN: (x - 0.5) / 0.5, clip [-1, 1]
 CHECKED = ("pgd_l2", "pgd_linf", "bim")  # attacks that get the sanity checks of common.check_attack
-
-
-def model_kwargs(args, data, arch, norm):
-    kw = dict(norm=norm, width=args.width, num_classes=data.num_classes, in_channels=data.shape[0])
-    if args.gn_groups:
-        kw["gn_groups"] = args.gn_groups
-    if arch.startswith("wrn"):
-        kw.pop("width")
-        kw.pop("gn_groups", None)
-        if norm == "fixup":
-            kw["final_bn"] = True  # P2 footnote 7
-    return kw
 
 
 def run_one(args, data, dataset, arch, norm, seed, device, ckpt, log):
     """Train one model (or take it from --cache) and measure it; returns the record (status 'failed'
     with a reason if training failed)."""
-    conv = ARTIFACTS[args.artifact]["runs"]["conv"]
+    space = ARTIFACTS[args.artifact]["runs"]["space"]
     set_seed(seed)  # model init
-    kw = model_kwargs(args, data, arch, norm)
-    mean, std = P2_INPUT.get(dataset, (data.mean, data.std))
-    if conv == "p1":
-        model = make_model(arch, mean=data.mean, std=data.std, **kw).to(device)
-        input_fn = None
-    else:
-        model = make_model(arch, **kw).to(device)
-        input_fn = Standardize(mean, std).to(device)
-    if not arch.startswith("mlp"):  # measured on 2 CPU cores: PGD 2.4x (VGG11) / 1.15x (ResNet18) faster
-        model = model.to(memory_format=torch.channels_last)
+    kw = model_kwargs(arch, norm, data, args.width, args.gn_groups)
+    mean, std = (data.mean, data.std) if space == "pixels" else P2_INPUT.get(dataset, (data.mean, data.std))
+    model, input_fn = model_in_space(arch, kw, space, mean, std, device)
     r = recipe(args, dataset, arch, norm)
-    key = dict(dataset=dataset, size=input_size(args, dataset, arch), arch=arch, model=kw, recipe=r, seed=seed, amp=args.amp,
-               input=dict(conv=conv, mean=mean, std=std))  # everything that determines the weights
+    key = model_key(dataset, input_size(args, dataset, arch), arch, kw, r, seed, args.amp, space, mean, std)
     ckpt = cache_path(args.cache, key) or ckpt
     t0 = time.time()
     res = train_model(model, data, r | dict(input_fn=input_fn), seed=seed, ckpt=ckpt, log=log, amp=args.amp,
-                      tag=f"[{dataset} {arch} {norm} s{seed}]", key=key)
+                      tag=f"[{dataset} {arch} {norm} s{seed}]", key=key, ddp_bn=args.ddp_bn)
     rec = dict(artifact=args.artifact, dataset=dataset, arch=arch, norm=norm, seed=seed, status=res["status"],
                reason=res["reason"], epochs=r["epochs"], lr=r["lr"], train_acc=res["history"][-1].get("train_acc"))
     if res["status"] != "ok":
@@ -332,7 +181,7 @@ def run_one(args, data, dataset, arch, norm, seed, device, ckpt, log):
         idx = class_balanced_subset(data.y_test, max(1, args.n_eval // data.num_classes))
     x, y = data.x_test[idx], data.y_test[idx]
     x = input_fn(x) if input_fn is not None else x
-    specs = attack_suite(args, conv, dataset, std if conv == "p2" else data.std)
+    specs = attack_suite(args, space, dataset, std)
     for spec in specs.values():
         if torch.is_tensor(spec.get("sigma")):
             spec["sigma"] = spec["sigma"].to(device)
@@ -355,11 +204,139 @@ def run_one(args, data, dataset, arch, norm, seed, device, ckpt, log):
 
 
 # ================================================================================================
-# 4. Tables, figures and claims (regenerated from results.json by --plot-only)
+# 3. Main
 # ================================================================================================
 
+def main(args):
+    if args.plot_only:
+        run_dir, cfg, records, _ = merge_runs(args.plot_only, "exp_table1.py", planned_runs)
+        write_outputs(run_dir, records, cfg)
+        print(f"redrew {run_dir / 'table.md'}, claims.md and {run_dir / 'figure.png'}")
+        return
+    device = pick_device(args.device)
+    todo = plan(args)
+    datasets = {}  # every input is checked before the run directory is created
+    for dataset, arch, norm in todo:
+        key = (dataset, input_size(args, dataset, arch))
+        if key not in datasets:
+            datasets[key] = build_dataset(dataset, args.data_root, device, args.download, size=key[1],
+                                          n_train=1000 if dataset == "synthetic" else None, seed=0)
+        with torch.device("meta"):  # a wrong architecture name or norm fails here, at no cost
+            make_model(arch, **model_kwargs(arch, norm, datasets[key], args.width, args.gn_groups))
+    run_dir = prepare_run_dir("exp_table1", args.out, args.resume, args.shard)
+    log_to(run_dir, args.shard)
+    print_config(args)
+    print(f"run directory: {run_dir} | device: {device} | artifact: {ARTIFACTS[args.artifact]['title']}")
+    for (dataset, _), d in datasets.items():
+        print(f"{dataset}: train {tuple(d.x_train.shape)}, test {tuple(d.x_test.shape)}")
+    args.recipes = {f"{d} {a} {n}": recipe(args, d, a, n) for d, a, n in todo}  # the resolved recipe of every model
+    write_config(run_dir, args, __file__, device)
+    complete = lambda _, recs: (sum(r["status"] == "ok" for r in recs) >= args.seeds or
+                                len(recs) >= args.max_seed_tries)  # (a run directory of an earlier version)
+    sweep = Sweep(run_dir, planned_runs(args), args.shard, adopt_complete=complete)
+    todo = sweep.todo()
+    print(f"{len(sweep.runs)} models x {args.seeds} seed(s) (up to {args.max_seed_tries} tries each); {len(todo)} to do here")
+    t0 = time.time()
+    for k, (_, name, m) in enumerate(todo):
+        dataset, arch, norm = m["dataset"], m["arch"], m["norm"]
+        data = datasets[(dataset, input_size(args, dataset, arch))]
+        records = sweep.previous(name)  # the seeds an interrupted run already finished
+        done = {r["seed"] for r in records}
+        for seed in range(args.max_seed_tries):
+            if sum(r["status"] == "ok" for r in records) >= args.seeds:
+                break
+            if seed in done:
+                continue
+            ckpt = run_dir / "ckpt" / f"{dataset}_{arch}_{norm}_s{seed}.pt"  # unless --cache is given
+            records.append(run_one(args, data, dataset, arch, norm, seed, device, ckpt, print))
+            sweep.save(name, records, finished=False)  # every finished seed is kept
+        sweep.save(name, records)
+        n_ok = sum(r["status"] == "ok" for r in records)
+        if n_ok < args.seeds:
+            print(f"[{dataset} {arch} {norm}] only {n_ok} of {args.seeds} seeds trained in {args.max_seed_tries} tries")
+        print(f"model {k + 1} of {len(todo)} done | {time.time() - t0:.0f}s | ETA "
+              f"{(time.time() - t0) / (k + 1) * (len(todo) - k - 1):.0f}s")
+    write_outputs(run_dir, sweep.records(), vars(args))
+    show(run_dir / "table.md")
+    show(run_dir / "claims.md")
+    print(f"wrote {run_dir}/results.json, results.csv, table.md, claims.md, figure.png" + sweep.report())
+
+
+# ================================================================================================
+# 4. Claims, tables and figures
+# ================================================================================================
+
+claim_pp = functools.partial(claim, scale=100.0, per=("dataset", "arch"))  # accuracies: effects in percentage points
+BN, NONE, FIXUP = dict(norm="bn"), dict(norm="none"), dict(norm="fixup")
+NAMES = dict(bn="BN", ln="LN", gn="GN", **{"in": "IN"})
+P1_T1_CLAIMS = [
+    claim_pp("p1t1_clean", "P1 Table 1", "BN raises clean accuracy", "+1 to +5 points in every row (CIFAR-10 ResNet50 "
+          "95.6 vs 92.15)", "acc_clean", BN, NONE, ">"),
+    claim_pp("p1t1_pgd_l2", "P1 Table 1", "BN lowers PGD-ℓ2 accuracy", "−5 to −20 points on CIFAR-10/SVHN (ResNet50 9.15 vs "
+          "29.24)", "acc_pgd_l2", BN, NONE),
+    claim_pp("p1t1_pgd_linf", "P1 Table 1", "BN lowers PGD-ℓ∞ accuracy", "−2.5 to −13 points (ResNet50 36.37 vs 49.33)",
+          "acc_pgd_linf", BN, NONE),
+    claim_pp("p1t1_cw_l2", "P1 Table 1", "BN lowers CW-ℓ2 accuracy", "ResNet50 8.72 vs 17.09", "acc_cw_l2", BN, NONE),
+    claim_pp("p1t1_cw_linf", "P1 Table 1", "BN lowers CW-ℓ∞ accuracy", "ResNet50 36.64 vs 49.24", "acc_cw_linf", BN, NONE),
+]
+P1_T2_CLAIMS = [claim_pp(f"p1t2_{m}_{n}", "P1 Table 2", f"{NAMES[n]} lowers {label} accuracy", "numbers lost in the paper; "
+                      "every norm below none", f"acc_{m}", dict(norm=n), NONE)
+                for m, label in (("pgd_l2", "PGD-ℓ2"), ("pgd_linf", "PGD-ℓ∞")) for n in ("in", "ln", "gn")] + [
+    claim_pp("p1t2_in_lowest", "P1 Table 2", "IN gives lower PGD-ℓ2 accuracy than BN", "IN lowest everywhere but ResNet50",
+          "acc_pgd_l2", {"norm": "in"}, BN)]
+P2_T1_CLAIMS = [
+    claim_pp("p2t1_clean", "P2 Table 1", "BN raises clean accuracy", "+1.86 ± 0.05", "acc_clean", BN, NONE, ">"),
+    claim_pp("p2t1_noise", "P2 Table 1", "BN lowers accuracy under Gaussian noise", "−5.5 ± 0.6", "acc_noise", BN, NONE),
+    claim_pp("p2t1_pgd_linf", "P2 Table 1", "BN lowers PGD-ℓ∞ accuracy", "−17 ± 1", "acc_pgd_linf", BN, NONE),
+    claim_pp("p2t1_pgd_l2", "P2 Table 1", "BN lowers PGD-ℓ2 accuracy", "−20 ± 1", "acc_pgd_l2", BN, NONE),
+]
+P2_T2_CLAIMS = [
+    claim_pp("p2t2_noise", "P2 Table 2", "BN lowers noise accuracy (VGG8)", "−6 ± 1", "acc_noise", BN, NONE),
+    claim_pp("p2t2_pgd_linf", "P2 Table 2", "BN lowers PGD-ℓ∞ accuracy (VGG8)", "−17.3 ± 0.7", "acc_pgd_linf", BN, NONE),
+    claim_pp("p2t2_pgd_l2", "P2 Table 2", "BN lowers PGD-ℓ2 accuracy (VGG8)", "−5.9 ± 0.4", "acc_pgd_l2", BN, NONE),
+    claim_pp("p2t2_c101_clean", "P2 Table 2", "BN raises CIFAR-10.1 clean accuracy (VGG8)", "+2.0 ± 0.3", "acc_c101_clean", BN,
+          NONE, ">"),
+    claim_pp("p2t2_c101_noise", "P2 Table 2", "BN lowers CIFAR-10.1 noise accuracy (VGG8)", "−6 ± 1", "acc_c101_noise", BN,
+          NONE),
+    claim_pp("p2t9_noise", "P2 Tables 2, 9", "Fixup beats BN under noise (WRN-28-10)", "+11.6 ± 1.9", "acc_noise", FIXUP, BN,
+          ">"),
+    claim_pp("p2t9_pgd_linf", "P2 Tables 2, 9", "Fixup beats BN under PGD-ℓ∞ (WRN-28-10)", "+5.4 ± 0.6", "acc_pgd_linf",
+          FIXUP, BN, ">"),
+    claim_pp("p2t9_pgd_l2", "P2 Tables 2, 9", "Fixup beats BN under PGD-ℓ2 (WRN-28-10)", "+1.1 ± 0.4", "acc_pgd_l2", FIXUP,
+          BN, ">"),
+    claim_pp("p2t9_c101_noise", "P2 Tables 2, 9", "Fixup beats BN under noise on CIFAR-10.1 (WRN-28-10)", "+9.5 ± 1.5",
+          "acc_c101_noise", FIXUP, BN, ">"),
+]
+P2_T3_CLAIMS = [
+    claim_pp("p2t3_pgd_linf", "P2 Table 3", "BN (at LR 0.1) lowers PGD-ℓ∞ accuracy at every depth", "L=8: 40.6 vs 55.6; "
+          "L=13: 28.5 vs 40.3", "acc_pgd_linf", BN, NONE),
+    claim_pp("p2t3_noise", "P2 Table 3", "BN lowers noise accuracy at every depth", "L=8: 77 vs 81.7", "acc_noise", BN, NONE),
+    claim_pp("p2t3_deep", "P2 Table 3", "The deepest BN model does not recover VGG8-none's PGD-ℓ∞ accuracy",
+          "VGG19-BN 30.0 vs VGG8 55.6", "acc_pgd_linf", dict(arch="vgg19", norm="bn"), dict(arch="vgg8", norm="none"),
+          per=("dataset",)),
+]
+
+CLAIMS = {  # the papers' claims each artifact tests (common.claim; verdicts by common.evaluate_claims)
+    "p1_t1": P1_T1_CLAIMS,
+    "p1_t2": P1_T1_CLAIMS + P1_T2_CLAIMS,
+    "p1_t8": [claim_pp("p1t8_fgsm", "P1 Table 8", "BN is *more* accurate under FGSM (a reversal)",
+    "VGG16 51.28 vs 23.26; ResNet50 38.07 vs 28.23", "acc_fgsm", BN, NONE, ">")],
+    "p2_t1": P2_T1_CLAIMS,
+    "p2_t2": P2_T2_CLAIMS,
+    "p2_t3": P2_T3_CLAIMS,
+    "p2_t8": [],
+    "p2_pgd_vs_bim": P2_T1_CLAIMS + [
+    claim_pp("p2a2_bim", "P2 App. A.2", "BIM (step eps/20) is weaker than PGD (step eps/10)",
+          "31.3 vs 27.1 (none), 15 vs 10 (BN)", "bim_minus_pgd_linf", {}, None, ">",
+          per=("dataset", "arch", "norm"))],
+}
+CLAIMS["p2_t9"] = CLAIMS["p2_t2"]
+
 METRICS = ["clean", "noise", "pgd_l2", "pgd_linf", "cw_l2", "cw_linf", "fgsm", "bim", "c101_clean", "c101_noise"]
+
+
 COLORS = dict(none="0.25", bn="C0", **{"in": "C1"}, ln="C2", gn="C3", fixup="C4")  # one colour per norm in every panel
+
 LABELS = dict(clean="clean", noise="noise", pgd_l2="PGD-ℓ2", pgd_linf="PGD-ℓ∞", cw_l2="CW-ℓ2", cw_linf="CW-ℓ∞", fgsm="FGSM",
               bim="BIM", c101_clean="CIFAR-10.1 clean", c101_noise="CIFAR-10.1 noise")
 
@@ -436,9 +413,9 @@ def make_figure(records, path, title):
 
 def claims_for(artifact):
     """An artifact's claims; P1 Tables 1, 2 and 8 share their models and attacks, so a P1 run tests all three."""
-    if ARTIFACTS[artifact]["runs"]["conv"] == "p1":
-        return list({c["id"]: c for a in ("p1_t1", "p1_t2", "p1_t8") for c in ARTIFACTS[a]["claims"]}.values())
-    return ARTIFACTS[artifact]["claims"]
+    if ARTIFACTS[artifact]["runs"]["space"] == "pixels":
+        return list({c["id"]: c for a in ("p1_t1", "p1_t2", "p1_t8") for c in CLAIMS[a]}.values())
+    return CLAIMS[artifact]
 
 
 def write_outputs(run_dir, records, cfg):
@@ -454,62 +431,50 @@ def write_outputs(run_dir, records, cfg):
 
 
 # ================================================================================================
-# 5. Main: seed -> data -> model -> train -> eval -> save -> plot, per (dataset, arch, norm, seed)
+# 5. Command line
 # ================================================================================================
 
-def main(args):
+def get_args(argv=None):
+    p, g = make_parser(__doc__, ARTIFACTS, "p1_t1", PRESETS, SKIPPED)
+    g.add_argument("--dataset", choices=DATASETS, help="override the artifact's datasets")
+    g.add_argument("--arch", nargs="+", help="override the architectures (e.g. vgg11 resnet18)")
+    g.add_argument("--norm", nargs="+", choices=list(NORMS) + ["fixup"], help="override the norms")
+    g.add_argument("--seeds", type=int, help="successful seeds per model (P2: mean ± SEM over them)")
+    g.add_argument("--max-seed-tries", type=int, help="seeds tried per model before giving up (P2 Table 3: 10; "
+                   "unset: --seeds)")
+    g = p.add_argument_group("training")
+    g.add_argument("--width", type=float, help="channel multiplier (1 = the paper's models)")
+    g.add_argument("--epochs", type=int, help="training epochs (unset: each model's recipe: P1 VGG 200 on "
+                   "CIFAR-10 / 50 on SVHN, ResNet50 350; P2 50 SVHN / 150 CIFAR-10 / 350 Table 3)")
+    g.add_argument("--lr", type=float, help="initial learning rate (unset: each model's recipe: 0.01, "
+                   "ResNet50 0.1, P2 Table 3 BN 0.1)")
+    g.add_argument("--batch-size", type=int, help="SGD batch size")
+    g.add_argument("--weight-decay", type=float, help="L2 weight decay (not stated by the papers: DECISIONS.md D1)")
+    g.add_argument("--warmup-epochs", type=float, help="linear LR warm-up")
+    g.add_argument("--gn-groups", type=int, help="GroupNorm groups (unset: min(32, channels))")
+    g = p.add_argument_group("attack budgets and measurements")
+    g.add_argument("--n-eval", type=int, help="test samples attacked, class-balanced (unset: the full test set)")
+    g.add_argument("--attack-steps", type=int, help="PGD/CW/BIM iterations")
+    g.add_argument("--eps-l2", type=float, help="PGD-ℓ2 and CW-ℓ2 budget (P1: pixels; P2: standardized, 0.03·√3072)")
+    g.add_argument("--eps-linf", type=float, help="PGD-ℓ∞, CW-ℓ∞ and BIM budget")
+    g.add_argument("--eps-fgsm", type=float, help="FGSM budget (P1 Table 8: 4/255)")
+    g.add_argument("--noise-std", type=float, help="Gaussian noise std in standardized units (P2: variance 1/4)")
+    g = add_run_flags(p, "exp_table1", unit="runs", data="cifar-10-batches-py/, svhn/, mnist/",
+                         cache="shared checkpoint cache: reuse a model trained by any script with the same dataset, "
+                               "architecture, norm, width, recipe and seed", outputs="table.md, claims.md and the figure")
+    g.add_argument("--size", type=int, help="resize images to size x size (unset: the dataset's own; "
+                   "digits 32 for VGG, 16 otherwise)")
+    args = parse_with_presets(p, resolve, argv)
     if args.plot_only:
-        run_dir, cfg, records, _ = merge_runs(args.plot_only, "exp_table1.py", planned_runs)
-        write_outputs(run_dir, records, cfg)
-        print(f"redrew {run_dir / 'table.md'}, claims.md and {run_dir / 'figure.png'}")
-        return
-    device = pick_device(args.device)
-    todo = plan(args)
-    datasets = {}  # every input is checked before the run directory is created
-    for dataset, arch, norm in todo:
-        key = (dataset, input_size(args, dataset, arch))
-        if key not in datasets:
-            datasets[key] = build_dataset(dataset, args.data_root, device, args.download, size=key[1],
-                                          n_train=1000 if dataset == "synthetic" else None, seed=0)
-        with torch.device("meta"):  # a wrong architecture name or norm fails here, at no cost
-            make_model(arch, **model_kwargs(args, datasets[key], arch, norm))
-    run_dir = prepare_run_dir("exp_table1", args.out, args.resume, args.shard)
-    log_to(run_dir, args.shard)
-    print_config(args)
-    print(f"run directory: {run_dir} | device: {device} | artifact: {ARTIFACTS[args.artifact]['title']}")
-    for (dataset, _), d in datasets.items():
-        print(f"{dataset}: train {tuple(d.x_train.shape)}, test {tuple(d.x_test.shape)}")
-    args.recipes = {f"{d} {a} {n}": recipe(args, d, a, n) for d, a, n in todo}  # the resolved recipe of every model
-    write_config(run_dir, args, __file__, device)
-    complete = lambda _, recs: (sum(r["status"] == "ok" for r in recs) >= args.seeds or
-                                len(recs) >= args.max_seed_tries)  # (a run directory of an earlier version)
-    sweep = Sweep(run_dir, planned_runs(args), args.shard, adopt_complete=complete)
-    todo = sweep.todo()
-    print(f"{len(sweep.runs)} models x {args.seeds} seed(s) (up to {args.max_seed_tries} tries each); {len(todo)} to do here")
-    t0 = time.time()
-    for k, (_, name, m) in enumerate(todo):
-        dataset, arch, norm = m["dataset"], m["arch"], m["norm"]
-        data = datasets[(dataset, input_size(args, dataset, arch))]
-        records = sweep.previous(name)  # the seeds an interrupted run already finished
-        done = {r["seed"] for r in records}
-        for seed in range(args.max_seed_tries):
-            if sum(r["status"] == "ok" for r in records) >= args.seeds:
-                break
-            if seed in done:
-                continue
-            ckpt = run_dir / "ckpt" / f"{dataset}_{arch}_{norm}_s{seed}.pt"  # unless --cache is given
-            records.append(run_one(args, data, dataset, arch, norm, seed, device, ckpt, print))
-            sweep.save(name, records, finished=False)  # every finished seed is kept
-        sweep.save(name, records)
-        n_ok = sum(r["status"] == "ok" for r in records)
-        if n_ok < args.seeds:
-            print(f"[{dataset} {arch} {norm}] only {n_ok} of {args.seeds} seeds trained in {args.max_seed_tries} tries")
-        print(f"model {k + 1} of {len(todo)} done | {time.time() - t0:.0f}s | ETA "
-              f"{(time.time() - t0) / (k + 1) * (len(todo) - k - 1):.0f}s")
-    write_outputs(run_dir, sweep.records(), vars(args))
-    show(run_dir / "table.md")
-    show(run_dir / "claims.md")
-    print(f"wrote {run_dir}/results.json, results.csv, table.md, claims.md, figure.png" + sweep.report())
+        return args
+    args.max_seed_tries = args.max_seed_tries or ARTIFACTS[args.artifact]["runs"].get("max_tries", args.seeds)
+    check_numbers(p, args, at_least_one=("epochs", "batch_size", "attack_steps", "n_eval", "seeds", "max_seed_tries",
+                                         "size", "gn_groups"),
+                  positive=("width", "lr"), non_negative=("eps_l2", "eps_linf", "eps_fgsm", "noise_std", "weight_decay",
+                                                          "warmup_epochs"))
+    if args.max_seed_tries < args.seeds:
+        p.error(f"--max-seed-tries {args.max_seed_tries} < --seeds {args.seeds}")
+    return args
 
 
 if __name__ == "__main__":

@@ -10,6 +10,16 @@ and without BN, evaluated on VGG11/13/16/19 with and without BN (top-1 and top-5
 white-box value), on ImageNet with torchvision's released weights from a local folder, or on the
 offline substitute (CIFAR-10 or the digits, VGGs trained here), labelled as such.
 
+Quick results (update_readme.py writes this from results/quick/):
+    python exp_transfer.py --preset quick --artifact p1_t3 --cache cache
+        1 held / 2 reversed / 5 inconclusive
+        P1 Table 3: Among standard sources, IN transfers worse than GN: -26.5 [-36.0, -17.0] (held)
+    python exp_transfer.py --preset quick --artifact p2_t10 --cache cache
+        0 held / 2 reversed / 7 inconclusive
+        P2 Table 10: A BN source fools an unnormalized VGG13 less than an unnormalized source fools VGG13-BN: -7.7
+          [-13.8, -1.7] (reversed)
+
+Run it:
     python exp_transfer.py --artifact p1_t3 --cache cache              # CIFAR-10, VGG16 x 5 norms x 2 trainings
     python exp_transfer.py --artifact p1_t3 --mode retrain             # Ilyas-style: 25 trainings per block
     python exp_transfer.py --artifact p2_t10 --imagenet-root IMAGENET --weights-dir WEIGHTS
@@ -19,72 +29,41 @@ offline substitute (CIFAR-10 or the digits, VGGs trained here), labelled as such
 Models are trained with exp_corruption.py's (P1) and exp_table1.py's (P2 Table 3) recipes and cache
 keys, so --cache reuses models those scripts trained (DECISIONS.md D30).
 """
-import argparse
+import functools
 import pathlib
 import time
 
 import torch
 
-from common import (Data, NORMS, Standardize, Sweep, accuracy, add_scale_out_flags, build_dataset, cache_path,
-                    check_numbers, class_balanced_subset, eval_mode, fmt_mean_sem, imagenet_folder, invert_features,
-                    log_to, make_model, mean_sem, merge_runs, other_label_indices, parse_with_presets, pgd, pick_device,
-                    prepare_run_dir, print_config, run_script, save_figure, set_seed, show, train_model, write_claims,
-                    write_config, write_text_atomic)
+from common import (Data, NORMS, Standardize, Sweep, accuracy, add_run_flags, build_dataset, cache_path, check_numbers, claim,
+                    class_balanced_subset, eval_mode, fmt_mean_sem, imagenet_folder, invert_features, log_to, make_model,
+                    make_parser, mean_sem, merge_runs, model_in_space, model_key, model_kwargs, other_label_indices,
+                    paper_recipe, parse_with_presets, pgd, pick_device, prepare_run_dir, print_config, run_script, save_figure,
+                    set_seed, show, train_model, with_overrides, write_claims, write_config, write_text_atomic)
+
 
 # ================================================================================================
-# 1. Artifacts: what each one trains and measures, and the papers' claims it tests
+# 1. Paper settings
 # ================================================================================================
 
-
-def claim(id, paper, text, paper_value, metric, a, b=None, expect="<", per=(), scale=100.0, **kw):
-    """A claim as data, tested by common.evaluate_claims on the rows of `claim_rows`."""
-    return dict(id=id, paper=paper, claim=text, paper_value=paper_value, metric=metric, a=a, b=b, expect=expect, per=per,
-                scale=scale, **kw)
-
-
-STD, ADV = dict(training="standard"), dict(training="adversarial")
-P1T3_CLAIMS = [
-    claim("t3_robust_sources", "P1 Table 3", "Features from robust (adversarially trained) sources transfer better "
-          "than from standard ones", "right block higher (numbers not given)", "transfer", ADV, STD, ">", per=("source",)),
-    *[claim(f"t3_none_best_{n}", "P1 Table 3", f"Among standard sources, no norm transfers better than {n.upper()}",
-            "no-norm row best (bold)", "transfer", STD | dict(source="none"), STD | dict(source=n), ">")
-      for n in ("bn", "in", "ln", "gn")],
-    *[claim(f"t3_in_worst_{n}", "P1 Table 3", f"Among standard sources, IN transfers worse than {n.upper()}",
-            "IN worst", "transfer", STD | dict(source="in"), STD | dict(source=n), "<")
-      for n in ("none", "bn", "ln", "gn")],
-]
-P2T10_CLAIMS = [
-    *[claim(f"t10_bn_src_weaker_{d}", "P2 Table 10", f"A BN source fools an unnormalized VGG{d} less than an "
-            f"unnormalized source fools VGG{d}-BN", "top-1 10.5-16.4 points higher", "top1",
-            dict(source="vgg11_bn", target=f"vgg{d}"), dict(source="vgg11", target=f"vgg{d}_bn"), ">")
-      for d in (13, 16, 19)],
-    *[claim(f"t10_none_src_vs_none_{d}", "P2 Table 10", f"Against unnormalized VGG{d}, the unnormalized source is "
-            f"the stronger attacker", "16.5-20.4 points lower top-1", "top1", dict(source="vgg11", target=f"vgg{d}"),
-            dict(source="vgg11_bn", target=f"vgg{d}"), "<") for d in (13, 16, 19)],
-    *[claim(f"t10_none_src_vs_bn_{d}", "P2 Table 10", f"Against VGG{d}-BN, the unnormalized source is still slightly "
-            f"stronger", "2.1-4.9 points lower top-1", "top1", dict(source="vgg11", target=f"vgg{d}_bn"),
-            dict(source="vgg11_bn", target=f"vgg{d}_bn"), "<") for d in (13, 16, 19)],
-]
 ARTIFACTS = {
-    "p1_t3": dict(title="P1 Table 3: feature transfer between VGGs with five norms", runs=dict(conv="p1", norms=list(NORMS),
-                  trainings=["standard", "adversarial"]), claims=P1T3_CLAIMS),
+    "p1_t3": dict(title="P1 Table 3: feature transfer between VGGs with five norms",
+                  runs=dict(space="pixels", norms=list(NORMS), trainings=["standard", "adversarial"])),
     "p2_t10": dict(title="P2 Table 10: black-box BIM transfer from VGG11 +-BN to VGG11/13/16/19 +-BN",
-                   runs=dict(conv="p2", norms=["none", "bn"], archs=["vgg11", "vgg13", "vgg16", "vgg19"]),
-                   claims=P2T10_CLAIMS),
+                   runs=dict(space="standardized", norms=["none", "bn"], archs=["vgg11", "vgg13", "vgg16", "vgg19"])),
 }
+
 TV_WEIGHTS = {  # torchvision's released ImageNet weights (IMAGENET1K_V1), as downloaded by torchvision
     "vgg11": "vgg11-8a719046.pth", "vgg11_bn": "vgg11_bn-6002323d.pth", "vgg13": "vgg13-19584684.pth",
     "vgg13_bn": "vgg13_bn-abd245e5.pth", "vgg16": "vgg16-397923af.pth", "vgg16_bn": "vgg16_bn-6c64b313.pth",
     "vgg19": "vgg19-dcbb9e9d.pth", "vgg19_bn": "vgg19_bn-c79401a0.pth"}
+
+
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
-# ================================================================================================
-# 2. Arguments and presets
-# ================================================================================================
-
-P1_CIFAR_VGG = dict(epochs=200, lr=0.01, milestones=(100, 150), augment=True)  # as exp_table1.py (DECISIONS.md D1)
-P2_DEPTH = dict(epochs=350, milestones=(150, 250), augment=True)               # P2 Table 3: LR 0.1 with BN, 0.01 without
 RETRAIN = dict(epochs=150, lr=0.01, milestones=(50, 100), augment=True)        # P1 Table 6, D_NR row
+
+
 PRESETS = {
     "paper": dict(dataset="cifar10", size=None, channels=None, arch=None, width=1.0, epochs=None, lr=None,
                   batch_size=128, weight_decay=5e-4, warmup_epochs=0.0, adv_eps=0.5, adv_steps=7, adv_step_size=0.1,
@@ -113,111 +92,31 @@ def resolve(preset, artifact):
     return v
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--artifact", default="p1_t3", choices=sorted(ARTIFACTS), help="paper table to reproduce")
-    p.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="paper settings, quick (digits, CPU) or smoke")
-    p.add_argument("--mode", default="evaluate", choices=["evaluate", "retrain"], help="p1_t3: score the trained "
-                   "targets on the extracted images, or retrain each target on them and report its test accuracy")
-    p.add_argument("--dataset", choices=["cifar10", "digits", "synthetic"], help="dataset (p2_t10: the substitute's)")
-    p.add_argument("--arch", nargs="+", help="p1_t3: the VGG of sources and targets (vgg16); p2_t10: the targets")
-    p.add_argument("--norm", nargs="+", choices=list(NORMS), help="norms of sources and targets")
-    p.add_argument("--width", type=float, help="channel multiplier (1 = the paper's models)")
-    p.add_argument("--seeds", type=int, help="seeds (every model and extraction per seed)")
-    p.add_argument("--epochs", type=int, help="training epochs (None = each recipe: P1 VGG 200, P2 Table 3 350)")
-    p.add_argument("--lr", type=float, help="initial LR (None = each recipe)")
-    p.add_argument("--batch-size", type=int, help="SGD batch size")
-    p.add_argument("--weight-decay", type=float, help="L2 weight decay")
-    p.add_argument("--warmup-epochs", type=float, help="linear LR warm-up epochs")
-    p.add_argument("--adv-eps", type=float, help="p1_t3 adversarial training: l2 PGD budget (0.5)")
-    p.add_argument("--adv-steps", type=int, help="its PGD steps (7)")
-    p.add_argument("--adv-step-size", type=float, help="its step size (0.1)")
-    p.add_argument("--per-class", type=int, help="p1_t3: pool of test images per class (100: 1000 images)")
-    p.add_argument("--inv-steps", type=int, help="p1_t3: feature-matching steps (P1 App. B.3: 1000)")
-    p.add_argument("--inv-step", type=float, help="p1_t3: l2 length of each step (0.1)")
-    p.add_argument("--retrain-epochs", type=int, help="p1_t3 --mode retrain: epochs (P1 Table 6: 150)")
-    p.add_argument("--eps", type=float, help="p2_t10 substitute: BIM-linf budget, standardized units (0.03)")
-    p.add_argument("--imagenet-eps", type=float, default=0.01, help="p2_t10 on ImageNet: BIM-linf budget, standardized "
-                   "units (not stated by P2; its white-box ImageNet eps, DECISIONS.md D30)")
-    p.add_argument("--bim-steps", type=int, help="p2_t10: BIM steps (10)")
-    p.add_argument("--bim-step", type=float, help="p2_t10: BIM step (None = eps/2 on the substitute, P2's 5e-3 on "
-                   "ImageNet)")
-    p.add_argument("--n-eval", type=int, help="p2_t10: test images attacked (None = all; ImageNet 2048)")
-    p.add_argument("--imagenet-root", default=None, help="p2_t10: ImageNet folder (val/<wnid>/*.JPEG); with "
-                   "--weights-dir it runs P2's own setting, otherwise the substitute runs")
-    p.add_argument("--weights-dir", default=None, help="p2_t10: folder with torchvision's VGG weight files (" +
-                   ", ".join(TV_WEIGHTS.values()) + ")")
-    p.add_argument("--size", type=int, help="resize images to size x size (None = the dataset's own)")
-    p.add_argument("--channels", type=int, help="repeat grey images to this many channels")
-    p.add_argument("--gn-groups", type=int, help="GroupNorm groups (None = min(32, channels))")
-    p.add_argument("--data-root", default="data", help="folder holding cifar-10-batches-py/")
-    p.add_argument("--download", action="store_true", help="fetch CIFAR-10 if missing (md5-checked)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast for training on CUDA")
-    p.add_argument("--cache", default=None, help="shared checkpoint cache: reuse a model exp_corruption.py or "
-                   "exp_table1.py trained with the same recipe")
-    p.add_argument("--out", default=None, help="run directory (default runs/exp_transfer/<timestamp>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out, keeping finished work")
-    add_scale_out_flags(p, "runs")
-    p.add_argument("--plot-only", metavar="RUN_DIR", nargs="+", default=None,
-                   help="redraw table.md, claims.md and the figure from the records of RUN_DIR (several: the shards of one "
-                   "run, merged)")
-    args = parse_with_presets(p, resolve, argv)
-    if args.plot_only:
-        return args
-    check_numbers(p, args, at_least_one=("seeds", "epochs", "batch_size", "adv_steps", "per_class", "bim_steps", "n_eval",
-                                         "retrain_epochs", "size", "channels", "gn_groups"),
-                  positive=("width", "lr", "adv_eps", "adv_step_size", "inv_step", "eps", "imagenet_eps", "bim_step"),
-                  non_negative=("weight_decay", "warmup_epochs", "inv_steps"))
-    bad = [a for a in args.arch if not (a.startswith("vgg") and a[3:] in ("8", "11", "13", "16", "19"))]
-    if bad:
-        p.error(f"--arch {bad[0]}: expected VGGs (vgg8, vgg11, vgg13, vgg16, vgg19)")
-    if args.artifact == "p2_t10" and "vgg11" not in args.arch:
-        p.error("--arch: p2_t10's source is VGG11, which must be among the targets")
-    return args
-
-
 # ================================================================================================
-# 3. Experiment: models (exp_corruption.py's / exp_table1.py's recipes), extraction, transfer
+# 2. Experiment
 # ================================================================================================
 
-def recipe(args, conv, norm, training):
-    """The training recipe, as exp_corruption.py (P1) and exp_table1.py (P2 Table 3) build it."""
-    r = P1_CIFAR_VGG if conv == "p1" else P2_DEPTH | dict(lr=0.1 if norm == "bn" else 0.01)
-    r = dict(r, batch_size=args.batch_size, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs)
-    if args.epochs is not None:
-        scale = args.epochs / r["epochs"]
-        r |= dict(epochs=args.epochs, milestones=tuple(max(1, round(m * scale)) for m in r["milestones"]))
-    if args.lr is not None:
-        r["lr"] = args.lr
-    if args.dataset in ("digits", "synthetic"):
-        r["augment"] = False
+def recipe(args, space, norm, training):
+    """The training recipe, as exp_corruption.py (P1) and exp_table1.py (P2 Table 3) build it (common.RECIPES)."""
+    r = paper_recipe("p1_cifar_vgg") if space == "pixels" else paper_recipe("p2_depth", norm)
+    r = with_overrides(r, args, args.dataset)
     if training == "adversarial":
         r["adv"] = dict(kind="pgd", norm="l2", eps=args.adv_eps, steps=args.adv_steps, step_size=args.adv_step_size,
                         clip=(0.0, 1.0))
     return r
 
 
-def get_model(args, data, conv, arch, norm, training, seed, device, run_dir):
+def get_model(args, data, space, arch, norm, training, seed, device, run_dir):
     """Train (or take from the cache / the run directory) one model. P1 models standardize inside (inputs in
     [0, 1]); P2 models take standardized inputs (returned input_fn). Returns (model, input_fn, status, reason)."""
     set_seed(seed)
-    kw = dict(norm=norm, width=args.width, num_classes=data.num_classes, in_channels=data.shape[0])
-    if args.gn_groups:
-        kw["gn_groups"] = args.gn_groups
-    if conv == "p1":
-        model, input_fn = make_model(arch, mean=data.mean, std=data.std, **kw).to(device), None
-    else:
-        model, input_fn = make_model(arch, **kw).to(device), Standardize(data.mean, data.std).to(device)
-    model = model.to(memory_format=torch.channels_last)
-    r = recipe(args, conv, norm, training)
-    key = dict(dataset=args.dataset, size=args.size, arch=arch, model=kw, recipe=r, seed=seed, amp=args.amp,
-               input=dict(conv=conv, mean=data.mean, std=data.std))  # exp_corruption.py's / exp_table1.py's key
-    if args.channels:
-        key["channels"] = args.channels
+    kw = model_kwargs(arch, norm, data, args.width, args.gn_groups)
+    model, input_fn = model_in_space(arch, kw, space, data.mean, data.std, device)
+    r = recipe(args, space, norm, training)
+    key = model_key(args.dataset, args.size, arch, kw, r, seed, args.amp, space, data.mean, data.std, args.channels)
     ckpt = run_dir / "ckpt" / f"{arch}_{norm}_{training}_s{seed}.pt"
     res = train_model(model, data, r | dict(input_fn=input_fn), seed=seed, ckpt=cache_path(args.cache, key) or ckpt,
-                      amp=args.amp, tag=f"[{arch} {norm} {training} s{seed}]", key=key)
+                      amp=args.amp, tag=f"[{arch} {norm} {training} s{seed}]", key=key, ddp_bn=args.ddp_bn)
     return model.eval(), input_fn, res["status"], res["reason"]
 
 
@@ -259,7 +158,7 @@ def run_p1_t3(args, data, device, run_dir, seed, training, records, save):
     pool = class_balanced_subset(data.y_test, args.per_class)
     x_pool, y_pool = data.x_test[pool], data.y_test[pool]
     done = {(r["source"], r["target"]) for r in records}
-    models = {n: get_model(args, data, "p1", args.arch[0], n, training, seed, device, run_dir) for n in args.norm}
+    models = {n: get_model(args, data, "pixels", args.arch[0], n, training, seed, device, run_dir) for n in args.norm}
     for src in args.norm:
         if all((src, t) in done for t in args.norm):
             continue
@@ -286,7 +185,8 @@ def run_p1_t3(args, data, device, run_dir, seed, training, records, save):
                                           for m in RETRAIN["milestones"]))
                 res = train_model(net, train, r, seed=seed, tag=f"[retrain {tgt} on {training} {src} s{seed}]",
                                   ckpt=run_dir / "ckpt" / f"retrain_{training}_{src}_to_{tgt}_s{seed}.pt",
-                                  key=dict(retrain=tgt, source=src, training=training, seed=seed, recipe=r))
+                                  key=dict(retrain=tgt, source=src, training=training, seed=seed, recipe=r),
+                                  ddp_bn=args.ddp_bn)
                 rec |= dict(status=res["status"], reason=res["reason"],
                             score=accuracy(net, data.x_test, data.y_test) if res["status"] == "ok" else None)
             elif tstatus == "ok":
@@ -332,7 +232,7 @@ def run_p2_t10(args, data, device, run_dir, seed, setting):
         x, y = data
         clip = (-2.0, 2.0)  # P2's white-box ImageNet setting (standardized units)
     else:
-        models = {f"{a}{'_bn' if n == 'bn' else ''}": get_model(args, data, "p2", a, n, "standard", seed, device,
+        models = {f"{a}{'_bn' if n == 'bn' else ''}": get_model(args, data, "standardized", a, n, "standard", seed, device,
                                                                run_dir) for a in args.arch for n in args.norm}
         idx = torch.arange(len(data.y_test))
         if args.n_eval and args.n_eval < len(idx):
@@ -362,8 +262,95 @@ def run_p2_t10(args, data, device, run_dir, seed, setting):
 
 
 # ================================================================================================
-# 4. Tables, figures and claims (regenerated from results.json by --plot-only)
+# 3. Main
 # ================================================================================================
+
+def main(args):
+    if args.plot_only:
+        run_dir, cfg, records, _ = merge_runs(args.plot_only, "exp_transfer.py", planned_runs)
+        write_outputs(run_dir, records, cfg)
+        print(f"redrew {run_dir / 'table.md'}, claims.md and figure.png")
+        return
+    device = pick_device(args.device)
+    setting = None
+    if args.artifact == "p2_t10":
+        why = imagenet_ready(args)
+        setting = "imagenet" if why is None else "substitute"
+        if why:
+            print(f"p2_t10 on ImageNet skipped ({why}); running the offline substitute on {args.dataset}")
+    if setting == "imagenet":
+        folder = imagenet_folder(args.imagenet_root)
+        n = min(args.n_eval or 2048, len(folder))
+        pick = torch.randperm(len(folder), generator=torch.Generator().manual_seed(0))[:n].tolist()
+        x = torch.stack([folder[i][0] for i in pick]).to(device)
+        data = (x, torch.tensor([folder.targets[i] for i in pick], device=device))
+    else:
+        data = build_dataset(args.dataset, args.data_root, device, args.download, size=args.size, channels=args.channels,
+                             n_train=1000 if args.dataset == "synthetic" else None)
+        for a in args.arch:
+            for n in args.norm:
+                with torch.device("meta"):  # a wrong architecture or norm fails here, before anything is written
+                    make_model(a, norm=n, width=args.width, in_channels=data.shape[0],
+                               **(dict(gn_groups=args.gn_groups) if args.gn_groups else {}))
+    run_dir = prepare_run_dir("exp_transfer", args.out, args.resume, args.shard)
+    log_to(run_dir, args.shard)
+    args.setting = setting  # (saved: it decides P2 Table 10's runs)
+    print_config(args)
+    write_config(run_dir, args, __file__, device)
+    print(f"run directory: {run_dir} | device: {device} | {ARTIFACTS[args.artifact]['title']}")
+    sweep = Sweep(run_dir, planned_runs(args), args.shard, adopt_complete=lambda _, recs: len(recs) == (
+        len(args.norm) ** 2 if args.artifact == "p1_t3" else 2 * len(args.arch) * len(args.norm)))
+    t0 = time.time()
+    for _, name, r in sweep.todo():
+        if args.artifact == "p1_t3":
+            save = lambda recs: sweep.save(name, recs, finished=False)  # every finished source is kept
+            sweep.save(name, run_p1_t3(args, data, device, run_dir, r["seed"], r["training"], sweep.previous(name), save))
+        else:
+            sweep.save(name, run_p2_t10(args, data, device, run_dir, r["seed"], setting))
+    records = sweep.records()
+    write_outputs(run_dir, records, vars(args))
+    show(run_dir / "table.md")
+    show(run_dir / "claims.md")
+    print(f"wrote {run_dir} in {time.time() - t0:.0f}s" + sweep.report())
+
+
+# ================================================================================================
+# 4. Claims, tables and figures
+# ================================================================================================
+
+claim_pp = functools.partial(claim, scale=100.0)  # accuracies: effects in percentage points
+STD, ADV = dict(training="standard"), dict(training="adversarial")
+
+P1T3_CLAIMS = [
+    claim_pp("t3_robust_sources", "P1 Table 3", "Features from robust (adversarially trained) sources transfer better "
+          "than from standard ones", "right block higher (numbers not given)", "transfer", ADV, STD, ">", per=("source",)),
+    *[claim_pp(f"t3_none_best_{n}", "P1 Table 3", f"Among standard sources, no norm transfers better than {n.upper()}",
+            "no-norm row best (bold)", "transfer", STD | dict(source="none"), STD | dict(source=n), ">")
+      for n in ("bn", "in", "ln", "gn")],
+    *[claim_pp(f"t3_in_worst_{n}", "P1 Table 3", f"Among standard sources, IN transfers worse than {n.upper()}",
+            "IN worst", "transfer", STD | dict(source="in"), STD | dict(source=n), "<")
+      for n in ("none", "bn", "ln", "gn")],
+]
+
+
+P2T10_CLAIMS = [
+    *[claim_pp(f"t10_bn_src_weaker_{d}", "P2 Table 10", f"A BN source fools an unnormalized VGG{d} less than an "
+            f"unnormalized source fools VGG{d}-BN", "top-1 10.5-16.4 points higher", "top1",
+            dict(source="vgg11_bn", target=f"vgg{d}"), dict(source="vgg11", target=f"vgg{d}_bn"), ">")
+      for d in (13, 16, 19)],
+    *[claim_pp(f"t10_none_src_vs_none_{d}", "P2 Table 10", f"Against unnormalized VGG{d}, the unnormalized source is "
+            f"the stronger attacker", "16.5-20.4 points lower top-1", "top1", dict(source="vgg11", target=f"vgg{d}"),
+            dict(source="vgg11_bn", target=f"vgg{d}"), "<") for d in (13, 16, 19)],
+    *[claim_pp(f"t10_none_src_vs_bn_{d}", "P2 Table 10", f"Against VGG{d}-BN, the unnormalized source is still slightly "
+            f"stronger", "2.1-4.9 points lower top-1", "top1", dict(source="vgg11", target=f"vgg{d}_bn"),
+            dict(source="vgg11_bn", target=f"vgg{d}_bn"), "<") for d in (13, 16, 19)],
+]
+
+CLAIMS = {  # the papers' claims each artifact tests (common.claim; verdicts by common.evaluate_claims)
+    "p1_t3": P1T3_CLAIMS,
+    "p2_t10": P2T10_CLAIMS,
+}
+
 
 def claim_rows(records, artifact):
     """p1_t3: one row per (training, source, seed) with transfer = mean score over the other targets.
@@ -471,60 +458,67 @@ def write_outputs(run_dir, records, cfg):
     header = f"# {ARTIFACTS[art]['title']} (preset {cfg['preset']}{', ' + cfg['dataset'] if art == 'p1_t3' else ''}{extra})"
     write_text_atomic(run_dir / "table.md", make_table(records, cfg, header))
     make_figure(records, cfg, run_dir / "figure.png", header[2:])
-    write_claims(run_dir, ARTIFACTS[art]["claims"], claim_rows(records, art), "# Claims: " + header[2:])
+    write_claims(run_dir, CLAIMS[art], claim_rows(records, art), "# Claims: " + header[2:])
 
 
 # ================================================================================================
-# 5. Main: data -> models (trained or cached) -> extraction / transfer attack -> save -> plot
+# 5. Command line
 # ================================================================================================
 
-def main(args):
+def get_args(argv=None):
+    p, g = make_parser(__doc__, ARTIFACTS, "p1_t3", PRESETS)
+    g.add_argument("--mode", default="evaluate", choices=["evaluate", "retrain"], help="p1_t3: score the trained "
+                   "targets on the extracted images, or retrain each target on them and report its test accuracy")
+    g.add_argument("--dataset", choices=["cifar10", "digits", "synthetic"], help="dataset (p2_t10: the substitute's)")
+    g.add_argument("--arch", nargs="+", help="p1_t3: the VGG of sources and targets (vgg16); p2_t10: the targets")
+    g.add_argument("--norm", nargs="+", choices=list(NORMS), help="norms of sources and targets")
+    g.add_argument("--seeds", type=int, help="seeds (every model and extraction per seed)")
+    g = p.add_argument_group("training")
+    g.add_argument("--width", type=float, help="channel multiplier (1 = the paper's models)")
+    g.add_argument("--epochs", type=int, help="training epochs (unset: each recipe: P1 VGG 200, P2 Table 3 350)")
+    g.add_argument("--lr", type=float, help="initial LR (unset: each recipe)")
+    g.add_argument("--batch-size", type=int, help="SGD batch size")
+    g.add_argument("--weight-decay", type=float, help="L2 weight decay")
+    g.add_argument("--warmup-epochs", type=float, help="linear LR warm-up epochs")
+    g.add_argument("--adv-eps", type=float, help="p1_t3 adversarial training: l2 PGD budget (0.5)")
+    g.add_argument("--adv-steps", type=int, help="its PGD steps (7)")
+    g.add_argument("--adv-step-size", type=float, help="its step size (0.1)")
+    g.add_argument("--retrain-epochs", type=int, help="p1_t3 --mode retrain: epochs (P1 Table 6: 150)")
+    g.add_argument("--gn-groups", type=int, help="GroupNorm groups (unset: min(32, channels))")
+    g = p.add_argument_group("attack budgets and measurements")
+    g.add_argument("--per-class", type=int, help="p1_t3: pool of test images per class (100: 1000 images)")
+    g.add_argument("--inv-steps", type=int, help="p1_t3: feature-matching steps (P1 App. B.3: 1000)")
+    g.add_argument("--inv-step", type=float, help="p1_t3: l2 length of each step (0.1)")
+    g.add_argument("--eps", type=float, help="p2_t10 substitute: BIM-linf budget, standardized units (0.03)")
+    g.add_argument("--imagenet-eps", type=float, default=0.01, help="p2_t10 on ImageNet: BIM-linf budget, standardized "
+                   "units (not stated by P2; its white-box ImageNet eps, DECISIONS.md D30)")
+    g.add_argument("--bim-steps", type=int, help="p2_t10: BIM steps (10)")
+    g.add_argument("--bim-step", type=float, help="p2_t10: BIM step (unset: eps/2 on the substitute, P2's 5e-3 on "
+                   "ImageNet)")
+    g.add_argument("--n-eval", type=int, help="p2_t10: test images attacked (unset: all; ImageNet 2048)")
+    g = add_run_flags(p, "exp_transfer", unit="runs", data="cifar-10-batches-py/",
+                         download="fetch CIFAR-10 if missing (md5-checked)",
+                         cache="shared checkpoint cache: reuse a model exp_corruption.py or exp_table1.py trained with "
+                               "the same recipe", outputs="table.md, claims.md and the figure")
+    g.add_argument("--imagenet-root", help="p2_t10: ImageNet folder (val/<wnid>/*.JPEG); with "
+                   "--weights-dir it runs P2's own setting, otherwise the substitute runs")
+    g.add_argument("--weights-dir", help="p2_t10: folder with torchvision's VGG weight files (" +
+                   ", ".join(TV_WEIGHTS.values()) + ")")
+    g.add_argument("--size", type=int, help="resize images to size x size (unset: the dataset's own)")
+    g.add_argument("--channels", type=int, help="repeat grey images to this many channels")
+    args = parse_with_presets(p, resolve, argv)
     if args.plot_only:
-        run_dir, cfg, records, _ = merge_runs(args.plot_only, "exp_transfer.py", planned_runs)
-        write_outputs(run_dir, records, cfg)
-        print(f"redrew {run_dir / 'table.md'}, claims.md and figure.png")
-        return
-    device = pick_device(args.device)
-    setting = None
-    if args.artifact == "p2_t10":
-        why = imagenet_ready(args)
-        setting = "imagenet" if why is None else "substitute"
-        if why:
-            print(f"p2_t10 on ImageNet skipped ({why}); running the offline substitute on {args.dataset}")
-    if setting == "imagenet":
-        folder = imagenet_folder(args.imagenet_root)
-        n = min(args.n_eval or 2048, len(folder))
-        pick = torch.randperm(len(folder), generator=torch.Generator().manual_seed(0))[:n].tolist()
-        x = torch.stack([folder[i][0] for i in pick]).to(device)
-        data = (x, torch.tensor([folder.targets[i] for i in pick], device=device))
-    else:
-        data = build_dataset(args.dataset, args.data_root, device, args.download, size=args.size, channels=args.channels,
-                             n_train=1000 if args.dataset == "synthetic" else None)
-        for a in args.arch:
-            for n in args.norm:
-                with torch.device("meta"):  # a wrong architecture or norm fails here, before anything is written
-                    make_model(a, norm=n, width=args.width, in_channels=data.shape[0],
-                               **(dict(gn_groups=args.gn_groups) if args.gn_groups else {}))
-    run_dir = prepare_run_dir("exp_transfer", args.out, args.resume, args.shard)
-    log_to(run_dir, args.shard)
-    args.setting = setting  # (saved: it decides P2 Table 10's runs)
-    print_config(args)
-    write_config(run_dir, args, __file__, device)
-    print(f"run directory: {run_dir} | device: {device} | {ARTIFACTS[args.artifact]['title']}")
-    sweep = Sweep(run_dir, planned_runs(args), args.shard, adopt_complete=lambda _, recs: len(recs) == (
-        len(args.norm) ** 2 if args.artifact == "p1_t3" else 2 * len(args.arch) * len(args.norm)))
-    t0 = time.time()
-    for _, name, r in sweep.todo():
-        if args.artifact == "p1_t3":
-            save = lambda recs: sweep.save(name, recs, finished=False)  # every finished source is kept
-            sweep.save(name, run_p1_t3(args, data, device, run_dir, r["seed"], r["training"], sweep.previous(name), save))
-        else:
-            sweep.save(name, run_p2_t10(args, data, device, run_dir, r["seed"], setting))
-    records = sweep.records()
-    write_outputs(run_dir, records, vars(args))
-    show(run_dir / "table.md")
-    show(run_dir / "claims.md")
-    print(f"wrote {run_dir} in {time.time() - t0:.0f}s" + sweep.report())
+        return args
+    check_numbers(p, args, at_least_one=("seeds", "epochs", "batch_size", "adv_steps", "per_class", "bim_steps", "n_eval",
+                                         "retrain_epochs", "size", "channels", "gn_groups"),
+                  positive=("width", "lr", "adv_eps", "adv_step_size", "inv_step", "eps", "imagenet_eps", "bim_step"),
+                  non_negative=("weight_decay", "warmup_epochs", "inv_steps"))
+    bad = [a for a in args.arch if not (a.startswith("vgg") and a[3:] in ("8", "11", "13", "16", "19"))]
+    if bad:
+        p.error(f"--arch {bad[0]}: expected VGGs (vgg8, vgg11, vgg13, vgg16, vgg19)")
+    if args.artifact == "p2_t10" and "vgg11" not in args.arch:
+        p.error("--arch: p2_t10's source is VGG11, which must be among the targets")
+    return args
 
 
 if __name__ == "__main__":

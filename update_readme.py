@@ -1,19 +1,27 @@
-"""Regenerate the README's reproduction tables from the committed results (never typed by hand).
+"""Regenerate the README's reproduction tables and every script's results card from the committed results
+(never typed by hand).
 
-    python update_readme.py            # rewrite the marked sections of README.md
-    python update_readme.py --check    # exit 1 if README.md differs from what the results say (the tests do this)
+    python update_readme.py            # rewrite the marked sections of README.md and the cards of the exp_*.py
+    python update_readme.py --check    # exit 1 if any of them differs from what the results say (the tests do this)
+
+The results card is the block of an exp_*.py docstring between `Quick results (update_readme.py ...):` and the
+next blank line: per committed quick run its command, its held / reversed / inconclusive tally and the headline
+claim (the held one furthest from 0 in interval half-widths) with its effect and 95 % interval. The README's
+`<!-- glance -->` table sums them per script.
 
 Every section between `<!-- claims: SCRIPT -->` and `<!-- /claims -->` is replaced by the claims of the
 runs under results/quick/ made by SCRIPT: the command that made each run, then one row per claim with the
 effect, its 95 % interval and the verdict (common.evaluate_claims, DECISIONS.md D25), as in each run's claims.md.
 """
 import argparse
+import importlib
 import json
 import pathlib
 import re
 import sys
+import textwrap
 
-from common import claims_table
+from common import claims_table, fmt_effect
 
 ROOT = pathlib.Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "quick"
@@ -41,26 +49,86 @@ def runs_of(script):
 
 
 def section(script):
+    """One visible line, the script's verdicts over all its committed quick runs; then, folded in <details>, per run
+    its command, tally and claims table."""
+    runs = runs_of(script)
+    n = tally([c for _, _, cs in runs for c in cs])
+    lines = [f"**Quick-preset verdicts:** {n['held']} held, {n['reversed']} reversed, {n['inconclusive']} inconclusive "
+             f"({len(runs)} run{'s' if len(runs) != 1 else ''}).", "",
+             "<details><summary>Every claim, per run: the command, the paper's number, the effect and its interval"
+             "</summary>", ""]
+    for command, run_dir, claims in runs:
+        lines += [f"`{command}` → `{run_dir}/claims.md`: " + ", ".join(f"{k} {v}" for v, k in tally(claims).items()), ""]
+        lines += (claims_table(claims) if claims else ["(no claim of the paper is tested by this run)"]) + [""]
+    return "\n".join(lines + ["</details>", ""])
+
+
+CARD = re.compile(r"(Quick results \(update_readme\.py writes this from results/quick/\):\n)(.*?)(\n\n)", re.S)
+GLANCE = re.compile(r"(<!-- glance -->\n)(.*?)(<!-- /glance -->)", re.S)
+SCRIPTS = sorted(p.name for p in ROOT.glob("exp_*.py"))
+
+
+def tally(claims):
+    return {v: sum(c["verdict"] == v for c in claims) for v in ("held", "reversed", "inconclusive")}
+
+
+def headline(claims):
+    """The held claim whose interval lies furthest from 0 (in half-widths), else the first claim."""
+    def strength(c):
+        w = (c["hi"] - c["lo"]) / 2
+        return abs(c["effect"]) / w if w and w == w and w > 0 else 0.0
+    held = [c for c in claims if c["verdict"] == "held"]
+    return max(held, key=strength) if held else (claims[0] if claims else None)
+
+
+def card(script):
     lines = []
     for command, run_dir, claims in runs_of(script):
-        counts = {v: sum(c["verdict"] == v for c in claims) for v in ("held", "reversed", "inconclusive")}
-        lines += [f"`{command}` → `{run_dir}/claims.md`: " + ", ".join(f"{n} {v}" for v, n in counts.items()), ""]
-        lines += (claims_table(claims) if claims else ["(no claim of the paper is tested by this run)"]) + [""]
+        n = tally(claims)
+        lines.append(f"    {command}")
+        lines.append(f"        {n['held']} held / {n['reversed']} reversed / {n['inconclusive']} inconclusive")
+        h = headline(claims)
+        if h:
+            lines += textwrap.wrap(f"{h['paper']}: {h['claim']}: {fmt_effect(h)} ({h['verdict']})", 117,
+                                   initial_indent=" " * 8, subsequent_indent=" " * 10)
     return "\n".join(lines)
 
 
+def glance():
+    rows = ["| script | the papers' artifacts | quick runs | held | reversed | inconclusive |", "|---|---|---|---|---|---|"]
+    total = dict(held=0, reversed=0, inconclusive=0)
+    for script in SCRIPTS:
+        runs = runs_of(script)
+        n = tally([c for _, _, cs in runs for c in cs])
+        total = {k: total[k] + n[k] for k in total}
+        mod = importlib.import_module(script[:-3])
+        what = ", ".join(dict.fromkeys(a["title"].split(":")[0] for a in mod.ARTIFACTS.values()))
+        rows.append(f"| `{script}` | {what} | {len(runs)} | {n['held']} | {n['reversed']} | {n['inconclusive']} |")
+    rows.append(f"| **all** | | | **{total['held']}** | **{total['reversed']}** | **{total['inconclusive']}** |")
+    return "\n".join(rows) + "\n"
+
+
 def render(text):
+    text = GLANCE.sub(lambda m: m.group(1) + glance() + m.group(3), text)
     return SECTION.sub(lambda m: m.group(1) + section(m.group(2)) + m.group(4), text)
+
+
+def render_script(script, text):
+    return CARD.sub(lambda m: m.group(1) + card(script) + m.group(3), text, count=1)
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--check", action="store_true", help="only check that README.md is up to date")
     args = p.parse_args()
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    new = render(text)
+    stale = []
+    for path, fn in [(ROOT / "README.md", render)] + [(ROOT / s, lambda x, s=s: render_script(s, x)) for s in SCRIPTS]:
+        text = path.read_text()
+        new = fn(text)
+        if new != text:
+            stale.append(path.name)
+            if not args.check:
+                path.write_text(new)
     if args.check:
-        sys.exit(0 if new == text else "README.md is stale: run python update_readme.py")
-    readme.write_text(new)
-    print(f"rewrote {len(SECTION.findall(text))} sections of {readme.name}")
+        sys.exit(f"stale: {', '.join(stale)}: run python update_readme.py" if stale else 0)
+    print(f"rewrote {', '.join(stale) or 'nothing (up to date)'}")

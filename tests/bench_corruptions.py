@@ -1,4 +1,4 @@
-"""Speed of common.corrupt (batched) against the per-image reference loop (tests/cifar_c_reference.py,
+"""Speed of exp_corruption.corrupt (batched) against the per-image reference loop (tests/cifar_c_reference.py,
 the generator's libraries) on the same 500 images, one CPU thread each, side by side:
 
     python tests/bench_corruptions.py [--n 500] [--severity 3] [--device cpu|cuda] [--repeats 3]
@@ -18,15 +18,15 @@ import torch
 
 sys.path[:0] = [str(pathlib.Path(__file__).resolve().parent.parent), str(pathlib.Path(__file__).resolve().parent)]
 import cifar_c_reference as ref  # noqa: E402
-import common  # noqa: E402
+import exp_corruption  # noqa: E402
 
 
 def reference(u8, name, s, rng):
     n = u8.shape[0]
-    if name in ref.common.CORRUPTIONS["noise"]:
+    if name in ref.exp_corruption.CORRUPTIONS["noise"]:
         return ref.noise(u8, name, s, rng)
     if name == "glass_blur":
-        sigma, d, passes = common.SEVERITY[name][s - 1]
+        sigma, d, passes = exp_corruption.SEVERITY[name][s - 1]
         return ref.glass(u8, s, rng.integers(-d, d, (passes, (n - 2 * d) ** 2, 2)))
     if name == "fog":
         return ref.fog(u8, s, lambda shape: rng.random(shape))
@@ -61,7 +61,7 @@ def main():
     u8 = np.random.default_rng(0).integers(0, 256, (args.n, 32, 32, 3), dtype=np.uint8)
     x = (torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 255).to(args.device)
     rng = np.random.default_rng(0)
-    names = [n for n in common.CORRUPTION_NAMES if n not in common.APPROXIMATE and n != "frost"]
+    names = [n for n in exp_corruption.CORRUPTION_NAMES if n not in exp_corruption.APPROXIMATE and n != "frost"]
     print(f"{args.n} images, severity {args.severity}, one CPU thread; batched on {args.device}")
     print(f"{'corruption':20s} {'reference s':>12s} {'batched s':>10s} {'ratio':>7s}")
     tot_ref = tot_ours = 0.0
@@ -71,11 +71,11 @@ def main():
                 reference(im, name, args.severity, rng)
 
         def run_batched():
-            common.corrupt(x, name, args.severity, torch.Generator().manual_seed(0))
+            exp_corruption.corrupt(x, name, args.severity, torch.Generator().manual_seed(0))
             if args.device == "cuda":
                 torch.cuda.synchronize()
 
-        common.corrupt(x[:8], name, args.severity, torch.Generator().manual_seed(0))  # warm-up (caches, kernels)
+        exp_corruption.corrupt(x[:8], name, args.severity, torch.Generator().manual_seed(0))  # warm-up (caches, kernels)
         t_ref, t_ours = best_time(run_reference, args.repeats), best_time(run_batched, args.repeats)
         tot_ref, tot_ours = tot_ref + t_ref, tot_ours + t_ours
         print(f"{name:20s} {t_ref:12.3f} {t_ours:10.3f} {t_ref / t_ours:6.1f}x", flush=True)
@@ -88,11 +88,11 @@ def full(args):
     g = torch.Generator().manual_seed(0)
     print(f"{args.n} images x 5 severities, one CPU thread; batched on {args.device}, batches of 1000")
     total = 0.0
-    for name in [n for n in common.CORRUPTION_NAMES if n != "frost"]:
+    for name in [n for n in exp_corruption.CORRUPTION_NAMES if n != "frost"]:
         t = time.perf_counter()
         for s in range(1, 6):
             for i in range(0, args.n, 1000):
-                common.corrupt(x[i:i + 1000], name, s, g).cpu()
+                exp_corruption.corrupt(x[i:i + 1000], name, s, g).cpu()
         total += time.perf_counter() - t
         print(f"{name:20s} {time.perf_counter() - t:8.1f} s", flush=True)
     print(f"{'all 18':20s} {total:8.1f} s")

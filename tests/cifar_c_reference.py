@@ -2,7 +2,7 @@
 Hendrycks & Dietterich's CIFAR generator with the libraries it used (numpy, scipy, scikit-image,
 Pillow, OpenCV): one HxWx3 uint8 image at a time, in float64. Random draws are arguments, so a test
 can feed the draws the batched torch version made and compare the outputs pixel by pixel.
-Used by tests/test_corruptions.py and timed against common.corrupt by tests/bench_corruptions.py.
+Used by tests/test_corruptions.py and timed against exp_corruption.corrupt by tests/bench_corruptions.py.
 """
 import io
 
@@ -14,7 +14,7 @@ import skimage.util
 from PIL import Image
 from scipy import ndimage
 
-import common
+import exp_corruption
 
 
 def to_u8(x):
@@ -67,7 +67,7 @@ def plasma(size, decay, uniforms):
 
 def deterministic(u8, name, severity):
     """The corruptions without randomness; u8 is HxWx3."""
-    c = common.SEVERITY[name][severity - 1]
+    c = exp_corruption.SEVERITY[name][severity - 1]
     x = u8 / 255.0
     if name == "gaussian_blur":
         return to_u8(sk_gaussian(x, c))
@@ -104,7 +104,7 @@ def deterministic(u8, name, severity):
 
 def glass(u8, severity, shifts):
     """shifts: (passes, positions, 2) of (dx, dy)."""
-    sigma, d, passes = common.SEVERITY["glass_blur"][severity - 1]
+    sigma, d, passes = exp_corruption.SEVERITY["glass_blur"][severity - 1]
     n = u8.shape[0]
     x = to_u8(sk_gaussian(u8 / 255.0, sigma))
     for it in range(passes):
@@ -118,7 +118,7 @@ def glass(u8, severity, shifts):
 
 
 def fog(u8, severity, uniforms):
-    c = common.SEVERITY["fog"][severity - 1]
+    c = exp_corruption.SEVERITY["fog"][severity - 1]
     x = u8 / 255.0
     top = x.max()
     x = x + c[0] * plasma(u8.shape[0], c[1], uniforms)[..., None]
@@ -128,7 +128,7 @@ def fog(u8, severity, uniforms):
 def elastic(u8, severity, affine_u, field_x, field_y):
     """affine_u: (3, 2) U[0,1) for the control-point shifts; field_x/field_y: (n, n) U[0,1)."""
     n = u8.shape[0]
-    alpha, sigma, shift = (v * n for v in common.SEVERITY["elastic_transform"][severity - 1])
+    alpha, sigma, shift = (v * n for v in exp_corruption.SEVERITY["elastic_transform"][severity - 1])
     x = np.array(u8, dtype=np.float32) / 255.0
     centre, sq = np.float32([n, n]) // 2, n // 3
     src = np.float32([centre + sq, [centre[0] + sq, centre[1] - sq], centre - sq])
@@ -143,7 +143,7 @@ def elastic(u8, severity, affine_u, field_x, field_y):
 
 def spatter(u8, severity, normal):
     """normal: (n, n) standard normal draws for the liquid layer."""
-    c = common.SEVERITY["spatter"][severity - 1]
+    c = exp_corruption.SEVERITY["spatter"][severity - 1]
     x = np.array(u8, dtype=np.float32) / 255.0
     liquid = sk_gaussian(c[0] + c[1] * normal, c[2])
     liquid[liquid < c[3]] = 0
@@ -170,7 +170,7 @@ def spatter(u8, severity, normal):
 def noise(u8, name, severity, rng):
     """The random noises drawn by numpy, for the speed comparison (their equivalence is tested by
     distribution, not pixel by pixel)."""
-    c = common.SEVERITY[name][severity - 1]
+    c = exp_corruption.SEVERITY[name][severity - 1]
     x = u8 / 255.0
     if name == "gaussian_noise":
         return to_u8(x + rng.normal(size=x.shape, scale=c))

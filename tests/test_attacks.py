@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import accuracy, attack_objective, bim, cw_loss, cw_margin, fgsm, make_model, pgd
+from common import accuracy, attack_objective, bim, cw_loss, cw_margin, fgsm, make_model, pgd, pgd_random_starts
 
 INF_BOX = (-1e9, 1e9)
 
@@ -143,6 +143,11 @@ def test_l2_step_is_exact_for_gradients_whose_squared_norm_underflows():
     torch.testing.assert_close((xa - x).norm(dim=1), torch.full((4,), 0.2), rtol=1e-5, atol=0)
 
 
+def pgd_start(model, x, y, eps, rand_init=False, generator=None, **kw):
+    """pgd from x itself, or from a random start (pgd_random_starts)."""
+    return pgd_random_starts(model, x, y, eps, generator=generator, **kw) if rand_init else pgd(model, x, y, eps, **kw)
+
+
 # ---------------------------------------------------------------- invariants
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
@@ -154,7 +159,7 @@ def test_result_inside_ball_and_box(norm, loss, targeted, rand_init):
     x = torch.rand(6, 3, 32, 32, generator=gen(2))
     y = torch.arange(6) % 10
     eps = 8 / 255 if norm == "linf" else 0.5
-    xa = pgd(model, x, y, eps, steps=4, norm=norm, loss=loss, targeted=targeted, rand_init=rand_init,
+    xa = pgd_start(model, x, y, eps, steps=4, norm=norm, loss=loss, targeted=targeted, rand_init=rand_init,
              generator=gen(3), step_size=eps)  # large steps so the projection binds
     delta = (xa - x).flatten(1)
     size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
@@ -168,7 +173,7 @@ def test_eps_zero_returns_x():
     y = torch.arange(4)
     for norm in ("linf", "l2"):
         for rand_init in (False, True):
-            xa = pgd(model, x, y, 0.0, steps=3, norm=norm, rand_init=rand_init, generator=gen(0))
+            xa = pgd_start(model, x, y, 0.0, steps=3, norm=norm, rand_init=rand_init, generator=gen(0))
             assert torch.equal(xa, x)
     assert torch.equal(fgsm(model, x, y, 0.0), x)
 
@@ -186,7 +191,7 @@ def test_no_side_effects_on_input_model_mode_bn_stats_and_grads():
     x_copy = x.clone()
     y = torch.arange(4)
     for norm, loss in [("linf", "ce"), ("l2", "cw")]:
-        pgd(model, x, y, 0.1, steps=3, norm=norm, loss=loss, rand_init=True, restarts=2, generator=gen(0))
+        pgd_random_starts(model, x, y, 0.1, steps=3, norm=norm, loss=loss, restarts=2, generator=gen(0))
     fgsm(model, x, y, 0.1), bim(model, x, y, 0.1, 3, 0.01)
     assert torch.equal(x, x_copy)
     assert [m.training for m in model.modules()] == modes
@@ -207,7 +212,7 @@ def test_attack_runs_model_in_eval_mode():
             return self.lin(x)
 
     model = Spy().train()
-    pgd(model, torch.rand(4, 5), torch.arange(4) % 3, 0.1, steps=3, restarts=2, rand_init=True)
+    pgd_random_starts(model, torch.rand(4, 5), torch.arange(4) % 3, 0.1, steps=3, restarts=2)
     assert seen and not any(seen) and model.training
 
 
@@ -241,7 +246,7 @@ def test_zero_gradients_never_produce_nan():
         for loss in ("ce", "cw"):
             xa = pgd(model, x, y, 0.1, steps=3, norm=norm, loss=loss)
             assert torch.equal(xa, x)
-        xr = pgd(model, x, y, 0.1, steps=3, norm=norm, rand_init=True, generator=gen(0))
+        xr = pgd_start(model, x, y, 0.1, steps=3, norm=norm, rand_init=True, generator=gen(0))
         assert torch.isfinite(xr).all()
 
 
@@ -296,10 +301,10 @@ def test_targeted_attack_lowers_ce_towards_target(trained_mlp):
 
 def test_restarts_keep_the_per_sample_worst_case(trained_mlp):
     model, x, y = trained_mlp
-    kw = dict(eps=0.5, steps=3, rand_init=True, clip=None)
-    combined = pgd(model, x, y, restarts=4, generator=gen(7), **kw)
+    kw = dict(eps=0.5, steps=3, clip=None)
+    combined = pgd_random_starts(model, x, y, restarts=4, generator=gen(7), **kw)
     g = gen(7)  # the same random stream, consumed restart by restart
-    singles = [pgd(model, x, y, restarts=1, generator=g, **kw) for _ in range(4)]
+    singles = [pgd_random_starts(model, x, y, restarts=1, generator=g, **kw) for _ in range(4)]
     model.eval()
     with torch.no_grad():
         obj = lambda xa: attack_objective(model(xa), y)
@@ -321,9 +326,9 @@ def test_random_start_is_seeded_and_inside_the_ball():
     y = torch.arange(64) % 10
     for norm, eps in [("linf", 0.03), ("l2", 0.5)]:
         # a negligible step returns (almost) the projected random start itself; step_size=0 is refused
-        s1 = pgd(model, x, y, eps, steps=1, step_size=1e-12, norm=norm, rand_init=True, generator=gen(5), clip=None)
-        s2 = pgd(model, x, y, eps, steps=1, step_size=1e-12, norm=norm, rand_init=True, generator=gen(5), clip=None)
-        s3 = pgd(model, x, y, eps, steps=1, step_size=1e-12, norm=norm, rand_init=True, generator=gen(6), clip=None)
+        s1 = pgd_start(model, x, y, eps, steps=1, step_size=1e-12, norm=norm, rand_init=True, generator=gen(5), clip=None)
+        s2 = pgd_start(model, x, y, eps, steps=1, step_size=1e-12, norm=norm, rand_init=True, generator=gen(5), clip=None)
+        s3 = pgd_start(model, x, y, eps, steps=1, step_size=1e-12, norm=norm, rand_init=True, generator=gen(6), clip=None)
         assert torch.equal(s1, s2) and not torch.equal(s1, s3)
         d = (s1 - x).flatten(1)
         size = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
@@ -349,7 +354,7 @@ def test_bad_arguments_give_one_clear_line():
     model = small_cnn()
     x, y = torch.rand(2, 3, 32, 32), torch.arange(2)
     for kwargs, msg in [(dict(norm="l3"), "attack norm='l3'"), (dict(loss="mse"), "attack loss='mse'"),
-                        (dict(eps=-0.1), "eps=-0.1"), (dict(steps=0), "steps=0"), (dict(restarts=0), "restarts=0")]:
+                        (dict(eps=-0.1), "eps=-0.1"), (dict(steps=0), "steps=0")]:
         args = dict(eps=0.1, steps=2) | kwargs
         with pytest.raises(ValueError, match=msg):
             pgd(model, x, y, **args)
@@ -357,5 +362,7 @@ def test_bad_arguments_give_one_clear_line():
         pgd(model, x, torch.arange(3), 0.1, 2)
     with pytest.raises(ValueError, match="int64 labels"):
         pgd(model, x, torch.zeros(2), 0.1, 2)
-    with pytest.raises(ValueError, match="without rand_init"):
-        pgd(model, x, y, 0.1, 2, restarts=3)
+    with pytest.raises(ValueError, match="restarts=0"):
+        pgd_random_starts(model, x, y, 0.1, 2, restarts=0)
+    with pytest.raises(ValueError, match="grad0 is the clean CE gradient"):  # the shared gradient is CE's, from x itself
+        pgd(model, x, y, 0.1, 2, loss="cw", grad0=torch.zeros_like(x))

@@ -10,7 +10,9 @@ import torch
 import torch.nn as nn
 
 import common
-from common import CORRUPTION_NAMES, DataError, adapt_bn, corrupt, read_cifar10c
+import exp_corruption
+from common import CORRUPTION_NAMES, DataError, adapt_bn, read_cifar10c
+from exp_corruption import corrupt
 
 import cifar_c_reference as ref  # noqa: E402  (tests/ is on sys.path under pytest)
 
@@ -39,18 +41,18 @@ def test_deterministic_corruptions_match_the_reference(name):
 
 def corrupt_recording(x, name, s, seed=0):
     """corrupt() with every random draw recorded, so the reference can be fed the same draws."""
-    draws, orig = [], common._rand
+    draws, orig = [], exp_corruption._rand
 
     def rec(*a, **k):
         out = orig(*a, **k)
         draws.append(out.clone())
         return out
 
-    common._rand = rec
+    exp_corruption._rand = rec
     try:
         out = corrupt(x, name, s, torch.Generator().manual_seed(seed))
     finally:
-        common._rand = orig
+        exp_corruption._rand = orig
     return out.permute(0, 2, 3, 1).numpy(), draws
 
 
@@ -136,17 +138,17 @@ def test_motion_blur_approximation_spreads_a_point_along_the_angle():
     with the kernel's weights; a constant image stays constant."""
     x = torch.zeros(1, 1, 32, 32, dtype=torch.float64)
     x[0, 0, 16, 20] = 1.0
-    k = common.motion_blur_kernel(6, 2.0)
-    out = common._motion_blur(x, 6, 2.0, torch.zeros(1))
+    k = exp_corruption.motion_blur_kernel(6, 2.0)
+    out = exp_corruption._motion_blur(x, 6, 2.0, torch.zeros(1))
     assert torch.allclose(out[0, 0, 16, 20 - len(k) + 1:21].flip(0), k)
     assert out[0, 0].sum().item() == pytest.approx(1.0) and out[0, 0, 15].abs().sum() == 0
-    assert torch.allclose(common._motion_blur(torch.full((2, 3, 8, 8), 0.3), 6, 2.0, torch.tensor([10.0, -40.0])),
+    assert torch.allclose(exp_corruption._motion_blur(torch.full((2, 3, 8, 8), 0.3), 6, 2.0, torch.tensor([10.0, -40.0])),
                           torch.full((2, 3, 8, 8), 0.3, dtype=torch.float32))
 
 
 def test_frost_uses_the_pictures_and_is_an_error_without_them(tmp_path):
     from PIL import Image
-    for i, name in enumerate(common.FROST_FILES):  # flat pictures: the result is the generator's formula
+    for i, name in enumerate(exp_corruption.FROST_FILES):  # flat pictures: the result is the generator's formula
         Image.fromarray(np.full((200, 220, 3), 40 * i, dtype=np.uint8)).save(tmp_path / name, quality=100)
     x = grey(128 / 255, 8)
     out = corrupt(x, "frost", 2, torch.Generator().manual_seed(0), frost_dir=tmp_path).double()
@@ -171,8 +173,8 @@ def test_bad_arguments_are_one_clear_error():
 
 def test_hsv_round_trip_and_greys():
     _, x = random_images(4)
-    assert torch.allclose(common.hsv_to_rgb(common.rgb_to_hsv(x)), x, atol=1e-12)
-    assert (common.rgb_to_hsv(grey(0.3, 1))[:, :2] == 0).all()
+    assert torch.allclose(exp_corruption.hsv_to_rgb(exp_corruption.rgb_to_hsv(x)), x, atol=1e-12)
+    assert (exp_corruption.rgb_to_hsv(grey(0.3, 1))[:, :2] == 0).all()
 
 
 # ---------------------------------------------------------------- released files, archive, BN adaptation

@@ -93,7 +93,7 @@ def test_released_files_are_read_and_a_cached_exp_table1_model_is_reused(tmp_pat
 def test_bad_input_is_one_clear_line(tmp_path):
     cases = [(["--severities", "0"], "--severities 0: expected integers in 1..5"),
              (["--corruptions", "rain"], "invalid choice: 'rain'"),
-             (["--dataset", "svhn"], "--dataset 'svhn'"),
+             (["--dataset", "svhn"], "--dataset: invalid choice: 'svhn'"),
              (["--frost-dir", tmp_path / "nope"], "--frost-dir"),
              (["--seeds", "0"], "--seeds 0: expected an integer >= 1")]
     for extra, msg in cases:

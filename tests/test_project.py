@@ -70,7 +70,7 @@ def test_attack_and_ligs_loops_do_not_sync_with_item():
 
 
 SCRIPTS = sorted(p.name for p in ROOT.glob("exp_*.py"))
-BANNERS = ["1. Artifacts", "2. Arguments and presets", "3. Experiment", "4. Tables, figures and claims", "5. Main"]
+BANNERS = ["1. Paper settings", "2. Experiment", "3. Main", "4. Claims, tables and figures", "5. Command line"]
 
 
 def tracked_text_files():
@@ -104,6 +104,26 @@ def test_common_table_of_contents_matches_its_banners():
     assert [n for n, _ in toc] == [n for n, _ in banners] == [str(i) for i in range(1, len(toc) + 1)]
     for (_, t), (_, b) in zip(toc, banners):
         assert b.split()[0].rstrip(":") == t.split()[0].rstrip(":"), (t, b)
+    # two parts, the papers first: Part II starts where the docstring says, and nothing of Part I comes after it
+    parts = re.findall(r"^Part (I+)\. .*\(sections (\d+)-(\d+)\)", doc, re.M)
+    assert [p[0] for p in parts] == ["I", "II"], parts
+    assert int(parts[0][2]) + 1 == int(parts[1][1]) and int(parts[1][2]) == len(toc)
+    part2 = src.index("# PART II.")
+    first_of_part2 = src.index(f"# {parts[1][1]}. ")
+    assert src.index("# PART I.") < src.index("# 1. ") and part2 < first_of_part2 < part2 + 400
+
+
+def test_common_holds_only_what_two_scripts_use_or_the_papers_name():
+    # the file's rule, one direction: a public function or class of common.py that no script, no other part of
+    # common.py and no paper names is not shared; the CIFAR-10-C generator (one user) lives in exp_corruption.py
+    scripts = "".join((ROOT / s).read_text() for s in SCRIPTS)
+    assert not hasattr(common, "corrupt") and hasattr(importlib.import_module("exp_corruption"), "corrupt")
+    src = (ROOT / "common.py").read_text()
+    for name in [n for n in dir(common) if not n.startswith("_")]:
+        f = getattr(common, name)
+        if (inspect.isfunction(f) or inspect.isclass(f)) and f.__module__ == "common":
+            used = re.search(rf"\b{name}\b", scripts) or len(re.findall(rf"\b{name}\b", src)) > 1
+            assert used, f"common.{name} is used by no script and nothing in common.py"
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -112,11 +132,14 @@ def test_every_script_has_the_same_anatomy(script):
     found = re.findall(r"^# (\d\. [^:(\n]*)", src, re.M)
     assert [next(b for b in BANNERS if f.startswith(b)) for f in found] == BANNERS, found
     mod = importlib.import_module(script[:-3])
+    assert set(mod.CLAIMS) == set(mod.ARTIFACTS), "every artifact lists its claims (possibly none) in CLAIMS"
     for name, art in mod.ARTIFACTS.items():
-        assert set(art) == {"title", "runs", "claims"}, (name, set(art))
-        for c in art["claims"]:
+        assert set(art) == {"title", "runs"}, (name, set(art))
+        for c in mod.CLAIMS[name]:
             assert {"id", "paper", "claim", "paper_value", "metric", "a", "b", "expect"} <= set(c), c
             assert c["expect"] in "<>" and re.match(r"P[12] ", c["paper"]), c
+    assert not re.search(r"^def claim\(", src, re.M), "claim() is common.claim"
+    assert "add_run_flags(" in src and "make_parser(" in src
     assert "parse_with_presets(" in src and "write_claims(" in src and "log_to(" in src
 
 
@@ -124,12 +147,18 @@ def test_every_script_has_the_same_anatomy(script):
 def test_help_shows_the_values_that_will_run(script):
     out = subprocess.run([sys.executable, script, "--preset", "quick", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+    assert "(default: None)" not in out.stdout and "usage:" in out.stdout
     mod = importlib.import_module(script[:-3])
+    assert mod.__doc__.strip().split("\n")[0] in out.stdout  # the docstring is the description
+    for group in ("what to reproduce", "data and device", "run management"):
+        assert f"{group}:" in out.stdout, group
+    for skipped in getattr(mod, "SKIPPED", {}):  # not offered as a choice
+        assert not re.search(rf"{{[^}}]*\b{skipped}\b[^}}]*}}", out.stdout), skipped
     quick = mod.resolve("quick", None if script == "exp_spheres.py" else next(iter(mod.ARTIFACTS)))
     text = " ".join(out.stdout.split())
     for k, v in quick.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
-            assert f"(default: {v})" in text, (k, v)
+            assert f"(default: {common.fmt_default(v)})" in text, (k, v)
 
 
 def test_readme_reproduction_tables_are_generated_from_the_committed_results():
@@ -137,6 +166,12 @@ def test_readme_reproduction_tables_are_generated_from_the_committed_results():
     text = (ROOT / "README.md").read_text()
     assert text.count("<!-- claims: ") >= 6
     assert update_readme.render(text) == text, "README.md is stale: run python update_readme.py"
+    assert "<!-- glance -->" in text and "**all**" in text  # the results at a glance, before any section on running
+    assert text.index("## Results at a glance") < text.index("## Running the experiments")
+    for script in SCRIPTS:  # every script's docstring opens with its results card, generated from the same results
+        src = (ROOT / script).read_text()
+        assert update_readme.CARD.search(src), f"{script} has no results card"
+        assert update_readme.render_script(script, src) == src, f"{script}'s results card is stale: python update_readme.py"
     for script in SCRIPTS:
         assert update_readme.runs_of(script), f"no committed quick run of {script}"
 
