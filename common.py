@@ -1350,19 +1350,42 @@ def train_epoch(model, data, r, opt, epoch, g_data, g_attack, amp=False, on_step
     return float(loss_sum) / n, float(correct) / n
 
 
-def load_checkpoint(ckpt, key, model, opt, g_data, g_attack):
+def load_checkpoint(ckpt, key, model, opt, g_data, g_attack, reseed):
     """The training state saved in `ckpt` (model, optimizer, both generators restored in place), or None when there
-    is no such file. A checkpoint trained under another `key` is refused rather than resumed."""
+    is no such file. A checkpoint trained under another `key` is refused rather than resumed. Checkpoints load on
+    any device: everything is read onto the CPU (`load_tensors`) and copied to where the model and optimizer live;
+    the CPU data generator's state is device-free; the attack generator's state only fits a generator of the
+    device type that saved it (a CPU state is 5,056 bytes, a CUDA one 16), so on another device type it is re-seeded
+    with `reseed(epoch)` -- deterministic, though not the draws the saving device would have made."""
     if ckpt is None or not pathlib.Path(ckpt).exists():
         return None
-    saved = torch.load(ckpt, map_location=g_attack.device, weights_only=False)
+    saved = load_tensors(ckpt)
     if "key" in saved and saved["key"] != key:  # (checkpoints of older versions carry no key)
         raise ValueError(f"checkpoint {ckpt} was trained with another configuration ({saved.get('key')}), not {key}")
     model.load_state_dict(saved["model"])
-    opt.load_state_dict(saved["opt"])
+    opt.load_state_dict(saved["opt"])  # (moves the optimizer state to the parameters' device)
     g_data.set_state(saved["g_data"])
-    g_attack.set_state(saved["g_attack"].to(g_attack.get_state().device))
+    if saved.get("g_attack_device", "cpu") == g_attack.device.type:
+        g_attack.set_state(saved["g_attack"])
+    else:
+        g_attack.manual_seed(reseed(saved["state"]["epoch"]))
     return saved["state"]
+
+
+def end_epoch(state, epochs, train_loss, train_acc, num_classes, **extra):
+    """Close an epoch in the training state: count it; a non-finite loss is divergence and a final training accuracy
+    no better than chance (+5 points) a failure, both recorded with their reason, not raised; the last epoch of a
+    healthy run makes it "ok". Appends and returns the epoch's history row."""
+    state["epoch"] += 1
+    if not math.isfinite(train_loss):
+        state["status"], state["reason"] = "failed", f"diverged: non-finite training loss in epoch {state['epoch']}"
+    elif state["epoch"] == epochs and train_acc <= 1.0 / num_classes + 0.05:
+        state["status"], state["reason"] = "failed", f"no better than chance: final training accuracy {train_acc:.3f}"
+    elif state["epoch"] == epochs:
+        state["status"] = "ok"
+    row = dict(epoch=state["epoch"], train_loss=train_loss, train_acc=train_acc, **extra)
+    state["history"].append(row)
+    return row
 
 
 def train_model(model, data, recipe, seed=0, ckpt=None, log=print, amp=False, on_epoch=None, on_step=None, tag="",
@@ -1392,39 +1415,35 @@ def train_model(model, data, recipe, seed=0, ckpt=None, log=print, amp=False, on
     opt = make_optimizer(r["optimizer"], model.parameters(), r["lr"], r["momentum"], r["weight_decay"])
     g_data = torch.Generator().manual_seed(seed)
     g_attack = torch.Generator(device=dev).manual_seed(seed + 1 + 7919 * rank)  # rank 0 = the single-process draws
-    if is_distributed():
-        torch.distributed.barrier()  # every rank looks for the checkpoint before rank 0 may write one
-    state = load_checkpoint(ckpt, key, model, opt, g_data, g_attack)
-    if state is not None:
-        log(f"{tag} resumed from {ckpt} after epoch {state['epoch']} ({state['status']})")
-    else:
-        state = dict(epoch=0, history=[dict(epoch=0, **(on_epoch(0, model) if on_epoch else {}))], status="running",
-                     reason="")
-    ddp = ddp_wrap(model, dev, ddp_bn)
-    while state["status"] == "running" and state["epoch"] < r["epochs"]:
-        epoch, t0 = state["epoch"], time.time()
-        train_loss, train_acc = train_epoch(model, data, r, opt, epoch, g_data, g_attack, amp and dev.type == "cuda",
-                                            on_step, state["history"], ddp)
-        state["epoch"] = epoch + 1
-        if not math.isfinite(train_loss):
-            state["status"], state["reason"] = "failed", f"diverged: non-finite training loss in epoch {epoch + 1}"
-        elif state["epoch"] == r["epochs"] and train_acc <= 1.0 / data.num_classes + 0.05:
-            state["status"], state["reason"] = "failed", f"no better than chance: final training accuracy {train_acc:.3f}"
-        row = dict(epoch=epoch + 1, train_loss=train_loss, train_acc=train_acc, lr=opt.param_groups[0]["lr"],
-                   time_s=time.time() - t0)
-        if on_epoch and math.isfinite(train_loss):  # a run that ends at chance is measured too; a diverged one is not
-            row |= on_epoch(epoch + 1, model)
-        state["history"].append(row)
-        extra = "".join(f" | {k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "train_loss", "train_acc", "lr",
-                                                                               "time_s"))
-        log(f"{tag} epoch {epoch + 1:3d}/{r['epochs']} | loss {train_loss:.4f} | train acc {train_acc:.4f} | "
-            f"lr {row['lr']:.4g} | {row['time_s']:.1f}s{extra}")
-        if state["status"] == "running" and state["epoch"] == r["epochs"]:
-            state["status"] = "ok"
-        if ckpt is not None:
-            save_atomic(dict(model=model.state_dict(), opt=opt.state_dict(), g_data=g_data.get_state(),
-                             g_attack=g_attack.get_state(), state=state, key=key), ckpt)
-    ddp_unwrap(model, ddp)
+    reseed = lambda epoch: seed + 1 + 7919 * rank + 104729 * epoch  # a device change: fresh attack draws per epoch
+    with checkpoint_lock(ckpt if rank == 0 else None, log, tag) as refresh:  # one process trains one cached model
+        if is_distributed():
+            torch.distributed.barrier()  # every rank looks for the checkpoint before rank 0 may write one
+        state = load_checkpoint(ckpt, key, model, opt, g_data, g_attack, reseed)
+        if state is not None:
+            log(f"{tag} resumed from {ckpt} after epoch {state['epoch']} ({state['status']})")
+        else:
+            state = dict(epoch=0, history=[dict(epoch=0, **(on_epoch(0, model) if on_epoch else {}))], status="running",
+                         reason="")
+        ddp = ddp_wrap(model, dev, ddp_bn)
+        while state["status"] == "running" and state["epoch"] < r["epochs"]:
+            t0 = time.time()
+            loss, acc = train_epoch(model, data, r, opt, state["epoch"], g_data, g_attack, amp and dev.type == "cuda",
+                                    on_step, state["history"], ddp)
+            row = end_epoch(state, r["epochs"], loss, acc, data.num_classes, lr=opt.param_groups[0]["lr"],
+                            time_s=time.time() - t0)
+            if on_epoch and math.isfinite(loss):  # a run that ends at chance is measured too; a diverged one is not
+                row |= on_epoch(state["epoch"], model)
+            extra = "".join(f" | {k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "train_loss", "train_acc",
+                                                                                   "lr", "time_s"))
+            log(f"{tag} epoch {state['epoch']:3d}/{r['epochs']} | loss {loss:.4f} | train acc {acc:.4f} | "
+                f"lr {row['lr']:.4g} | {row['time_s']:.1f}s{extra}")
+            if ckpt is not None:
+                save_atomic(dict(model=model.state_dict(), opt=opt.state_dict(), g_data=g_data.get_state(),
+                                 g_attack=g_attack.get_state().cpu(), g_attack_device=dev.type, state=state, key=key),
+                            ckpt)
+                refresh()
+        ddp_unwrap(model, ddp)
     if state["status"] == "failed":
         log(f"{tag} FAILED: {state['reason']}")
     return dict(status=state["status"], reason=state["reason"], history=state["history"])
@@ -1615,6 +1634,18 @@ def _require(name, root, download_ok):
     return base
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles what CIFAR-10's python batches hold -- dicts, lists, bytes, numbers and numpy arrays -- and nothing
+    else: a pickle can name any callable, so a doctored file in --data-root would otherwise run code on load."""
+    ALLOWED = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")} | \
+        {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}  # (bytes pickled by Python 3, protocol 2)
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing {module}.{name}: not something a CIFAR-10 batch holds")
+        return super().find_class(module, name)
+
+
 def read_cifar10(root, download_ok=False):
     """CIFAR-10 python pickle batches (cifar-10-batches-py/data_batch_1..5, test_batch) ->
     dict of uint8 images (N, 3, 32, 32) and int64 labels."""
@@ -1623,7 +1654,7 @@ def read_cifar10(root, download_ok=False):
     def load(fname):
         try:
             with open(base / fname, "rb") as f:
-                d = pickle.load(f, encoding="bytes")
+                d = _CifarUnpickler(f, encoding="bytes").load()
             x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
             y = np.asarray(d[b"labels"], dtype=np.int64)
         except Exception as e:  # truncated pickle, wrong keys, wrong sizes: all one clear line
@@ -1983,12 +2014,13 @@ def is_main_process():
     return not is_distributed() or torch.distributed.get_rank() == 0
 
 
-def init_distributed():
-    """Join the torchrun job named by the environment (WORLD_SIZE > 1): NCCL when the ranks have GPUs,
-    gloo on CPU. Does nothing in a plain process. Called by `run_script`, so every exp_*.py runs under
-    `torchrun --nproc_per_node G`; `train_model` then trains data-parallel."""
+def init_distributed(device="auto"):
+    """Join the torchrun job named by the environment (WORLD_SIZE > 1): NCCL when the ranks train on GPUs (--device
+    cuda, or auto with a GPU present), gloo otherwise -- NCCL's collectives fail on CPU tensors, so `--device cpu` on
+    a GPU machine must not pick it. Does nothing in a plain process. Called by `run_script` with the script's
+    --device, so every exp_*.py runs under `torchrun --nproc_per_node G`; `train_model` then trains data-parallel."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.distributed.is_initialized():
-        gpu = torch.cuda.is_available()
+        gpu = device in ("auto", "cuda") and torch.cuda.is_available()
         if gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         torch.distributed.init_process_group("nccl" if gpu else "gloo")
@@ -2301,6 +2333,17 @@ def write_claims(run_dir, claims, rows, header, records=None, label=None):
 # 15. Run records, the checkpoint cache, presets and the command line (every exp_*.py)
 # ================================================================================================
 
+def load_tensors(path, what="checkpoint"):
+    """torch.load(path) on the CPU with weights_only=True: tensors, numbers, strings, lists, tuples and dicts, and
+    nothing that could run code (a pickle in a shared --cache or a downloaded file would otherwise run in every
+    process that loads it). A file holding anything else, or not a torch file at all, is one DataError line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise DataError(f"{what} {path} is not a plain tensor file (refused, nothing of it was run): {first}") from None
+
+
 def save_atomic(obj, path):
     """torch.save to a temp file and rename, so an interrupted write never leaves a torn checkpoint."""
     if not is_main_process():  # under torchrun only rank 0 writes
@@ -2322,6 +2365,56 @@ def cache_path(cache_dir, key):
         return None
     text = json.dumps(key, sort_keys=True, default=str)
     return pathlib.Path(cache_dir) / f"{hashlib.sha256(text.encode()).hexdigest()[:20]}.pt"
+
+
+@contextlib.contextmanager
+def checkpoint_lock(ckpt, log=print, tag="", poll_s=2.0, stale_s=3600.0):
+    """Hold CKPT.lock while training into `ckpt`, so that two processes sharing a --cache never train the same model
+    at once: the lock is created atomically (O_EXCL), and a second process waits for it, then resumes from or reuses
+    what the first one saved (checkpoints are written atomically, so it never reads a partial file). A lock whose
+    owner died on this host, or that no checkpoint has refreshed for `stale_s` seconds (an owner on another host),
+    is taken over. Yields refresh(), called after each checkpoint. Does nothing for ckpt None."""
+    if ckpt is None:
+        yield lambda: None
+        return
+    lock = pathlib.Path(f"{ckpt}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    me = dict(host=platform.node(), pid=os.getpid())
+    said = False
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                owner, age = json.loads(lock.read_text() or "{}"), time.time() - lock.stat().st_mtime
+            except (OSError, json.JSONDecodeError):  # released, or being written, just now
+                continue
+            if _lock_is_stale(owner, age, stale_s):
+                lock.unlink(missing_ok=True)
+                continue
+            if not said:
+                log(f"{tag} waiting for {owner.get('host')}:{owner.get('pid')}, which trains this model into {ckpt}")
+                said = True
+            time.sleep(poll_s)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(me))
+    try:
+        yield lambda: os.utime(lock)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _lock_is_stale(owner, age, stale_s):
+    if owner.get("host") == platform.node() and isinstance(owner.get("pid"), int):
+        try:
+            os.kill(owner["pid"], 0)  # signal 0: does the process exist?
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    return age > stale_s
 
 
 def model_key(dataset, size, arch, kw, recipe, seed, amp, input_space, mean, std, channels=None):
@@ -2618,11 +2711,11 @@ def run_script(main, get_args):
         for d in _CREATED if is_main_process() else []:
             if d.exists() and all(f.name in _START_FILES or f.name.startswith(_START_PREFIX) for f in d.iterdir()):
                 shutil.rmtree(d)
-    init_distributed()
-    if not is_main_process():  # under torchrun: every rank runs the script, rank 0 alone prints and writes
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun: every rank runs the script, rank 0 alone prints and writes
         sys.stdout = open(os.devnull, "w")
     try:
         args = get_args()
+        init_distributed(getattr(args, "device", "auto"))
         main(args)
         finish_distributed()
     except (DataError, ValueError) as e:

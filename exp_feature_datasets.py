@@ -46,10 +46,10 @@ import torch
 import torch.nn.functional as F
 
 from common import (Data, DataError, Sweep, accuracy, add_run_flags, build_dataset, cache_path, check_numbers, claim,
-                    class_balanced_subset, epoch_metrics, eval_mode, feature_distance, fmt_mean_sem, invert_features, log_to,
-                    make_model, make_parser, mean_sem, merge_runs, model_key, other_label_indices, parse_with_presets, pgd,
-                    pick_device, prepare_run_dir, print_config, read_ilyas_dataset, run_script, save_atomic, save_figure,
-                    set_seed, show, train_model, write_claims, write_config, write_text_atomic)
+                    class_balanced_subset, epoch_metrics, eval_mode, feature_distance, fmt_mean_sem, invert_features,
+                    load_tensors, log_to, make_model, make_parser, mean_sem, merge_runs, model_key, other_label_indices,
+                    parse_with_presets, pgd, pick_device, prepare_run_dir, print_config, read_ilyas_dataset, run_script,
+                    save_atomic, save_figure, set_seed, show, train_model, write_claims, write_config, write_text_atomic)
 
 
 # ================================================================================================
@@ -134,7 +134,7 @@ def finished(ckpt):
     """A training checkpoint that holds a finished model (train_model's state)."""
     if not pathlib.Path(ckpt).exists():
         return False
-    return torch.load(ckpt, map_location="cpu", weights_only=False)["state"]["status"] != "running"
+    return load_tensors(ckpt)["state"]["status"] != "running"
 
 
 SHARD_NEEDS_BUILD = ("--shard: {what} is not there yet ({where}); training shards only read built datasets: build them "
@@ -159,7 +159,7 @@ def get_source(args, data, robust, device, run_dir):
         flag = f"--source-{'rob' if robust else 'std'} {path}"
         expected = f"a state_dict of make_model({args.source_arch!r}, norm='bn', width={args.source_width:g})"
         try:
-            saved = torch.load(path, map_location=device, weights_only=False)
+            saved = load_tensors(path, flag)
             # the input standardization (input_norm.*) is the dataset's: a checkpoint without it keeps ours
             res = model.load_state_dict(saved.get("model", saved) if isinstance(saved, dict) else saved, strict=False)
         except Exception as e:
@@ -294,7 +294,7 @@ def build_kind(args, kind, data, sources, source_info, root, d_r=None, d_r_hash=
     if args.shard and not final.exists() and args.artifact != "build":
         raise DataError(SHARD_NEEDS_BUILD.format(what=NAMES[kind], where=final))
     if final.exists():
-        saved = torch.load(final, weights_only=False)
+        saved = load_tensors(final, "dataset")
         print(f"[{NAMES[kind]}] loaded {final} ({len(saved['y'])} images)")
         return saved
     folder.mkdir(parents=True, exist_ok=True)
@@ -321,7 +321,7 @@ def build_kind(args, kind, data, sources, source_info, root, d_r=None, d_r_hash=
         print(f"[{NAMES[kind]}] chunk {c + 1}/{len(chunks)} | {rate:.1f} images/s | ETA {left / rate:.0f}s")
     if not all((folder / f"chunk_{c:05d}.pt").exists() for c in chunks):
         return None  # other shards' chunks are not there yet
-    parts = [torch.load(folder / f"chunk_{c:05d}.pt", weights_only=False) for c in chunks]
+    parts = [load_tensors(folder / f"chunk_{c:05d}.pt", "dataset chunk") for c in chunks]
     cat = lambda k: None if parts[0][k] is None else torch.cat([p[k] for p in parts])
     success, dist = cat("success"), cat("dist")
     meta = dict(kind=kind, name=NAMES[kind], n=n, source=source_info[src_role] | dict(role=src_role), params=params,
@@ -675,7 +675,7 @@ def write_outputs(run_dir, records, cfg, datasets=None):
         datasets = {}
         for m in metas:
             path = m.get("path")
-            datasets[m["kind"]] = torch.load(path, weights_only=False) if path and pathlib.Path(path).exists() else None
+            datasets[m["kind"]] = load_tensors(path, "dataset") if path and pathlib.Path(path).exists() else None
     make_figures(epochs, datasets or {}, run_dir, artifact, header[2:])
     write_claims(run_dir, CLAIMS[artifact], claim_rows(epochs), "# Claims: " + header[2:], None)
 

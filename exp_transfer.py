@@ -36,10 +36,11 @@ import time
 import torch
 
 from common import (Data, NORMS, Standardize, Sweep, accuracy, add_run_flags, build_dataset, cache_path, check_numbers, claim,
-                    class_balanced_subset, eval_mode, fmt_mean_sem, imagenet_folder, invert_features, log_to, make_model,
-                    make_parser, mean_sem, merge_runs, model_in_space, model_key, model_kwargs, other_label_indices,
-                    paper_recipe, parse_with_presets, pgd, pick_device, prepare_run_dir, print_config, run_script, save_figure,
-                    set_seed, show, train_model, with_overrides, write_claims, write_config, write_text_atomic)
+                    class_balanced_subset, eval_mode, fmt_mean_sem, imagenet_folder, invert_features, load_tensors, log_to,
+                    make_model, make_parser, mean_sem, merge_runs, model_in_space, model_key, model_kwargs,
+                    other_label_indices, paper_recipe, parse_with_presets, pgd, pick_device, prepare_run_dir, print_config,
+                    run_script, save_figure, set_seed, show, train_model, with_overrides, write_claims, write_config,
+                    write_text_atomic)
 
 
 # ================================================================================================
@@ -204,7 +205,7 @@ def imagenet_models(args, device):
     models = {}
     for name, f in TV_WEIGHTS.items():
         m = getattr(torchvision.models, name)(weights=None)
-        m.load_state_dict(torch.load(folder / f, map_location="cpu", weights_only=True))
+        m.load_state_dict(load_tensors(folder / f, "torchvision weight file"))
         models[name] = m.to(device).eval()
     return models
 

@@ -108,18 +108,23 @@ def test_landscape_norm_that_the_figure_does_not_compare():
 
 
 def test_sigint_ends_with_a_resume_hint(tmp_path):
+    import os
     import signal
-    import time
     out = tmp_path / "R"
-    # full-length epochs: the sweep runs long after its first cell is saved, so the signal always lands mid-run
+    # The signal is sent at a known point, not after a poll that a slow or fast machine can miss: when the script
+    # reports its first finished cell ("[1/N] ..."), the next of its full-length cells has just started.
     p = subprocess.Popen([sys.executable, "exp_depth_batch.py", "--preset", "smoke", "--epoch-scale", "1", "--out", str(out)],
-                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 600
-    while not (out / "results.json").exists() and time.time() < deadline and p.poll() is None:
-        time.sleep(0.05)
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    for line in p.stdout:
+        if line.startswith("[1/"):
+            break
+    else:
+        pytest.fail(f"the sweep ended before its first cell was reported: {p.wait()} {p.stderr.read()}")
+    assert not line.startswith("[1/1]"), "the smoke grid must have more than one cell"
     p.send_signal(signal.SIGINT)
     _, err = p.communicate()
-    assert p.returncode == 1, err
+    assert p.returncode == 1, (p.returncode, err)
     assert err.strip().splitlines() == [f"interrupted: finished work is kept; continue with --resume --out {out}"]
     saved = json.loads((out / "results.json").read_text())
     assert saved["records"] and saved["finished"] is False  # the finished cells are kept, the run is marked unfinished
