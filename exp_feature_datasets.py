@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from common import (Data, DataError, Sweep, accuracy, add_run_flags, build_dataset, cache_path, check_numbers, claim,
-                    class_balanced_subset, epoch_metrics, eval_mode, feature_distance, fmt_mean_sem, invert_features,
+                    class_balanced_subset, ddp_rank, epoch_metrics, eval_mode, feature_distance, fmt_mean_sem, invert_features,
                     load_tensors, log_to, make_model, make_parser, mean_sem, merge_runs, model_key, other_label_indices,
                     parse_with_presets, pgd, pick_device, prepare_run_dir, print_config, read_ilyas_dataset, run_script,
                     save_atomic, save_figure, set_seed, show, train_model, write_claims, write_config, write_text_atomic)
@@ -293,6 +293,9 @@ def build_kind(args, kind, data, sources, source_info, root, d_r=None, d_r_hash=
     final = folder / "data.pt"
     if args.shard and not final.exists() and args.artifact != "build":
         raise DataError(SHARD_NEEDS_BUILD.format(what=NAMES[kind], where=final))
+    if ddp_rank() != 0:  # under torchrun the build (inference, not data-parallel) is rank 0's; the others read its result
+        while not final.exists():  # (polled, not a barrier: a build outlasts a collective's timeout)
+            time.sleep(1.0)
     if final.exists():
         saved = load_tensors(final, "dataset")
         print(f"[{NAMES[kind]}] loaded {final} ({len(saved['y'])} images)")
