@@ -749,7 +749,7 @@ def ce_input_grad(model, x, y, create_graph=False):
     model in whatever mode it is in."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
-        logits = model(x)
+        logits = model(x).float()  # (under bf16 autocast the softmax and its residual stay float32)
         g, = torch.autograd.grad(logits, x, grad_outputs=softmax_residual(logits, y), create_graph=create_graph)
     return g
 
@@ -808,7 +808,7 @@ def _objective_grad(model, xa, y, loss, kappa, targeted):
         g = ce_input_grad(model, xa, y)
         return -g if targeted else g
     xa = xa.detach().requires_grad_(True)
-    g, = torch.autograd.grad(attack_objective(model(xa), y, loss, kappa, targeted).sum(), xa)
+    g, = torch.autograd.grad(attack_objective(model(xa).float(), y, loss, kappa, targeted).sum(), xa)
     return g
 
 
@@ -1294,15 +1294,17 @@ def check_recipe(recipe):
 
 
 def batch_loss(model, xb, yb, r, g_attack, amp=False, ddp=None, n_global=None):
-    """The training loss of one batch: mean CE (P1 App. B.1, P2 Sec. 3), or CE + lambda * (1 - LIGS) with the
-    noise drawn from the checkpointed `g_attack` (P1 Fig 5, double backprop). Returns (loss to backpropagate,
-    logits, the batch's summed CE for the epoch's log). Under torchrun (`ddp`) the slice's summed CE is scaled by
-    world / n_global, so that DistributedDataParallel's average over ranks is the global-batch mean."""
+    """The training loss of one batch: mean CE (P1 App. B.1, P2 Sec. 3; in bf16 autocast with amp), or
+    CE + lambda * (1 - LIGS) in float32 with the noise drawn from the checkpointed `g_attack` (P1 Fig 5, double
+    backprop). Returns (loss to backpropagate, logits, the batch's summed CE for the epoch's log). Under torchrun
+    (`ddp`) the slice's summed CE is scaled by world / n_global, so that DistributedDataParallel's average over ranks
+    is the global-batch mean."""
+    if r["ligs_lambda"] > 0:  # float32 even under --amp: in bf16 the penalty's noise floor is ~5 % of its value
+        penalty, logits = ligs_penalty(model, xb, yb, r["ligs_sigma"], g_attack)
+        loss = F.cross_entropy(logits.float(), yb) + r["ligs_lambda"] * penalty
+        return loss, logits, loss.detach() * len(yb)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-        if r["ligs_lambda"] > 0:
-            penalty, logits = ligs_penalty(model, xb, yb, r["ligs_sigma"], g_attack)
-            loss = F.cross_entropy(logits.float(), yb) + r["ligs_lambda"] * penalty
-        elif ddp is not None:
+        if ddp is not None:
             logits = ddp.net(xb)
             summed = F.cross_entropy(logits.float(), yb, reduction="sum")
             return summed * (ddp.world / n_global), logits, summed.detach()
@@ -1332,8 +1334,9 @@ def train_epoch(model, data, r, opt, epoch, g_data, g_attack, amp=False, on_step
         if ddp is not None:
             xb, yb = ddp_slice(xb, yb, ddp)
         xb = r["input_fn"](xb) if r["input_fn"] is not None else xb
-        if r["adv"] is not None:  # adversarial examples only (Madry et al.; DECISIONS.md D15)
-            xb = run_attack(model, xb, yb, r["adv"], g_attack)
+        if r["adv"] is not None:  # adversarial examples only (Madry et al.; DECISIONS.md D15), bf16 with amp
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                xb = run_attack(model, xb, yb, r["adv"], g_attack)
         for group in opt.param_groups:
             group["lr"] = lr_at(epoch + i / steps, r["lr"], r["milestones"], r["gamma"], r["warmup_epochs"])
         probe = on_step(epoch * steps + i, model, xb, yb) if on_step else None
@@ -2012,6 +2015,33 @@ def is_distributed():
 def is_main_process():
     """Rank 0, or not distributed: the one process that writes files and prints."""
     return not is_distributed() or torch.distributed.get_rank() == 0
+
+
+def precision_policy(args):
+    """The precision and determinism of a run, applied by `run_script` before any work (README: precision and
+    determinism). Default, for speed: cuDNN picks its fastest algorithms (benchmark) and float32 matmuls and
+    convolutions may run in TF32 on Ampere/Hopper GPUs. --deterministic: TF32 off, deterministic cuDNN and
+    torch.use_deterministic_algorithms, for bit-reproducible GPU runs (resume = uninterrupted, N shards = one process;
+    on a CPU they are bit-identical either way). --amp: bf16 autocast for the training steps and the attack steps of
+    adversarial training (the LIGS regularizer and every evaluation stay float32); it needs CUDA, so on a CPU it is an
+    error, not silence. Returns the flags in force, recorded in config.json."""
+    deterministic, amp = getattr(args, "deterministic", False), getattr(args, "amp", False)
+    if amp and pick_device(getattr(args, "device", "auto")).type != "cuda":
+        raise ValueError("--amp: bf16 autocast is for CUDA runs and this one runs on the CPU (drop --amp, or --device cuda)")
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for deterministic matmuls
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not deterministic
+    torch.use_deterministic_algorithms(deterministic)
+    return precision_in_force()
+
+
+def precision_in_force():
+    """The torch flags that decide a run's precision and determinism, as config.json records them."""
+    return dict(deterministic_algorithms=torch.are_deterministic_algorithms_enabled(),
+                cudnn_benchmark=torch.backends.cudnn.benchmark, tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+                tf32_cudnn=torch.backends.cudnn.allow_tf32)
 
 
 def init_distributed(device="auto"):
@@ -2716,6 +2746,8 @@ def run_script(main, get_args):
     try:
         args = get_args()
         init_distributed(getattr(args, "device", "auto"))
+        if not getattr(args, "plot_only", None):
+            precision_policy(args)
         main(args)
         finish_distributed()
     except (DataError, ValueError) as e:
@@ -2768,7 +2800,7 @@ def write_config(run_dir, args, script_path, device):
     cfg = dict(args=vars(args), argv=sys.argv, script=pathlib.Path(script_path).name, git_commit=git_commit(),
                device=str(device), torch=torch.__version__, numpy=np.__version__, python=platform.python_version(),
                cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-               time=datetime.datetime.now().isoformat(timespec="seconds"))
+               precision=precision_in_force(), time=datetime.datetime.now().isoformat(timespec="seconds"))
     old = pathlib.Path(run_dir) / "config.json"
     if getattr(args, "shard", None) and old.exists() and not getattr(args, "resume", False):
         saved = json.loads(old.read_text())["args"]  # another shard started this run: join it if it is the same run
@@ -2820,20 +2852,22 @@ def make_parser(doc, artifacts, default_artifact, presets, skipped=()):
     return p, g
 
 
-def add_run_flags(parser, script, unit="runs", data=None, download="fetch missing datasets (md5-checked)", amp=True,
-                  cache=None, outputs="table.md, claims.md and the figures"):
+def add_run_flags(parser, script, unit="runs", data=None, download="fetch missing datasets (md5-checked)", cache=None,
+                  outputs="table.md, claims.md and the figures"):
     """The flags every exp_*.py shares, in two groups: data and device (--data-root holding `data`, --download,
-    --device, --amp), and run management (--cache, --out, --resume, --shard, --ddp-bn, --plot-only). `unit` names
-    what one record holds (runs, models, cells); data=None leaves out the data flags; cache=None leaves out --cache.
-    Returns the "data and device" group, for the script's own data flags."""
+    --device, --amp, --deterministic: `precision_policy`), and run management (--cache, --out, --resume, --shard,
+    --ddp-bn, --plot-only). `unit` names what one record holds (runs, models, cells); data=None leaves out the data
+    flags; cache=None leaves out --cache. Returns the "data and device" group, for the script's own data flags."""
     g = parser.add_argument_group("data and device")
     if data is not None:
         g.add_argument("--data-root", default="data", help=f"folder holding {data}")
         g.add_argument("--download", action="store_true", help=download)
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
-    if amp:
-        g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
-                       help="bf16 autocast for training on CUDA")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast for the training "
+                   "steps and the attack steps of adversarial training (CUDA only; the LIGS regularizer and every "
+                   "evaluation stay float32)")
+    g.add_argument("--deterministic", action="store_true", help="bit-reproducible GPU runs: TF32 off, deterministic "
+                   "cuDNN and torch algorithms (default: speed -- cuDNN benchmark, TF32 allowed)")
     g = parser.add_argument_group("run management")
     if cache is not None:
         g.add_argument("--cache", metavar="DIR", help=cache)

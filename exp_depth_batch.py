@@ -109,7 +109,7 @@ def run_one(args, data, norm, depth, batch, seed, device, ckpt):
     model = make_model("mlp", norm=norm, in_dim=data.x_train.shape[1], hidden=[args.width] * depth,
                        bn_eps=args.bn_eps).to(device)
     recipe = dict(epochs=epochs, batch_size=batch, lr=args.lr_per_sample * batch, momentum=0.0, weight_decay=0.0)
-    res = train_model(model, data, recipe, seed=seed, ckpt=ckpt, log=lambda s: None, ddp_bn=args.ddp_bn)
+    res = train_model(model, data, recipe, seed=seed, ckpt=ckpt, log=lambda s: None, amp=args.amp, ddp_bn=args.ddp_bn)
     rec = dict(artifact=args.artifact, dataset=args.dataset, norm=norm, depth=depth, batch=batch, seed=seed, epochs=epochs,
                lr=recipe["lr"], status=res["status"], reason=res["reason"])
     if res["status"] != "ok":
@@ -309,7 +309,7 @@ def get_args(argv=None):
     g.add_argument("--bim-eps", type=float, default=0.1, help="BIM budget, standardized units (P2: 0.1)")
     g.add_argument("--bim-steps", type=int, default=20, help="BIM iterations")
     g.add_argument("--bim-step", type=float, default=0.01, help="BIM step size")
-    add_run_flags(p, "exp_depth_batch", unit="cells", data="the datasets", amp=False)
+    add_run_flags(p, "exp_depth_batch", unit="cells", data="the datasets")
     args = parse_with_presets(p, resolve, argv)
     if args.plot_only:
         return args

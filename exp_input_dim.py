@@ -99,7 +99,8 @@ def acc_and_loss(model, x, y, spec, generator=None, batch_size=1000):
 
 def train(args, data, model, epochs, weight_decay, seed, ckpt, on_epoch=None):
     recipe = dict(epochs=epochs, batch_size=args.batch_size, lr=args.lr, momentum=0.0, weight_decay=weight_decay)
-    return train_model(model, data, recipe, seed=seed, ckpt=ckpt, log=lambda s: None, on_epoch=on_epoch, ddp_bn=args.ddp_bn)
+    return train_model(model, data, recipe, seed=seed, ckpt=ckpt, log=lambda s: None, on_epoch=on_epoch, amp=args.amp,
+                       ddp_bn=args.ddp_bn)
 
 
 def planned_runs(args):
@@ -370,7 +371,7 @@ def get_args(argv=None):
     g.add_argument("--bim-step", type=float, help="BIM step size (P2: 1e-3)")
     g.add_argument("--noise-std", type=float, default=1.0, help="std of the noise added before upscaling (P2 footnote 6)")
     g.add_argument("--n-plot", type=int, help="training points drawn in Fig 4")
-    add_run_flags(p, "exp_input_dim", unit="runs", data="the datasets", amp=False,
+    add_run_flags(p, "exp_input_dim", unit="runs", data="the datasets",
                      outputs="table.md, claims.md and fig4.png")
     args = parse_with_presets(p, resolve, argv)
     if args.plot_only:

@@ -166,7 +166,7 @@ def run_fig8(args, device, run_dir, norm, lr, seed, log):
     model = make_model("mlp", norm=norm, in_dim=args.dim, hidden=[args.width] * 2, num_classes=2, init="default").to(device)
     recipe = dict(epochs=args.epochs, batch_size=args.batch_size, lr=lr, momentum=0.0, weight_decay=0.0)
     ckpt = run_dir / "ckpt" / f"{norm}_lr{lr:g}_s{seed}.pt"
-    res = train_model(model, data, recipe, seed=seed, ckpt=ckpt, log=lambda s: None, ddp_bn=args.ddp_bn)
+    res = train_model(model, data, recipe, seed=seed, ckpt=ckpt, log=lambda s: None, amp=args.amp, ddp_bn=args.ddp_bn)
     base = dict(artifact="fig8", norm=norm, lr=lr, seed=seed, status=res["status"], reason=res["reason"])
     rows = [base | h for h in res["history"] if h["epoch"] > 0]
     final = dict(train_acc_eval=accuracy(model, data.x_train, data.y_train),
@@ -336,7 +336,7 @@ def get_args(argv=None):
     g = p.add_argument_group("attack budgets and measurements")
     g.add_argument("--n-test", type=int, help="noisy test points per class (P2: 10000)")
     g.add_argument("--noise-var", type=float, default=0.005, help="test noise variance (DECISIONS.md D22)")
-    g = add_run_flags(p, "exp_spheres", unit="runs", amp=False, outputs="table.md, claims.md and fig8.png")
+    g = add_run_flags(p, "exp_spheres", unit="runs", outputs="table.md, claims.md and fig8.png")
     g.add_argument("--n-train", type=int, help="training points per class")
     g.add_argument("--dim", type=int, default=2, help="sphere dimension (P2: 2)")
     g.add_argument("--batch-points", type=int, default=32, help="Figs 1/7 points per mini-batch (16 per class)")

@@ -143,3 +143,27 @@ def test_the_torchrun_backend_follows_the_device(monkeypatch):
     for device in ("cpu", "cuda", "auto"):
         common.init_distributed(device)
     assert seen == ["gloo", "nccl", "nccl"]  # before: NCCL whenever a GPU was present, then CPU collectives failed
+
+
+def test_amp_on_a_cpu_is_one_error_line(tmp_path):
+    # --amp was silently ignored on a CPU (while changing the cache key) and unknown to three scripts
+    for script in ("exp_table1", "exp_spheres", "exp_depth_batch"):
+        r = subprocess.run([sys.executable, f"{script}.py", "--preset", "smoke", "--device", "cpu", "--amp", "--out",
+                            str(tmp_path / script)], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+            "error: --amp: bf16 autocast is for CUDA runs and this one runs on the CPU (drop --amp, or --device cuda)"], \
+            r.stderr[-2000:]
+        assert not (tmp_path / script).exists()
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_the_precision_policy_is_applied_and_recorded(tmp_path, deterministic):
+    out = tmp_path / "R"
+    r = subprocess.run([sys.executable, "exp_depth_batch.py", "--preset", "smoke", "--depths", "2", "--batches", "32",
+                        "--epoch-scale", "0.5", "--out", str(out)] + (["--deterministic"] if deterministic else []),
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["args"]["deterministic"] is deterministic
+    assert cfg["precision"] == dict(deterministic_algorithms=deterministic, cudnn_benchmark=not deterministic,
+                                    tf32_matmul=not deterministic, tf32_cudnn=not deterministic)
