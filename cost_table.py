@@ -12,9 +12,11 @@ batch 5 are bound by kernel launches, not FLOPs). Both are assumptions, not meas
 
     python cost_table.py             # print the table
     python cost_table.py --write     # and put it into README.md (between the cost-table markers)
+    python cost_table.py --measured gpu_check/throughput.json   # priced with the TFLOP/s gpu_check.py measured
 """
 import argparse
 import functools
+import json
 import pathlib
 import re
 
@@ -259,7 +261,17 @@ SCRIPTS = {"exp_table1.py": (exp_table1, cost_table1), "exp_corruption.py": (exp
            "exp_depth_batch.py": (exp_depth_batch, cost_depth_batch), "exp_spheres.py": (exp_spheres, cost_spheres)}
 
 
-def table(tflops=98.9, step_ms=1.0):
+def measured_tflops(path, precision="fp32"):
+    """The median achieved TFLOP/s of a training step over the models that gpu_check.py measured (its
+    throughput.json), in float32 or bf16: the sustained rate that replaces the assumed one."""
+    rows = json.loads(pathlib.Path(path).read_text())["models"]
+    rates = sorted(r[f"train_tflops_{precision}"] for r in rows if f"train_tflops_{precision}" in r)
+    if not rates:
+        raise SystemExit(f"error: {path} holds no {precision} training throughput (gpu_check.py on a GPU writes it)")
+    return rates[len(rates) // 2], json.loads(pathlib.Path(path).read_text())["name"]
+
+
+def table(tflops=98.9, step_ms=1.0, source=None):
     """The README's cost table (markdown) at the paper preset of every artifact."""
     rows, total = [], 0.0
     for script, (mod, fn) in SCRIPTS.items():
@@ -276,8 +288,9 @@ def table(tflops=98.9, step_ms=1.0):
     head = ["| script | artifact | training runs | epochs (all runs) | optimizer steps | training passes | "
             "attack/LIGS/probe passes | extraction passes | forward-only passes | FLOPs | H100 GPU-hours |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    foot = (f"\nTotal: {total:,.0f} GPU-hours on one H100 at {tflops:g} TFLOP/s sustained and >= {step_ms:g} ms per "
-            f"optimizer step (assumed, not measured; `python cost_table.py --write` regenerates this table).")
+    how = f"measured by gpu_check.py on {source}" if source else "assumed, not measured"
+    foot = (f"\nTotal: {total:,.0f} GPU-hours on one H100 at {tflops:.3g} TFLOP/s sustained and >= {step_ms:g} ms per "
+            f"optimizer step ({how}; `python cost_table.py --write` regenerates this table).")
     return "\n".join(head + rows) + "\n" + foot + "\n"
 
 
@@ -285,9 +298,13 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tflops", type=float, default=98.9, help="sustained TFLOP/s of one H100 (default 10%% of 989)")
     p.add_argument("--step-ms", type=float, default=1.0, help="least time of one optimizer step, ms")
+    p.add_argument("--measured", metavar="THROUGHPUT_JSON", help="price with the median TFLOP/s that gpu_check.py "
+                   "measured (its throughput.json) instead of --tflops")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="with --measured: which measurement")
     p.add_argument("--write", action="store_true", help="write the table into README.md between the markers")
     args = p.parse_args()
-    text = table(args.tflops, args.step_ms)
+    tflops, source = measured_tflops(args.measured, args.precision) if args.measured else (args.tflops, None)
+    text = table(tflops, args.step_ms, source)
     print(text)
     if args.write:
         readme = (ROOT / "README.md").read_text()

@@ -35,12 +35,10 @@ The Fig 9 Fixup network is ResNet-20 (DECISIONS.md D17).
 """
 import time
 
-import torch
-
 from common import (DATASETS, NORMS, Sweep, add_run_flags, build_dataset, cache_path, check_attack, check_numbers, claim,
-                    class_balanced_subset, epoch_metrics, fmt_mean_sem, landscape_probe, log_to, make_model, make_parser,
-                    mean_sem, merge_runs, parse_with_presets, pick_device, prepare_run_dir, print_config, run_script,
-                    save_figure, set_seed, show, train_model, write_claims, write_config, write_text_atomic)
+                    class_balanced_subset, epoch_metrics, fast_layout, fmt_mean_sem, landscape_probe, log_to, make_model,
+                    make_parser, mean_sem, merge_runs, parse_with_presets, pick_device, prepare_run_dir, print_config,
+                    run_script, save_figure, set_seed, show, train_model, write_claims, write_config, write_text_atomic)
 
 
 # ================================================================================================
@@ -118,8 +116,8 @@ def run_one(args, data, subset, variant, arch, norm, shortcut, seed, device, ckp
     kw = dict(gn_groups=args.gn_groups) if args.gn_groups else {}
     if not shortcut:
         kw["shortcut"] = False
-    model = make_model(arch, norm=norm, width=width, num_classes=data.num_classes, in_channels=data.shape[0],
-                       mean=data.mean, std=data.std, **kw).to(device).to(memory_format=torch.channels_last)
+    model = fast_layout(make_model(arch, norm=norm, width=width, num_classes=data.num_classes, in_channels=data.shape[0],
+                                   mean=data.mean, std=data.std, **kw).to(device))
     recipe = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, milestones=args.milestones,
                   weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, augment=args.dataset == "cifar10")
     steps = [m * args.lr for m in STEP_MULTIPLIERS]

@@ -128,6 +128,8 @@ def extract(args, model, x, y, seed, tag, batch_size=250):
     t0, out = time.time(), []
     for i in range(0, len(y), batch_size):
         out.append(invert_features(model, x[i:i + batch_size], x[start[i:i + batch_size]], args.inv_steps, args.inv_step))
+    if x.is_cuda:
+        torch.cuda.synchronize()  # (kernels run asynchronously: time them to their end)
     rate = len(y) / max(time.time() - t0, 1e-9)
     print(f"{tag} extracted {len(y)} images ({args.inv_steps} steps of {args.inv_step:g}) | {rate:.1f} images/s")
     return (torch.cat(out) * 255).round() / 255

@@ -156,14 +156,35 @@ def test_amp_on_a_cpu_is_one_error_line(tmp_path):
         assert not (tmp_path / script).exists()
 
 
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_the_precision_policy_is_applied_and_recorded(tmp_path, deterministic):
+def test_the_precision_policy_is_applied_and_recorded(tmp_path):
+    import argparse
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = (cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32, matmul.allow_tf32)
+    fast = dict(deterministic_algorithms=False, cudnn_benchmark=True, tf32_matmul=True, tf32_cudnn=True)
+    try:
+        assert common.precision_policy(argparse.Namespace(device="cpu", deterministic=False)) == fast
+    finally:  # these flags are process-wide
+        cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32, matmul.allow_tf32 = before
     out = tmp_path / "R"
     r = subprocess.run([sys.executable, "exp_depth_batch.py", "--preset", "smoke", "--depths", "2", "--batches", "32",
-                        "--epoch-scale", "0.5", "--out", str(out)] + (["--deterministic"] if deterministic else []),
-                       cwd=ROOT, capture_output=True, text=True)
+                        "--epoch-scale", "0.5", "--deterministic", "--out", str(out)], cwd=ROOT, capture_output=True,
+                       text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["args"]["deterministic"] is deterministic
-    assert cfg["precision"] == dict(deterministic_algorithms=deterministic, cudnn_benchmark=not deterministic,
-                                    tf32_matmul=not deterministic, tf32_cudnn=not deterministic)
+    assert cfg["args"]["deterministic"] is True
+    assert cfg["precision"] == {k: not v for k, v in fast.items()}  # everything the other way round
+
+
+def test_the_gpu_check_runs_on_a_cpu_and_feeds_the_cost_table(tmp_path):
+    import cost_table
+    # (the smoke check is every script's smoke run with --device: the suite runs those on their own)
+    r = subprocess.run([sys.executable, "gpu_check.py", "--device", "cpu", "--quick", "--only", "portability", "cache",
+                        "throughput", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [c["check"] for c in report["checks"]] == ["portability", "cache", "throughput"]
+    assert all(c["passed"] for c in report["checks"]), report
+    models = json.loads((tmp_path / "throughput.json").read_text())["models"]
+    assert models and all(m["train_images_per_s_fp32"] > 0 and m["pgd_images_per_s_fp32"] > 0 for m in models)
+    tflops, source = cost_table.measured_tflops(tmp_path / "throughput.json")
+    assert tflops > 0 and source == "cpu"
