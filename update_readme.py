@@ -94,8 +94,18 @@ def card(script):
     return "\n".join(lines)
 
 
-def glance():
-    rows = ["| script | the papers' artifacts | quick runs | held | reversed | inconclusive |", "|---|---|---|---|---|---|"]
+def gpu_hours(text):
+    """Paper-scale H100-hours per script, summed from the README's cost table (cost_table.py; tested to match)."""
+    hours = {}
+    for row in re.findall(r"^\| (exp_\w+\.py) \| .*\| ([\d,.]+) \|$", text, re.M):
+        hours[row[0]] = hours.get(row[0], 0.0) + float(row[1].replace(",", ""))
+    return hours
+
+
+def glance(text):
+    hours = gpu_hours(text)
+    rows = ["| script | the papers' artifacts | quick runs | held | reversed | inconclusive | paper scale, H100-hours |",
+            "|---|---|---|---|---|---|---|"]
     total = dict(held=0, reversed=0, inconclusive=0)
     for script in SCRIPTS:
         runs = runs_of(script)
@@ -103,13 +113,15 @@ def glance():
         total = {k: total[k] + n[k] for k in total}
         mod = importlib.import_module(script[:-3])
         what = ", ".join(dict.fromkeys(a["title"].split(":")[0] for a in mod.ARTIFACTS.values()))
-        rows.append(f"| `{script}` | {what} | {len(runs)} | {n['held']} | {n['reversed']} | {n['inconclusive']} |")
-    rows.append(f"| **all** | | | **{total['held']}** | **{total['reversed']}** | **{total['inconclusive']}** |")
+        h = f"{hours[script]:.0f}" if script in hours else "–"
+        rows.append(f"| `{script}` | {what} | {len(runs)} | {n['held']} | {n['reversed']} | {n['inconclusive']} | {h} |")
+    rows.append(f"| **all** | | | **{total['held']}** | **{total['reversed']}** | **{total['inconclusive']}** | "
+                f"**{sum(hours.values()):.0f}** |")
     return "\n".join(rows) + "\n"
 
 
 def render(text):
-    text = GLANCE.sub(lambda m: m.group(1) + glance() + m.group(3), text)
+    text = GLANCE.sub(lambda m: m.group(1) + glance(text) + m.group(3), text)
     return SECTION.sub(lambda m: m.group(1) + section(m.group(2)) + m.group(4), text)
 
 
