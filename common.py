@@ -2090,7 +2090,8 @@ class _AllReduceSum(torch.autograd.Function):
 class _SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training-mode statistics are those of the global batch (all ranks), P1/P2's
     batch-128 BN under data parallelism. Same semantics as torch.nn.SyncBatchNorm, which is GPU-only; this
-    one is written with differentiable all-reduces so it also runs (and is tested) on CPU with gloo.
+    one is written with differentiable all-reduces (two forward, two backward) so it also runs (and is tested) on
+    CPU with gloo.
     Installed over a model's BatchNorm modules by `sync_batchnorm` (same parameters and buffers)."""
 
     def _check_input_dim(self, x):  # (the swapped-in module keeps BatchNorm1d/2d's own input rules)
@@ -2102,9 +2103,13 @@ class _SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         all_reduce = _AllReduceSum.apply
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
-        n = all_reduce(torch.tensor(float(x.numel() // x.shape[1]), device=x.device))
-        mean = all_reduce(x.sum(dims)) / n
-        var = all_reduce(((x - mean.view(shape)) ** 2).sum(dims)) / n  # two passes, as a single-process BN
+        # one all-reduce for the per-channel sums and the sample count (the count is filled on the device: no host
+        # copy), a second for the centred sums of squares (two passes, as a single-process BN computes them)
+        count = torch.full((1,), float(x.numel() // x.shape[1]), dtype=x.dtype, device=x.device)
+        sums = all_reduce(torch.cat([x.sum(dims), count]))
+        n = sums[-1]
+        mean = sums[:-1] / n
+        var = all_reduce(((x - mean.view(shape)) ** 2).sum(dims)) / n
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
