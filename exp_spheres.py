@@ -63,6 +63,8 @@ def resolve(preset, artifact):
 # 2. Experiment
 # ================================================================================================
 
+# --- Figs 1/7: the deep linear network at initialization ---------------------------------------------------------
+
 def joint_pca(a, b):
     """Project two batches' activations jointly onto their first two principal components."""
     z = torch.cat([a, b]).double()
@@ -142,6 +144,8 @@ def plot_fig1(proj, labels, path, depth):
     fig.tight_layout()
     save_figure(fig, path)
 
+
+# --- Fig 8: learning-rate sensitivity of the 2 x 1000 ReLU MLP ----------------------------------------------------
 
 def planned_runs(args):
     """(name, record fields) of every run in a fixed order (the unit of --shard): fig1 is one run, fig8 one per
