@@ -2380,6 +2380,8 @@ def load_tensors(path, what="checkpoint"):
     """torch.load(path) on the CPU with weights_only=True: tensors, numbers, strings, lists, tuples and dicts, and
     nothing that could run code (a pickle in a shared --cache or a downloaded file would otherwise run in every
     process that loads it). A file holding anything else, or not a torch file at all, is one DataError line."""
+    if not pathlib.Path(path).is_file():
+        raise DataError(f"{what} {path} not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
@@ -2437,7 +2439,8 @@ def checkpoint_lock(ckpt, log=print, tag="", poll_s=2.0, stale_s=3600.0):
                 lock.unlink(missing_ok=True)
                 continue
             if not said:
-                log(f"{tag} waiting for {owner.get('host')}:{owner.get('pid')}, which trains this model into {ckpt}")
+                log(f"{tag} waiting for {owner.get('host')}:{owner.get('pid')}, which trains this model into {ckpt} "
+                    f"(if that process is gone, delete {lock})")
                 said = True
             time.sleep(poll_s)
     with os.fdopen(fd, "w") as f:
@@ -2832,14 +2835,14 @@ def write_config(run_dir, args, script_path, device):
 
 
 def fmt_default(v):
-    """A default as --help shows it: eps-like fractions of 255 as k/255, other floats to 4 significant digits,
-    lists space-separated."""
+    """A default as --help shows it: floats to 4 significant digits, except those that need more and are a whole
+    number of 255ths (eps budgets such as 1/255), which show as k/255; lists space-separated."""
     if isinstance(v, (list, tuple)):
         return " ".join(fmt_default(x) for x in v)
-    if isinstance(v, float) and not v.is_integer():
+    if isinstance(v, float) and not v.is_integer() and float(f"{v:.4g}") != v:  # (0.2 stays 0.2, not 51/255)
         k = v * 255
         return f"{round(k)}/255" if abs(k - round(k)) < 1e-9 and 0 < abs(round(k)) < 255 else f"{v:.4g}"
-    return str(v)
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -2848,7 +2851,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+        shown = not any(action.default is d for d in (None, False, argparse.SUPPRESS)) and action.option_strings
         return text + (f" (default: {fmt_default(action.default)})".replace("%", "%%") if shown else "")
 
 

@@ -147,7 +147,7 @@ def eval_subset(args, data):
 
 class CorruptedSets:
     """The corrupted test images, (name, severity) -> uint8 (N, C, H, W) on the CPU: slices of the released
-    CIFAR-10-C files (memory-mapped) or generated once by common.corrupt on `device` and kept."""
+    CIFAR-10-C files (memory-mapped) or generated once by `corrupt` on `device` and kept."""
 
     def __init__(self, args, data, idx, device):
         self.args, self.idx, self.device, self.cache = args, idx, device, {}
@@ -163,7 +163,7 @@ class CorruptedSets:
         if self.released is None and "frost" in args.corruptions and args.frost_dir is None:
             self.skipped["frost"] = "generated frost needs Hendrycks's frost pictures (--frost-dir)"
         self.names = [n for n in args.corruptions if n not in self.skipped]
-        self.kind = "released CIFAR-10-C" if self.released is not None else "generated (common.corrupt)"
+        self.kind = "released CIFAR-10-C" if self.released is not None else "generated (exp_corruption.corrupt)"
 
     def get(self, name, s):
         if (name, s) not in self.cache:
@@ -1127,7 +1127,7 @@ def get_args(argv=None):
     g.add_argument("--adv-step-size", type=float, help="adversarial training: PGD step size")
     g.add_argument("--gn-groups", type=int, help="GroupNorm groups (unset: min(32, channels))")
     g.add_argument("--source", default="auto", choices=["auto", "released", "generated"], help="corrupted images: the "
-                   "released CIFAR-10-C files (auto: when present under --data-root) or common.corrupt")
+                   "released CIFAR-10-C files (auto: when present under --data-root) or the batched generator in this script")
     g = p.add_argument_group("attack budgets and measurements")
     g.add_argument("--n-eval", type=int, help="test images evaluated, class-balanced (unset: the whole test set)")
     g = add_run_flags(p, "exp_corruption", unit="runs", data="cifar-10-batches-py/ and CIFAR-10-C/",

@@ -167,3 +167,13 @@ def test_ligs_trend_cache_reuses_the_model_and_its_per_epoch_history(tmp_path):
     assert "epoch   1/1" in r1.stdout and "epoch   1/1" not in r2.stdout
     a, b = (json.loads((tmp_path / d / "results.json").read_text())["records"] for d in "ab")
     assert a == b and len(a) == 2  # epoch 0 and epoch 1, measured once
+
+
+def test_help_defaults_read_as_the_paper_writes_them():
+    from common import fmt_default
+    assert [fmt_default(v) for v in (1 / 255, 4 / 255, 0.2, 0.6, 0.0, 2.5 * 2.0 / 3, 5e-4, [1, 5])] == \
+        ["1/255", "4/255", "0.2", "0.6", "0", "1.667", "0.0005", "1 5"]  # 0.2 is 51/255, but it is not an eps
+    out = subprocess.run([sys.executable, "exp_table1.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+    text = " ".join(out.split())
+    assert "linear LR warm-up (default: 0)" in text  # a zero default is shown (it compared equal to False before)
+    assert "(default: False)" not in text and "(default: None)" not in text
