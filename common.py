@@ -1094,11 +1094,14 @@ def ligs_penalty(model, x, y, sigma=0.01, generator=None):
     a, b = g0.flatten(1), g1.flatten(1)
     sa, sb = a.detach().abs().amax(1), b.detach().abs().amax(1)
     ok = (sa > 0) & (sb > 0) & torch.isfinite(sa) & torch.isfinite(sb)
-    # Index before the norm (its gradient at 0 is undefined) and divide by the max-abs entry: the
-    # cosine is scale-free, and float32 squared norms of gradients ~1e-23 would underflow to 0.
-    a, b = a[ok] / sa[ok, None], b[ok] / sb[ok, None]
+    # Replace the left-out rows by ones before the norm (its gradient at 0 is undefined; torch.where rather than
+    # boolean indexing, which would wait for the GPU to learn how many rows are left) and divide by the max-abs
+    # entry: the cosine is scale-free, and float32 squared norms of gradients ~1e-23 would underflow to 0.
+    one = torch.ones((), dtype=a.dtype, device=a.device)
+    a = torch.where(ok[:, None], a / torch.where(ok, sa, one)[:, None], one)
+    b = torch.where(ok[:, None], b / torch.where(ok, sb, one)[:, None], one)
     cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
-    penalty = (1 - cos).mean() if len(cos) else logits.sum() * 0.0
+    penalty = torch.where(ok, 1 - cos, 0).sum() / ok.sum().clamp(min=1)
     return penalty, logits
 
 
@@ -1332,12 +1335,14 @@ def train_epoch(model, data, r, opt, epoch, g_data, g_attack, amp=False, on_step
     steps = math.ceil(n / bs)
     model.train()
     perm = torch.randperm(n, generator=g_data).to(dev)
+    if r["augment"]:  # every step's crops and flips in one host-to-device copy (the same draws, the same order)
+        aug = crop_flip_draws(g_data, [min(bs, n - i * bs) for i in range(steps)], dev)
     loss_sum, correct = torch.zeros((), device=dev), torch.zeros((), device=dev)
     for i in range(steps):
         idx = perm[i * bs:(i + 1) * bs]
         xb, yb = data.x_train[idx], data.y_train[idx]
         if r["augment"]:
-            xb = augment_crop_flip(xb, g_data)
+            xb = augment_crop_flip(xb, draws=aug[i])
         n_global = len(yb)
         if ddp is not None:
             xb, yb = ddp_slice(xb, yb, ddp)
@@ -1471,20 +1476,30 @@ def adapt_bn(model, x, batch_size=500):
     if not bns:
         return model
     modes = {m: m.training for m in model.modules()}
-    momenta = [m.momentum for m in bns]
     model.eval()
     for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
         m.train()
-    with torch.no_grad():
-        for xb in x.split(batch_size):
-            model(xb)
-    for m, mom in zip(bns, momenta):
-        m.momentum = mom
+    cumulative_bn_stats(model, x.split(batch_size), bns)
     for m, t in modes.items():
         m.train(t)
     return model
+
+
+@torch.no_grad()
+def cumulative_bn_stats(model, batches, bns):
+    """Reset the BatchNorm modules `bns` and run `batches` through `model` (in the modes it is in) so that their
+    running statistics are the exact cumulative average over the batches, each batch weighted equally. That is BN
+    with momentum None; the momentum 1/k of the k-th batch is set here instead, because momentum None makes PyTorch
+    read its batch counter from the device in every layer of every batch (a host-device sync). Momenta restored."""
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+    for k, xb in enumerate(batches, 1):
+        for m in bns:
+            m.momentum = 1.0 / k  # = PyTorch's 1 / num_batches_tracked for momentum None
+        model(xb)
+    for m, mom in zip(bns, momenta):
+        m.momentum = mom
 
 
 # ================================================================================================
@@ -1940,19 +1955,31 @@ def class_balanced_subset(y, per_class, seed=0):
     return torch.cat(idx).sort().values
 
 
-def augment_crop_flip(x, generator, pad=4, flip=True):
+def crop_flip_draws(generator, batch_sizes, device, pad=4, flip=True):
+    """The random numbers of `augment_crop_flip` for a sequence of batches, drawn from a CPU `generator` batch after
+    batch (so the stream is the same on every device, and the same as drawing them one batch at a time) and copied to
+    `device` in one transfer: a training epoch draws them all up front instead of copying twice per step."""
+    draws = []
+    for b in batch_sizes:
+        off = torch.randint(0, 2 * pad + 1, (2, b), generator=generator)
+        mask = torch.rand(b, generator=generator) < 0.5 if flip else torch.zeros(b, dtype=torch.bool)
+        draws.append(torch.cat([off, mask[None].long()]))
+    return torch.cat(draws, 1).to(device).split(list(batch_sizes), 1)
+
+
+def augment_crop_flip(x, generator=None, pad=4, flip=True, draws=None):
     """Random crop with zero padding `pad` plus horizontal flip (standard CIFAR augmentation,
-    1.5), for a whole batch at once on x's device. Random numbers come from a CPU `generator`, so the
-    stream is the same on every device."""
+    1.5), for a whole batch at once on x's device. The random numbers come from a CPU `generator`, or are this
+    batch's `draws` from `crop_flip_draws` (rows: row offset, column offset, flip)."""
     B, C, H, W = x.shape
-    off = torch.randint(0, 2 * pad + 1, (2, B), generator=generator).to(x.device)
+    if draws is None:
+        draws = crop_flip_draws(generator, [B], x.device, pad, flip)[0]
     xp = F.pad(x, (pad, pad, pad, pad))
-    rows = (off[0][:, None] + torch.arange(H, device=x.device))[:, :, None]  # (B, H, 1)
-    cols = (off[1][:, None] + torch.arange(W, device=x.device))[:, None, :]  # (B, 1, W)
+    rows = (draws[0][:, None] + torch.arange(H, device=x.device))[:, :, None]  # (B, H, 1)
+    cols = (draws[1][:, None] + torch.arange(W, device=x.device))[:, None, :]  # (B, 1, W)
     out = xp.permute(0, 2, 3, 1)[torch.arange(B, device=x.device)[:, None, None], rows, cols].permute(0, 3, 1, 2)
     if flip:
-        mask = (torch.rand(B, generator=generator) < 0.5).to(x.device)
-        out = torch.where(mask[:, None, None, None], out.flip(3), out)
+        out = torch.where(draws[2].bool()[:, None, None, None], out.flip(3), out)
     return out.contiguous()
 
 
@@ -2071,27 +2098,28 @@ def finish_distributed():
         torch.distributed.destroy_process_group()
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks, differentiable: the gradient of a sum over ranks is the sum over ranks of the gradients."""
+class _AllGather(torch.autograd.Function):
+    """Every rank's `x` stacked in rank order (G, ...), differentiable: the gradient of rank k's x is the sum over
+    ranks of the gradients of row k (one all-reduce back, as torch.nn.SyncBatchNorm's backward)."""
 
     @staticmethod
     def forward(ctx, x):
-        x = x.clone()
-        torch.distributed.all_reduce(x)
-        return x
+        out = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(out, x.contiguous())
+        return torch.stack(out)
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.clone()
+        grad = grad.contiguous()
         torch.distributed.all_reduce(grad)
-        return grad
+        return grad[torch.distributed.get_rank()]
 
 
 class _SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training-mode statistics are those of the global batch (all ranks), P1/P2's
-    batch-128 BN under data parallelism. Same semantics as torch.nn.SyncBatchNorm, which is GPU-only; this
-    one is written with differentiable all-reduces (two forward, two backward) so it also runs (and is tested) on
-    CPU with gloo.
+    batch-128 BN under data parallelism. Same semantics and collectives as torch.nn.SyncBatchNorm (one all-gather
+    of the per-rank count, mean and centred sum of squares forward, one all-reduce backward), but written with a
+    differentiable all-gather, so it also runs (and is tested) on CPU with gloo; torch's is GPU-only.
     Installed over a model's BatchNorm modules by `sync_batchnorm` (same parameters and buffers)."""
 
     def _check_input_dim(self, x):  # (the swapped-in module keeps BatchNorm1d/2d's own input rules)
@@ -2100,16 +2128,19 @@ class _SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x):
         if not self.training:  # evaluation inside training (per-epoch measurements, attacks): the running statistics
             return super().forward(x)
-        all_reduce = _AllReduceSum.apply
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
-        # one all-reduce for the per-channel sums and the sample count (the count is filled on the device: no host
-        # copy), a second for the centred sums of squares (two passes, as a single-process BN computes them)
-        count = torch.full((1,), float(x.numel() // x.shape[1]), dtype=x.dtype, device=x.device)
-        sums = all_reduce(torch.cat([x.sum(dims), count]))
-        n = sums[-1]
-        mean = sums[:-1] / n
-        var = all_reduce(((x - mean.view(shape)) ** 2).sum(dims)) / n
+        n_here = x.numel() // x.shape[1]  # (from the shape: no host copy; the count is filled on the device)
+        mean_here = x.sum(dims) / max(n_here, 1)
+        m2_here = ((x - mean_here.view(shape)) ** 2).sum(dims)
+        count = torch.full((1,), float(n_here), dtype=x.dtype, device=x.device)
+        stats = _AllGather.apply(torch.cat([mean_here, m2_here, count]))  # (G, 2C + 1)
+        c = x.shape[1]
+        means, m2s, counts = stats[:, :c], stats[:, c:2 * c], stats[:, 2 * c:]
+        n = counts.sum()
+        mean = (counts * means).sum(0) / n
+        # Chan et al.'s combination of per-rank centred sums of squares: exact, and stable like two passes
+        var = (m2s + counts * (means - mean) ** 2).sum(0) / n
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1

@@ -37,10 +37,10 @@ import time
 
 import torch
 
-from common import (Data, Sweep, add_run_flags, build_dataset, check_attack, check_numbers, claim, entropy_ci_bits, eval_mode,
-                    evaluate, log_to, make_model, make_parser, max_trainable_depth, mean_sem, merge_runs, parse_with_presets,
-                    pick_device, prepare_run_dir, print_config, quantized_entropy_bits, run_script, save_figure, set_seed,
-                    show, train_model, write_claims, write_config, write_text_atomic)
+from common import (Data, Sweep, add_run_flags, build_dataset, check_attack, check_numbers, claim, cumulative_bn_stats,
+                    entropy_ci_bits, eval_mode, evaluate, log_to, make_model, make_parser, max_trainable_depth, mean_sem,
+                    merge_runs, parse_with_presets, pick_device, prepare_run_dir, print_config, quantized_entropy_bits,
+                    run_script, save_figure, set_seed, show, train_model, write_claims, write_config, write_text_atomic)
 
 
 # ================================================================================================
@@ -83,16 +83,12 @@ def standardized(args, device):
 
 @torch.no_grad()
 def recompute_bn_stats(model, x, batch_size):
-    """Exact BN running statistics over the training set: reset, momentum=None (cumulative average),
-    one train-mode pass in batches of the training batch size (DECISIONS.md D21)."""
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None
+    """Exact BN running statistics over the training set: reset, then the cumulative average (BN momentum None)
+    over one train-mode pass in batches of the training batch size (DECISIONS.md D21); a last batch of one sample
+    is left out (BN has no batch variance of one sample)."""
     model.train()
-    for xb in x.split(batch_size):
-        if len(xb) > 1:
-            model(xb)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    cumulative_bn_stats(model, [xb for xb in x.split(batch_size) if len(xb) > 1], bns)
     model.eval()
 
 

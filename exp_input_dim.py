@@ -87,14 +87,14 @@ def upscaled(base, k):
 
 def acc_and_loss(model, x, y, spec, generator=None, batch_size=1000):
     """Accuracy and mean cross-entropy of `model` under one attack spec (Table 11 reports both)."""
-    correct, loss = 0.0, 0.0
+    correct = loss = torch.zeros((), dtype=torch.float64, device=x.device)  # summed on the device: one wait at the end
     for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
         xa = run_attack(model, xb, yb, spec, generator)
         with torch.no_grad(), eval_mode(model):
             z = model(xa)
-        correct += float((z.argmax(1) == yb).sum())
-        loss += float(F.cross_entropy(z, yb, reduction="sum"))
-    return correct / len(y), loss / len(y)
+        correct = correct + (z.argmax(1) == yb).sum()
+        loss = loss + F.cross_entropy(z, yb, reduction="sum").double()
+    return float(correct) / len(y), float(loss) / len(y)
 
 
 def train(args, data, model, epochs, weight_decay, seed, ckpt, on_epoch=None):

@@ -14,6 +14,12 @@ WORKER = r'''
 import sys, torch, common
 common.init_distributed()
 mode, out = sys.argv[1], sys.argv[2]
+calls = {"all_gather": 0, "all_reduce": 0}  # the collectives issued from Python (DDP's own gradient buckets are not)
+for name in calls:
+    def counted(*a, _f=getattr(torch.distributed, name), _n=name, **k):
+        calls[_n] += 1
+        return _f(*a, **k)
+    setattr(torch.distributed, name, counted)
 x = torch.rand(40, 3, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 y = torch.arange(40) % 10
 data = common.Data("toy", x, y, x[:8], y[:8], (0.5,) * 3, (0.25,) * 3)
@@ -25,7 +31,7 @@ res = common.train_model(model, data, recipe, seed=3, log=lambda s: None, ddp_bn
                          on_epoch=on_epoch)
 state = {k: v.clone() for k, v in model.state_dict().items()}
 if common.is_main_process():
-    torch.save(dict(state=state, history=res["history"]), out)
+    torch.save(dict(state=state, history=res["history"], calls=calls), out)
 common.finish_distributed()
 '''
 
@@ -56,6 +62,10 @@ def test_two_ranks_with_sync_bn_equal_one_process(single, tmp_path):
         assert a.get("train_loss", 0) == pytest.approx(b.get("train_loss", 0), rel=1e-9)
         assert a.get("train_acc") == b.get("train_acc") and a["acc"] == b["acc"]
     assert ckpt2["key"] == {"k": 1}  # the same model: the same cache key
+    # like torch.nn.SyncBatchNorm, one collective per BN layer each way: an all-gather forward, an all-reduce backward
+    # (before: two all-reduces each way); plus one all-reduce of the logged loss and accuracy per epoch
+    n_bn, steps, epochs = 20, 2 * 3, 2  # ResNet18's 20 BN layers; 2 epochs of 3 batches
+    assert two["calls"] == {"all_gather": n_bn * steps, "all_reduce": n_bn * steps + epochs}
 
 
 def test_per_rank_bn_is_a_different_model(single, tmp_path):

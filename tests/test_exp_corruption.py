@@ -5,24 +5,24 @@ import json
 import pathlib
 import pickle
 import subprocess
-import sys
 
 import numpy as np
 
 from test_corruptions import write_cifar10c
 from test_data import write_cifar10
+from emulated_cuda import command
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SMALL = ["--corruptions", "gaussian_noise", "fog", "contrast", "frost", "--severities", "1", "5"]
 
 
-def run(*args, script="exp_corruption.py"):  # no fixed time limit: a slow machine is not a failure
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+def run(*args, script="exp_corruption.py", gpu=False):  # no fixed time limit: a slow machine is not a failure
+    return subprocess.run(command(script, *args, gpu=gpu), cwd=ROOT, capture_output=True, text=True)
 
 
 def test_t7_smoke_adapts_bn_and_redraws(tmp_path):
     out = tmp_path / "t7"
-    r = run("--preset", "smoke", "--artifact", "t7", "--arch", "vgg8", "--out", out, *SMALL)
+    r = run("--preset", "smoke", "--artifact", "t7", "--arch", "vgg8", "--out", out, *SMALL, gpu=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "skipped frost" in r.stdout
     recs = json.loads((out / "results.json").read_text())["records"]
@@ -44,7 +44,7 @@ def test_t7_smoke_adapts_bn_and_redraws(tmp_path):
 
 def test_fig1_and_p2_t4_smoke(tmp_path):
     r = run("--preset", "smoke", "--artifact", "fig1", "--arch", "vgg8", "--norm", "none", "bn", "--out", tmp_path / "f",
-            *SMALL)
+            *SMALL, gpu=True)
     assert r.returncode == 0, r.stderr[-3000:]
     recs = json.loads((tmp_path / "f" / "results.json").read_text())["records"]
     assert {(x["norm"], x["training"]) for x in recs} == {(n, t) for n in ("none", "bn") for t in ("standard", "adversarial")}

@@ -13,13 +13,14 @@ import torch
 
 from test_data import write_cifar10
 from test_invert import write_release
+from emulated_cuda import command
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = "exp_feature_datasets.py"
 
 
-def run(*args):  # no fixed time limit: a slow machine is not a failure
-    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+def run(*args, gpu=False):  # no fixed time limit: a slow machine is not a failure
+    return subprocess.run(command(SCRIPT, *args, gpu=gpu), cwd=ROOT, capture_output=True, text=True)
 
 
 def datasets_of(run_dir):
@@ -29,7 +30,7 @@ def datasets_of(run_dir):
 
 def test_fig7_smoke_builds_trains_and_redraws(tmp_path):
     out = tmp_path / "fig7"
-    r = run("--preset", "smoke", "--artifact", "fig7", "--out", out)
+    r = run("--preset", "smoke", "--artifact", "fig7", "--out", out, gpu=True)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     metas = {m["kind"]: m for m in res["records"] if m.get("record") == "dataset"}

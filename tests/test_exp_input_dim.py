@@ -3,19 +3,19 @@ import json
 import math
 import pathlib
 import subprocess
-import sys
+from emulated_cuda import command
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def run(*args, timeout=None):  # no fixed limit: a slow machine is not a failure
-    return subprocess.run([sys.executable, "exp_input_dim.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+def run(*args, timeout=None, gpu=False):  # no fixed limit: a slow machine is not a failure
+    return subprocess.run(command("exp_input_dim.py", *args, gpu=gpu), cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
 
 
 def test_smoke_all_tables_and_fig4(tmp_path):
     out = tmp_path / "run"
-    r = run("--preset", "smoke", "--out", out)
+    r = run("--preset", "smoke", "--out", out, gpu=True)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert res["finished"] is True

@@ -4,16 +4,16 @@ import json
 import math
 import pathlib
 import subprocess
-import sys
 
 import pytest
+from emulated_cuda import command
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def run(*args, timeout=None):  # no fixed limit: a slow machine is not a failure
-    return subprocess.run([sys.executable, "exp_landscape.py", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+def run(*args, timeout=None, gpu=False):  # no fixed limit: a slow machine is not a failure
+    return subprocess.run(command("exp_landscape.py", *args, gpu=gpu), cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 VARIANTS = {"fig9": {"resnet20 shortcut", "resnet20 no shortcut", "resnet56 shortcut", "resnet56 no shortcut",
@@ -26,7 +26,7 @@ VARIANTS = {"fig9": {"resnet20 shortcut", "resnet20 no shortcut", "resnet56 shor
 def test_smoke_artifact(tmp_path, artifact):
     out = tmp_path / artifact
     extra = ["--norm", "none", "bn"] if artifact == "fig15" else []  # VGG16 x 2 norms keeps the test short
-    r = run("--preset", "smoke", "--artifact", artifact, "--out", out, *extra)
+    r = run("--preset", "smoke", "--artifact", artifact, "--out", out, *extra, gpu=True)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert res["finished"] is True

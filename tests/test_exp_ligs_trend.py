@@ -4,16 +4,16 @@ import json
 import math
 import pathlib
 import subprocess
-import sys
 
 import pytest
+from emulated_cuda import command
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def run(*args, timeout=None):  # no fixed limit: a slow machine is not a failure
-    return subprocess.run([sys.executable, "exp_ligs_trend.py", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+def run(*args, timeout=None, gpu=False):  # no fixed limit: a slow machine is not a failure
+    return subprocess.run(command("exp_ligs_trend.py", *args, gpu=gpu), cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def records_of(out):
@@ -35,7 +35,7 @@ EXPECTED_VARIANTS = {
 @pytest.mark.parametrize("artifact", ["fig4", "fig2", "fig5", "fig8"])
 def test_smoke_artifact(tmp_path, artifact):
     out = tmp_path / artifact
-    r = run("--preset", "smoke", "--artifact", artifact, "--out", out)
+    r = run("--preset", "smoke", "--artifact", artifact, "--out", out, gpu=True)
     assert r.returncode == 0, r.stderr[-3000:]
     recs = records_of(out)
     assert {x["variant"] for x in recs} == EXPECTED_VARIANTS[artifact]

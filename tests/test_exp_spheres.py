@@ -11,16 +11,17 @@ from common import DeepLinear, make_spheres
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from exp_spheres import joint_pca, quadratic_separability  # noqa: E402
+from emulated_cuda import command  # noqa: E402
 
 
-def run(*args, timeout=None):  # no fixed limit: a slow machine is not a failure
-    return subprocess.run([sys.executable, "exp_spheres.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+def run(*args, timeout=None, gpu=False):  # no fixed limit: a slow machine is not a failure
+    return subprocess.run(command("exp_spheres.py", *args, gpu=gpu), cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
 
 
 def test_smoke_both_figures(tmp_path):
     out = tmp_path / "run"
-    r = run("--preset", "smoke", "--out", out)
+    r = run("--preset", "smoke", "--out", out, gpu=True)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert res["finished"] is True

@@ -11,23 +11,25 @@ import numpy as np
 import torch
 
 from common import NORMS, make_synthetic_images
+from emulated_cuda import command
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 METRICS = ["acc_clean", "acc_noise", "acc_pgd_l2", "acc_pgd_linf", "acc_cw_l2", "acc_cw_linf", "acc_fgsm"]
 
 
-def run(*args, timeout=None):  # no fixed limit: a slow machine is not a failure
-    return subprocess.run([sys.executable, "exp_table1.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+def run(*args, timeout=None, gpu=False):  # no fixed limit: a slow machine is not a failure
+    return subprocess.run(command("exp_table1.py", *args, gpu=gpu), cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
 
 
 def test_smoke_preset_writes_records_table_and_figure(tmp_path):
     out = tmp_path / "run"
-    r = run("--preset", "smoke", "--out", out)
+    r = run("--preset", "smoke", "--out", out, gpu=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "config: " in r.stdout  # the resolved configuration is printed at start
     res = json.loads((out / "results.json").read_text())
     assert res["finished"] is True
+    assert json.loads((out / "config.json").read_text())["device"] == "cuda"  # on the emulated GPU
     recs = res["records"]
     assert {(x["arch"], x["norm"]) for x in recs} == {(a, n) for a in ("vgg8", "resnet18") for n in NORMS}
     for x in recs:

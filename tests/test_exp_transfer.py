@@ -4,19 +4,19 @@ exp_corruption.py through the checkpoint cache, --plot-only, and one-line errors
 import json
 import pathlib
 import subprocess
-import sys
+from emulated_cuda import command
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def run(*args, script="exp_transfer.py"):  # no fixed time limit: a slow machine is not a failure
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+def run(*args, script="exp_transfer.py", gpu=False):  # no fixed time limit: a slow machine is not a failure
+    return subprocess.run(command(script, *args, gpu=gpu), cwd=ROOT, capture_output=True, text=True)
 
 
 def test_p1_t3_smoke_scores_every_cell_and_redraws(tmp_path):
     out = tmp_path / "t3"
     r = run("--preset", "smoke", "--artifact", "p1_t3", "--norm", "none", "bn", "gn", "--epochs", "2", "--lr", "0.05",
-            "--out", out)
+            "--out", out, gpu=True)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     recs = res["records"]
