@@ -66,9 +66,7 @@ class CudaTensor(torch.Tensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):  # torch's default, but sparse results stay plain
         with torch._C.DisableTorchFunctionSubclass():
             ret = func(*args, **(kwargs or {}))
-        if func in _NOWRAP:
-            return ret
-        return tree_map(lambda t: _on_cuda(t) if isinstance(t, torch.Tensor) and t.layout == torch.strided else t, ret)
+        return ret if func in _NOWRAP else _tag(ret)
 
 
 class CudaGenerator(torch.Generator):
@@ -94,6 +92,15 @@ def _plain(t):
 
 def _on_cuda(t):
     return t if isinstance(t, CudaTensor) else t.as_subclass(CudaTensor)
+
+
+def _tag(ret):
+    """`ret` with its (strided) tensors as CudaTensors, one level into tuples and lists, as torch's default does."""
+    if isinstance(ret, torch.Tensor):
+        return ret if isinstance(ret, CudaTensor) or ret.layout != torch.strided else ret.as_subclass(CudaTensor)
+    if isinstance(ret, (tuple, list)):
+        return type(ret)(_tag(r) for r in ret)
+    return ret
 
 
 def _tensors(args, kwargs):
