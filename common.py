@@ -40,9 +40,11 @@ import contextlib
 import copy
 import csv
 import datetime
+import functools
 import gzip
 import hashlib
 import http.client
+import inspect
 import io
 import json
 import math
@@ -116,7 +118,7 @@ def norm_layer(norm, channels, dim=2, gn_groups=None, bn_eps=1e-5, bn_momentum=0
       gn: GroupNorm(G, C), G = gcd(gn_groups, C) with gn_groups defaulting to 32 (Wu & He).
           Note: for C <= 32 the default makes GN identical to IN; smoke widths should pass a
           smaller gn_groups so the code paths differ.
-      none: nn.Identity (the preceding conv/linear then keeps its bias, see `_has_bias`).
+      none: nn.Identity (in VGGs and MLPs the preceding conv/linear then has a bias, see `_has_bias`).
     """
     check_choice("norm", norm, NORMS)
     if norm == "none":
@@ -133,7 +135,9 @@ def norm_layer(norm, channels, dim=2, gn_groups=None, bn_eps=1e-5, bn_momentum=0
 
 
 def _has_bias(norm):
-    # A norm with a learned shift makes a preceding bias redundant: bias only for 'none'.
+    # VGGs and MLPs: a norm with a learned shift makes a preceding bias redundant, so a bias only for 'none'.
+    # ResNets and WRNs have no conv biases with any norm, as the authors' models (P1's MadryLab ResNet replaces BN by
+    # the identity and keeps bias=False; P2's Fixup code has no conv biases): DECISIONS.md D10.
     return norm == "none"
 
 
@@ -260,22 +264,38 @@ class BasicBlock(nn.Module):
 
     def __init__(self, c_in, c, stride=1, norm="bn", act="relu", shortcut=True, proj="conv", gn_groups=None):
         super().__init__()
-        b = _has_bias(norm)
-        self.conv1, self.n1, self.act1 = conv3x3(c_in, c, stride, b), norm_layer(norm, c, gn_groups=gn_groups), make_act(act)
-        self.conv2, self.n2, self.act2 = conv3x3(c, c, 1, b), norm_layer(norm, c, gn_groups=gn_groups), make_act(act)
+        self.conv1, self.n1, self.act1 = conv3x3(c_in, c, stride), norm_layer(norm, c, gn_groups=gn_groups), make_act(act)
+        self.conv2, self.n2, self.act2 = conv3x3(c, c, 1), norm_layer(norm, c, gn_groups=gn_groups), make_act(act)
         self.shortcut, self.proj = shortcut, None
         self.c_out, self.stride = c, stride
         if shortcut and (stride != 1 or c_in != c) and proj == "conv":
-            self.proj = nn.Sequential(conv1x1(c_in, c, stride, b), norm_layer(norm, c, gn_groups=gn_groups))
+            self.proj = nn.Sequential(conv1x1(c_in, c, stride), norm_layer(norm, c, gn_groups=gn_groups))
 
     def branch(self, x):
         return self.n2(self.conv2(self.act1(self.n1(self.conv1(x)))))
 
-    def forward(self, x):
+    def forward(self, x, fake_relu=False):
         out = self.branch(x)
         if self.shortcut:
             out = out + (self.proj(x) if self.proj is not None else _identity_or_pad(x, self.c_out, self.stride))
-        return self.act2(out)
+        return _fake_relu(out) if fake_relu else self.act2(out)
+
+
+class _FakeReLU(torch.autograd.Function):
+    """ReLU forward, identity backward: the robustness library's `fake_relu`, through which Ilyas et al. and P1's
+    authors invert the representation (P1 App. B.3), so that units the last ReLU zeroes still pass a gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def _fake_relu(x):
+    return _FakeReLU.apply(x)
 
 
 def _identity_or_pad(x, c_out, stride):
@@ -289,25 +309,25 @@ class Bottleneck(nn.Module):
 
     def __init__(self, c_in, c, stride=1, norm="bn", act="relu", shortcut=True, proj="conv", gn_groups=None):
         super().__init__()
-        b, c_out = _has_bias(norm), 4 * c
-        self.conv1, self.n1, self.act1 = conv1x1(c_in, c, 1, b), norm_layer(norm, c, gn_groups=gn_groups), make_act(act)
-        self.conv2, self.n2, self.act2 = conv3x3(c, c, stride, b), norm_layer(norm, c, gn_groups=gn_groups), make_act(act)
-        self.conv3, self.n3, self.act3 = conv1x1(c, c_out, 1, b), norm_layer(norm, c_out, gn_groups=gn_groups), make_act(act)
+        c_out = 4 * c
+        self.conv1, self.n1, self.act1 = conv1x1(c_in, c, 1), norm_layer(norm, c, gn_groups=gn_groups), make_act(act)
+        self.conv2, self.n2, self.act2 = conv3x3(c, c, stride), norm_layer(norm, c, gn_groups=gn_groups), make_act(act)
+        self.conv3, self.n3, self.act3 = conv1x1(c, c_out, 1), norm_layer(norm, c_out, gn_groups=gn_groups), make_act(act)
         self.shortcut, self.proj = shortcut, None
         self.c_out, self.stride = c_out, stride
         if shortcut and (stride != 1 or c_in != c_out) and proj == "conv":
-            self.proj = nn.Sequential(conv1x1(c_in, c_out, stride, b), norm_layer(norm, c_out, gn_groups=gn_groups))
+            self.proj = nn.Sequential(conv1x1(c_in, c_out, stride), norm_layer(norm, c_out, gn_groups=gn_groups))
 
     def branch(self, x):
         out = self.act1(self.n1(self.conv1(x)))
         out = self.act2(self.n2(self.conv2(out)))
         return self.n3(self.conv3(out))
 
-    def forward(self, x):
+    def forward(self, x, fake_relu=False):
         out = self.branch(x)
         if self.shortcut:
             out = out + (self.proj(x) if self.proj is not None else _identity_or_pad(x, self.c_out, self.stride))
-        return self.act3(out)
+        return _fake_relu(out) if fake_relu else self.act3(out)
 
 
 def _scalar(value):
@@ -346,10 +366,10 @@ class FixupBasicBlock(nn.Module):
         out = self.act1(self.conv1(x + self.bias1a) + self.bias1b)
         return self.conv2(out + self.bias2a) * self.scale + self.bias2b
 
-    def forward(self, x):
+    def forward(self, x, fake_relu=False):
         xb = x + self.bias1a
         sc = self.proj(xb) if self.proj is not None else _identity_or_pad(xb, self.c_out, self.stride)
-        return self.act2(self.branch(x) + sc)
+        return _fake_relu(self.branch(x) + sc) if fake_relu else self.act2(self.branch(x) + sc)
 
 
 class FixupBottleneck(nn.Module):
@@ -378,10 +398,10 @@ class FixupBottleneck(nn.Module):
         out = self.act2(self.conv2(out + self.bias2a) + self.bias2b)
         return self.conv3(out + self.bias3a) * self.scale + self.bias3b
 
-    def forward(self, x):
+    def forward(self, x, fake_relu=False):
         xb = x + self.bias1a
         sc = self.proj(xb) if self.proj is not None else _identity_or_pad(xb, self.c_out, self.stride)
-        return self.act3(self.branch(x) + sc)
+        return _fake_relu(self.branch(x) + sc) if fake_relu else self.act3(self.branch(x) + sc)
 
 
 class ResNet(nn.Module):
@@ -401,7 +421,7 @@ class ResNet(nn.Module):
         self.input_norm = _input_layer(mean, std)
         self.fixup = fixup
         widths = [_ch(w, width) for w in widths]
-        self.stem = conv3x3(in_channels, widths[0], bias=_has_bias(norm) and not fixup)
+        self.stem = conv3x3(in_channels, widths[0])
         self.stem_norm = nn.Identity() if fixup else norm_layer(norm, widths[0], gn_groups=gn_groups)
         self.stem_act = make_act(act)
         if fixup:
@@ -421,12 +441,14 @@ class ResNet(nn.Module):
             nn.init.zeros_(self.fc.weight)
             nn.init.zeros_(self.fc.bias)
 
-    def features(self, x):
-        """Penultimate representation g(x): the globally average-pooled vector before the classifier."""
+    def features(self, x, fake_relu=False):
+        """Penultimate representation g(x): the globally average-pooled vector before the classifier. fake_relu:
+        the last block's ReLU passes the gradient unchanged (`_FakeReLU`; representation inversion, P1 App. B.3)."""
         out = self.stem_norm(self.stem(self.input_norm(x)))
         if self.fixup:
             out = out + self.bias1  # Fixup: scalar bias before the activation
-        out = F.adaptive_avg_pool2d(self.layers(self.stem_act(out)), 1).flatten(1)
+        out = self.layers[:-1](self.stem_act(out))
+        out = F.adaptive_avg_pool2d(self.layers[-1](out, fake_relu=fake_relu), 1).flatten(1)
         if self.fixup:
             out = out + self.bias2  # Fixup: scalar bias before the classifier
         return out
@@ -446,11 +468,10 @@ class WideBlock(nn.Module):
 
     def __init__(self, c_in, c, stride, norm="bn", act="relu", gn_groups=None):
         super().__init__()
-        b = _has_bias(norm)
         self.n1, self.act1 = norm_layer(norm, c_in, gn_groups=gn_groups), make_act(act)
-        self.conv1 = conv3x3(c_in, c, stride, b)
-        self.n2, self.act2, self.conv2 = norm_layer(norm, c, gn_groups=gn_groups), make_act(act), conv3x3(c, c, 1, b)
-        self.proj = conv1x1(c_in, c, stride, b) if (stride != 1 or c_in != c) else None
+        self.conv1 = conv3x3(c_in, c, stride)
+        self.n2, self.act2, self.conv2 = norm_layer(norm, c, gn_groups=gn_groups), make_act(act), conv3x3(c, c, 1)
+        self.proj = conv1x1(c_in, c, stride) if (stride != 1 or c_in != c) else None
 
     def forward(self, x):
         o = self.act1(self.n1(x))
@@ -508,7 +529,7 @@ class WideResNet(nn.Module):
         widths = [16 * k, 32 * k, 64 * k]
         self.input_norm = _input_layer(mean, std)
         self.fixup = fixup
-        self.stem = conv3x3(in_channels, 16, bias=_has_bias(norm) and not fixup)
+        self.stem = conv3x3(in_channels, 16)
         blocks, c_in = [], 16
         for i, w in enumerate(widths):
             for j in range(n):
@@ -593,25 +614,29 @@ class MLP(nn.Module):
 
 
 class DeepLinear(nn.Module):
-    """Deep *linear* network of P2 Figs 1 and 7: `depth` x (Linear(width) -> [BN]) with no
-    nonlinearity, then Linear(num_classes). PyTorch default init (P2: the dynamic range shrinks with
-    depth "under default initialization"). Without BN the whole net is one linear map; with BN in
-    train mode each mini-batch gets its own affine map (P2 Figs 1, 7)."""
+    """Deep *linear* network of P2 Figs 1 and 7, no nonlinearity, PyTorch default init (P2: the dynamic range
+    shrinks with depth "under default initialization"), then Linear(num_classes). bn_first=False: `depth` x
+    (Linear(width) -> [BN]); bn_first=True, the authors' notebook: Linear(width), then `depth` x ([BN] ->
+    Linear(width, width)). Without BN the whole net is one linear map; with BN in train mode each mini-batch gets
+    its own affine map (P2 Figs 1, 7)."""
 
-    def __init__(self, in_dim=2, width=128, depth=16, num_classes=2, norm="none", bn_momentum=0.1):
+    def __init__(self, in_dim=2, width=128, depth=16, num_classes=2, norm="none", bn_momentum=0.1, bn_first=False):
         super().__init__()
         check_choice("norm", norm, ("none", "bn"))
+        bn = lambda: norm_layer(norm, width, dim=1, bn_momentum=bn_momentum)
+        self.input = nn.Linear(in_dim, width) if bn_first else nn.Identity()
         self.layers = nn.ModuleList()
-        d = in_dim
+        d = width if bn_first else in_dim
         for _ in range(depth):
-            self.layers.append(nn.Sequential(nn.Linear(d, width), norm_layer(norm, width, dim=1, bn_momentum=bn_momentum)))
+            self.layers.append(nn.Sequential(bn(), nn.Linear(d, width)) if bn_first else
+                               nn.Sequential(nn.Linear(d, width), bn()))
             d = width
         self.fc = nn.Linear(d, num_classes)
 
     def layer_outputs(self, x):
-        """[x, h_1, ..., h_depth]: the input and every layer's (normalized) output, for the per-layer PCA plots."""
-        outs = [x]
-        for layer in self.layers:
+        """[x, h_1, ..., h_depth]: the input and every block's output, for the per-layer PCA plots."""
+        outs = [x, self.layers[0](self.input(x))]
+        for layer in self.layers[1:]:
             outs.append(layer(outs[-1]))
         return outs
 
@@ -896,12 +921,14 @@ def bim(model, x, y, eps, steps, step_size, clip=(0.0, 1.0)):
 
 
 @torch.no_grad()
-def invert_features(model, x_target, x_start, steps, step_size, clip=(0.0, 1.0)):
+def invert_features(model, x_target, x_start, steps, step_size, clip=(0.0, 1.0), fake_relu=False):
     """Representation inversion (Ilyas et al. 2019, Alg. 1; P1 App. B.3 and E): starting at x_start,
     minimise ||g(x_r) - g(x_target)||_2 over x_r, g = model.features (the penultimate representation),
     with `steps` steps of l2 length `step_size` along the per-sample normalised negative gradient (the
     robustness library's L2Step), x_r clamped to `clip` after every step, and no bound on ||x_r -
-    x_start|| (P1 App. B.3: 1000 steps of 0.1). Descends the squared distance, whose direction is the
+    x_start|| (P1 App. B.3: 1000 steps of 0.1). fake_relu=True descends through the last ReLU as through the
+    identity (the robustness library's `fake_relu`, which Ilyas et al.'s and P1's authors' inversion uses; needs
+    a ResNet's `features`). Descends the squared distance, whose direction is the
     distance's but which has a zero gradient, not NaN, once the features match. Eval mode; x_target,
     x_start, the train/eval flags, BN statistics and parameter grads are untouched; every sample is
     independent (alone = inside a batch). Each step costs one forward and one input-gradient backward.
@@ -913,11 +940,14 @@ def invert_features(model, x_target, x_start, steps, step_size, clip=(0.0, 1.0))
         raise ValueError(f"invert_features: steps={steps}, step_size={step_size}: expected steps >= 0, step_size > 0")
     with eval_mode(model), torch.enable_grad():
         with torch.no_grad():
-            target = model.features(x_target.detach())
+            target = model.features(x_target.detach())  # (fake_relu changes gradients only, not values)
+        if fake_relu and "fake_relu" not in inspect.signature(model.features).parameters:
+            raise ValueError("invert_features: fake_relu=True needs a ResNet (its features() takes fake_relu)")
+        feats = functools.partial(model.features, fake_relu=True) if fake_relu else model.features
         xr = _clip(x_start.detach(), clip).clone()
         for _ in range(steps):
             xr.requires_grad_(True)
-            g, = torch.autograd.grad((model.features(xr) - target).pow(2).sum(), xr)  # sum: each sample its own
+            g, = torch.autograd.grad((feats(xr) - target).pow(2).sum(), xr)  # sum: each sample its own
             with torch.no_grad():
                 xr = _clip(xr - step_size * _unit_l2(g), clip)
     return xr.detach()
@@ -1289,7 +1319,7 @@ def landscape_probe(model, x, y, step_sizes):
 
 
 RECIPE_DEFAULTS = dict(optimizer="sgd", momentum=0.9, weight_decay=0.0, milestones=(), gamma=0.1, warmup_epochs=0.0,
-                       augment=False, adv=None, input_fn=None, ligs_lambda=0.0, ligs_sigma=0.01)
+                       augment=False, jitter=False, adv=None, input_fn=None, ligs_lambda=0.0, ligs_sigma=0.01)
 RECIPE_REQUIRED = ("epochs", "batch_size", "lr")
 
 
@@ -1335,14 +1365,16 @@ def train_epoch(model, data, r, opt, epoch, g_data, g_attack, amp=False, on_step
     steps = math.ceil(n / bs)
     model.train()
     perm = torch.randperm(n, generator=g_data).to(dev)
-    if r["augment"]:  # every step's crops and flips in one host-to-device copy (the same draws, the same order)
-        aug = crop_flip_draws(g_data, [min(bs, n - i * bs) for i in range(steps)], dev)
+    if r["augment"] or r["jitter"]:  # every step's draws in one host-to-device copy (the same draws, the same order)
+        aug = augment_draws(g_data, [min(bs, n - i * bs) for i in range(steps)], dev, jitter=r["jitter"])
     loss_sum, correct = torch.zeros((), device=dev), torch.zeros((), device=dev)
     for i in range(steps):
         idx = perm[i * bs:(i + 1) * bs]
         xb, yb = data.x_train[idx], data.y_train[idx]
         if r["augment"]:
             xb = augment_crop_flip(xb, draws=aug[i])
+        if r["jitter"]:
+            xb = jitter_rotate(xb, aug[i])
         n_global = len(yb)
         if ddp is not None:
             xb, yb = ddp_slice(xb, yb, ddp)
@@ -1378,7 +1410,11 @@ def load_checkpoint(ckpt, key, model, opt, g_data, g_attack, reseed):
     saved = load_tensors(ckpt)
     if "key" in saved and saved["key"] != key:  # (checkpoints of older versions carry no key)
         raise ValueError(f"checkpoint {ckpt} was trained with another configuration ({saved.get('key')}), not {key}")
-    model.load_state_dict(saved["model"])
+    try:
+        model.load_state_dict(saved["model"])
+    except RuntimeError as e:  # e.g. a no-norm ResNet cached before ResNets lost their conv biases (DECISIONS.md D10)
+        raise ValueError(f"checkpoint {ckpt} does not fit this model (written by an earlier version?): "
+                         f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
     opt.load_state_dict(saved["opt"])  # (moves the optimizer state to the parameters' device)
     g_data.set_state(saved["g_data"])
     if saved.get("g_attack_device", "cpu") == g_attack.device.type:
@@ -1408,9 +1444,10 @@ def train_model(model, data, recipe, seed=0, ckpt=None, log=print, amp=False, on
                 key=None, ddp_bn="sync"):
     """Train `model` on data.x_train (already on the model's device) with `recipe` (`check_recipe`): epochs,
     batch_size, lr, optimizer ('sgd'|'adam'|'adagrad'), momentum, weight_decay, milestones (epochs), gamma,
-    warmup_epochs, augment (crop+flip), adv (None, or an attack spec for `run_attack`: adversarial training on
-    adversarial examples only, DECISIONS.md D15), input_fn (optional: maps [0,1] batches to the model's input
-    space, e.g. a Standardize layer), ligs_lambda, ligs_sigma (P1 Fig 5: loss = CE + lambda * ligs_penalty).
+    warmup_epochs, augment (crop+flip), jitter (`jitter_rotate`), adv (None, or an attack spec for `run_attack`:
+    adversarial training on adversarial examples only, DECISIONS.md D15), input_fn (optional: maps [0,1] batches
+    to the model's input space, e.g. a Standardize layer), ligs_lambda, ligs_sigma (P1 Fig 5: loss = CE + lambda *
+    ligs_penalty).
     Every random source is a seeded generator: data order and augmentation (CPU) and attack starts (device).
     After every epoch the full state is checkpointed atomically to `ckpt` (if given); calling again with the same
     ckpt resumes and ends with the same numbers as an uninterrupted run. `key` (any JSON-able value, see
@@ -1955,32 +1992,59 @@ def class_balanced_subset(y, per_class, seed=0):
     return torch.cat(idx).sort().values
 
 
-def crop_flip_draws(generator, batch_sizes, device, pad=4, flip=True):
-    """The random numbers of `augment_crop_flip` for a sequence of batches, drawn from a CPU `generator` batch after
-    batch (so the stream is the same on every device, and the same as drawing them one batch at a time) and copied to
-    `device` in one transfer: a training epoch draws them all up front instead of copying twice per step."""
+def augment_draws(generator, batch_sizes, device, pad=4, flip=True, jitter=False):
+    """The random numbers of a training epoch's augmentation, drawn from a CPU `generator` batch after batch (the
+    stream is the same on every device, and the same as drawing them one batch at a time) and copied to `device`
+    in one transfer, instead of twice per step. One (rows, B) tensor per batch; rows: crop row and column offsets,
+    flip (`augment_crop_flip`); with jitter also brightness, contrast and saturation factors in [0.75, 1.25], three
+    keys whose argsort is the order of those three, and a rotation angle in [-2, 2] degrees (`jitter_rotate`)."""
     draws = []
     for b in batch_sizes:
-        off = torch.randint(0, 2 * pad + 1, (2, b), generator=generator)
-        mask = torch.rand(b, generator=generator) < 0.5 if flip else torch.zeros(b, dtype=torch.bool)
-        draws.append(torch.cat([off, mask[None].long()]))
+        rows = [torch.randint(0, 2 * pad + 1, (2, b), generator=generator).float(),
+                (torch.rand(1, b, generator=generator) < 0.5).float() if flip else torch.zeros(1, b)]
+        if jitter:
+            rows += [0.75 + 0.5 * torch.rand(3, b, generator=generator), torch.rand(3, b, generator=generator),
+                     4 * torch.rand(1, b, generator=generator) - 2]
+        draws.append(torch.cat(rows))
     return torch.cat(draws, 1).to(device).split(list(batch_sizes), 1)
 
 
 def augment_crop_flip(x, generator=None, pad=4, flip=True, draws=None):
     """Random crop with zero padding `pad` plus horizontal flip (standard CIFAR augmentation,
     1.5), for a whole batch at once on x's device. The random numbers come from a CPU `generator`, or are this
-    batch's `draws` from `crop_flip_draws` (rows: row offset, column offset, flip)."""
+    batch's `draws` from `augment_draws`."""
     B, C, H, W = x.shape
     if draws is None:
-        draws = crop_flip_draws(generator, [B], x.device, pad, flip)[0]
+        draws = augment_draws(generator, [B], x.device, pad, flip)[0]
+    off = draws[:2].long()
     xp = F.pad(x, (pad, pad, pad, pad))
-    rows = (draws[0][:, None] + torch.arange(H, device=x.device))[:, :, None]  # (B, H, 1)
-    cols = (draws[1][:, None] + torch.arange(W, device=x.device))[:, None, :]  # (B, 1, W)
+    rows = (off[0][:, None] + torch.arange(H, device=x.device))[:, :, None]  # (B, H, 1)
+    cols = (off[1][:, None] + torch.arange(W, device=x.device))[:, None, :]  # (B, 1, W)
     out = xp.permute(0, 2, 3, 1)[torch.arange(B, device=x.device)[:, None, None], rows, cols].permute(0, 3, 1, 2)
     if flip:
         out = torch.where(draws[2].bool()[:, None, None, None], out.flip(3), out)
     return out.contiguous()
+
+
+def jitter_rotate(x, draws):
+    """ColorJitter(brightness=.25, contrast=.25, saturation=.25) in a random order per image, then RandomRotation(2)
+    (nearest, zero fill): the rest of the robustness library's CIFAR training augmentation, with which Ilyas et al.
+    and P1's authors train on the feature datasets (P1 Table 6). Batched on x's device, in floating point (the
+    library works on 8-bit PIL images), from this batch's `augment_draws(..., jitter=True)`."""
+    B, C, H, W = x.shape
+    fac, order, angle = draws[3:6], draws[6:9].argsort(0), draws[9] * math.pi / 180
+    gray = lambda t: (t * t.new_tensor([0.2989, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True) if C == 3 else t
+    ops = [lambda t, f: t * f,  # brightness: blend with black
+           lambda t, f: f * t + (1 - f) * gray(t).mean((1, 2, 3), keepdim=True),  # contrast: with the mean grey level
+           lambda t, f: f * t + (1 - f) * gray(t)]  # saturation: with the grey image
+    for pos in range(3):
+        for k, op in enumerate(ops):
+            f = fac[k].view(B, 1, 1, 1)
+            x = torch.where((order[pos] == k).view(B, 1, 1, 1), op(x, f).clamp(0, 1), x)
+    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)  # (B, 2, 3)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
 # The 19 CIFAR-10-C corruptions by category (P2 Sec. 3: four categories), as the released files name them

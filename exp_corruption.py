@@ -181,8 +181,10 @@ class CorruptedSets:
 
 def evaluate_corruptions(args, model, input_fn, sets, y, adapt, log):
     """Accuracy per (corruption, severity): acc_<name>_s<k>, and with `adapt` also ada_<name>_s<k> after
-    adapt_bn on that set (transductive: the same images, DECISIONS.md D28; --adapt-split: adapt on one
-    half, both columns on the other half)."""
+    adapt_bn on that set (DECISIONS.md D28): --adapt-on batch (default, the authors' batch_norm_adaptation code)
+    sets the BN statistics to those of one random batch of --adapt-batch images of the corrupted set; --adapt-on
+    all to the whole set's (transductive). --adapt-split draws the adaptation images from one half and evaluates
+    both columns on the other half."""
     out = {}
     dev = y.device
     half = torch.arange(len(y)) % 2 == 0  # adaptation half (--adapt-split)
@@ -192,7 +194,12 @@ def evaluate_corruptions(args, model, input_fn, sets, y, adapt, log):
             xe, ye = (x[~half], y[~half.to(dev)]) if adapt and args.adapt_split else (x, y)
             out[f"acc_{name}_s{s}"] = evaluate(model, xe, ye, dict(c=dict(kind="clean")))["c"]
             if adapt:
-                m = adapt_bn(copy.deepcopy(model), x[half.to(dev)] if args.adapt_split else x, batch_size=args.batch_size)
+                pool = x[half.to(dev)] if args.adapt_split else x
+                if args.adapt_on == "batch":  # one shuffled batch, as the authors' code (no augmentation)
+                    g = torch.Generator().manual_seed(args.corruption_seed * 1000 + CORRUPTION_NAMES.index(name) * 5 + s)
+                    pool = pool[torch.randperm(len(pool), generator=g)[:args.adapt_batch].to(dev)]
+                m = adapt_bn(copy.deepcopy(model), pool, batch_size=len(pool) if args.adapt_on == "batch" else
+                             args.batch_size)
                 out[f"ada_{name}_s{s}"] = evaluate(m, xe, ye, dict(c=dict(kind="clean")))["c"]
         log(f"  {name}: " + " ".join(f"{100 * out[f'acc_{name}_s{s}']:.1f}" for s in args.severities) +
             (" | adapted " + " ".join(f"{100 * out[f'ada_{name}_s{s}']:.1f}" for s in args.severities) if adapt else ""))
@@ -220,6 +227,8 @@ def run_one(args, data, sets, dataset, arch, norm, training, seed, device, ckpt,
     rec["acc_clean"] = evaluate(model, to_input(sets.x.to(device)), y, dict(c=dict(kind="clean")))["c"]
     adapt = ARTIFACTS[args.artifact]["runs"]["adapt"] and norm == "bn"
     rec |= evaluate_corruptions(args, model, to_input, sets, y, adapt, log)
+    if adapt:
+        rec |= dict(adapt_on=args.adapt_on, adapt_batch=args.adapt_batch if args.adapt_on == "batch" else None)
     rec |= dict(n_eval=len(y), time_s=round(time.time() - t0, 1))
     log(f"{tag} clean {100 * rec['acc_clean']:.1f} | mean over corruptions {100 * summary(rec)['acc_mean']:.1f}")
     return rec
@@ -326,16 +335,30 @@ def _sandwich(mh, x, mw):
 
 
 def _gauss1d(sigma, truncate=4.0):
-    """scipy.ndimage's Gaussian kernel: radius int(truncate * sigma + 0.5), normalized to sum 1."""
+    """scipy.ndimage's Gaussian kernel, with its operations in its order: radius int(truncate * sigma + 0.5),
+    exp(-0.5 / sigma^2 * x^2), normalized to sum 1."""
     r = int(truncate * sigma + 0.5)
     t = torch.arange(-r, r + 1, dtype=torch.float64)
-    k = torch.exp(-0.5 * t ** 2 / max(sigma, 1e-12) ** 2) if sigma > 0 else (t == 0).double()
+    k = torch.exp(-0.5 / (sigma * sigma) * t ** 2) if sigma > 0 else (t == 0).double()
     return k / k.sum()
 
 
 def _gaussian(x, sigma, mode="nearest", truncate=4.0):
-    """skimage.filters.gaussian per channel (scipy gaussian_filter over H and W)."""
-    return _filter2d(x, _gauss1d(sigma, truncate), mode=mode) if sigma > 0 else x
+    """skimage.filters.gaussian per channel: scipy's gaussian_filter along H, then W, each pass summed in scipy's
+    order for a symmetric kernel (centre tap, then each pair of taps from the outermost in), so that values on flat
+    regions -- exact multiples of 1/255 times a kernel summing to 1 up to rounding -- round as in the generator."""
+    if not sigma > 0:
+        return x
+    k = _gauss1d(sigma, truncate).to(x.device)
+    r = len(k) // 2
+    for dim in (-2, -1):
+        n = x.shape[dim]
+        p = x.index_select(dim, _pad_index(n, r, mode, x.device))
+        out = p.narrow(dim, r, n) * k[r]
+        for j in range(r, 0, -1):
+            out = out + (p.narrow(dim, r - j, n) + p.narrow(dim, r + j, n)) * k[r - j]
+        x = out
+    return x
 
 
 def _zoom_matrix(n_in, n_out, device):
@@ -520,10 +543,12 @@ def _jpeg(u8, quality):
 
 
 def _glass_swaps(u8, shifts, delta):
-    """The generator's local pixel shuffle on uint8 (B, C, H, W): for h, then w, running down from
-    n - delta to delta + 1, swap pixel (h, w) with (h + dy, w + dx); shifts (passes, positions, 2, B)
-    hold (dx, dy) in {-delta, ..., delta - 1} (numpy's randint excludes its upper bound). The swaps are
-    sequential in the positions, as in the generator: they are followed on a permutation of pixel
+    """The generator's local pixel "shuffle" on uint8 (B, C, H, W): for h, then w, running down from
+    n - delta to delta + 1, pixel (h, w) takes the value of (h + dy, w + dx); shifts (passes, positions, 2, B)
+    hold (dx, dy) in {-delta, ..., delta - 1} (numpy's randint excludes its upper bound). The generator means a
+    swap, but its `x[h, w], x[h', w'] = x[h', w'], x[h, w]` on numpy views copies (h', w') into (h, w) and then
+    writes (h', w') back onto itself: a copy, which is what made the released CIFAR-10-C, so a copy it is here.
+    The copies are sequential in the positions, as in the generator: they are followed on a map of pixel
     indices in numpy (one cheap host step per position, batched over images), then applied at once."""
     B, C, H, W = u8.shape
     hw = np.array([(h, w) for h in range(H - delta, delta, -1) for w in range(W - delta, delta, -1)])
@@ -534,7 +559,7 @@ def _glass_swaps(u8, shifts, delta):
     for it in range(s.shape[0]):
         q = base + (hw[:, 0, None] + s[it, :, 1]) * W + hw[:, 1, None] + s[it, :, 0]
         for pj, qj in zip(p, q):
-            perm[pj], perm[qj] = perm[qj], perm[pj]
+            perm[pj] = perm[qj]
     perm = torch.from_numpy(perm % (H * W)).to(u8.device).view(B, 1, H * W).expand(B, C, H * W)
     return u8.reshape(B, C, H * W).gather(2, perm).view(B, C, H, W)
 
@@ -689,11 +714,36 @@ def _elastic(x, c, generator):
     return _bilinear(x, rows, cols, "reflect").float().double()
 
 
+def _magick_q16_to_u8(v):
+    """A float result v in [0, 255] as ImageMagick Q16 returns it through an 8-bit PNG: rounded to its 16-bit
+    quantum (257 v), then scaled down by truncation, floor(round(257 v) / 257) -- one level below round(v) for about
+    half of all values (measured against Wand/ImageMagick 6 Q16 when the port was audited)."""
+    return torch.floor(torch.round(257 * v.clamp(0, 255)) / 257)
+
+
 _FROST_CACHE = {}
 
 
+def _cv2_resize_linear(a, f):
+    """cv2.resize(img, (0, 0), fx=f, fy=f) with INTER_LINEAR on a uint8-valued (C, h, w) tensor: the output size
+    is round(h f) x round(w f), and the source coordinate of output pixel i is (i + 0.5) / f - 0.5 with the scale
+    1/f exactly (5 for the generator's 0.2, not h / round(h f)), clamped to the border pixels; rounded to 8 bits.
+    OpenCV interpolates in 11-bit fixed point, so a value can differ by one level (tests/test_corruptions.py)."""
+    def axis(n_in):
+        n_out = int(np.floor(n_in * f + 0.5))
+        src = (torch.arange(n_out, dtype=torch.float64) + 0.5) / f - 0.5
+        i0 = src.floor().clamp(0, n_in - 1)
+        w1 = torch.where((src < 0) | (i0 >= n_in - 1), 0.0, src - i0)  # OpenCV: no blend beyond the edge pixels
+        return i0.long(), (i0.long() + 1).clamp(max=n_in - 1), w1
+    r0, r1, wr = axis(a.shape[1])
+    c0, c1, wc = axis(a.shape[2])
+    rows = a[:, r0] * (1 - wr)[:, None] + a[:, r1] * wr[:, None]
+    out = rows[:, :, c0] * (1 - wc) + rows[:, :, c1] * wc
+    return torch.floor(out + 0.5).clamp(0, 255)
+
+
 def _frost_images(frost_dir, device):
-    """Hendrycks's frost pictures from `frost_dir`, scaled by 0.2 (bilinear, as cv2.resize) -> uint8-valued
+    """Hendrycks's frost pictures from `frost_dir`, scaled by 0.2 as cv2.resize does (`_cv2_resize_linear`) -> uint8-valued
     float tensors (3, h, w). A missing file is a DataError naming it."""
     key = (str(frost_dir), str(device))
     if key not in _FROST_CACHE:
@@ -705,16 +755,15 @@ def _frost_images(frost_dir, device):
                 raise DataError(f"frost image {path} not found: --frost-dir must hold {', '.join(FROST_FILES)} "
                                 f"(from Hendrycks's robustness repository, ImageNet-C/create_c)")
             a = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).double()
-            size = (int(round(a.shape[1] * 0.2)), int(round(a.shape[2] * 0.2)))
-            a = F.interpolate(a[None], size=size, mode="bilinear", align_corners=False)[0]
-            imgs.append(torch.round(a).clamp(0, 255).to(device))
+            imgs.append(_cv2_resize_linear(a, 0.2).to(device))
         _FROST_CACHE[key] = imgs
     return _FROST_CACHE[key]
 
 
 def corrupt(x, name, severity, generator=None, frost_dir=None):
     """One CIFAR-10-C corruption (Hendrycks & Dietterich 2019) at `severity` 1..5 of a batch x
-    (B, 3, H, W) in [0, 1], on x's device, computed in float64 as the reference generator does, and
+    (B, 3, H, W) of 8-bit values k / 255 (any float dtype), on x's device, computed in float64 as the reference
+    generator does, and
     returned as uint8 (B, 3, H, W) truncated like the released files. Random numbers come from
     `generator` (a torch.Generator on any device; the same generator state gives the same images on
     every device of x). Severity constants are CIFAR-10-C's (32x32 images; DECISIONS.md D26).
@@ -729,7 +778,7 @@ def corrupt(x, name, severity, generator=None, frost_dir=None):
     c = SEVERITY[name][severity - 1]
     g, dev = generator, x.device
     B, _, H, W = x.shape
-    x = x.double()
+    x = torch.round(x.double() * 255) / 255  # the generator corrupts 8-bit images: k / 255 exactly, also from float32
     if name == "gaussian_noise":
         out = x + c * _rand(x.shape, g, dev, "randn")
     elif name == "shot_noise":
@@ -751,9 +800,9 @@ def corrupt(x, name, severity, generator=None, frost_dir=None):
         n = (H - 2 * delta) * (W - 2 * delta)
         shifts = _rand((passes, n, 2, B), g, dev, "randint", -delta, delta)
         out = _gaussian(_glass_swaps(u, shifts, delta).double() / 255, sigma)
-    elif name == "motion_blur":  # rounded to 8 bits by the PNG round trip, not truncated
+    elif name == "motion_blur":  # to 8 bits as ImageMagick Q16 writes its PNG, not truncated by the generator
         angle = _rand((B,), g, dev) * 90 - 45
-        return torch.round(_motion_blur(x * 255, c[0], c[1], angle)).clamp(0, 255).to(torch.uint8)
+        return _magick_q16_to_u8(_motion_blur(x * 255, c[0], c[1], angle)).to(torch.uint8)
     elif name == "zoom_blur":  # the mean of x and its zooms by 1, 1.01, ... (float32 x, as in the generator)
         zooms = np.arange(1, c, 0.01)
 
@@ -769,7 +818,7 @@ def corrupt(x, name, severity, generator=None, frost_dir=None):
         layer = torch.where(layer < c[3], 0.0, layer)
         layer = (layer.clamp(0, 1) * 255).floor()  # an 8-bit greyscale image before ImageMagick
         angle = _rand((B,), g, dev) * 90 - 135
-        layer = torch.round(_motion_blur(layer, c[4], c[5], angle)).clamp(0, 255) / 255
+        layer = _magick_q16_to_u8(_motion_blur(layer, c[4], c[5], angle)) / 255
         grey = (0.299 * xf[:, 0] + 0.587 * xf[:, 1] + 0.114 * xf[:, 2])[:, None].float().double()
         xf = c[6] * xf + (1 - c[6]) * torch.maximum(xf, grey * 1.5 + 0.5)
         out = xf + layer + layer.flip(2, 3)
@@ -814,13 +863,20 @@ def corrupt(x, name, severity, generator=None, frost_dir=None):
 
 def _defocus_kernel(radius, alias_blur):
     """The generator's defocus kernel: an aliased disk of `radius` on a 17x17 grid, normalized, then
-    smoothed by cv2.GaussianBlur(3x3, sigma=alias_blur) in float32."""
+    smoothed by cv2.GaussianBlur(3x3, sigma=alias_blur) in float32 -- bit for bit as OpenCV does it: its float32
+    1-D Gaussian (each exp rounded to float32, normalized by the double sum of those), then a row and a column pass
+    in float32 with mirrored borders. (A kernel made in float64 sums to 0.99999985 instead of OpenCV's 1.0, which
+    moves a flat region's truncated value down one level.)"""
     t = torch.arange(-8, 9, dtype=torch.float32)
     disk = ((t[:, None] ** 2 + t[None, :] ** 2) <= radius ** 2).float()
     disk = disk / disk.sum()
-    g = torch.exp(-torch.tensor([-1.0, 0.0, 1.0]) ** 2 / (2 * alias_blur ** 2))
-    g = (g / g.sum()).float()
-    k = _filter2d(disk[None, None].double(), g.double(), mode="mirror")[0, 0].float()
+    e = [float(np.float32(math.exp(-0.5 / alias_blur ** 2 * v * v))) for v in (-1.0, 0.0, 1.0)]
+    g = torch.tensor([v / sum(e) for v in e], dtype=torch.float32)
+
+    def rows(a):  # one float32 pass along the last axis, reflect-101 borders, OpenCV's order of operations
+        p = a[:, _pad_index(a.shape[1], 1, "mirror", "cpu")]
+        return p[:, :-2] * g[0] + p[:, 1:-1] * g[1] + p[:, 2:] * g[2]
+    k = rows(rows(disk).T).T
     r = int((k != 0).any(0).nonzero().max()) - 8  # drop the all-zero border (the disk is small at CIFAR's radii)
     return k[8 - r:9 + r, 8 - r:9 + r]
 
@@ -1139,13 +1195,17 @@ def get_args(argv=None):
     g.add_argument("--frost-dir", help="folder with Hendrycks's frost1.png..frost5.jpg (generated frost; "
                    "without it frost is skipped and said so)")
     g.add_argument("--corruption-seed", type=int, default=0, help="seed of the generated corruptions")
-    g.add_argument("--adapt-split", action="store_true", help="t7: adapt the BN statistics on one half of each corrupted "
-                   "set and evaluate both columns on the other (default: adapt and evaluate on the whole set)")
+    g.add_argument("--adapt-on", choices=["batch", "all"], default="batch",
+                   help="t7: re-estimate the BN statistics on one random batch of --adapt-batch images of each corrupted "
+                        "set (the authors' batch_norm_adaptation code) or on all of it (transductive, AdaBN)")
+    g.add_argument("--adapt-batch", type=int, default=32, help="t7: images in the adaptation batch (authors' code: 32)")
+    g.add_argument("--adapt-split", action="store_true", help="t7: draw the adaptation images from one half of each "
+                   "corrupted set and evaluate both columns on the other (default: the whole set)")
     args = parse_with_presets(p, resolve, argv)
     if args.plot_only:
         return args
     check_numbers(p, args, at_least_one=("seeds", "epochs", "batch_size", "adv_steps", "n_eval", "size", "channels",
-                                         "gn_groups"),
+                                         "gn_groups", "adapt_batch"),
                   positive=("width", "lr"), non_negative=("weight_decay", "warmup_epochs", "adv_eps", "adv_step_size",
                                                           "corruption_seed"))
     bad = [s for s in args.severities if not 1 <= s <= 5]

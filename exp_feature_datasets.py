@@ -58,7 +58,9 @@ from common import (Data, DataError, Sweep, accuracy, add_run_flags, build_datas
 
 KINDS = ("d_r", "d_nr", "d_rand", "d_det", "d_conflict")
 
-TABLE6 = {  # P1 Table 6: initial LR and data augmentation per dataset (SGD 0.9, WD 5e-4, batch 128, 150 epochs)
+TABLE6 = {  # P1 Table 6: initial LR and data augmentation per dataset (SGD 0.9, WD 5e-4, batch 128, 150 epochs).
+    # augment=True is the robustness library's default (crop+flip, ColorJitter(.25, .25, .25), RandomRotation(2)) with
+    # which the authors train; --augment crop-flip drops the last two
     "d_r": dict(lr=0.01, augment=True), "d_nr": dict(lr=0.01, augment=True), "d_rand": dict(lr=0.01, augment=True),
     "d_det": dict(lr=0.1, augment=False), "d_conflict": dict(lr=0.1, augment=False)}
 
@@ -223,7 +225,7 @@ def make_chunk(args, kind, c, idx, data, sources, d_r):
         out["start"] = start
         for i in range(0, len(idx), args.build_batch):
             xb, x0 = x[i:i + args.build_batch], data.x_train[start[i:i + args.build_batch].to(dev)]
-            u8 = to_u8(invert_features(src, xb, x0, args.inv_steps, args.inv_step))
+            u8 = to_u8(invert_features(src, xb, x0, args.inv_steps, args.inv_step, fake_relu=args.inv_relu == "fake"))
             out["x"].append(u8.cpu())
             out["dist"].append(feature_distance(src, u8.float() / 255, xb).cpu())
         out["y"] = y.cpu()
@@ -263,7 +265,7 @@ def floor_ratio(args, kind, src, x, y, k):
 
     def method():
         if kind in ("d_r", "d_nr"):
-            invert_features(src, x, x.flip(0), steps, args.inv_step)
+            invert_features(src, x, x.flip(0), steps, args.inv_step, fake_relu=args.inv_relu == "fake")
         else:
             pgd(src, x, (y + 1) % k, args.attack_eps, steps, args.attack_step, norm="l2", targeted=True)
 
@@ -285,7 +287,8 @@ def build_kind(args, kind, data, sources, source_info, root, d_r=None, d_r_hash=
     """Build (or load, or resume) dataset `kind` under `root`; returns dict(x uint8, y, meta)."""
     n = min(args.n_build or len(data.y_train), len(data.y_train))
     src_role = "robust" if kind == "d_r" else "standard"
-    params = (dict(steps=args.inv_steps, step=args.inv_step) if kind in ("d_r", "d_nr") else
+    params = (dict(steps=args.inv_steps, step=args.inv_step) | ({} if args.inv_relu == "real" else dict(relu="fake"))
+              if kind in ("d_r", "d_nr") else
               dict(eps=args.attack_eps, step=args.attack_step, steps=args.attack_steps))
     key = dict(kind=kind, dataset=args.dataset, size=args.size, channels=args.channels, n=n, seed=args.build_seed,
                source=source_info[src_role]["hash"], params=params, from_d_r=d_r_hash, chunk=args.chunk)
@@ -363,6 +366,8 @@ def run_one(args, kind, ds, ds_hash, data, subset, norm, seed, device, ckpt):
     recipe = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr or args.lrs[kind],
                   milestones=args.milestones, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                   augment=TABLE6[kind]["augment"] and args.dataset == "cifar10")  # crop+flip is for CIFAR, not digits
+    if recipe["augment"] and args.augment == "robustness":
+        recipe["jitter"] = True  # (a key only when set: the cache keys of crop+flip-only models are unchanged)
     x_sub, y_sub = data.x_test[subset], data.y_test[subset]
 
     def on_epoch(e, m):
@@ -718,9 +723,15 @@ def get_args(argv=None):
     g.add_argument("--weight-decay", type=float, help="L2 weight decay (5e-4)")
     g.add_argument("--warmup-epochs", type=float, help="linear LR warm-up epochs")
     g.add_argument("--gn-groups", type=int, help="GroupNorm groups (unset: min(32, channels))")
+    g.add_argument("--augment", choices=["robustness", "crop-flip"], default="robustness",
+                   help="training augmentation on D_R, D_NR, D_rand (CIFAR-10): the robustness library's default with "
+                        "which the authors train (crop+flip, ColorJitter(.25, .25, .25), RandomRotation(2)) or crop+flip")
     g = p.add_argument_group("attack budgets and measurements")
     g.add_argument("--inv-steps", type=int, help="D_R/D_NR: representation-inversion steps (P1 App. B.3: 1000)")
     g.add_argument("--inv-step", type=float, help="D_R/D_NR: l2 length of each step (0.1)")
+    g.add_argument("--inv-relu", choices=["fake", "real"], default="fake",
+                   help="D_R/D_NR: invert through the last ReLU as through the identity (fake: Ilyas et al.'s and the "
+                        "P1 authors' code) or through the real ReLU (earlier versions of this project)")
     g.add_argument("--attack-eps", type=float, help="D_rand/D_det/D_conflict: targeted l2 PGD budget (0.5)")
     g.add_argument("--attack-step", type=float, help="its step size (0.1)")
     g.add_argument("--attack-steps", type=int, help="its steps (100)")

@@ -59,15 +59,16 @@ ARTIFACTS = {  # name -> title, runs ([(variant, arch, norm, shortcut)], measure
     "fig16": dict(title="P1 Fig 16: landscape of ResNet18-BN with vs without shortcut",
                   runs=dict(models=[("shortcut", "resnet18", "bn", True), ("no shortcut", "resnet18", "bn", False)],
                             measure="probe")),  # P1: a trivial effect (not tested, see `claim`)
-    "fig17": dict(title="P1 Fig 17: landscape of Fixup vs BN ResNet18",
-                  runs=dict(models=[("bn", "resnet18", "bn", True), ("fixup", "resnet18", "fixup", True)], measure="probe")),
+    "fig17": dict(title="P1 Fig 17: landscape of Fixup vs BN, ResNet-20 (top) and ResNet-56 (bottom)",
+                  runs=dict(models=[(f"{a} {n}", a, n, True) for a in ("resnet20", "resnet56") for n in ("bn", "fixup")],
+                            measure="probe")),
 }
 
 STEP_MULTIPLIERS = [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0]  # x base LR (DECISIONS.md D17)
 
 
 PRESETS = {  # DECISIONS.md D14 (training), D17 (probes)
-    "paper": dict(dataset="cifar10", width=1.0, seeds=1, epochs=150, lr=0.01, milestones=[50, 100], batch_size=128,
+    "paper": dict(dataset="cifar10", width=1.0, seeds=1, epochs=150, lr=0.1, milestones=[50, 100], batch_size=128,
                   weight_decay=5e-4, warmup_epochs=0.0, probe_every=20, probe_epochs=10, per_class=100, attack_steps=10,
                   eps=0.25, size=None, gn_groups=None),
     # Bundled digits with the exp_table1 quick recipe (batch 16, LR 0.02, 2 warm-up epochs: trains every norm);
@@ -204,9 +205,9 @@ CLAIMS = {  # the papers' claims each artifact tests (common.claim; verdicts by 
           "figure only", "beta", dict(variant=n), dict(variant="bn"), ">") for n in ("in", "ln", "gn")],
     "fig16": [],
     "fig17": [
-    claim(f"fig17_{m}", "P1 Fig 17", f"Fixup gives less stable gradients than BN ({name})",
-          "figure only", m, dict(variant="fixup"), dict(variant="bn"), ">")
-    for m, name in (("beta", "β-smoothness"), ("gdiff_max", "gradient change"))],
+    claim(f"fig17_{a}_{m}", "P1 Fig 17", f"Fixup gives less stable gradients than BN ({a}, {name})",
+          "figure only", m, dict(variant=f"{a} fixup"), dict(variant=f"{a} bn"), ">")
+    for a in ("resnet20", "resnet56") for m, name in (("beta", "β-smoothness"), ("gdiff_max", "gradient change"))],
 }
 
 COLORS = dict(none="0.25", bn="C0", ln="C2", gn="C3", fixup="C4", **{"in": "C1"})
@@ -274,8 +275,10 @@ def make_figure(records, path, title, kind):
                 ax.grid(alpha=0.3)
             axes[0][j].set_title(name)
             axes[0][j].legend(fontsize=8)
-    else:
-        fig, axes = plt.subplots(1, 3, figsize=(16, 4), squeeze=False)
+    else:  # one row per architecture where the variants name one (Fig 17: ResNet-20 top, ResNet-56 bottom)
+        arch_of = lambda v: v.split()[0] if v.startswith("resnet") else ""
+        rows = list(dict.fromkeys(arch_of(v) for v in variants))
+        fig, axes = plt.subplots(len(rows), 3, figsize=(16, 4 * len(rows)), squeeze=False)
         for v in variants:
             xs, lo = series(records, v, "loss_min", probes=True)
             _, hi = series(records, v, "loss_max", probes=True)
@@ -284,16 +287,17 @@ def make_figure(records, path, title, kind):
             _, beta = series(records, v, "beta", probes=True)
             if not xs:
                 continue
-            c = color(v)
-            axes[0][0].fill_between(xs, lo, hi, alpha=0.35, color=c, label=v)
-            axes[0][1].fill_between(xs, glo, ghi, alpha=0.35, color=c, label=v)
-            axes[0][2].plot(xs, beta, color=c, label=v)
+            c, row = color(v), axes[rows.index(arch_of(v))]
+            row[0].fill_between(xs, lo, hi, alpha=0.35, color=c, label=v)
+            row[1].fill_between(xs, glo, ghi, alpha=0.35, color=c, label=v)
+            row[2].plot(xs, beta, color=c, label=v)
         ylabels = ["loss landscape (range over step lengths)", "l2 gradient change", "effective β-smoothness"]
-        for ax, yl in zip(axes[0], ylabels):
-            ax.set_xlabel("training step")
-            ax.set_ylabel(yl)
-            ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=8)
+        for row in axes:
+            for ax, yl in zip(row, ylabels):
+                ax.set_xlabel("training step")
+                ax.set_ylabel(yl)
+                ax.grid(alpha=0.3)
+            row[0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     save_figure(fig, path)

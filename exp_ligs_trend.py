@@ -68,7 +68,7 @@ ARTIFACTS = {  # name -> title, runs (what varies), claims
 SKIPPED = {"fig11": "P1 Fig 11 trains ResNet18/50 on ImageNet, which is not implemented here (no ImageNet offline)"}
 
 PRESETS = {  # DECISIONS.md D14 (base run), D15 (adversarial training)
-    "paper": dict(dataset="cifar10", arch="resnet18", width=1.0, seeds=1, epochs=150, lr=0.01, milestones=[50, 100],
+    "paper": dict(dataset="cifar10", arch="resnet18", width=1.0, seeds=1, epochs=150, lr=0.1, milestones=[50, 100],
                   batch_size=128, weight_decay=5e-4, warmup_epochs=0.0, per_class=100, attack_steps=10, eps=0.25,
                   adv_eps=0.5, adv_steps=7, adv_step_size=0.1, size=None, gn_groups=None, norm=None,
                   training=["standard", "adversarial"], lambdas=LAMBDAS),

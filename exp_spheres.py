@@ -19,10 +19,12 @@ Run it:
     python exp_spheres.py --artifact fig1     # or fig8; --preset smoke for seconds
     python exp_spheres.py --plot-only runs/exp_spheres/<run>
 
-Settings the paper leaves open (DECISIONS.md D22): test noise variance 0.005, 200 epochs, a 2-way softmax head; deep linear net
-width 128, depth 16, 2 batches x 32, PyTorch default init. BN sits after each hidden linear layer
-(Galloway's code puts it before). --bn-stats first-batch reproduces the notebook's subtlety
-(DECISIONS.md D22): running statistics set by one pass over batch 1, then eval mode for both batches.
+Settings the paper leaves open follow the authors' code (DECISIONS.md D22): Figs 1/7 as their notebook (input
+Linear(2, 10), 30 blocks BN -> Linear(10, 10), 2 x 32 evenly spaced points), except that each batch is normalized
+with its own statistics as P2 describes (the notebook's batch-1 running statistics make every layer one affine
+map for both batches: --bn-stats first-batch); Fig 8 as their ReLUNetwork (BN before each Linear, momentum
+None). Test noise variance 0.005, 200 epochs, 250 points per class (P2: "500 samples"). Flags restore the other
+choices (--bn-place after, --points random, --mlp bn-after).
 """
 import time
 
@@ -48,9 +50,9 @@ ARTIFACTS = {  # name -> title, runs, claims
 
 
 PRESETS = {  # the paper's scale is cheap, so quick = paper (DECISIONS.md D22)
-    "paper": dict(seeds=5, epochs=200, n_train=250, n_test=10000, width=1000, lin_width=128, lin_depth=16),
-    "quick": dict(seeds=5, epochs=200, n_train=250, n_test=10000, width=1000, lin_width=128, lin_depth=16),
-    "smoke": dict(seeds=2, epochs=15, n_train=100, n_test=500, width=64, lin_width=16, lin_depth=6),
+    "paper": dict(seeds=5, epochs=200, n_train=250, n_test=10000, width=1000, lin_width=10, lin_depth=30),
+    "quick": dict(seeds=5, epochs=200, n_train=250, n_test=10000, width=1000, lin_width=10, lin_depth=30),
+    "smoke": dict(seeds=2, epochs=15, n_train=100, n_test=500, width=64, lin_width=10, lin_depth=6),
 }
 
 
@@ -95,15 +97,29 @@ def quadratic_separability(p, y, steps=300):
         return float(((f @ w + b > 0).long() == y).double().mean())
 
 
+def fig1_batches(args):
+    """Two mini-batches of `batch_points` sphere points. 'even' (the authors' notebook): batch_points points evenly
+    spaced on the unit circle (angles 2 pi k / (batch_points + 1)) are class 0, the same points x 1.3 class 1; all of
+    them shuffled (seed 3, as the notebook, though with torch's generator) and cut into two batches. 'random':
+    each batch its own draw of half the points per class."""
+    g = torch.Generator().manual_seed(3)
+    if args.points == "random":
+        return [make_spheres(args.batch_points // 2, args.dim, generator=g) for _ in range(2)]
+    theta = torch.linspace(0, 2 * torch.pi, args.batch_points + 1)[:-1]
+    ring = torch.stack([theta.cos(), theta.sin()], 1)
+    x, y = torch.cat([ring, 1.3 * ring]), torch.arange(2).repeat_interleave(args.batch_points)
+    perm = torch.randperm(len(y), generator=g)
+    return [(x[p], y[p]) for p in perm.split(args.batch_points)]
+
+
 def run_fig1(args, device):
     """Both nets at init on the same two batches; returns records and the projections for the figure."""
-    g = torch.Generator().manual_seed(3)  # the notebook shuffles with seed 3
-    half = args.batch_points // 2
-    batches = [make_spheres(half, args.dim, generator=g) for _ in range(2)]
+    batches = fig1_batches(args)
     records, proj = [], {}
     for norm in ("bn", "none"):
         set_seed(0)
-        net = DeepLinear(args.dim, args.lin_width, args.lin_depth, 2, norm, bn_momentum=None).double().to(device)
+        net = DeepLinear(args.dim, args.lin_width, args.lin_depth, 2, norm, bn_momentum=None,
+                         bn_first=args.bn_place == "before").double().to(device)
         with torch.no_grad():
             if norm == "bn" and args.bn_stats == "first-batch":
                 net.train()
@@ -113,7 +129,7 @@ def run_fig1(args, device):
                 net.train()  # BN normalizes each batch with its own statistics
             outs = [net.layer_outputs(x.double().to(device)) for x, _ in batches]
         y = torch.cat([batches[0][1], batches[1][1]])
-        for layer in range(0, args.lin_depth, 2):
+        for layer in shown_layers(args.lin_depth):
             a, b = joint_pca(outs[0][layer].cpu(), outs[1][layer].cpu())
             proj[(norm, layer)] = (a, b)
             records.append(dict(artifact="fig1", norm=norm, layer=layer, bn_stats=args.bn_stats,
@@ -121,11 +137,16 @@ def run_fig1(args, device):
     return records, proj, [bt[1] for bt in batches]
 
 
+def shown_layers(depth):
+    """Every other layer up to 14, the deepest P2 Fig 1 names ("classes are mixed by Layer 14")."""
+    return list(range(0, min(depth + 1, 15), 2))
+
+
 def plot_fig1(proj, labels, path, depth):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    layers = list(range(0, depth, 2))
+    layers = shown_layers(depth)
     fig, axes = plt.subplots(2, len(layers), figsize=(2.2 * len(layers), 4.8), squeeze=False)
     for i, norm in enumerate(("bn", "none")):
         for j, layer in enumerate(layers):
@@ -157,6 +178,22 @@ def planned_runs(args):
     return out
 
 
+class SpheresMLP(nn.Module):
+    """The authors' ReLUNetwork (AngusG/bn-adversarial-spheres, P2 App. C "the same architecture as in [8]"):
+    Linear(dim, width) without activation, then two blocks [BN ->] Linear(width, width) -> ReLU, then Linear(width, 2);
+    BN before each Linear with momentum None (running statistics: the average over all training batches), PyTorch
+    default init."""
+
+    def __init__(self, dim, width, norm):
+        super().__init__()
+        bn = (lambda: nn.BatchNorm1d(width, momentum=None)) if norm == "bn" else nn.Identity
+        self.net = nn.Sequential(nn.Linear(dim, width), *[m for _ in range(2) for m in (bn(), nn.Linear(width, width),
+                                                                                     nn.ReLU())], nn.Linear(width, 2))
+
+    def forward(self, x):
+        return self.net(x)
+
+
 def run_fig8(args, device, run_dir, norm, lr, seed, log):
     """One fig8 run: per-epoch rows and a final row with the noisy test accuracy."""
     std = args.noise_var ** 0.5
@@ -167,7 +204,11 @@ def run_fig8(args, device, run_dir, norm, lr, seed, log):
     data = Data("spheres", x_tr.to(device), y_tr.to(device), x_te.to(device), y_te.to(device), (0.0,), (1.0,),
                 num_classes=2)
     set_seed(seed)
-    model = make_model("mlp", norm=norm, in_dim=args.dim, hidden=[args.width] * 2, num_classes=2, init="default").to(device)
+    if args.mlp == "authors":
+        model = SpheresMLP(args.dim, args.width, norm).to(device)
+    else:
+        model = make_model("mlp", norm=norm, in_dim=args.dim, hidden=[args.width] * 2, num_classes=2, init="default")
+        model = model.to(device)
     recipe = dict(epochs=args.epochs, batch_size=args.batch_size, lr=lr, momentum=0.0, weight_decay=0.0)
     ckpt = run_dir / "ckpt" / f"{norm}_lr{lr:g}_s{seed}.pt"
     res = train_model(model, data, recipe, seed=seed, ckpt=ckpt, log=lambda s: None, amp=args.amp, ddp_bn=args.ddp_bn)
@@ -330,27 +371,35 @@ def get_args(argv=None):
     p, g = make_parser(__doc__, ["all"] + list(ARTIFACTS), "all", PRESETS)
     g.add_argument("--seeds", type=int, help="Fig 8 seeds (P2: 5)")
     g.add_argument("--bn-stats", default="batch", choices=["batch", "first-batch"],
-                   help="Figs 1/7: each batch's own statistics, or the notebook's running statistics of batch 1")
+                   help="Figs 1/7: each batch's own statistics (the mechanism P2 describes), or the notebook's running "
+                        "statistics of batch 1 for both batches (then every layer is one affine map: DECISIONS.md D22)")
+    g.add_argument("--bn-place", default="before", choices=["before", "after"],
+                   help="Figs 1/7: BN before each linear layer (the notebook) or after it")
+    g.add_argument("--points", default="even", choices=["even", "random"],
+                   help="Figs 1/7: evenly spaced circle points (the notebook) or random ones")
+    g.add_argument("--mlp", default="authors", choices=["authors", "bn-after"],
+                   help="Fig 8: the authors' ReLUNetwork (input Linear, then [BN ->] Linear -> ReLU twice, BN momentum "
+                        "None) or Linear -> [BN] -> ReLU twice (earlier versions of this project)")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, help="Fig 8 training epochs")
     g.add_argument("--width", type=int, help="Fig 8 hidden width (P2: 1000)")
     g.add_argument("--batch-size", type=int, default=50, help="P2 App. C: 50")
     g.add_argument("--lin-width", type=int, help="Figs 1/7 deep linear net width")
-    g.add_argument("--lin-depth", type=int, help="Figs 1/7 depth (layers 0..depth-2 shown)")
+    g.add_argument("--lin-depth", type=int, help="Figs 1/7 depth (the notebook: 30; every other layer up to 14 shown)")
     g = p.add_argument_group("attack budgets and measurements")
     g.add_argument("--n-test", type=int, help="noisy test points per class (P2: 10000)")
     g.add_argument("--noise-var", type=float, default=0.005, help="test noise variance (DECISIONS.md D22)")
     g = add_run_flags(p, "exp_spheres", unit="runs", outputs="table.md, claims.md and fig8.png")
     g.add_argument("--n-train", type=int, help="training points per class")
     g.add_argument("--dim", type=int, default=2, help="sphere dimension (P2: 2)")
-    g.add_argument("--batch-points", type=int, default=32, help="Figs 1/7 points per mini-batch (16 per class)")
+    g.add_argument("--batch-points", type=int, default=32, help="Figs 1/7 points per mini-batch (the notebook: 32)")
     args = parse_with_presets(p, resolve, argv)
     if args.plot_only:
         return args
     check_numbers(p, args, at_least_one=("seeds", "epochs", "n_train", "n_test", "width", "lin_width", "lin_depth",
                                          "batch_size", "dim", "batch_points"), non_negative=("noise_var",))
     if args.lin_depth < 2:
-        p.error(f"--lin-depth {args.lin_depth}: expected >= 2 (layers 0..depth-2 are shown)")
+        p.error(f"--lin-depth {args.lin_depth}: expected >= 2 (layers 0, 2, ... are shown)")
     if args.batch_points < 4 or args.batch_points % 2:
         p.error(f"--batch-points {args.batch_points}: expected an even number >= 4")
     return args

@@ -112,7 +112,8 @@ def glass(u8, severity, shifts):
         for h in range(n - d, d, -1):
             for w in range(n - d, d, -1):
                 dx, dy = shifts[it, j]
-                x[h, w], x[h + dy, w + dx] = x[h + dy, w + dx].copy(), x[h, w].copy()
+                # the generator's statement as it is: on numpy views it copies (h + dy, w + dx) into (h, w)
+                x[h, w], x[h + dy, w + dx] = x[h + dy, w + dx], x[h, w]
                 j += 1
     return to_u8(sk_gaussian(x / 255.0, sigma))
 

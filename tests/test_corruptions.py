@@ -31,12 +31,27 @@ def assert_equivalent(ours, theirs):
     assert np.mean(d == 0) >= 0.99 and d.max() <= 1, (np.mean(d == 0), d.max())
 
 
+# Measured share of identical uint8 values per corruption (all severities, noise and smooth images, float32 input):
+# exact everywhere except zoom_blur, whose sum of 26 zooms ties at one level on 0.7 % of smooth-image values.
+IDENTICAL = dict.fromkeys(DETERMINISTIC + ("glass_blur", "fog", "elastic_transform", "spatter"), 0.9995) | dict(
+    zoom_blur=0.99)
+
+
+def images(kind, n=8):
+    """(uint8 HxWx3 images for the reference, the same as the float32 [0, 1] batch exp_corruption.py feeds)."""
+    u8 = random_images(n)[0] if kind == "noise" else \
+        torch.round(smooth_images(n) * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return u8, torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 255
+
+
+@pytest.mark.parametrize("kind", ["noise", "smooth"])
 @pytest.mark.parametrize("name", DETERMINISTIC)
-def test_deterministic_corruptions_match_the_reference(name):
-    u8, x = random_images()
+def test_deterministic_corruptions_match_the_reference(name, kind):
+    u8, x = images(kind)
     for s in range(1, 6):
         ours = corrupt(x, name, s).permute(0, 2, 3, 1).numpy()
-        assert_equivalent(ours, np.stack([ref.deterministic(im, name, s) for im in u8]))
+        d = np.abs(ours.astype(int) - np.stack([ref.deterministic(im, name, s) for im in u8]).astype(int))
+        assert d.max() <= 1 and np.mean(d == 0) >= IDENTICAL[name], (s, np.mean(d == 0), d.max())
 
 
 def corrupt_recording(x, name, s, seed=0):
@@ -56,9 +71,10 @@ def corrupt_recording(x, name, s, seed=0):
     return out.permute(0, 2, 3, 1).numpy(), draws
 
 
+@pytest.mark.parametrize("kind", ["noise", "smooth"])
 @pytest.mark.parametrize("name", ["glass_blur", "fog", "elastic_transform", "spatter"])
-def test_random_structured_corruptions_match_the_reference_given_the_same_draws(name):
-    u8, x = random_images(6)
+def test_random_structured_corruptions_match_the_reference_given_the_same_draws(name, kind):
+    u8, x = images(kind, 6)
     for s in range(1, 6):
         ours, d = corrupt_recording(x, name, s, seed=s)
         theirs = []
@@ -72,7 +88,8 @@ def test_random_structured_corruptions_match_the_reference_given_the_same_draws(
                 theirs.append(ref.elastic(im, s, d[0][i].numpy(), d[1][i, 0].numpy(), d[2][i, 0].numpy()))
             else:
                 theirs.append(ref.spatter(im, s, d[0][i, 0].numpy()))
-        assert_equivalent(ours, np.stack(theirs))
+        d = np.abs(ours.astype(int) - np.stack(theirs).astype(int))
+        assert d.max() <= 1 and np.mean(d == 0) >= IDENTICAL[name], (s, np.mean(d == 0), d.max())
 
 
 def grey(value, n=64):
@@ -82,17 +99,18 @@ def grey(value, n=64):
 def test_noise_distributions():
     """Each noise at severity 5 on a mid-grey image: the moments of the generator's formula (truncation
     to uint8 lowers the mean by half a level)."""
-    x, half = grey(0.5), 0.5 / 255
+    m, half = 128 / 255, 0.5 / 255  # an 8-bit grey, as every input of the generator
+    x = grey(m)
     g = lambda: torch.Generator().manual_seed(0)
-    out = corrupt(x, "gaussian_noise", 5, g()).double() / 255 - 0.5
+    out = corrupt(x, "gaussian_noise", 5, g()).double() / 255 - m
     assert abs(out.mean() + half) < 0.002 and abs(out.std() - 0.10) < 0.003
-    out = corrupt(x, "shot_noise", 5, g()).double() / 255  # Poisson(25) / 50
-    assert abs(out.mean() - 0.5 + half) < 0.003 and abs(out.var() - 0.5 / 50) < 0.0006
-    out = corrupt(x, "speckle_noise", 5, g()).double() / 255 - 0.5  # x * N(0, 0.2^2)
-    assert abs(out.mean() + half) < 0.002 and abs(out.std() - 0.5 * 0.2) < 0.003
+    out = corrupt(x, "shot_noise", 5, g()).double() / 255  # Poisson(50 m) / 50
+    assert abs(out.mean() - m + half) < 0.003 and abs(out.var() - m / 50) < 0.0006
+    out = corrupt(x, "speckle_noise", 5, g()).double() / 255 - m  # x * N(0, 0.2^2)
+    assert abs(out.mean() + half) < 0.002 and abs(out.std() - m * 0.2) < 0.003
     out = corrupt(x, "impulse_noise", 5, g())  # each value flipped w.p. 0.07, to 0 or 255 half each
     assert abs((out == 255).double().mean() - 0.035) < 0.004 and abs((out == 0).double().mean() - 0.035) < 0.004
-    assert ((out == 127) | (out == 0) | (out == 255)).all()
+    assert ((out == 128) | (out == 0) | (out == 255)).all()
 
 
 RANDOM = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "glass_blur", "motion_blur", "snow", "fog",
@@ -144,6 +162,42 @@ def test_motion_blur_approximation_spreads_a_point_along_the_angle():
     assert out[0, 0].sum().item() == pytest.approx(1.0) and out[0, 0, 15].abs().sum() == 0
     assert torch.allclose(exp_corruption._motion_blur(torch.full((2, 3, 8, 8), 0.3), 6, 2.0, torch.tensor([10.0, -40.0])),
                           torch.full((2, 3, 8, 8), 0.3, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("size", [(350, 527), (471, 711), (598, 900)])
+def test_frost_pictures_are_scaled_as_cv2_resize_does(size):
+    """The generator scales its frost pictures with cv2.resize(fx=0.2): source pixel (i + 0.5) * 5 - 0.5 = 5 i + 2,
+    not the in / out ratio of an interpolation to a given size (5.019 for frost4.jpg's 527 columns). Smooth
+    pictures of the frost files' kind of sizes, compared with OpenCV itself."""
+    import cv2
+    from scipy import ndimage
+    pic = ndimage.gaussian_filter(np.random.default_rng(1).uniform(0, 255, (*size, 3)), (3, 3, 0))
+    pic = np.uint8(255 * (pic - pic.min()) / (pic.max() - pic.min()))
+    ours = exp_corruption._cv2_resize_linear(torch.from_numpy(pic).permute(2, 0, 1).double(), 0.2)
+    assert np.array_equal(ours.permute(1, 2, 0).numpy(), cv2.resize(pic, (0, 0), fx=0.2, fy=0.2))
+
+
+def test_defocus_kernel_is_opencvs_bit_for_bit():
+    """cv2.GaussianBlur(disk, (3, 3), sigma) in float32, as the generator makes its defocus kernel: a kernel made in
+    float64 sums to 0.99999985 and moves flat regions down one level when the result is truncated."""
+    import cv2
+    for radius, blur in exp_corruption.SEVERITY["defocus_blur"]:
+        t = np.arange(-8, 9)
+        disk = np.array(t[:, None] ** 2 + t[None, :] ** 2 <= radius ** 2, dtype=np.float32)
+        want = cv2.GaussianBlur(disk / disk.sum(), ksize=(3, 3), sigmaX=blur)
+        k = exp_corruption._defocus_kernel(radius, blur).numpy()
+        r = len(k) // 2
+        assert np.array_equal(want[8 - r:9 + r, 8 - r:9 + r], k) and want.sum() == want[8 - r:9 + r, 8 - r:9 + r].sum()
+
+
+def test_imagemagick_q16_output_is_truncated_from_its_16_bit_quantum():
+    """ImageMagick Q16 keeps a blurred value v as the 16-bit quantum round(257 v) and writes the 8-bit PNG by
+    truncation: floor(round(257 v) / 257), one level below round(v) for about half of all values."""
+    v = torch.tensor([0.0, 100.0, 100.3, 100.7, 254.999, 255.0, 300.0], dtype=torch.float64)  # 254.999: 65535
+    assert exp_corruption._magick_q16_to_u8(v).tolist() == [0, 100, 100, 100, 255, 255, 255]
+    v = torch.rand(10000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 255
+    lower = (exp_corruption._magick_q16_to_u8(v) < torch.round(v)).double().mean()
+    assert 0.45 < lower < 0.55
 
 
 def test_frost_uses_the_pictures_and_is_an_error_without_them(tmp_path):

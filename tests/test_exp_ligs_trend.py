@@ -35,7 +35,7 @@ EXPECTED_VARIANTS = {
 @pytest.mark.parametrize("artifact", ["fig4", "fig2", "fig5", "fig8"])
 def test_smoke_artifact(tmp_path, artifact):
     out = tmp_path / artifact
-    r = run("--preset", "smoke", "--artifact", artifact, "--out", out, gpu=True)
+    r = run("--preset", "smoke", "--artifact", artifact, "--out", out, gpu=artifact != "fig8")  # (emulation: 1.5x)
     assert r.returncode == 0, r.stderr[-3000:]
     recs = records_of(out)
     assert {x["variant"] for x in recs} == EXPECTED_VARIANTS[artifact]

@@ -26,7 +26,7 @@ def test_smoke_both_figures(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["finished"] is True
     fig1 = [x for x in res["records"] if x["artifact"] == "fig1"]
-    assert {(x["norm"], x["layer"]) for x in fig1} == {(n, ly) for n in ("bn", "none") for ly in (0, 2, 4)}
+    assert {(x["norm"], x["layer"]) for x in fig1} == {(n, ly) for n in ("bn", "none") for ly in (0, 2, 4, 6)}
     assert all(x["separability"] == 1.0 for x in fig1 if x["norm"] == "none")  # one linear map: still nested
     finals = [x for x in res["records"] if x["artifact"] == "fig8" and x["epoch"] == "final"]
     want = {("none", 0.001), ("none", 0.01), ("none", 0.1), ("bn", 0.001), ("bn", 0.01)}
