@@ -1319,7 +1319,8 @@ def landscape_probe(model, x, y, step_sizes):
 
 
 RECIPE_DEFAULTS = dict(optimizer="sgd", momentum=0.9, weight_decay=0.0, milestones=(), gamma=0.1, warmup_epochs=0.0,
-                       augment=False, jitter=False, adv=None, input_fn=None, ligs_lambda=0.0, ligs_sigma=0.01)
+                       augment=False, jitter=False, adv=None, input_fn=None, ligs_lambda=0.0, ligs_sigma=0.01,
+                       select="final")
 RECIPE_REQUIRED = ("epochs", "batch_size", "lr")
 
 
@@ -1331,6 +1332,7 @@ def check_recipe(recipe):
     if unknown or missing:
         raise ValueError(f"training recipe: unknown key(s) {unknown}, missing {missing}; expected "
                          f"{', '.join(RECIPE_REQUIRED)} and optionally {', '.join(RECIPE_DEFAULTS)}")
+    check_choice("recipe select", recipe.get("select", "final"), ("final", "best_test"))
     return RECIPE_DEFAULTS | recipe
 
 
@@ -1447,7 +1449,8 @@ def train_model(model, data, recipe, seed=0, ckpt=None, log=print, amp=False, on
     warmup_epochs, augment (crop+flip), jitter (`jitter_rotate`), adv (None, or an attack spec for `run_attack`:
     adversarial training on adversarial examples only, DECISIONS.md D15), input_fn (optional: maps [0,1] batches
     to the model's input space, e.g. a Standardize layer), ligs_lambda, ligs_sigma (P1 Fig 5: loss = CE + lambda *
-    ligs_penalty).
+    ligs_penalty), select ('final', or 'best_test': also keep the weights of the epoch with the best clean test
+    accuracy, P2 Table 2 "the best model in terms of test accuracy", returned as res["best"]).
     Every random source is a seeded generator: data order and augmentation (CPU) and attack starts (device).
     After every epoch the full state is checkpointed atomically to `ckpt` (if given); calling again with the same
     ckpt resumes and ends with the same numbers as an uninterrupted run. `key` (any JSON-able value, see
@@ -1459,7 +1462,8 @@ def train_model(model, data, recipe, seed=0, ckpt=None, log=print, amp=False, on
     Under torchrun the model trains data-parallel with the single-process run's batches, LR schedule and data
     order (`ddp_wrap`); ddp_bn='sync' normalizes over the global batch (P1/P2's BN), 'local' over each rank's
     slice (a different model: its cache key says so). Rank 0 alone writes checkpoints and logs.
-    Returns dict(status='ok'|'failed', reason, history=[per-epoch dicts])."""
+    Returns dict(status='ok'|'failed', reason, history=[per-epoch dicts], best=None or dict(epoch, test_acc, model=
+    state_dict on the CPU))."""
     r = check_recipe(recipe)
     key, rank = ddp_key(model, key, r, on_step, ddp_bn), ddp_rank()
     log = log if rank == 0 else (lambda s: None)
@@ -1487,6 +1491,8 @@ def train_model(model, data, recipe, seed=0, ckpt=None, log=print, amp=False, on
                             time_s=time.time() - t0)
             if on_epoch and math.isfinite(loss):  # a run that ends at chance is measured too; a diverged one is not
                 row |= on_epoch(state["epoch"], model)
+            if r["select"] == "best_test" and math.isfinite(loss):
+                keep_best(state, row, model, data, r["input_fn"])
             extra = "".join(f" | {k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "train_loss", "train_acc",
                                                                                    "lr", "time_s"))
             log(f"{tag} epoch {state['epoch']:3d}/{r['epochs']} | loss {loss:.4f} | train acc {acc:.4f} | "
@@ -1499,7 +1505,22 @@ def train_model(model, data, recipe, seed=0, ckpt=None, log=print, amp=False, on
         ddp_unwrap(model, ddp)
     if state["status"] == "failed":
         log(f"{tag} FAILED: {state['reason']}")
-    return dict(status=state["status"], reason=state["reason"], history=state["history"])
+    best = None if "best_model" not in state else dict(epoch=state["best_epoch"], test_acc=state["best_acc"],
+                                                        model=state["best_model"])
+    return dict(status=state["status"], reason=state["reason"], history=state["history"], best=best)
+
+
+def keep_best(state, row, model, data, input_fn):
+    """Model selection by clean test accuracy (P2 Table 2, "the best model in terms of test accuracy"): the epoch's
+    test accuracy goes into its history row, and the weights of the best epoch so far into the training state (so
+    into the checkpoint: a resumed run selects as an uninterrupted one). Ties keep the earlier epoch."""
+    f = input_fn or (lambda t: t)
+    acc = sum(accuracy(model, f(xb), yb) * len(yb) for xb, yb in zip(data.x_test.split(1000),
+                                                                     data.y_test.split(1000))) / len(data.y_test)
+    row["test_acc"] = acc
+    if acc > state.get("best_acc", -1.0):
+        state["best_acc"], state["best_epoch"] = acc, state["epoch"]
+        state["best_model"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def adapt_bn(model, x, batch_size=500):
@@ -3016,6 +3037,14 @@ def parse_with_presets(parser, resolve, argv=None):
         parser.set_defaults(**resolve(known.preset, getattr(known, "artifact", None)))
     args = parser.parse_args(argv)
     return _resumed(parser, args, argv) if getattr(args, "resume", False) else args
+
+
+def arch_seeds_arg(text):
+    """argparse type of --arch-seeds ARCH=N: seeds for one architecture (P2 trains WRNs with 5 seeds, VGGs with 3)."""
+    arch, _, n = text.partition("=")
+    if not arch or not n.isdigit() or int(n) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ARCH=N with N >= 1 (e.g. wrn28_10=5)")
+    return arch, int(n)
 
 
 def check_numbers(parser, args, at_least_one=(), positive=(), non_negative=()):

@@ -41,11 +41,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (CORRUPTIONS, CORRUPTION_NAMES, DataError, NORMS, P2_INPUT, Sweep, adapt_bn, add_run_flags, build_dataset,
-                    cache_path, check_choice, check_numbers, claim, class_balanced_subset, evaluate, fmt_mean_sem, log_to,
-                    make_model, make_parser, mean_sem, merge_runs, model_in_space, model_key, model_kwargs, paper_recipe,
-                    parse_with_presets, pick_device, prepare_run_dir, print_config, read_cifar10, read_cifar10c, run_script,
-                    save_figure, set_seed, show, train_model, with_overrides, write_claims, write_config, write_text_atomic)
+from common import (CORRUPTIONS, CORRUPTION_NAMES, DataError, NORMS, P2_INPUT, Sweep, adapt_bn, add_run_flags,
+                    arch_seeds_arg, build_dataset, cache_path, check_choice, check_numbers, claim,
+                    class_balanced_subset, evaluate, fmt_mean_sem, log_to, make_model, make_parser, mean_sem,
+                    merge_runs, model_in_space, model_key, model_kwargs, paper_recipe, parse_with_presets, pick_device,
+                    prepare_run_dir, print_config, read_cifar10, read_cifar10c, run_script, save_figure, set_seed, show,
+                    train_model, with_overrides, write_claims, write_config, write_text_atomic)
 
 
 # ================================================================================================
@@ -63,7 +64,9 @@ ARTIFACTS = {  # space: input space (DECISIONS.md D2); models {dataset: [archs]}
     "t7": dict(title="P1 Table 7", runs=dict(space="pixels", models={"cifar10": ["vgg16", "resnet18"]}, norms=["bn"],
                                              trainings=["standard"], seeds=1, adapt=True)),
     "p2_t4": dict(title="P2 Table 4", runs=dict(space="standardized", models={"cifar10": ["vgg8", "vgg13", "wrn28_10"]},
-                                                norms=["none", "bn", "fixup"], trainings=["standard"], seeds=3, adapt=False)),
+                                                norms=["none", "bn", "fixup"], trainings=["standard"], seeds=3,
+                                                arch_seeds={"wrn28_10": 5}, select="best_test", adapt=False)),
+    # P2 Sec. 3: VGG 3 seeds, WRN 5; Table 2's VGG8 and WRN models, selected by test accuracy as there
 }
 
 PRESETS = {
@@ -91,7 +94,8 @@ QUICK = {
 def resolve(preset, artifact):
     """The values that run for this preset and artifact (shown by --help, saved in config.json)."""
     art = ARTIFACTS.get(artifact, ARTIFACTS["fig1"])["runs"]
-    v = dict(seeds=art["seeds"], severities=[1, 2, 3, 4, 5], epochs=None, lr=None) | PRESETS[preset]
+    v = dict(seeds=art["seeds"], arch_seeds=art.get("arch_seeds", {}), select=art.get("select", "final"),
+             severities=[1, 2, 3, 4, 5], epochs=None, lr=None) | PRESETS[preset]
     if preset == "quick":
         v |= QUICK.get(artifact, QUICK["fig1"])
     return v
@@ -104,7 +108,7 @@ def resolve(preset, artifact):
 def planned_runs(args):
     """(name, record fields) of every model and seed in a fixed order (the unit of --shard)."""
     return [(f"{a}_{n}_{t}_s{s}", dict(dataset=d, arch=a, norm=n, training=t, seed=s)) for d, a, n, t in plan(args)
-            for s in range(args.seeds)]
+            for s in range(args.arch_seeds.get(a, args.seeds))]
 
 
 def plan(args):
@@ -132,6 +136,8 @@ def recipe(args, dataset, arch, norm, training):
     else:
         r = paper_recipe("p2_depth" if arch == "vgg13" else "p2_cifar", norm)
     r = with_overrides(r, args, dataset)
+    if args.select == "best_test" and arch != "vgg13":  # Table 2's models (VGG8, WRN); VGG13 is Table 3's
+        r["select"] = "best_test"
     if training == "adversarial":
         r["adv"] = dict(kind="pgd", norm="l2", eps=args.adv_eps, steps=args.adv_steps, step_size=args.adv_step_size,
                         clip=(0.0, 1.0))
@@ -222,6 +228,9 @@ def run_one(args, data, sets, dataset, arch, norm, training, seed, device, ckpt,
                status=res["status"], reason=res["reason"], epochs=r["epochs"], lr=r["lr"])
     if res["status"] != "ok":
         return rec
+    if res["best"] is not None:  # P2 Table 4 evaluates Table 2's models, "the best model in terms of test accuracy"
+        model.load_state_dict(res["best"]["model"])
+        rec |= dict(evaluated=f"selected epoch {res['best']['epoch']} (best clean test accuracy)")
     to_input = input_fn or (lambda t: t)
     y = data.y_test[sets.idx.to(device)]
     rec["acc_clean"] = evaluate(model, to_input(sets.x.to(device)), y, dict(c=dict(kind="clean")))["c"]
@@ -1164,7 +1173,11 @@ def get_args(argv=None):
     g.add_argument("--dataset", choices=["cifar10", "digits", "synthetic"], help="override the dataset")
     g.add_argument("--arch", nargs="+", help="override the architectures (e.g. vgg16 resnet18)")
     g.add_argument("--norm", nargs="+", choices=list(NORMS) + ["fixup"], help="override the norms")
-    g.add_argument("--seeds", type=int, help="seeds per model (P2 Table 4: 3 for VGG, 5 for WRN; P1: 1)")
+    g.add_argument("--seeds", type=int, help="seeds per model (P1: 1; P2 Table 4: 3)")
+    g.add_argument("--select", choices=["final", "best_test"], help="evaluate the final epoch or the epoch of best "
+                   "clean test accuracy (P2 Table 4: best_test for Table 2's VGG8/WRN; said in each record)")
+    g.add_argument("--arch-seeds", nargs="*", metavar="ARCH=N", type=arch_seeds_arg,
+                   help="seeds for particular architectures (P2 Table 4: wrn28_10=5); an empty list: --seeds for all")
     g.add_argument("--corruptions", nargs="+", default=list(CORRUPTION_NAMES), choices=list(CORRUPTION_NAMES),
                    help="corruptions to evaluate")
     g.add_argument("--severities", nargs="+", type=int, help="severities to evaluate (1..5)")
@@ -1202,6 +1215,7 @@ def get_args(argv=None):
     g.add_argument("--adapt-split", action="store_true", help="t7: draw the adaptation images from one half of each "
                    "corrupted set and evaluate both columns on the other (default: the whole set)")
     args = parse_with_presets(p, resolve, argv)
+    args.arch_seeds = dict(args.arch_seeds or {})  # (ARCH=N pairs from the command line, a dict from a preset)
     if args.plot_only:
         return args
     check_numbers(p, args, at_least_one=("seeds", "epochs", "batch_size", "adv_steps", "n_eval", "size", "channels",

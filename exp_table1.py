@@ -1,6 +1,6 @@
 """White-box robustness of CNNs with and without normalization.
 
-Reproduces P1 Tables 1, 2, 8 and P2 Tables 1, 2 (= Table 9), 3, 8 and P2 App. A.2 (PGD vs BIM):
+Reproduces P1 Tables 1, 2, 8 and P2 Tables 1, 2 (= Table 9), 3, 8 and P2 App. A.2 (PGD vs BIM; longer PGD):
 train each (dataset, arch, norm, seed), then measure clean, Gaussian-noise and adversarial
 accuracy. The papers' claim: normalization keeps or raises clean accuracy and lowers robust accuracy.
 
@@ -21,17 +21,19 @@ ImageNet weights) and P1's ImageNet rows need files that cannot be had offline: 
 skipped. Deviations: P2 Table 2 selected the epoch with the best *test* accuracy; we report the
 final epoch (DECISIONS.md D18).
 """
+import copy
 import functools
 import math
 import time
 
 import torch
 
-from common import (DATASETS, DataError, NORMS, P2_INPUT, Sweep, add_run_flags, build_dataset, cache_path, check_attack,
-                    check_numbers, claim, class_balanced_subset, evaluate, fmt_mean_sem, log_to, make_model, make_parser,
-                    mean_sem, merge_runs, model_in_space, model_key, model_kwargs, paper_recipe, parse_with_presets,
-                    pick_device, prepare_run_dir, print_config, read_cifar101, run_script, save_figure, set_seed, show,
-                    train_model, with_overrides, write_claims, write_config, write_text_atomic)
+from common import (DATASETS, DataError, NORMS, P2_INPUT, Sweep, accuracy, add_run_flags, arch_seeds_arg, build_dataset,
+                    cache_path, check_attack, check_numbers, claim, class_balanced_subset, evaluate, fmt_mean_sem,
+                    log_to, make_model, make_parser, mean_sem, merge_runs, model_in_space, model_key, model_kwargs,
+                    paper_recipe, parse_with_presets, pick_device, prepare_run_dir, print_config, read_cifar101,
+                    run_script, save_figure, set_seed, show, train_model, with_overrides, write_claims, write_config,
+                    write_text_atomic)
 
 
 # ================================================================================================
@@ -46,8 +48,11 @@ ARTIFACTS = {  # name -> title, runs (input space, {dataset: [archs]}, norms, se
     "p1_t8": dict(title="P1 Table 8",
                   runs=PIXELS | dict(models={"cifar10": P1_MODELS["cifar10"]}, norms=["none", "bn"], seeds=1)),
     "p2_t1": dict(title="P2 Table 1", runs=STANDARDIZED | dict(models={"svhn": ["vgg8"]}, norms=["none", "bn"], seeds=5)),
+    # P2 App. A.3: "We train WideResNets (WRN) with five unique seeds"; the VGGs of Table 2 have three
     "p2_t2": dict(title="P2 Tables 2 and 9",
-                  runs=STANDARDIZED | dict(models={"cifar10": ["vgg8", "wrn28_10"]}, norms=["none", "bn", "fixup"], seeds=3)),
+                  runs=STANDARDIZED | dict(models={"cifar10": ["vgg8", "wrn28_10"]}, norms=["none", "bn", "fixup"], seeds=3,
+                                           arch_seeds={"wrn28_10": 5}, select="best_test")),  # "the best model in
+    # terms of test accuracy" (P2 Sec. 3): both the final and the selected epoch are measured, claims on the selected
     "p2_t3": dict(title="P2 Table 3",
                   runs=STANDARDIZED | dict(models={"cifar10": ["vgg8", "vgg11", "vgg13", "vgg16", "vgg19"]},
                                            norms=["none", "bn"], seeds=3, max_tries=10)),
@@ -57,6 +62,11 @@ ARTIFACTS = {  # name -> title, runs (input space, {dataset: [archs]}, norms, se
                   runs=STANDARDIZED | dict(models={"svhn": ["vgg11", "vgg13", "vgg16", "vgg19"]}, norms=["bn"], seeds=5)),
     "p2_pgd_vs_bim": dict(title="P2 App. A.2",
                           runs=STANDARDIZED | dict(models={"svhn": ["vgg8"]}, norms=["none", "bn"], seeds=5)),
+    # P2 App. A.2's second comparison: "For VGG16 on CIFAR-10, using 40 iterations of PGD with a step size of eps/20,
+    # instead of 20 iterations with eps/10, reduced accuracy from 28.9 +- 0.2 % to 28.5 +- 0.3 %". 28.9 +- 0.2 is
+    # P2 Table 3's VGG16 *with* BN, so these are Table 3's BN models (its recipe: a --cache hit for p2_t3).
+    "p2_pgd_steps": dict(title="P2 App. A.2: PGD 40 x eps/20 vs 20 x eps/10 (VGG16-BN, CIFAR-10)",
+                         runs=STANDARDIZED | dict(models={"cifar10": ["vgg16"]}, norms=["bn"], seeds=3)),
 }
 ARTIFACTS["p2_t9"] = ARTIFACTS["p2_t2"]
 SKIPPED = {"p2_t5": "P2 Table 5 needs ImageNet and torchvision's pretrained VGG weights, which cannot be fetched offline",
@@ -89,8 +99,17 @@ P2_BUDGETS = dict(eps_l2=0.03 * math.sqrt(3072), eps_linf=0.03, eps_fgsm=0.03, n
 def resolve(preset, artifact):
     """The values that run for this preset and artifact (shown by --help, saved in config.json)."""
     art = ARTIFACTS.get(artifact, ARTIFACTS["p1_t1"])["runs"]
-    return (P1_BUDGETS if art["space"] == "pixels" else P2_BUDGETS) | dict(seeds=art["seeds"], max_seed_tries=None) \
+    return (P1_BUDGETS if art["space"] == "pixels" else P2_BUDGETS) | dict(seeds=art["seeds"], max_seed_tries=None,
+                                                                         arch_seeds=art.get("arch_seeds", {}),
+                                                                         select=art.get("select", "final")) \
         | PRESETS[preset]
+
+
+def seeds_for(args, arch):
+    """Successful seeds wanted for `arch` and seeds tried before giving up: --arch-seeds, else --seeds (P2 trains
+    its WRNs with five seeds and its VGGs with three)."""
+    n = args.arch_seeds.get(arch, args.seeds)
+    return n, max(n, args.max_seed_tries)
 
 
 # ================================================================================================
@@ -127,14 +146,18 @@ def recipe(args, dataset, arch, norm):
     if args.artifact.startswith("p1"):
         name = "p1_resnet" if arch == "resnet50" else "p1_svhn_vgg" if dataset == "svhn" else "p1_cifar_vgg"
     else:
-        name = "p2_depth" if args.artifact == "p2_t3" else "p2_svhn" if dataset == "svhn" else "p2_cifar"
-    return with_overrides(paper_recipe(name, norm), args, dataset)
+        name = "p2_depth" if args.artifact in ("p2_t3", "p2_pgd_steps") else "p2_svhn" if dataset == "svhn" else "p2_cifar"
+    r = with_overrides(paper_recipe(name, norm), args, dataset)
+    if args.select == "best_test":  # (a key only when set: the cache keys of final-epoch models are unchanged)
+        r["select"] = "best_test"
+    return r
 
 
 def attack_suite(args, space, dataset, std):
     """{name: spec} of the artifact's measurements (P1 App. B.2, App. G; P2 Sec. 3, App. A.2). `std` is
     the per-channel std, used to express the noise (std in standardized units) in P1's pixel space. Step sizes:
-    P1 2.5*eps/steps (MadryLab, the pgd default); P2 eps/10, BIM eps/20."""
+    P1 2.5*eps/steps (MadryLab, the pgd default); P2 eps/--step-div (10), BIM eps/--bim-step-div (20); P2 App. A.2's
+    longer PGD: twice the steps at half the step."""
     k = args.attack_steps
     if space == "pixels":
         clip, l2, linf = (0.0, 1.0), args.eps_l2, args.eps_linf
@@ -148,10 +171,13 @@ def attack_suite(args, space, dataset, std):
     clip = {"svhn": (-1.0, 1.0), "cifar10": (-2.0, 2.0)}.get(dataset)  # P2's clip ranges; none for MNIST
     linf, l2 = args.eps_linf, args.eps_l2
     specs = dict(clean=dict(kind="clean"), noise=dict(kind="noise", sigma=args.noise_std),
-                 pgd_linf=dict(kind="pgd", norm="linf", eps=linf, steps=k, step_size=linf / 10, clip=clip),
-                 pgd_l2=dict(kind="pgd", norm="l2", eps=l2, steps=k, step_size=l2 / 10, clip=clip))
+                 pgd_linf=dict(kind="pgd", norm="linf", eps=linf, steps=k, step_size=linf / args.step_div, clip=clip),
+                 pgd_l2=dict(kind="pgd", norm="l2", eps=l2, steps=k, step_size=l2 / args.step_div, clip=clip))
     if args.artifact == "p2_pgd_vs_bim":
-        specs["bim"] = dict(kind="bim", eps=linf, steps=k, step_size=linf / 20, clip=clip)
+        specs["bim"] = dict(kind="bim", eps=linf, steps=k, step_size=linf / args.bim_step_div, clip=clip)
+    if args.artifact == "p2_pgd_steps":
+        specs["pgd_linf_long"] = dict(kind="pgd", norm="linf", eps=linf, steps=2 * k, step_size=linf / (2 * args.step_div),
+                                      clip=clip)
     return specs
 
 
@@ -185,21 +211,38 @@ def run_one(args, data, dataset, arch, norm, seed, device, ckpt, log):
     for spec in specs.values():
         if torch.is_tensor(spec.get("sigma")):
             spec["sigma"] = spec["sigma"].to(device)
-    accs = evaluate(model, x, y, specs, batch_size=500, seed=seed)
-    if dataset == "cifar10" and args.artifact in ("p2_t2", "p2_t9"):  # CIFAR-10.1: clean and noise only (P2 Table 2)
-        try:
-            x1, y1 = read_cifar101(args.data_root)
-            x1 = input_fn(torch.from_numpy(x1).to(device).float() / 255.0)
-            y1 = torch.from_numpy(y1).to(device)
-            c101 = evaluate(model, x1, y1, {k: specs[k] for k in ("clean", "noise")}, batch_size=500, seed=seed)
-            accs |= {f"c101_{k}": v for k, v in c101.items()}
-        except DataError as e:
-            log(f"[{dataset} {arch} {norm} s{seed}] {e}")
-    rec |= {f"acc_{k}": v for k, v in accs.items()} | dict(n_eval=len(y), time_s=round(time.time() - t0, 1))
+    to_input = input_fn or (lambda t: t)
+
+    def measure(m, prefix):
+        """Every measurement of model m, its keys prefixed: acc_* for the final epoch, sel_acc_* for the selected."""
+        accs = evaluate(m, x, y, specs, batch_size=500, seed=seed)
+        if dataset == "cifar10" and args.artifact in ("p2_t2", "p2_t9"):  # CIFAR-10.1: clean and noise (P2 Table 2)
+            try:
+                x1, y1 = read_cifar101(args.data_root)
+                x1 = to_input(torch.from_numpy(x1).to(device).float() / 255.0)
+                y1 = torch.from_numpy(y1).to(device)
+                c101 = evaluate(m, x1, y1, {k: specs[k] for k in ("clean", "noise")}, batch_size=500, seed=seed)
+                accs |= {f"c101_{k}": v for k, v in c101.items()}
+            except DataError as e:
+                log(f"[{dataset} {arch} {norm} s{seed}] {e}")
+        out = {f"{prefix}acc_{k}": v for k, v in accs.items()}
+        # P2 Sec. 3's clean generalization gap: training minus test accuracy, both in eval mode (the logged
+        # train_acc is the running train-mode accuracy on augmented batches)
+        out[f"{prefix}acc_train_eval"] = sum(accuracy(m, to_input(xb), yb) * len(yb) for xb, yb in
+                                             zip(data.x_train.split(1000), data.y_train.split(1000))) / len(data.y_train)
+        out[f"{prefix}gen_gap"] = out[f"{prefix}acc_train_eval"] - out[f"{prefix}acc_clean"]
+        log(f"[{dataset} {arch} {norm} s{seed}] {prefix or 'final '}" + " | ".join(f"{k} {v:.4f}" for k, v in accs.items()))
+        return out
+
+    rec |= measure(model, "")
+    if res["best"] is not None:  # P2 Table 2 evaluates "the best model in terms of test accuracy": both are reported
+        best = copy.deepcopy(model)
+        best.load_state_dict(res["best"]["model"])
+        rec |= measure(best, "sel_") | dict(sel_epoch=res["best"]["epoch"])
+    rec |= dict(n_eval=len(y), time_s=round(time.time() - t0, 1))
     for name in CHECKED:
         if name in specs:
             rec |= {f"chk_{name}_{k}": v for k, v in check_attack(model, x, y, specs[name], seed=seed).items()}
-    log(f"[{dataset} {arch} {norm} s{seed}] " + " | ".join(f"{k} {v:.4f}" for k, v in accs.items()))
     return rec
 
 
@@ -231,19 +274,22 @@ def main(args):
         print(f"{dataset}: train {tuple(d.x_train.shape)}, test {tuple(d.x_test.shape)}")
     args.recipes = {f"{d} {a} {n}": recipe(args, d, a, n) for d, a, n in todo}  # the resolved recipe of every model
     write_config(run_dir, args, __file__, device)
-    complete = lambda _, recs: (sum(r["status"] == "ok" for r in recs) >= args.seeds or
-                                len(recs) >= args.max_seed_tries)  # (a run directory of an earlier version)
+    complete = lambda m, recs: (sum(r["status"] == "ok" for r in recs) >= seeds_for(args, m["arch"])[0] or
+                                len(recs) >= seeds_for(args, m["arch"])[1])  # (a run directory of an earlier version)
     sweep = Sweep(run_dir, planned_runs(args), args.shard, adopt_complete=complete)
     todo = sweep.todo()
-    print(f"{len(sweep.runs)} models x {args.seeds} seed(s) (up to {args.max_seed_tries} tries each); {len(todo)} to do here")
+    per_arch = "".join(f", {a}: {n}" for a, n in args.arch_seeds.items())
+    print(f"{len(sweep.runs)} models x {args.seeds} seed(s){per_arch} (up to {args.max_seed_tries} tries each); "
+          f"{len(todo)} to do here")
     t0 = time.time()
     for k, (_, name, m) in enumerate(todo):
         dataset, arch, norm = m["dataset"], m["arch"], m["norm"]
         data = datasets[(dataset, input_size(args, dataset, arch))]
         records = sweep.previous(name)  # the seeds an interrupted run already finished
         done = {r["seed"] for r in records}
-        for seed in range(args.max_seed_tries):
-            if sum(r["status"] == "ok" for r in records) >= args.seeds:
+        wanted, tries = seeds_for(args, arch)
+        for seed in range(tries):
+            if sum(r["status"] == "ok" for r in records) >= wanted:
                 break
             if seed in done:
                 continue
@@ -252,8 +298,8 @@ def main(args):
             sweep.save(name, records, finished=False)  # every finished seed is kept
         sweep.save(name, records)
         n_ok = sum(r["status"] == "ok" for r in records)
-        if n_ok < args.seeds:
-            print(f"[{dataset} {arch} {norm}] only {n_ok} of {args.seeds} seeds trained in {args.max_seed_tries} tries")
+        if n_ok < wanted:
+            print(f"[{dataset} {arch} {norm}] only {n_ok} of {wanted} seeds trained in {tries} tries")
         print(f"model {k + 1} of {len(todo)} done | {time.time() - t0:.0f}s | ETA "
               f"{(time.time() - t0) / (k + 1) * (len(todo) - k - 1):.0f}s")
     write_outputs(run_dir, sweep.records(), vars(args))
@@ -291,6 +337,8 @@ P2_T1_CLAIMS = [
     claim_pp("p2t1_pgd_l2", "P2 Table 1", "BN lowers PGD-ℓ2 accuracy", "−20 ± 1", "acc_pgd_l2", BN, NONE),
 ]
 P2_T2_CLAIMS = [
+    claim_pp("p2t2_gen_gap", "P2 Sec. 3", "BN reduces the clean generalization gap (VGG8; train − test accuracy, eval mode)",
+             "−1.1 ± 0.2", "gen_gap", BN, NONE),
     claim_pp("p2t2_noise", "P2 Table 2", "BN lowers noise accuracy (VGG8)", "−6 ± 1", "acc_noise", BN, NONE),
     claim_pp("p2t2_pgd_linf", "P2 Table 2", "BN lowers PGD-ℓ∞ accuracy (VGG8)", "−17.3 ± 0.7", "acc_pgd_linf", BN, NONE),
     claim_pp("p2t2_pgd_l2", "P2 Table 2", "BN lowers PGD-ℓ2 accuracy (VGG8)", "−5.9 ± 0.4", "acc_pgd_l2", BN, NONE),
@@ -330,14 +378,20 @@ CLAIMS = {  # the papers' claims each artifact tests (common.claim; verdicts by 
           "31.3 vs 27.1 (none), 15 vs 10 (BN)", "bim_minus_pgd_linf", {}, None, ">",
           per=("dataset", "arch", "norm"))],
 }
+CLAIMS["p2_t2"] = [c | dict(metric="sel_" + c["metric"]) for c in P2_T2_CLAIMS]  # on the selected epoch, as P2 Table 2
 CLAIMS["p2_t9"] = CLAIMS["p2_t2"]
+CLAIMS["p2_pgd_steps"] = [
+    claim_pp("p2a2_steps", "P2 App. A.2", "40 PGD steps of eps/20 find hardly more than 20 of eps/10 (within 1 point)",
+             "28.9 → 28.5 (−0.4 ± 0.5)", "long_minus_pgd_linf", {}, None, ">", ref=-0.01, per=("dataset", "arch", "norm"))]
 
-METRICS = ["clean", "noise", "pgd_l2", "pgd_linf", "cw_l2", "cw_linf", "fgsm", "bim", "c101_clean", "c101_noise"]
+METRICS = ["clean", "noise", "pgd_l2", "pgd_linf", "pgd_linf_long", "cw_l2", "cw_linf", "fgsm", "bim", "c101_clean",
+           "c101_noise"]
 
 
 COLORS = dict(none="0.25", bn="C0", **{"in": "C1"}, ln="C2", gn="C3", fixup="C4")  # one colour per norm in every panel
 
-LABELS = dict(clean="clean", noise="noise", pgd_l2="PGD-ℓ2", pgd_linf="PGD-ℓ∞", cw_l2="CW-ℓ2", cw_linf="CW-ℓ∞", fgsm="FGSM",
+LABELS = dict(clean="clean", noise="noise", pgd_l2="PGD-ℓ2", pgd_linf="PGD-ℓ∞", pgd_linf_long="PGD-ℓ∞ 2x steps of 1/2",
+              cw_l2="CW-ℓ2", cw_linf="CW-ℓ∞", fgsm="FGSM",
               bim="BIM", c101_clean="CIFAR-10.1 clean", c101_noise="CIFAR-10.1 noise")
 
 
@@ -351,13 +405,21 @@ def groups(records):
 def make_table(records, header):
     ok = [r for r in records if r["status"] == "ok"]
     metrics = [m for m in METRICS if any(f"acc_{m}" in r for r in ok)]
-    lines = [header, "", "Accuracy (%) on the test set, mean ± SEM over seeds (n = successful seeds).", "",
-             "| dataset | arch | norm | n | " + " | ".join(LABELS[m] for m in metrics) + " |",
-             "|---|---|---|---|" + "---|" * len(metrics)]
     g = groups(ok)
-    for (d, a, n), rs in g.items():
-        lines.append(f"| {d} | {a} | {n} | {len(rs)} | " + " | ".join(fmt_mean_sem([r.get(f"acc_{m}") for r in rs])
-                                                                  for m in metrics) + " |")
+    lines = [header, "", "Accuracy (%) on the test set, mean ± SEM over seeds (n = successful seeds)" +
+             (", final epoch." if any("sel_acc_clean" in r for r in ok) else "."), ""]
+    for prefix in ("", "sel_"):
+        if prefix and not any("sel_acc_clean" in r for r in ok):
+            break
+        if prefix:
+            lines += ["", "Selected epoch: the best clean test accuracy (P2 Table 2 reports these; its claims use them).",
+                      ""]
+        lines += ["| dataset | arch | norm | n | " + " | ".join(LABELS[m] for m in metrics) + " | gen. gap |",
+                  "|---|---|---|---|" + "---|" * (len(metrics) + 1)]
+        for (d, a, n), rs in g.items():
+            lines.append(f"| {d} | {a} | {n} | {len(rs)} | " + " | ".join(
+                fmt_mean_sem([r.get(f"{prefix}{'' if m == 'gen_gap' else 'acc_'}{m}") for r in rs])
+                for m in metrics + ["gen_gap"]) + " |")
     diffs = []
     for (d, a, n), rs in g.items():  # difference to the unnormalized model (Fixup for a Fixup-vs-BN WRN)
         ref = g.get((d, a, "none")) or g.get((d, a, "fixup"))
@@ -425,7 +487,9 @@ def write_outputs(run_dir, records, cfg):
     write_text_atomic(run_dir / "table.md", make_table(records, header))
     make_figure(records, run_dir / "figure.png", header[2:] + f" | ε ℓ2 {cfg['eps_l2']:.3g}, ℓ∞ {cfg['eps_linf']:.3g}, "
                 f"FGSM {cfg['eps_fgsm']:.3g}; error bars: SEM over seeds")
-    rows = [r | ({"bim_minus_pgd_linf": r["acc_bim"] - r["acc_pgd_linf"]} if "acc_bim" in r else {}) for r in records]
+    rows = [r | ({"bim_minus_pgd_linf": r["acc_bim"] - r["acc_pgd_linf"]} if "acc_bim" in r else {})
+            | ({"long_minus_pgd_linf": r["acc_pgd_linf_long"] - r["acc_pgd_linf"]} if "acc_pgd_linf_long" in r else {})
+            for r in records]
     write_claims(run_dir, claims_for(art), rows, f"# Claims: {ARTIFACTS[art]['title']} ({art}, preset {preset}, {datasets})",
                  records, lambda r: f"{r['dataset']} {r['arch']} {r['norm']} s{r['seed']}")
 
@@ -440,6 +504,10 @@ def get_args(argv=None):
     g.add_argument("--arch", nargs="+", help="override the architectures (e.g. vgg11 resnet18)")
     g.add_argument("--norm", nargs="+", choices=list(NORMS) + ["fixup"], help="override the norms")
     g.add_argument("--seeds", type=int, help="successful seeds per model (P2: mean ± SEM over them)")
+    g.add_argument("--select", choices=["final", "best_test"], help="also measure the epoch of best clean test accuracy "
+                   "(P2 Tables 2/9: best_test; both the final and the selected model are reported, labelled)")
+    g.add_argument("--arch-seeds", nargs="*", metavar="ARCH=N", type=arch_seeds_arg,
+                   help="seeds for particular architectures (P2 Tables 2/9: wrn28_10=5); an empty list: --seeds for all")
     g.add_argument("--max-seed-tries", type=int, help="seeds tried per model before giving up (P2 Table 3: 10; "
                    "unset: --seeds)")
     g = p.add_argument_group("training")
@@ -455,6 +523,9 @@ def get_args(argv=None):
     g = p.add_argument_group("attack budgets and measurements")
     g.add_argument("--n-eval", type=int, help="test samples attacked, class-balanced (unset: the full test set)")
     g.add_argument("--attack-steps", type=int, help="PGD/CW/BIM iterations")
+    g.add_argument("--step-div", type=float, default=10.0, help="P2 artifacts: PGD step = eps / STEP_DIV (P2 Sec. 3: 10; "
+                   "P1 uses MadryLab's 2.5 eps / steps)")
+    g.add_argument("--bim-step-div", type=float, default=20.0, help="P2 App. A.2: BIM step = eps / BIM_STEP_DIV (20)")
     g.add_argument("--eps-l2", type=float, help="PGD-ℓ2 and CW-ℓ2 budget (P1: pixels; P2: standardized, 0.03·√3072)")
     g.add_argument("--eps-linf", type=float, help="PGD-ℓ∞, CW-ℓ∞ and BIM budget")
     g.add_argument("--eps-fgsm", type=float, help="FGSM budget (P1 Table 8: 4/255)")
@@ -465,13 +536,14 @@ def get_args(argv=None):
     g.add_argument("--size", type=int, help="resize images to size x size (unset: the dataset's own; "
                    "digits 32 for VGG, 16 otherwise)")
     args = parse_with_presets(p, resolve, argv)
+    args.arch_seeds = dict(args.arch_seeds or {})  # (ARCH=N pairs from the command line, a dict from a preset)
     if args.plot_only:
         return args
     args.max_seed_tries = args.max_seed_tries or ARTIFACTS[args.artifact]["runs"].get("max_tries", args.seeds)
     check_numbers(p, args, at_least_one=("epochs", "batch_size", "attack_steps", "n_eval", "seeds", "max_seed_tries",
                                          "size", "gn_groups"),
-                  positive=("width", "lr"), non_negative=("eps_l2", "eps_linf", "eps_fgsm", "noise_std", "weight_decay",
-                                                          "warmup_epochs"))
+                  positive=("width", "lr", "step_div", "bim_step_div"),
+                  non_negative=("eps_l2", "eps_linf", "eps_fgsm", "noise_std", "weight_decay", "warmup_epochs"))
     if args.max_seed_tries < args.seeds:
         p.error(f"--max-seed-tries {args.max_seed_tries} < --seeds {args.seeds}")
     return args

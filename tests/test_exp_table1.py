@@ -38,6 +38,8 @@ def test_smoke_preset_writes_records_table_and_figure(tmp_path):
     assert len(ok) >= 6, [(x["arch"], x["norm"], x["reason"]) for x in recs if x["status"] != "ok"]
     for x in ok:
         assert all(0.0 <= x[m] <= 1.0 for m in METRICS), x
+        # P2's clean generalization gap: eval-mode accuracy over the whole training set minus test accuracy
+        assert 0.0 <= x["acc_train_eval"] <= 1.0 and x["gen_gap"] == x["acc_train_eval"] - x["acc_clean"]
         assert x["acc_clean"] > 0.2  # well above chance on the synthetic task
         for m in ("acc_pgd_l2", "acc_pgd_linf", "acc_cw_l2", "acc_cw_linf"):
             assert x[m] <= x["acc_clean"] + 0.02, (m, x)  # an attack never helps (beyond float noise)

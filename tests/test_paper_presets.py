@@ -120,3 +120,74 @@ def test_bn_adaptation_defaults_to_the_authors_one_batch_of_32():
         a(x)
     assert torch.allclose(bn.running_mean, seen[0].mean((0, 2, 3)), atol=1e-6)  # the batch's own statistics
     assert torch.allclose(bn.running_var, seen[0].var((0, 2, 3)), atol=1e-6)  # (unbiased, as nn.BatchNorm)
+
+
+def test_p2_seeds_per_model():
+    """P2 App. A.3: "We train WideResNets (WRN) with five unique seeds"; the VGGs of Tables 2 and 4 have three."""
+    mod, args = paper("exp_table1", "p2_t2")
+    assert (mod.seeds_for(args, "wrn28_10")[0], mod.seeds_for(args, "vgg8")[0]) == (5, 3)
+    mod, args = paper("exp_corruption", "p2_t4")
+    seeds = {}
+    for _, r in mod.planned_runs(args):
+        seeds.setdefault(r["arch"], set()).add(r["seed"])
+    assert {a: len(s) for a, s in seeds.items()} == {"vgg8": 3, "vgg13": 3, "wrn28_10": 5}
+    _, args = paper("exp_table1", "p2_t2", "--arch-seeds", "vgg8=4")
+    assert args.arch_seeds == {"vgg8": 4}
+
+
+def test_p2_table2_selects_the_best_test_epoch_and_reports_both():
+    """P2 Sec. 3: Table 2 evaluates "the best model in terms of test accuracy"; Table 4 reuses those models."""
+    mod, args = paper("exp_table1", "p2_t2")
+    assert args.select == "best_test" and mod.recipe(args, "cifar10", "vgg8", "bn")["select"] == "best_test"
+    assert all(c["metric"].startswith("sel_") for c in mod.CLAIMS["p2_t2"])
+    mod, args = paper("exp_table1", "p2_t1")
+    assert "select" not in mod.recipe(args, "svhn", "vgg8", "bn")  # final epoch elsewhere (and unchanged cache keys)
+    mod, args = paper("exp_corruption", "p2_t4")
+    assert mod.recipe(args, "cifar10", "wrn28_10", "bn", "standard")["select"] == "best_test"
+    assert "select" not in mod.recipe(args, "cifar10", "vgg13", "bn", "standard")  # Table 3's model
+
+
+def test_best_test_selection_keeps_the_best_epoch_across_a_resume(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(64, 3, 8, 8, generator=g), torch.arange(64) % 4
+    xt, yt = torch.rand(32, 3, 8, 8, generator=g), torch.arange(32) % 4
+    data = common.Data("toy", x, y, xt, yt, (0.5,) * 3, (0.25,) * 3, 4)
+    recipe = dict(epochs=4, batch_size=16, lr=0.05, select="best_test")
+
+    def train(ckpt=None, stop_after=None):
+        def on_epoch(epoch, m):
+            if epoch == stop_after:
+                raise KeyboardInterrupt
+            return {}
+        common.set_seed(0)
+        model = common.make_model("vgg8", norm="bn", width=0.25, num_classes=4, in_channels=3)
+        return model, common.train_model(model, data, recipe, seed=1, ckpt=ckpt, log=lambda s: None, on_epoch=on_epoch)
+
+    model, res = train()
+    accs = {h["epoch"]: h["test_acc"] for h in res["history"] if "test_acc" in h}
+    assert sorted(accs) == [1, 2, 3, 4] and res["best"]["test_acc"] == max(accs.values())
+    assert res["best"]["epoch"] == min(e for e, a in accs.items() if a == max(accs.values()))  # ties: the earlier
+    best = common.make_model("vgg8", norm="bn", width=0.25, num_classes=4, in_channels=3)
+    best.load_state_dict(res["best"]["model"])
+    assert common.accuracy(best, xt, yt) == res["best"]["test_acc"]
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "c.pt", stop_after=2)
+    _, resumed = train(tmp_path / "c.pt")
+    assert resumed["best"]["epoch"] == res["best"]["epoch"]
+    assert all(torch.equal(v, resumed["best"]["model"][k]) for k, v in res["best"]["model"].items())
+
+
+def test_p2_a2_longer_pgd_on_vgg16_bn():
+    """P2 App. A.2: "For VGG16 on CIFAR-10, using 40 iterations of PGD with a step size of eps/20, instead of 20
+    iterations with eps/10" -- 28.9 ± 0.2 %, P2 Table 3's VGG16 with BN, so Table 3's BN model and recipe."""
+    mod, args = paper("exp_table1", "p2_pgd_steps")
+    assert mod.plan(args) == [("cifar10", "vgg16", "bn")]
+    assert mod.recipe(args, "cifar10", "vgg16", "bn") == mod.recipe(paper("exp_table1", "p2_t3")[1], "cifar10", "vgg16",
+                                                                     "bn")  # a --cache hit for p2_t3's model
+    specs = mod.attack_suite(args, "standardized", "cifar10", None)
+    eps = args.eps_linf
+    assert (specs["pgd_linf"]["steps"], specs["pgd_linf"]["step_size"]) == (20, eps / 10)
+    assert (specs["pgd_linf_long"]["steps"], specs["pgd_linf_long"]["step_size"]) == (40, eps / 20)
+    _, args = paper("exp_table1", "p2_pgd_vs_bim", "--step-div", "5", "--bim-step-div", "8")
+    specs = mod.attack_suite(args, "standardized", "svhn", None)
+    assert specs["pgd_l2"]["step_size"] == args.eps_l2 / 5 and specs["bim"]["step_size"] == args.eps_linf / 8
