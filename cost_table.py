@@ -134,8 +134,8 @@ def cost_corruption(args):
 def cost_transfer(args):
     t = Tally()
     if args.artifact == "p1_t3":  # the models are exp_corruption.py's (shared through --cache): counted here too
-        n_train, _, shape = SIZES[args.dataset]
-        pool = args.per_class * 10
+        n_train, n_test, shape = SIZES[args.dataset]
+        pool = args.per_class * 10 if args.per_class else n_train if args.extract_from == "train" else n_test
         for training in ("standard", "adversarial"):
             for n in args.norm:
                 kw = dict(norm=n, num_classes=10, in_channels=3, width=args.width)

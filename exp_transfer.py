@@ -1,8 +1,8 @@
 """Which norm's features transfer (P1 Table 3) and black-box transfer between BN and unnormalized VGGs (P2 Table 10).
 
 P1 Table 3: from each source VGG16 (five norms; standard or l2-adversarially trained) extract images that
-carry only the features the source uses (P1 App. B.3: match the source's penultimate features of a test
-image x from a test image of another class, 1000 steps of 0.1, label y), then ask every target of the
+carry only the features the source uses (P1 App. B.3: match the source's penultimate features of each training
+image x from a training image of another class, 1000 steps of 0.1, label y), then ask every target of the
 same training type: --mode evaluate (default) the fraction of extracted images it classifies as y (the
 diagonal, source = target, is a sanity check), or --mode retrain: its test accuracy after training on
 the extracted set (Ilyas et al.'s protocol). P2 Table 10: untargeted BIM-linf examples made on VGG11 with
@@ -68,7 +68,7 @@ RETRAIN = dict(epochs=150, lr=0.01, milestones=(50, 100), augment=True)        #
 PRESETS = {
     "paper": dict(dataset="cifar10", size=None, channels=None, arch=None, width=1.0, epochs=None, lr=None,
                   batch_size=128, weight_decay=5e-4, warmup_epochs=0.0, adv_eps=0.5, adv_steps=7, adv_step_size=0.1,
-                  per_class=100, inv_steps=1000, inv_step=0.1, eps=0.03, bim_steps=10, bim_step=None, n_eval=None,
+                  per_class=None, inv_steps=1000, inv_step=0.1, eps=0.03, bim_steps=10, bim_step=None, n_eval=None,
                   retrain_epochs=150, gn_groups=None, seeds=1),
     # The digits at 32x32 RGB with exp_corruption.py's quick recipe (VGG11 for VGG16, DECISIONS.md D28), budgets
     # 4x (adversarial training eps 2.0; BIM eps 0.12 standardized), inversion 100 steps of 0.4, 3 seeds.
@@ -122,8 +122,8 @@ def get_model(args, data, space, arch, norm, training, seed, device, run_dir):
 
 
 def extract(args, model, x, y, seed, tag, batch_size=250):
-    """P1 Table 3's extraction (App. B.3): match the source's features of each pool image from a pool image of
-    another label; uint8-rounded like a saved dataset. Logs images/s."""
+    """P1 Table 3's extraction (App. B.3): match the source's features of each pool image (the training set, by
+    default) from a pool image of another label; uint8-rounded like a saved dataset. Logs images/s."""
     start = other_label_indices(y.cpu(), y.cpu(), torch.Generator().manual_seed(seed)).to(x.device)
     t0, out = time.time(), []
     for i in range(0, len(y), batch_size):
@@ -158,8 +158,11 @@ def planned_runs(args):
 def run_p1_t3(args, data, device, run_dir, seed, training, records, save):
     """One seed and training type: the five sources' extracted sets, scored by (or retraining) the five targets.
     `records` holds what an interrupted run finished (kept); save(records) after every source."""
-    pool = class_balanced_subset(data.y_test, args.per_class)
-    x_pool, y_pool = data.x_test[pool], data.y_test[pool]
+    # P1 App. B.3: "for each sample x from D", the training set (--extract-from test: the test set), or a fixed
+    # class-balanced part of it (--per-class)
+    xs, ys = (data.x_train, data.y_train) if args.extract_from == "train" else (data.x_test, data.y_test)
+    pool = class_balanced_subset(ys, args.per_class) if args.per_class else torch.arange(len(ys), device=ys.device)
+    x_pool, y_pool = xs[pool], ys[pool]
     done = {(r["source"], r["target"]) for r in records}
     models = {n: get_model(args, data, "pixels", args.arch[0], n, training, seed, device, run_dir) for n in args.norm}
     for src in args.norm:
@@ -380,8 +383,10 @@ def make_table(records, cfg, header):
         norms = list(dict.fromkeys(r["source"] for r in records))
         what = ("fraction of a source's extracted images that the target classifies as their label y" if
                 cfg["mode"] == "evaluate" else "test accuracy of the target retrained on the source's extracted images")
+        pool = (f"{cfg['per_class']} per class of the" if cfg.get("per_class") else "every image of the")
         lines += [f"{cfg['arch'][0]} sources (rows) and targets (columns); {what}, mean ± SEM over seeds (%); "
-                  f"diagonal (*) = source = target, a sanity check. Extraction: {10 * cfg['per_class']} test images, "
+                  f"diagonal (*) = source = target, a sanity check. Extraction: {pool} "
+                  f"{cfg.get('extract_from', 'test')} set, "
                   f"{cfg['inv_steps']} steps of {cfg['inv_step']:g}. transfer = mean over the other targets.", ""]
         for training in ("standard", "adversarial"):
             rows = [r for r in records if r["training"] == training]
@@ -489,7 +494,10 @@ def get_args(argv=None):
     g.add_argument("--retrain-epochs", type=int, help="p1_t3 --mode retrain: epochs (P1 Table 6: 150)")
     g.add_argument("--gn-groups", type=int, help="GroupNorm groups (unset: min(32, channels))")
     g = p.add_argument_group("attack budgets and measurements")
-    g.add_argument("--per-class", type=int, help="p1_t3: pool of test images per class (100: 1000 images)")
+    g.add_argument("--extract-from", choices=["train", "test"], default="train",
+                   help="p1_t3: extract features of the training set (P1 App. B.3: 'each sample x from D') or the test set")
+    g.add_argument("--per-class", type=int, help="p1_t3: extract from a class-balanced part of it, this many images per "
+                   "class (unset: every image)")
     g.add_argument("--inv-steps", type=int, help="p1_t3: feature-matching steps (P1 App. B.3: 1000)")
     g.add_argument("--inv-step", type=float, help="p1_t3: l2 length of each step (0.1)")
     g.add_argument("--eps", type=float, help="p2_t10 substitute: BIM-linf budget, standardized units (0.03)")
