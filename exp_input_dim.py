@@ -22,16 +22,18 @@ Run it:
     python exp_input_dim.py --dataset mnist     # paper preset on MNIST (--download fetches it)
 """
 import functools
+import hashlib
+import pathlib
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (Data, Sweep, add_run_flags, build_dataset, check_attack, check_numbers, claim, eval_mode, fmt_mean_sem,
-                    is_main_process, log_to, make_model, make_parser, mean_sem, merge_runs, parse_with_presets, pick_device,
-                    prepare_run_dir, print_config, resize_images, run_attack, run_script, save_figure, set_seed, show,
-                    train_model, write_claims, write_config, write_text_atomic)
+from common import (Data, DataError, Sweep, add_run_flags, build_dataset, check_attack, check_numbers, claim, eval_mode,
+                    fmt_mean_sem, is_main_process, log_to, make_model, make_parser, mean_sem, merge_runs,
+                    parse_with_presets, pick_device, prepare_run_dir, print_config, resize_images, run_attack,
+                    run_script, save_figure, set_seed, show, train_model, write_claims, write_config, write_text_atomic)
 
 
 # ================================================================================================
@@ -50,7 +52,18 @@ ARTIFACTS = {  # name -> title, runs, claims
     "t7": dict(title="P2 Table 7: the MLPs with Table 11's weight decay", runs=dict(ks=[2, 3], norms=["none", "bn"])),
     # a picture (P2: BN spreads the points from init): nothing to test as a number
     "fig4": dict(title="P2 Fig 4: 2-unit bottleneck activations over training", runs=dict(norms=["none", "bn"])),
+    # P2 App. B: "Our models trained with weight decay obtained 12% higher accuracy (86% vs. 74% correct) compared to
+    # batch norm on a small sample of 100 l-inf invariance-based MNIST examples" (DECISIONS.md D20): MNIST only
+    "appb": dict(title="P2 App. B: weight decay vs BN on 100 invariance-based MNIST examples",
+                 runs=dict(variants=["wd", "bn"])),
 }
+
+# Tramer et al.'s invariance-based examples (ftramer/Excessive-Invariance, MIT licence; data/excessive_invariance):
+# 28x28 MNIST images changed until their (human, "oracle") label changed, with those labels; sha256 as published
+INVARIANCE = {"automated_eps03": ("3f1dad7705a272bee7ff6186e241b591a4bba88f7f3a94c686954ba7f78bb986",
+                                  "79c93e7ab230591861ea74996ba6c95942290ed9e209e83f0b45b6b0c468ad18"),
+              "automated_eps04": ("751cbe4a5a2b85255e6e38a12e9eca690b2a4d54dc8e9e0d9dd6a582aec37978",
+                                  "bb28481ffe49bf13a77a06f43e32895e6270739119e1fc2e1e232aa02bc11316")}
 
 PRESETS = {
     "paper": dict(dataset="mnist", seeds=5, mlp_seeds=5, epochs=50, mlp_epochs=50, bottleneck_epochs=500,
@@ -76,6 +89,7 @@ def base_data(args, device):
     """Standardized base-resolution images (28x28 MNIST or 8x8 digits), 1 channel, on `device`."""
     d = build_dataset(args.dataset, args.data_root, device, args.download)
     m, s = d.mean[0], d.std[0]
+    args.base_stats = (m, s)  # (recorded in config.json; appb standardizes the invariance examples with them)
     return (d.x_train - m) / s, d.y_train, (d.x_test - m) / s, d.y_test
 
 
@@ -118,6 +132,8 @@ def planned_runs(args):
                     for k in ks for n in ("none", "bn") for s in range(args.mlp_seeds)]
     if args.artifact in ("all", "fig4"):
         out.append(("fig4", dict(table="fig4")))
+    if args.artifact == "appb" or (args.artifact == "all" and args.dataset == "mnist"):  # 28x28 MNIST models only
+        out += [(f"appb_{v}_s{s}", dict(table="appb", variant=v, seed=s)) for v in ("wd", "bn") for s in range(args.mlp_seeds)]
     return out
 
 
@@ -159,6 +175,42 @@ def run_mlp(args, base, device, run_dir, table, k, norm, seed):
         rec["acc_bim"], rec["loss_bim"] = acc_and_loss(model, data.x_test, data.y_test, bim)
         chk = check_attack(model, data.x_test, data.y_test, bim, seed=seed)
         rec |= {f"chk_bim_{k}": v for k, v in chk.items()}
+    return rec
+
+
+def read_invariance_examples(folder, name):
+    """One set of the invariance-based examples as (x in [0, 1], (N, 1, 28, 28) float32; oracle labels int64), each
+    file checked against its published sha256 (one DataError line otherwise)."""
+    out = []
+    for suffix, digest in zip(("", "_labels"), INVARIANCE[name]):
+        path = pathlib.Path(folder) / "invariance_examples" / "linf" / f"{name}{suffix}.npy"
+        if not path.is_file():
+            raise DataError(f"{path} not found: --invariance-dir must hold Tramer et al.'s invariance_examples/linf/ "
+                            "(bundled in data/excessive_invariance)")
+        if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            raise DataError(f"{path}: sha256 differs from the published file (corrupt or edited?)")
+        out.append(np.load(path, allow_pickle=False))
+    x = torch.from_numpy(np.asarray(out[0], dtype=np.float32) / 255.0)[:, None]
+    return x, torch.from_numpy(out[1].astype(np.int64))
+
+
+def run_appb(args, base, device, run_dir, variant, seed):
+    """P2 App. B: Tables 6/7's MLP at sqrt(d) = 28 with weight decay (--inv-lambda, no BN) or with one BN layer (no
+    weight decay), scored on the invariance examples against their oracle labels (standardized as MNIST)."""
+    data = upscaled(base, 1)
+    d = data.x_train[0].numel()
+    lam, norm = (args.inv_lambda, "none") if variant == "wd" else (0.0, "bn")
+    set_seed(seed)
+    model = make_model("mlp", norm=norm, in_dim=d, hidden=[d // 2, d // 2], norm_positions=[0]).to(device)
+    res = train(args, data, model, args.mlp_epochs, lam, seed, run_dir / "ckpt" / f"appb_{variant}_s{seed}.pt")
+    rec = dict(table="appb", k=1, variant=variant, norm=norm, lam=lam, seed=seed, status=res["status"],
+               reason=res["reason"])
+    if res["status"] == "ok":
+        m, s = args.base_stats
+        rec["acc_clean"] = acc_and_loss(model, data.x_test, data.y_test, dict(kind="clean"))[0]
+        for name in INVARIANCE:
+            x, y = read_invariance_examples(args.invariance_dir, name)
+            rec[f"acc_{name}"] = acc_and_loss(model, ((x - m) / s).to(device), y.to(device), dict(kind="clean"))[0]
     return rec
 
 
@@ -223,6 +275,8 @@ def main(args):
             sweep.save(name, [run_t11(args, base, device, run_dir, r["k"], r["lam"], r["seed"])])
         elif r["table"] in ("t6", "t7"):
             sweep.save(name, [run_mlp(args, base, device, run_dir, r["table"], r["k"], r["norm"], r["seed"])])
+        elif r["table"] == "appb":
+            sweep.save(name, [run_appb(args, base, device, run_dir, r["variant"], r["seed"])])
         else:
             acts, labels = run_fig4(args, base, device, run_dir)
             plot_fig4(acts, labels, run_dir / "fig4.png", args.snapshots)
@@ -258,6 +312,9 @@ CLAIMS = {  # the papers' claims each artifact tests (common.claim; verdicts by 
     claim_pp("t7_bn", "P2 Table 7", "BN lowers BIM accuracy also with weight decay", "always hurts",
           "acc_bim", dict(table="t7", norm="bn"), dict(table="t7", norm="none"), per=("k",))],
     "fig4": [],
+    "appb": [claim_pp(f"appb_{name}", "P2 App. B", f"Weight decay beats BN on the invariance-based examples ({name})",
+                      "86 vs 74 % (which of the two files: not stated)", f"acc_{name}", dict(table="appb", variant="wd"),
+                      dict(table="appb", variant="bn"), ">") for name in INVARIANCE],
 }
 
 
@@ -311,6 +368,16 @@ def make_tables(records, cfg):
                 if rs and not (k == 1 and norm == "none"):
                     ratios = [fmt_mean_sem([r[m] / b[m] for r in rs], 1.0, 3) for m in b]
                     lines.append(f"| {k} | {norm} | " + " | ".join(ratios) + " |")
+        lines.append("")
+    inv = [r for r in ok if r["table"] == "appb"]
+    if inv:
+        lines += ["## P2 App. B: accuracy (%) against the oracle labels of Tramer et al.'s 100 invariance-based examples",
+                  "", "| model | lambda | n | clean test | automated_eps03 | automated_eps04 |", "|---|---|---|---|---|---|"]
+        for v, what in (("wd", "MLP, weight decay"), ("bn", "MLP, one BN layer")):
+            rs = [r for r in inv if r["variant"] == v]
+            if rs:
+                lines.append(f"| {what} | {rs[0]['lam']:g} | {len(rs)} | " + " | ".join(
+                    ms(rs, m) for m in ("acc_clean", "acc_automated_eps03", "acc_automated_eps04")) + " |")
         lines.append("")
     failed = [r for r in records if r["status"] != "ok"]
     lines += [f"- failed: {r['table']} k={r['k']} lambda={r['lam']:g} {r['norm']} seed {r['seed']}: {r['reason']}"
@@ -371,6 +438,10 @@ def get_args(argv=None):
     g.add_argument("--bim-step", type=float, help="BIM step size (P2: 1e-3)")
     g.add_argument("--noise-std", type=float, default=1.0, help="std of the noise added before upscaling (P2 footnote 6)")
     g.add_argument("--n-plot", type=int, help="training points drawn in Fig 4")
+    g.add_argument("--inv-lambda", type=float, default=0.01, help="appb: weight decay of the 'weight decay' MLP (P2 gives "
+                   "none at sqrt(d) = 28; Table 11's smallest, DECISIONS.md D20)")
+    g.add_argument("--invariance-dir", default=str(pathlib.Path(__file__).resolve().parent / "data" / "excessive_invariance"),
+                   help="appb: Tramer et al.'s invariance examples (bundled)")
     add_run_flags(p, "exp_input_dim", unit="runs", data="the datasets",
                      outputs="table.md, claims.md and fig4.png")
     args = parse_with_presets(p, resolve, argv)
@@ -379,6 +450,8 @@ def get_args(argv=None):
     check_numbers(p, args, at_least_one=("seeds", "mlp_seeds", "epochs", "mlp_epochs", "bottleneck_epochs", "bim_steps",
                                          "batch_size", "n_plot"),
                   positive=("fgsm_eps", "bim_eps", "bim_step", "lr"), non_negative=("noise_std", "snapshots"))
+    if args.artifact == "appb" and args.dataset != "mnist":
+        p.error("--artifact appb: needs --dataset mnist (the invariance examples are 28x28 MNIST images)")
     if any(e > args.bottleneck_epochs for e in args.snapshots):
         p.error(f"--snapshots {args.snapshots}: expected epochs in 0..{args.bottleneck_epochs} (--bottleneck-epochs)")
     return args

@@ -43,3 +43,55 @@ def test_smoke_all_tables_and_fig4(tmp_path):
 def test_missing_mnist_is_one_clear_line(tmp_path):
     r = run("--dataset", "mnist", "--data-root", tmp_path)
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "mnist not found" in r.stderr
+
+
+def write_mnist_from_digits(root):
+    """MNIST's idx files (28x28 uint8) holding the bundled digits upscaled: a realistic small stand-in."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from common import load_digits
+    from test_data import idx_bytes
+    d = load_digits()
+    base = root / "mnist"
+    base.mkdir(parents=True)
+    for split, (xs, ys) in (("train", (d["x_train"], d["y_train"])), ("t10k", (d["x_test"], d["y_test"]))):
+        x = F.interpolate(torch.as_tensor(np.asarray(xs), dtype=torch.float32).reshape(len(ys), 1, 8, 8), size=28,
+                          mode="bilinear").squeeze(1)
+        x = (x / x.max() * 255).round().clamp(0, 255).numpy().astype(np.uint8)
+        (base / f"{split}-images-idx3-ubyte").write_bytes(idx_bytes(x))
+        (base / f"{split}-labels-idx1-ubyte").write_bytes(idx_bytes(np.asarray(ys, np.uint8)))
+
+
+def test_appb_invariance_examples_on_mnist_format_files(tmp_path):
+    """P2 App. B on MNIST-format files written here: the weight-decay and BN MLPs at 28x28 are scored on the 100
+    bundled invariance-based examples against their oracle labels; the claims and table name both files."""
+    write_mnist_from_digits(tmp_path / "data")
+    out = tmp_path / "run"
+    r = run("--preset", "smoke", "--artifact", "appb", "--dataset", "mnist", "--data-root", tmp_path / "data",
+            "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = json.loads((out / "results.json").read_text())["records"]
+    assert sorted((x["variant"], x["norm"], x["lam"]) for x in recs) == [("bn", "bn", 0.0), ("wd", "none", 0.01)]
+    for x in recs:
+        assert x["status"] == "ok" and all(0 <= x[f"acc_automated_eps0{e}"] <= 1 for e in (3, 4))
+    claims = (out / "claims.md").read_text()
+    assert "automated_eps03" in claims and "automated_eps04" in claims and "86 vs 74" in claims
+    assert "invariance-based examples" in (out / "table.md").read_text()
+
+
+def test_appb_needs_mnist_and_intact_files(tmp_path):
+    r = run("--preset", "quick", "--artifact", "appb")  # the digits: no 28x28 models
+    assert r.returncode == 2 and "needs --dataset mnist" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    import shutil
+    import exp_input_dim
+    folder = tmp_path / "inv"
+    shutil.copytree(ROOT / "data" / "excessive_invariance", folder)
+    x, y = exp_input_dim.read_invariance_examples(folder, "automated_eps03")  # the bundled files are the published ones
+    assert x.shape == (100, 1, 28, 28) and 0 <= x.min() and x.max() <= 1 and set(y.tolist()) <= set(range(10))
+    f = folder / "invariance_examples" / "linf" / "automated_eps04_labels.npy"
+    f.write_bytes(f.read_bytes()[:-1] + b"\x01")
+    import pytest
+    from common import DataError
+    with pytest.raises(DataError, match="sha256"):
+        exp_input_dim.read_invariance_examples(folder, "automated_eps04")
