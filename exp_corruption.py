@@ -358,14 +358,16 @@ def _gaussian(x, sigma, mode="nearest", truncate=4.0):
     regions -- exact multiples of 1/255 times a kernel summing to 1 up to rounding -- round as in the generator."""
     if not sigma > 0:
         return x
-    k = _gauss1d(sigma, truncate).to(x.device)
+    if x.device.type == "cpu" and x.dim() == 4 and len(x) > 32:  # blocks of 32 images stay in the CPU's cache (2x)
+        return torch.cat([_gaussian(b, sigma, mode, truncate) for b in x.split(32)])
+    k = _gauss1d(sigma, truncate).tolist()
     r = len(k) // 2
     for dim in (-2, -1):
         n = x.shape[dim]
         p = x.index_select(dim, _pad_index(n, r, mode, x.device))
         out = p.narrow(dim, r, n) * k[r]
         for j in range(r, 0, -1):
-            out = out + (p.narrow(dim, r - j, n) + p.narrow(dim, r + j, n)) * k[r - j]
+            out.add_(torch.add(p.narrow(dim, r - j, n), p.narrow(dim, r + j, n)).mul_(k[r - j]))
         x = out
     return x
 
@@ -544,10 +546,10 @@ def _jpeg(u8, quality):
     """JPEG re-encoding with Pillow (libjpeg), one image at a time on the CPU: a codec, not batchable."""
     from PIL import Image
     out = []
-    for img in u8.permute(0, 2, 3, 1).cpu().numpy():
+    for img in u8.permute(0, 2, 3, 1).contiguous().cpu().numpy():
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, "JPEG", quality=quality)
-        out.append(np.asarray(Image.open(buf).convert("RGB")))
+        out.append(np.asarray(Image.open(buf)))  # (an RGB JPEG decodes to RGB)
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(u8.device)
 
 

@@ -142,9 +142,10 @@ def input_size(args, dataset, arch):
 
 def recipe(args, dataset, arch, norm):
     """The paper's training recipe for this model (common.RECIPES: P1 App. B.1, P2 Sec. 3), with flag overrides.
-    P1: ResNet50's recipe for ResNet50, VGG's for every other model; P2 Table 3: the depth protocol."""
+    P1: ResNet50's recipe (App. B.1) for every ResNet, as exp_corruption.py (so --cache shares them), VGG's for the
+    VGGs; P2 Table 3: the depth protocol."""
     if args.artifact.startswith("p1"):
-        name = "p1_resnet" if arch == "resnet50" else "p1_svhn_vgg" if dataset == "svhn" else "p1_cifar_vgg"
+        name = "p1_resnet" if arch.startswith("resnet") else "p1_svhn_vgg" if dataset == "svhn" else "p1_cifar_vgg"
     else:
         name = "p2_depth" if args.artifact in ("p2_t3", "p2_pgd_steps") else "p2_svhn" if dataset == "svhn" else "p2_cifar"
     r = with_overrides(paper_recipe(name, norm), args, dataset)

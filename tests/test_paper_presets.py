@@ -191,3 +191,12 @@ def test_p2_a2_longer_pgd_on_vgg16_bn():
     _, args = paper("exp_table1", "p2_pgd_vs_bim", "--step-div", "5", "--bim-step-div", "8")
     specs = mod.attack_suite(args, "standardized", "svhn", None)
     assert specs["pgd_l2"]["step_size"] == args.eps_l2 / 5 and specs["bim"]["step_size"] == args.eps_linf / 8
+
+
+def test_p1_resnets_get_the_resnet_recipe_in_every_script():
+    """P1 App. B.1 states the ResNet recipe (350 epochs, LR 0.1, /10 at 150 and 250); exp_table1.py and
+    exp_corruption.py give it to every ResNet, so a ResNet18 trained by one is a --cache hit for the other."""
+    t1, a1 = paper("exp_table1", "p1_t1", "--arch", "resnet18")
+    co, a2 = paper("exp_corruption", "t7", "--arch", "resnet18")
+    r1, r2 = t1.recipe(a1, "cifar10", "resnet18", "bn"), co.recipe(a2, "cifar10", "resnet18", "bn", "standard")
+    assert r1 == r2 and (r1["epochs"], r1["lr"], tuple(r1["milestones"])) == (350, 0.1, (150, 250))
