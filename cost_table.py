@@ -110,11 +110,14 @@ def cost_table1(args):
         shape = (shape[0],) + ((exp_table1.input_size(args, d, a),) * 2 if exp_table1.input_size(args, d, a) else shape[1:])
         kw = dict(norm=n, num_classes=10, in_channels=shape[0]) | ({} if a.startswith("wrn") else dict(width=args.width))
         r = exp_table1.recipe(args, d, a, n)
-        t.train(a, shape, n_train, r["epochs"], args.seeds, batch=r["batch_size"], **kw)
+        seeds = exp_table1.seeds_for(args, a)[0]
+        t.train(a, shape, n_train, r["epochs"], seeds, batch=r["batch_size"], **kw)
         space = exp_table1.ARTIFACTS[args.artifact]["runs"]["space"]
         specs = exp_table1.attack_suite(args, space, d, (1.0, 1.0, 1.0))
-        t.model(a, shape, fb=args.seeds * n_test * sum(attack_steps(s) for s in specs.values()), kind="attack", **kw)
-        t.model(a, shape, fwd=args.seeds * n_test * len(specs), **kw)
+        measured = 2 if r.get("select") == "best_test" else 1  # the final and the selected epoch
+        t.model(a, shape, fb=measured * seeds * n_test * sum(attack_steps(s) for s in specs.values()), kind="attack", **kw)
+        t.model(a, shape, fwd=measured * seeds * (n_test * len(specs) + n_train) + (r["epochs"] * seeds * n_test if
+                measured == 2 else 0), **kw)  # (+ the training set for the generalization gap; + per-epoch selection)
     return t
 
 
@@ -124,10 +127,11 @@ def cost_corruption(args):
         n_train, n_test, shape = SIZES[d]
         kw = dict(norm=n, num_classes=10, in_channels=3) | ({} if a.startswith("wrn") else dict(width=args.width))
         r = exp_corruption.recipe(args, d, a, n, training)
-        t.train(a, shape, n_train, r["epochs"], args.seeds, adv_steps=r["adv"]["steps"] if r.get("adv") else 0,
+        seeds = args.arch_seeds.get(a, args.seeds)
+        t.train(a, shape, n_train, r["epochs"], seeds, adv_steps=r["adv"]["steps"] if r.get("adv") else 0,
                 batch=r["batch_size"], **kw)
         sets = 1 + len(args.corruptions) * len(args.severities or range(1, 6))
-        t.model(a, shape, fwd=args.seeds * (args.n_eval or n_test) * sets, **kw)
+        t.model(a, shape, fwd=seeds * (args.n_eval or n_test) * sets, **kw)
     return t
 
 
@@ -228,7 +232,10 @@ def cost_input_dim(args):
         else:
             kw = dict(norm=p["norm"], in_dim=d, hidden=(d // 2, d // 2), norm_positions=(0,))
             t.train("mlp", (d,), n_train, args.mlp_epochs, 1, batch=args.batch_size, **kw)
-            t.model("mlp", (d,), fb=n_test * args.bim_steps, fwd=3 * n_test, kind="attack", **kw)
+            if p["table"] == "appb":  # clean test set and the two 100-example files
+                t.model("mlp", (d,), fwd=n_test + 200, **kw)
+            else:
+                t.model("mlp", (d,), fb=n_test * args.bim_steps, fwd=3 * n_test, kind="attack", **kw)
     return t
 
 

@@ -133,7 +133,8 @@ def planned_runs(args):
     if args.artifact in ("all", "fig4"):
         out.append(("fig4", dict(table="fig4")))
     if args.artifact == "appb" or (args.artifact == "all" and args.dataset == "mnist"):  # 28x28 MNIST models only
-        out += [(f"appb_{v}_s{s}", dict(table="appb", variant=v, seed=s)) for v in ("wd", "bn") for s in range(args.mlp_seeds)]
+        out += [(f"appb_{v}_s{s}", dict(table="appb", k=1, variant=v, norm="none" if v == "wd" else "bn", seed=s))
+                for v in ("wd", "bn") for s in range(args.mlp_seeds)]
     return out
 
 
@@ -449,7 +450,7 @@ def get_args(argv=None):
         return args
     check_numbers(p, args, at_least_one=("seeds", "mlp_seeds", "epochs", "mlp_epochs", "bottleneck_epochs", "bim_steps",
                                          "batch_size", "n_plot"),
-                  positive=("fgsm_eps", "bim_eps", "bim_step", "lr"), non_negative=("noise_std", "snapshots"))
+                  positive=("fgsm_eps", "bim_eps", "bim_step", "lr"), non_negative=("noise_std", "snapshots", "inv_lambda"))
     if args.artifact == "appb" and args.dataset != "mnist":
         p.error("--artifact appb: needs --dataset mnist (the invariance examples are 28x28 MNIST images)")
     if any(e > args.bottleneck_epochs for e in args.snapshots):

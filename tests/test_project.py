@@ -181,7 +181,7 @@ def test_readme_reproduction_tables_are_generated_from_the_committed_results():
 # they only override the artifact's own values.
 MAY_BE_NONE = {"out", "plot_only", "shard", "cache", "dataset", "arch", "norm", "size", "gn_groups", "n_eval", "epochs", "lr",
                "channels", "frost_dir", "n_build", "datasets_dir", "source_std", "source_rob", "bim_step", "imagenet_root",
-               "weights_dir"}
+               "weights_dir", "per_class"}  # (exp_transfer: unset = every image of the pool, P1 App. B.3)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
