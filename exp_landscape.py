@@ -4,7 +4,7 @@ Fig 9: ResNet-20/56 with and without identity shortcuts (BN), and Fixup vs BN (R
 accuracy, robust accuracy and LIGS per epoch. Figs 14-17: Santurkar et al.'s probes along the
 gradient at regular training steps -- loss variation, l2 gradient change and effective
 beta-smoothness -- for ResNet18 x five norms (14), VGG16 x norms (15), ResNet18-BN with vs without
-shortcut (16) and Fixup vs BN ResNet18 (17).
+shortcut (16) and Fixup vs BN on ResNet-20 and ResNet-56 (17, as its caption).
 
 Quick results (update_readme.py writes this from results/quick/):
     python exp_landscape.py --preset quick --artifact fig14
