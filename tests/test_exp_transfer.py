@@ -20,6 +20,7 @@ def test_p1_t3_smoke_scores_every_cell_and_redraws(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     recs = res["records"]
+    assert "Extraction: 2 per class of the train set" in (out / "table.md").read_text()  # P1 App. B.3: from D
     assert {(x["training"], x["source"], x["target"]) for x in recs} == {
         (t, s, g) for t in ("standard", "adversarial") for s in ("none", "bn", "gn") for g in ("none", "bn", "gn")}
     assert all(x["diagonal"] == (x["source"] == x["target"]) for x in recs)

@@ -200,3 +200,9 @@ def test_p1_resnets_get_the_resnet_recipe_in_every_script():
     co, a2 = paper("exp_corruption", "t7", "--arch", "resnet18")
     r1, r2 = t1.recipe(a1, "cifar10", "resnet18", "bn"), co.recipe(a2, "cifar10", "resnet18", "bn", "standard")
     assert r1 == r2 and (r1["epochs"], r1["lr"], tuple(r1["milestones"])) == (350, 0.1, (150, 250))
+
+
+def test_p1_table3_extracts_from_the_training_set():
+    """P1 App. B.3: features are extracted "for each sample x from D", the training set, every image of it."""
+    mod, args = paper("exp_transfer", "p1_t3")
+    assert (args.extract_from, args.per_class) == ("train", None)  # (the smoke test reads it back from table.md)
