@@ -533,13 +533,19 @@ def _pil_box_matrix(n_in, n_out):
 
 
 def _pil_resize_box(u8, size):
-    """Pillow's 8-bit BOX resize of uint8 (B, C, H, W): horizontal pass, rounded to 8 bits, then the
+    """Pillow's 8-bit BOX resize of 8-bit values (B, C, H, W), any dtype, to float: horizontal pass, rounded to 8 bits, then the
     vertical pass, rounded (Pillow's two-pass fixed-point resampling; ties may differ by one level)."""
     B, C, H, W = u8.shape
     mw = _pil_box_matrix(W, size).to(u8.device)
     mh = _pil_box_matrix(H, size).to(u8.device)
-    t = torch.floor(u8.double() @ mw.T + 0.5).clamp(0, 255)
-    return torch.floor(torch.einsum("hk,...kw->...hw", mh, t) + 0.5).clamp(0, 255)
+    # A box of one or two pixels has weights 1 or 1/2: on 8-bit values float32 is then exact, and a CPU's float32
+    # matrix product is ~50x faster than its float64 one (CIFAR-10-C's pixelate boxes are all of one or two pixels)
+    # (Weights sum to 1: the values stay in [0, 255] without clamping.)
+    dt = torch.float32 if max((mw > 0).sum(1).max(), (mh > 0).sum(1).max()) <= 2 else torch.float64
+    mw, mh = mw.to(dt), mh.to(dt)
+    t = torch.floor(u8.to(dt).reshape(-1, W) @ mw.T + 0.5).view(B, C, H, size)  # rows, one product
+    t = torch.floor(t.transpose(2, 3).reshape(-1, H) @ mh.T + 0.5)  # then columns
+    return t.view(B, C, size, size).transpose(2, 3)
 
 
 def _jpeg(u8, quality):
@@ -789,7 +795,8 @@ def corrupt(x, name, severity, generator=None, frost_dir=None):
     c = SEVERITY[name][severity - 1]
     g, dev = generator, x.device
     B, _, H, W = x.shape
-    x = torch.round(x.double() * 255) / 255  # the generator corrupts 8-bit images: k / 255 exactly, also from float32
+    u = torch.round(x.double() * 255)  # the generator corrupts 8-bit images: k / 255 exactly, also from float32
+    x = u / 255
     if name == "gaussian_noise":
         out = x + c * _rand(x.shape, g, dev, "randn")
     elif name == "shot_noise":
@@ -844,7 +851,7 @@ def corrupt(x, name, severity, generator=None, frost_dir=None):
             h, w = imgs[k].shape[1:]
             r0, c0 = int(u[i, 0] * (h - H)), int(u[i, 1] * (w - W))
             crops.append(imgs[k][:, r0:r0 + H, c0:c0 + W])
-        return (c[0] * torch.round(x * 255) + c[1] * torch.stack(crops)).clamp(0, 255).to(torch.uint8)
+        return (c[0] * u + c[1] * torch.stack(crops)).clamp(0, 255).to(torch.uint8)
     elif name == "fog":
         size = 1 << max(0, (max(H, W) - 1).bit_length())
         plasma = plasma_fractal(B, size, c[1], g, dev)[:, None, :H, :W]
@@ -865,10 +872,9 @@ def corrupt(x, name, severity, generator=None, frost_dir=None):
     elif name == "elastic_transform":
         out = _elastic(x, c, g)
     elif name == "pixelate":
-        u = torch.round(x * 255)
         return _pil_resize_box(_pil_resize_box(u, int(H * c)), H).to(torch.uint8)
     else:  # jpeg_compression
-        return _jpeg(torch.round(x * 255).to(torch.uint8), c)
+        return _jpeg(u.to(torch.uint8), c)
     return _trunc_u8(out)
 
 
