@@ -533,7 +533,7 @@ def _pil_box_matrix(n_in, n_out):
 
 
 def _pil_resize_box(u8, size):
-    """Pillow's 8-bit BOX resize of 8-bit values (B, C, H, W), any dtype, to float: horizontal pass, rounded to 8 bits, then the
+    """Pillow's 8-bit BOX resize of 8-bit values (B, C, H, W), any dtype: horizontal pass, rounded to 8 bits, then the
     vertical pass, rounded (Pillow's two-pass fixed-point resampling; ties may differ by one level)."""
     B, C, H, W = u8.shape
     mw = _pil_box_matrix(W, size).to(u8.device)
@@ -795,8 +795,8 @@ def corrupt(x, name, severity, generator=None, frost_dir=None):
     c = SEVERITY[name][severity - 1]
     g, dev = generator, x.device
     B, _, H, W = x.shape
-    u = torch.round(x.double() * 255)  # the generator corrupts 8-bit images: k / 255 exactly, also from float32
-    x = u / 255
+    v8 = torch.round(x.double() * 255)  # the generator corrupts 8-bit images: k / 255 exactly, also from float32
+    x = v8 / 255
     if name == "gaussian_noise":
         out = x + c * _rand(x.shape, g, dev, "randn")
     elif name == "shot_noise":
@@ -851,7 +851,7 @@ def corrupt(x, name, severity, generator=None, frost_dir=None):
             h, w = imgs[k].shape[1:]
             r0, c0 = int(u[i, 0] * (h - H)), int(u[i, 1] * (w - W))
             crops.append(imgs[k][:, r0:r0 + H, c0:c0 + W])
-        return (c[0] * u + c[1] * torch.stack(crops)).clamp(0, 255).to(torch.uint8)
+        return (c[0] * v8 + c[1] * torch.stack(crops)).clamp(0, 255).to(torch.uint8)
     elif name == "fog":
         size = 1 << max(0, (max(H, W) - 1).bit_length())
         plasma = plasma_fractal(B, size, c[1], g, dev)[:, None, :H, :W]
@@ -872,9 +872,9 @@ def corrupt(x, name, severity, generator=None, frost_dir=None):
     elif name == "elastic_transform":
         out = _elastic(x, c, g)
     elif name == "pixelate":
-        return _pil_resize_box(_pil_resize_box(u, int(H * c)), H).to(torch.uint8)
+        return _pil_resize_box(_pil_resize_box(v8, int(H * c)), H).to(torch.uint8)
     else:  # jpeg_compression
-        return _jpeg(u.to(torch.uint8), c)
+        return _jpeg(v8.to(torch.uint8), c)
     return _trunc_u8(out)
 
 
