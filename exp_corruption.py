@@ -9,16 +9,15 @@ Hendrycks & Dietterich's generator (motion blur and snow approximated; frost nee
 
 Quick results (update_readme.py writes this from results/quick/):
     python exp_corruption.py --preset quick --artifact fig1
-        9 held / 12 reversed / 62 inconclusive
-        P1 Fig 1: IN is more accurate than none under fog and contrast (standard training): +20.7 [+13.2, +28.3]
-          (held)
+        11 held / 25 reversed / 47 inconclusive
+        P1 Fig 1: IN is unusually robust to contrast: above BN (standard training): +53.4 [+43.9, +62.9] (held)
     python exp_corruption.py --preset quick --artifact p2_t4
         0 held / 0 reversed / 26 inconclusive
-        P2 Sec. 3: BN has higher error than none on every noise corruption at every severity: +26.9 [-10.5, +64.3]
+        P2 Sec. 3: BN has higher error than none on every noise corruption at every severity: +7.3 [-26.6, +41.1]
           (inconclusive)
     python exp_corruption.py --preset quick --artifact t7
         2 held / 0 reversed / 0 inconclusive
-        P1 Table 7: Re-estimating the BN statistics on each corrupted set raises accuracy: +9.6 [+4.6, +14.5] (held)
+        P1 Table 7: Re-estimating the BN statistics on each corrupted set raises accuracy: +5.9 [+3.2, +8.5] (held)
 
 Run it:
     python exp_corruption.py --preset quick --artifact fig1   # bundled digits, CPU, ~5 min per artifact

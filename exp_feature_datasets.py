@@ -13,16 +13,16 @@ Quick results (update_readme.py writes this from results/quick/):
         0 held / 0 reversed / 0 inconclusive
     python exp_feature_datasets.py --preset quick --artifact fig12 --cache cache
         3 held / 0 reversed / 1 inconclusive
-        P1 Fig 12: LIGS on D_NR is above LIGS on D_rand: +0.030 [+0.027, +0.033] (held)
+        P1 Fig 12: LIGS on D_NR is above LIGS on D_rand: +0.018 [+0.013, +0.023] (held)
     python exp_feature_datasets.py --preset quick --artifact fig13 --cache cache
-        1 held / 1 reversed / 2 inconclusive
-        P1 Fig 13: Without BN, RF-aligned accuracy stays above NRF-aligned accuracy: -90.8 [-94.9, -86.7] (held)
+        2 held / 1 reversed / 1 inconclusive
+        P1 Fig 13: Without BN, RF-aligned accuracy stays above NRF-aligned accuracy: -73.6 [-95.6, -51.6] (held)
     python exp_feature_datasets.py --preset quick --artifact fig6 --cache cache
-        6 held / 0 reversed / 4 inconclusive
-        P1 Fig 6: LIGS of a model trained on D_R is above 0.9: +0.096 [+0.094, +0.098] (held)
+        5 held / 1 reversed / 4 inconclusive
+        P1 Fig 6: LIGS of a model trained on D_R is above 0.9: +0.095 [+0.094, +0.096] (held)
     python exp_feature_datasets.py --preset quick --artifact fig7 --cache cache
-        1 held / 1 reversed / 2 inconclusive
-        P1 Fig 7: Without BN, RF-aligned accuracy stays above NRF-aligned accuracy: -85.3 [-95.8, -74.8] (held)
+        1 held / 0 reversed / 3 inconclusive
+        P1 Fig 7: Without BN, RF-aligned accuracy stays above NRF-aligned accuracy: -69.1 [-123.0, -15.2] (held)
 
 Run it:
     python exp_feature_datasets.py --artifact build --cache cache      # the five datasets (CIFAR-10; GPU hours)

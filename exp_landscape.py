@@ -9,7 +9,7 @@ shortcut (16) and Fixup vs BN on ResNet-20 and ResNet-56 (17, as its caption).
 Quick results (update_readme.py writes this from results/quick/):
     python exp_landscape.py --preset quick --artifact fig14
         0 held / 0 reversed / 2 inconclusive
-        P1 Fig 14: BN makes the ResNet18 landscape smoother than none (β-smoothness): +12.976 (inconclusive)
+        P1 Fig 14: BN makes the ResNet18 landscape smoother than none (β-smoothness): +14.164 (inconclusive)
     python exp_landscape.py --preset quick --artifact fig15
         0 held / 0 reversed / 5 inconclusive
         P1 Fig 15: BN makes the VGG16 landscape smoother than none (β-smoothness): -24.008 (inconclusive)
@@ -17,7 +17,7 @@ Quick results (update_readme.py writes this from results/quick/):
         0 held / 0 reversed / 0 inconclusive
     python exp_landscape.py --preset quick --artifact fig17
         0 held / 0 reversed / 2 inconclusive
-        P1 Fig 17: Fixup gives less stable gradients than BN (β-smoothness): -13.306 (inconclusive)
+        P1 Fig 17: Fixup gives less stable gradients than BN (resnet20, β-smoothness): +16.538 (inconclusive)
     python exp_landscape.py --preset quick --artifact fig9
         0 held / 0 reversed / 1 inconclusive
         P1 Fig 9: BN gives lower LIGS than Fixup (ResNet-20): -0.013 (inconclusive)

@@ -9,16 +9,16 @@ epoch 0 (before any step) and after every epoch, on a fixed class-balanced evalu
 Quick results (update_readme.py writes this from results/quick/):
     python exp_ligs_trend.py --preset quick --artifact fig2
         4 held / 0 reversed / 0 inconclusive
-        P1 Fig 2: none keeps higher LIGS than BN (Gaussian perturbation): +0.008 [+0.006, +0.011] (held)
+        P1 Fig 2: none keeps higher LIGS than BN (uniform perturbation): +0.007 [+0.005, +0.009] (held)
     python exp_ligs_trend.py --preset quick --artifact fig4
         5 held / 2 reversed / 0 inconclusive
-        P1 Fig 4: Adversarial training keeps LIGS close to 1 (above 0.95): +0.045 [+0.045, +0.046] (held)
+        P1 Fig 4: Adversarial training keeps LIGS close to 1 (above 0.95): +0.046 [+0.045, +0.046] (held)
     python exp_ligs_trend.py --preset quick --artifact fig5
         1 held / 0 reversed / 3 inconclusive
-        P1 Fig 5: The LIGS regularizer (λ = 10) raises LIGS: +0.007 [+0.002, +0.011] (held)
+        P1 Fig 5: The LIGS regularizer (λ = 10) raises LIGS: +0.011 [+0.001, +0.022] (held)
     python exp_ligs_trend.py --preset quick --artifact fig8
         0 held / 0 reversed / 5 inconclusive
-        P1 Fig 8: A wider net has slightly higher LIGS: +0.007 (inconclusive)
+        P1 Fig 8: A wider net has slightly higher LIGS: +0.009 (inconclusive)
 
 Run it:
     python exp_ligs_trend.py --norm bn                      # P1 Fig 4, BN only (CIFAR-10; --download fetches it)

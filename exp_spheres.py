@@ -11,8 +11,9 @@ models that reached 100 % training accuracy at the smallest learning rate (P2: B
 
 Quick results (update_readme.py writes this from results/quick/):
     python exp_spheres.py --preset quick
-        2 held / 1 reversed / 2 inconclusive
-        P2 App. C: BN lowers noisy-test accuracy (models at 100 % training accuracy): -0.3 [-0.6, -0.1] (held)
+        2 held / 0 reversed / 1 inconclusive
+        P2 Fig 8: The BN net cannot be trained to 100 % training accuracy at η = 0.01 (fewer than half the seeds):
+          -0.500 [-0.500, -0.500] (held)
 
 Run it:
     python exp_spheres.py                     # both figures at the paper's scale (CPU, ~3 min)

@@ -7,7 +7,7 @@ accuracy. The papers' claim: normalization keeps or raises clean accuracy and lo
 Quick results (update_readme.py writes this from results/quick/):
     python exp_table1.py --preset quick
         5 held / 14 reversed / 7 inconclusive
-        P1 Table 1: BN raises clean accuracy: +2.6 [+1.7, +3.5] (held)
+        P1 Table 8: BN is *more* accurate under FGSM (a reversal): +18.6 [+12.4, +24.8] (held)
 
 Run it:
     python exp_table1.py --preset quick                    # bundled digits, CPU, 5-10 min (README table)

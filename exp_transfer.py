@@ -12,8 +12,8 @@ offline substitute (CIFAR-10 or the digits, VGGs trained here), labelled as such
 
 Quick results (update_readme.py writes this from results/quick/):
     python exp_transfer.py --preset quick --artifact p1_t3 --cache cache
-        1 held / 2 reversed / 5 inconclusive
-        P1 Table 3: Among standard sources, IN transfers worse than GN: -26.5 [-36.0, -17.0] (held)
+        0 held / 3 reversed / 5 inconclusive
+        P1 Table 3: Among standard sources, no norm transfers better than BN: -18.0 [-23.7, -12.3] (reversed)
     python exp_transfer.py --preset quick --artifact p2_t10 --cache cache
         0 held / 2 reversed / 7 inconclusive
         P2 Table 10: A BN source fools an unnormalized VGG13 less than an unnormalized source fools VGG13-BN: -7.7
