@@ -113,7 +113,8 @@ def records(out):
 def test_a_cache_filled_on_one_device_serves_the_other(tmp_path, first):
     """exp_table1's smoke models (no norm and BN: their layout is the same on both devices) trained on the CPU are a
     cache hit for an emulated GPU run and the reverse, with the same records as training them there."""
-    args = ["exp_table1.py", "--preset", "smoke", "--arch", "vgg8", "--norm", "none", "bn", "--cache", tmp_path / "c"]
+    args = ["exp_table1.py", "--preset", "smoke", "--arch", "vgg8", "--norm", "none", "bn", "--epochs", "1", "--n-eval", "20",
+            "--cache", tmp_path / "c"]
     a = run(*args, "--out", tmp_path / "a", gpu=first == "gpu")
     b = run(*args, "--out", tmp_path / "b", gpu=first == "cpu")
     assert "resumed from" not in a.stdout and b.stdout.count("resumed from") == 2, b.stdout[-2000:]
@@ -152,7 +153,8 @@ def test_a_run_started_on_the_cpu_resumes_on_the_gpu(tmp_path):
     """--resume of an exp_table1 run started on the CPU, continued on the emulated GPU: the model whose record is
     missing is read from its finished checkpoint on the GPU and evaluated there; the records equal the CPU's."""
     out = tmp_path / "r"
-    run("exp_table1.py", "--preset", "smoke", "--arch", "vgg8", "--norm", "none", "bn", "--out", out)
+    run("exp_table1.py", "--preset", "smoke", "--arch", "vgg8", "--norm", "none", "bn", "--epochs", "1", "--n-eval", "20",
+        "--out", out)
     before = records(out)
     files = sorted((out / "records").glob("*.json"))
     assert len(files) == 2

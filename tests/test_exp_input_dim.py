@@ -69,7 +69,7 @@ def test_appb_invariance_examples_on_mnist_format_files(tmp_path):
     write_mnist_from_digits(tmp_path / "data")
     out = tmp_path / "run"
     r = run("--preset", "smoke", "--artifact", "appb", "--dataset", "mnist", "--data-root", tmp_path / "data",
-            "--out", out)
+            "--mlp-epochs", "1", "--out", out)
     assert r.returncode == 0, r.stderr[-3000:]
     recs = json.loads((out / "results.json").read_text())["records"]
     assert sorted((x["variant"], x["norm"], x["lam"]) for x in recs) == [("bn", "bn", 0.0), ("wd", "none", 0.01)]
