@@ -971,11 +971,12 @@ def feature_distance(model, a, b, batch_size=500):
     return torch.cat(out)
 
 
-def accuracy(model, x, y, batch_size=1000):
+def accuracy(model, x, y, batch_size=1000, input_fn=None):
     """Top-1 accuracy (fraction in [0, 1]) of `model` in eval mode on tensors x, y (P1 "usefulness",
-    P1 Sec. 3.1; robust accuracy when x is adversarial)."""
+    P1 Sec. 3.1; robust accuracy when x is adversarial); `input_fn` maps each batch to the model's input space."""
+    f = input_fn or (lambda t: t)
     with torch.no_grad(), eval_mode(model):
-        correct = sum((model(xb).argmax(1) == yb).sum() for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
+        correct = sum((model(f(xb)).argmax(1) == yb).sum() for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
     return float(correct) / len(y)
 
 
@@ -1514,9 +1515,7 @@ def keep_best(state, row, model, data, input_fn):
     """Model selection by clean test accuracy (P2 Table 2, "the best model in terms of test accuracy"): the epoch's
     test accuracy goes into its history row, and the weights of the best epoch so far into the training state (so
     into the checkpoint: a resumed run selects as an uninterrupted one). Ties keep the earlier epoch."""
-    f = input_fn or (lambda t: t)
-    acc = sum(accuracy(model, f(xb), yb) * len(yb) for xb, yb in zip(data.x_test.split(1000),
-                                                                     data.y_test.split(1000))) / len(data.y_test)
+    acc = accuracy(model, data.x_test, data.y_test, input_fn=input_fn)
     row["test_acc"] = acc
     if acc > state.get("best_acc", -1.0):
         state["best_acc"], state["best_epoch"] = acc, state["epoch"]

@@ -10,6 +10,8 @@ standardized; attacks are in standardized units with no clipping (DECISIONS.md D
             BIM (eps 0.1, 100 steps of 1e-3); Table 12 as ratios to the k = 1 no-BN row.
   Table 7:  the same MLPs trained with the linear model's weight decay.
   Fig 4:    the 2-unit bottleneck's pre-activations over training, with and without BN (DECISIONS.md D20).
+  App. B:   (--artifact appb, MNIST only) the weight-decay and the BN MLP at 28x28 on Tramer et al.'s 100
+            invariance-based examples (data/excessive_invariance), scored against their oracle labels.
 
 Quick results (update_readme.py writes this from results/quick/):
     python exp_input_dim.py --preset quick

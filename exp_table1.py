@@ -229,8 +229,7 @@ def run_one(args, data, dataset, arch, norm, seed, device, ckpt, log):
         out = {f"{prefix}acc_{k}": v for k, v in accs.items()}
         # P2 Sec. 3's clean generalization gap: training minus test accuracy, both in eval mode (the logged
         # train_acc is the running train-mode accuracy on augmented batches)
-        out[f"{prefix}acc_train_eval"] = sum(accuracy(m, to_input(xb), yb) * len(yb) for xb, yb in
-                                             zip(data.x_train.split(1000), data.y_train.split(1000))) / len(data.y_train)
+        out[f"{prefix}acc_train_eval"] = accuracy(m, data.x_train, data.y_train, input_fn=input_fn)
         out[f"{prefix}gen_gap"] = out[f"{prefix}acc_train_eval"] - out[f"{prefix}acc_clean"]
         log(f"[{dataset} {arch} {norm} s{seed}] {prefix or 'final '}" + " | ".join(f"{k} {v:.4f}" for k, v in accs.items()))
         return out
