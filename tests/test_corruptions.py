@@ -320,3 +320,57 @@ def test_adapt_bn_statistics_are_the_sets_mean_and_variance():
     assert int(bn.num_batches_tracked) == 4
     h = model[1](model[0](x))  # the second BN saw the first's adapted output
     assert torch.allclose(model[2].running_mean, h.mean((0, 2, 3)), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", exp_corruption.CPU_BLOCKED)
+def test_cpu_blocks_give_the_images_of_one_batch(name, monkeypatch):
+    """On a CPU, corrupt() works in blocks of 64 images (for speed); the random numbers drawn block by block must be
+    those drawn at once, so a batch gives the same images however it is blocked."""
+    _, x = images("smooth", 16)
+    x = x.repeat(9, 1, 1, 1)[:141]  # 141 images: two full blocks and a partial one
+    blocked = corrupt(x, name, 3, torch.Generator().manual_seed(5))
+    monkeypatch.setattr(exp_corruption, "CPU_BLOCK", 10 ** 9)
+    assert torch.equal(blocked, corrupt(x, name, 3, torch.Generator().manual_seed(5)))
+
+
+def test_truncation_returns_every_8_bit_value_unchanged():
+    """impulse_noise keeps the unflipped 8-bit values as they are: the generator's uint8(clip(k / 255) * 255) is k."""
+    k = torch.arange(256, dtype=torch.float64)
+    assert torch.equal(exp_corruption._trunc_u8(k / 255), k.to(torch.uint8))
+
+
+def test_below_compares_float32_draws_with_a_float64_threshold_exactly():
+    """impulse_noise compares float32 uniforms with its float64 constants in float32 (half the memory); at the
+    float32 neighbours of each threshold the answer must be float64's."""
+    for c in exp_corruption.SEVERITY["impulse_noise"] + (0.5, float(np.float32(0.03)), 1 / 3):
+        t = np.float32(c)
+        near = torch.tensor([np.nextafter(t, np.float32(0)), t, np.nextafter(t, np.float32(1))] +
+                            torch.rand(10_000, generator=torch.Generator().manual_seed(0)).tolist(), dtype=torch.float32)
+        assert torch.equal(exp_corruption._below(near, c), near.double() < c), c
+
+
+def test_chamfer_distance_matches_opencv_on_sparse_and_dense_points():
+    """The 5x5 chamfer distance (spatter's cv2.distanceTransform(DIST_L2, 5), capped at 20) on masks from a few far
+    apart points (distances up to the cap, long paths) to dense edges: equal to OpenCV's up to float32 rounding,
+    and equal after the generator's next step (3x3 box blur, truncated to uint8) on at least 99.9 % of pixels."""
+    cv2 = pytest.importorskip("cv2")
+    g = torch.Generator().manual_seed(0)
+    for density in (0.002, 0.01, 0.1, 0.5):
+        zero = torch.rand(32, 32, 32, generator=g) < density
+        ours = exp_corruption._chamfer_distance(zero).numpy()
+        theirs = np.stack([np.minimum(cv2.distanceTransform(np.where(z, 0, 255).astype(np.uint8), cv2.DIST_L2, 5), 20)
+                           for z in zero.numpy()])
+        assert np.abs(ours - theirs).max() < 1e-5, density
+        blur = lambda d: np.stack([cv2.blur(a, (3, 3)).astype(np.uint8) for a in d])
+        assert np.mean(blur(ours) == blur(theirs)) >= 0.999, density
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_corrupt_leaves_its_input_alone(dtype):
+    """corrupt() works in place on its own copies only (an in-place op on x.double() of a float64 x would not)."""
+    _, x = images("smooth", 70)
+    x = x.to(dtype)
+    before = x.clone()
+    for name in [n for n in CORRUPTION_NAMES if n != "frost"]:
+        corrupt(x, name, 2, torch.Generator().manual_seed(0))
+        assert torch.equal(x, before), name
