@@ -96,7 +96,8 @@ def test_the_feature_dataset_build_under_torchrun(tmp_path):
     """exp_feature_datasets.py builds its datasets inside a torchrun job (2 gloo ranks): rank 0 builds and
     assembles them, the other ranks wait for its data.pt (before: a rank found neither the chunks rank 0 had
     deleted nor data.pt, and failed with KeyError 'd_r'), then both train on them data-parallel."""
-    args = ["exp_feature_datasets.py", "--preset", "smoke", "--artifact", "fig7", "--epochs", "1", "--milestones"]
+    args = ["exp_feature_datasets.py", "--preset", "smoke", "--artifact", "fig7", "--epochs", "1", "--milestones",
+            "--n-build", "16", "--chunk", "8"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
                           "--out", str(tmp_path / "two")], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)

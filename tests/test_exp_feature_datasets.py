@@ -7,7 +7,7 @@ import pathlib
 import signal
 import subprocess
 import sys
-import time
+import pytest
 
 import torch
 
@@ -82,17 +82,31 @@ def assert_same_datasets(a, b):
 
 
 def test_killed_build_resumes_to_the_same_datasets(tmp_path):
-    common_args = ["--preset", "smoke", "--artifact", "build", "--n-build", "96", "--chunk", "8", "--inv-steps", "10",
-                   "--attack-steps", "10"]
+    common_args = ["--preset", "smoke", "--artifact", "build", "--n-build", "32", "--chunk", "8", "--inv-steps", "4",
+                   "--attack-steps", "4"]
     whole = tmp_path / "whole"
     r = run(*common_args, "--out", whole)
     assert r.returncode == 0, r.stderr[-3000:]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, SCRIPT, *common_args, "--out", str(killed)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not list(killed.glob("datasets/d_nr-*/chunk_00002.pt")):  # D_R done, D_NR under way
-        assert proc.poll() is None, "the build ended before it could be killed"
-        time.sleep(0.01)
+    # Killed at a known point, whatever the machine's speed: save_atomic is patched to report and wait once D_R is
+    # done and D_NR's third chunk is on disk, and SIGKILL comes then (a poll can miss a fast build's end)
+    code = ("import runpy, sys, time, common\n"
+            "save = common.save_atomic\n"
+            "def save_then_wait(obj, path):\n"
+            "    save(obj, path)\n"
+            "    if 'd_nr-' in str(path) and str(path).endswith('chunk_00002.pt'):\n"
+            "        print('killable', flush=True)\n"
+            "        time.sleep(300)\n"
+            "common.save_atomic = save_then_wait\n"
+            f"sys.argv = ['exp_feature_datasets.py', *{[str(a) for a in common_args]!r}, '--out', {str(killed)!r}]\n"
+            "runpy.run_path('exp_feature_datasets.py', run_name='__main__')\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    for line in proc.stdout:
+        if line.strip() == "killable":
+            break
+    else:
+        pytest.fail(f"the build ended before it could be killed: {proc.wait()}")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     folder = next(killed.glob("datasets/d_nr-*"))
@@ -109,8 +123,8 @@ def test_sharded_build_gives_the_same_datasets(tmp_path):
     """--artifact build --shard K/2, both shards in parallel into one run directory and rerun with --resume until no
     shard waits: the datasets of one process, bit for bit. The shards take the sources from the reference run's
     cache (training them in parallel is the first pass of a build from scratch: one pass more)."""
-    args = ["--preset", "smoke", "--artifact", "build", "--n-build", "16", "--chunk", "8", "--inv-steps", "10",
-            "--attack-steps", "10", "--cache", str(tmp_path / "cache")]
+    args = ["--preset", "smoke", "--artifact", "build", "--n-build", "16", "--chunk", "8", "--inv-steps", "4",
+            "--attack-steps", "4", "--cache", str(tmp_path / "cache")]
     assert run(*args, "--out", tmp_path / "one").returncode == 0
     sharded, printed = tmp_path / "sharded", ""
     for n_pass in range(4):
