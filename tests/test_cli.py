@@ -113,28 +113,11 @@ def test_landscape_norm_that_the_figure_does_not_compare():
 
 
 def test_sigint_ends_with_a_resume_hint(tmp_path):
-    import os
     import signal
+    from paused import start_paused
     out = tmp_path / "R"
-    # The signal must arrive while the script is still working, on a loaded machine too: the script runs with
-    # Sweep.save patched to report and then wait after its first saved cell, so Ctrl-C lands in the middle of a sweep
-    # whatever the machine's speed (a poll or a timer can miss a fast sweep's end).
-    code = ("import runpy, sys, time, common\n"
-            "save = common.Sweep.save\n"
-            "def save_then_wait(self, *a, **k):\n"
-            "    save(self, *a, **k)\n"
-            "    print('saved', flush=True)\n"
-            "    time.sleep(300)\n"
-            "common.Sweep.save = save_then_wait\n"
-            f"sys.argv = ['exp_spheres.py', '--preset', 'smoke', '--artifact', 'fig8', '--out', {str(out)!r}]\n"
-            "runpy.run_path('exp_spheres.py', run_name='__main__')\n")
-    p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
-    for line in p.stdout:
-        if line.strip() == "saved":
-            break
-    else:
-        pytest.fail(f"the sweep ended before its first cell was saved: {p.wait()} {p.stderr.read()}")
+    # Ctrl-C while the sweep is under way: the script pauses after saving its first cell (tests/paused.py)
+    p = start_paused("exp_spheres.py", ["--preset", "smoke", "--artifact", "fig8", "--out", out])
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 1, (p.returncode, err)

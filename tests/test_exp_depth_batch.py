@@ -3,8 +3,9 @@ import json
 import pathlib
 import subprocess
 import sys
-import time
+
 from emulated_cuda import command
+from paused import start_paused
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -55,13 +56,10 @@ def test_shards_in_parallel_and_a_killed_shard_resumed_equal_one_process(tmp_pat
     want = records(ref)
     assert len(want) == 6
     shared = tmp_path / "shared"
-    procs = [start(*args, "--out", shared, "--shard", f"{k}/2") for k in (0, 1)]
-    deadline = time.time() + 120
-    while procs[1].poll() is None and time.time() < deadline and not list((shared / "records").glob("bn_L4_*.json")):
-        time.sleep(0.02)
-    procs[1].kill()  # shard 1 of 2 (cells 1, 3, 5), killed after its first cell (bn, L=4)
+    procs = [start(*args, "--out", shared, "--shard", "0/2"),  # shard 1 of 2 (cells 1, 3, 5) pauses after its first
+             start_paused("exp_depth_batch.py", [*args, "--out", shared, "--shard", "1/2"])]  # cell (bn, L=4)
+    procs[1].kill()  # and is killed there
     procs[1].wait()
-    assert procs[1].returncode != 0, "the shard finished before it could be interrupted"
     assert procs[0].wait() == 0, procs[0].stderr.read()[-2000:]
     r = run("--plot-only", shared)  # partial: tables from what exists, the missing runs listed
     assert r.returncode == 0 and "runs are missing" in r.stdout

@@ -7,13 +7,13 @@ import pathlib
 import signal
 import subprocess
 import sys
-import pytest
 
 import torch
 
 from test_data import write_cifar10
 from test_invert import write_release
 from emulated_cuda import command
+from paused import start_paused
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = "exp_feature_datasets.py"
@@ -88,25 +88,9 @@ def test_killed_build_resumes_to_the_same_datasets(tmp_path):
     r = run(*common_args, "--out", whole)
     assert r.returncode == 0, r.stderr[-3000:]
     killed = tmp_path / "killed"
-    # Killed at a known point, whatever the machine's speed: save_atomic is patched to report and wait once D_R is
-    # done and D_NR's third chunk is on disk, and SIGKILL comes then (a poll can miss a fast build's end)
-    code = ("import runpy, sys, time, common\n"
-            "save = common.save_atomic\n"
-            "def save_then_wait(obj, path):\n"
-            "    save(obj, path)\n"
-            "    if 'd_nr-' in str(path) and str(path).endswith('chunk_00002.pt'):\n"
-            "        print('killable', flush=True)\n"
-            "        time.sleep(300)\n"
-            "common.save_atomic = save_then_wait\n"
-            f"sys.argv = ['exp_feature_datasets.py', *{[str(a) for a in common_args]!r}, '--out', {str(killed)!r}]\n"
-            "runpy.run_path('exp_feature_datasets.py', run_name='__main__')\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True)
-    for line in proc.stdout:
-        if line.strip() == "killable":
-            break
-    else:
-        pytest.fail(f"the build ended before it could be killed: {proc.wait()}")
+    # killed once D_R is done and D_NR's third chunk is on disk (the script pauses there: tests/paused.py)
+    proc = start_paused("exp_feature_datasets.py", [*common_args, "--out", killed], "save_atomic",
+                        when="'d_nr-' in str(a[1]) and str(a[1]).endswith('chunk_00002.pt')")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     folder = next(killed.glob("datasets/d_nr-*"))
