@@ -72,7 +72,7 @@ import torch.nn.functional as F
 NORMS = ("none", "bn", "in", "ln", "gn")
 ACTS = ("relu", "leaky_relu", "selu")
 ATTACK_NORMS = ("linf", "l2")
-ATTACK_LOSSES = ("ce", "cw")
+ATTACK_LOSSES = ("ce", "cw", "dlr")
 PERTURBATIONS = ("gaussian", "uniform", "fgsm", "pgd")
 
 
@@ -707,8 +707,8 @@ def make_model(arch, norm="bn", width=1.0, num_classes=10, in_channels=3, **kw):
 
 
 # ================================================================================================
-# 8. Attacks: FGSM, BIM, PGD-linf/l2 with CE or CW loss, attack specs and their sanity checks
-#    (P1 App. B.2; P2 Sec. 3 and App. A.2; Carlini et al. 2019). All work on any input shape (B, ...)
+# 8. Attacks: FGSM, BIM, PGD-linf/l2 with CE or CW loss, APGD-CE/DLR, attack specs and their sanity checks
+#    (P1 App. B.2; P2 Sec. 3 and App. A.2; Croce & Hein 2020; Carlini et al. 2019). All work on any input shape (B, ...)
 # ================================================================================================
 
 
@@ -728,6 +728,11 @@ def eval_mode(model):
 def _bview(t, like):
     # per-sample scalar (B,) -> (B, 1, 1, ...) broadcastable against `like`
     return t.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _per_sample(v, like):
+    """A budget or step size as it multiplies `like`: a number as is, a (B,) tensor viewed per sample."""
+    return _bview(v, like) if torch.is_tensor(v) else v
 
 
 def _l2(t):
@@ -758,6 +763,16 @@ def cw_loss(logits, y, kappa=50.0):
     return -F.relu(cw_margin(logits, y) + kappa)
 
 
+def dlr_loss(logits, y):
+    """Difference-of-logits-ratio loss (Croce & Hein 2020, Eq. 5): -(z_y - max_{j != y} z_j) / (z_pi1 - z_pi3 + 1e-12),
+    pi sorting the logits in decreasing order. Invariant to shifting and (positive) scaling of the logits, so a model
+    cannot hide behind large or flat logits; needs at least 3 classes. Per sample; the attacker ascends it."""
+    if logits.shape[1] < 3:
+        raise ValueError(f"the DLR loss needs at least 3 classes, got {logits.shape[1]}")
+    top = logits.topk(3, dim=1).values
+    return -cw_margin(logits, y) / (top[:, 0] - top[:, 2] + 1e-12)
+
+
 def softmax_residual(logits, y):
     """dCE/dz = softmax(z) - onehot(y), with the y entry computed as -sum_{j!=y} p_j instead of
     p_y - 1: when the softmax saturates, p_y rounds to 1 in float32 and p_y - 1 cancels to 0 while
@@ -780,11 +795,15 @@ def ce_input_grad(model, x, y, create_graph=False):
 
 
 def attack_objective(logits, y, loss="ce", kappa=50.0, targeted=False):
-    """Per-sample objective that an attack *ascends* (P1 App. B.2, P2 Sec. 3). Untargeted: CE(z, y) or
-    cw_loss(z, y). Targeted towards label y: -CE(z, y), or -ReLU(max_{j!=y} z_j - z_y + kappa)."""
+    """Per-sample objective that an attack *ascends* (P1 App. B.2, P2 Sec. 3). Untargeted: CE(z, y),
+    cw_loss(z, y) or dlr_loss(z, y). Targeted towards label y: -CE(z, y), or -ReLU(max_{j!=y} z_j - z_y + kappa)."""
     if loss == "ce":
         ce = F.cross_entropy(logits, y, reduction="none")
         return -ce if targeted else ce
+    if loss == "dlr":
+        if targeted:
+            raise ValueError("loss='dlr' is untargeted (the targeted DLR of AutoAttack is not implemented)")
+        return dlr_loss(logits, y)
     margin = cw_margin(logits, y)
     return -F.relu(kappa - margin) if targeted else -F.relu(margin + kappa)
 
@@ -799,7 +818,10 @@ def _check_xy(x, y):
 def _check_attack_args(x, y, eps, steps, norm, loss, step_size=None, kappa=50.0):
     check_choice("attack norm", norm, ATTACK_NORMS)
     check_choice("attack loss", loss, ATTACK_LOSSES)
-    if not (eps >= 0 and math.isfinite(eps)):
+    if torch.is_tensor(eps):  # per-sample budgets (B,), e.g. the bisection of `minimal_eps`
+        if eps.shape != (len(x),) or not bool(((eps >= 0) & torch.isfinite(eps)).all()):
+            raise ValueError(f"eps: a tensor of budgets must have shape ({len(x)},) and finite values >= 0")
+    elif not (eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"eps={eps}: expected a finite number >= 0")
     if step_size is not None and not ((step_size > 0 or eps == step_size == 0) and math.isfinite(step_size)):
         raise ValueError(f"step_size={step_size}: expected a finite number > 0")  # a negative step is a defence
@@ -816,7 +838,7 @@ def _clip(x, clip):
 
 def _random_start(x0, eps, norm, generator):
     if norm == "linf":  # uniform in the eps-box
-        return (torch.rand(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype) * 2 - 1) * eps
+        return (torch.rand(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype) * 2 - 1) * _per_sample(eps, x0)
     # uniform in the eps-ball: Gaussian direction, radius eps * U^(1/d)
     d = x0[0].numel()
     g = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
@@ -842,8 +864,9 @@ def pgd(model, x, y, eps, steps, step_size=None, norm="linf", loss="ce", kappa=5
     """Projected gradient ascent on `attack_objective` from one start (Madry et al. 2018; P1 App. B.2, P2 Sec. 3).
 
     x, y: inputs (B, ...) and labels (B,) -- true labels, or target labels when targeted=True.
-    eps: radius of the linf or l2 ball around x, in the units of x (see the module docstring).
-    step_size: None means 2.5 * eps / steps (MadryLab rule, P1); P2 passes eps/10 explicitly.
+    eps: radius of the linf or l2 ball around x, in the units of x (see the module docstring); a number, or a (B,)
+         tensor of per-sample budgets.
+    step_size: None means 2.5 * eps / steps (MadryLab rule, P1); P2 passes eps/10 explicitly (a number or (B,)).
     norm='linf': x <- clip(x0 + clamp(x + a*sign(g) - x0, -eps, eps)).
     norm='l2':   x <- x + a * g/||g|| (per sample; a zero gradient gives a zero step), then
                  delta = x - x0 is rescaled by min(1, eps/||delta||) per sample, then clipped.
@@ -863,7 +886,7 @@ def pgd(model, x, y, eps, steps, step_size=None, norm="linf", loss="ce", kappa=5
     _check_attack_args(x, y, eps, steps, norm, loss, step_size, kappa)
     if grad0 is not None and (loss != "ce" or targeted or delta0 is not None):
         raise ValueError("grad0 is the clean CE gradient: only for an untargeted CE attack without a start offset")
-    step_size = 2.5 * eps / steps if step_size is None else step_size
+    step_size = _per_sample(2.5 * eps / steps if step_size is None else step_size, x)
     x0 = x.detach()
     tiny = torch.finfo(x0.dtype).tiny
     xa = _clip(x0 if delta0 is None else x0 + delta0, clip)  # (P2's standardized CIFAR-10 reaches outside its box)
@@ -873,7 +896,8 @@ def pgd(model, x, y, eps, steps, step_size=None, norm="linf", loss="ce", kappa=5
             g = grad0 if k == 0 and grad0 is not None else _objective_grad(model, xa, y, loss, kappa, targeted)
             with torch.no_grad():  # the step, then the projection onto the eps-ball around x0 and the box
                 if norm == "linf":
-                    delta = (xa + step_size * g.sign() - x0).clamp(-eps, eps)
+                    e = _per_sample(eps, x0)
+                    delta = torch.clamp(xa + step_size * g.sign() - x0, -e, e)
                 else:
                     delta = xa + step_size * _unit_l2(g) - x0
                     delta = delta * _bview((eps / _l2(delta).clamp_min(tiny)).clamp(max=1.0), delta)
@@ -918,6 +942,137 @@ def bim(model, x, y, eps, steps, step_size, clip=(0.0, 1.0)):
     """Basic iterative method (Kurakin et al. 2017; P2 Sec. 4, App. A.2): `steps` sign steps of
     `step_size`, each projected onto the linf eps-box and clipped; no random start."""
     return pgd(model, x, y, eps, steps=steps, step_size=step_size, norm="linf", clip=clip)
+
+
+def _apgd_windows(steps):
+    """APGD's checkpoints as (iteration, window) pairs: the step size is checked after iteration i over the last
+    `window` iterations. The first window is max(int(0.22 N), 1) iterations, each next one shorter by
+    max(int(0.03 N), 1) down to max(int(0.06 N), 1): Croce & Hein 2020, Sec. 3.2's p_{j+1} = p_j + max(p_j - p_{j-1}
+    - 0.03, 0.06), p_1 = 0.22, in the integer arithmetic of the authors' code (100 steps: 21, 40, 56, 69, 79, 86, 92,
+    98)."""
+    first, smallest, shrink = max(int(0.22 * steps), 1), max(int(0.06 * steps), 1), max(int(0.03 * steps), 1)
+    out, i, k = [], first - 1, first
+    while i < steps:
+        out.append((i, k))
+        k = max(k - shrink, smallest)
+        i += k
+    return out
+
+
+def _apgd_start(x0, eps, norm, generator):
+    """AutoAttack's random start: on the boundary of the ball -- eps * t / max|t| for t ~ U[-1, 1] (linf), eps * t /
+    ||t||_2 for t ~ N(0, I) (l2), per sample."""
+    if norm == "linf":
+        t = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype) * 2 - 1
+        return _per_sample(eps, t) * t / _bview(t.flatten(1).abs().amax(1) + 1e-12, t)
+    t = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    return _per_sample(eps, t) * t / _bview(_l2(t) + 1e-12, t)
+
+
+def _objective_and_grad(model, xa, y, loss):
+    """(logits, per-sample objective, its input gradient) at xa; CE through `softmax_residual` (no cancellation)."""
+    xa = xa.detach().requires_grad_(True)
+    logits = model(xa).float()
+    if loss == "ce":
+        g, = torch.autograd.grad(logits, xa, grad_outputs=softmax_residual(logits.detach(), y))
+        return logits.detach(), F.cross_entropy(logits.detach(), y, reduction="none"), g
+    obj = attack_objective(logits, y, loss)
+    g, = torch.autograd.grad(obj.sum(), xa)
+    return logits.detach(), obj.detach(), g
+
+
+def apgd(model, x, y, eps, steps=100, norm="linf", loss="ce", rho=0.75, restarts=1, clip=(0.0, 1.0), delta0=None,
+         generator=None):
+    """Auto-PGD (Croce & Hein 2020, Alg. 1), the white-box half of AutoAttack: APGD-CE (loss='ce') and APGD-DLR
+    (loss='dlr', `dlr_loss`), untargeted, in the linf or l2 ball of radius eps around x, in `clip`.
+
+    From a random start on the ball's boundary (`_apgd_start`, drawn from `generator`; or x + delta0), step size
+    eta = 2 eps. Each iteration: z = P(x_k + eta * step(grad)), step = sign (linf) or grad/||grad||_2 (l2), then the
+    momentum step x_{k+1} = P(x_k + 0.75 (z - x_k) + 0.25 (x_k - x_{k-1})) (the first iteration takes z itself);
+    P projects onto the ball and the box. At each checkpoint of `_apgd_windows` the step size is halved, and the
+    iterate reset to the best point so far, for the samples where (1) the objective rose on at most rho * window of
+    the window's iterations, or (2) the step was not halved at the last checkpoint and the best objective has not
+    improved since. As in the authors' code: the first window compares the first iterate's objective with 0 (their
+    loss history is read at index -1 before it is filled), and the l2 projection rescales the perturbation to norm
+    min(eps, ||delta||) then clips to the box.
+    Departures, both where the authors' code loses the direction: the CE gradient is computed without softmax
+    cancellation (`softmax_residual`), and the l2 direction is normalised by `_unit_l2` (no underflow of ||g||^2).
+
+    restarts: further runs from fresh random starts on the samples not yet misclassified (AutoAttack's rule).
+    Returns, per sample, the last misclassified iterate if there was one, else the iterate of highest objective; so
+    accuracy on the result is APGD's robust accuracy. Eval mode (restored), no parameter .grad, no BN statistics
+    touched, x unchanged; works under torch.no_grad(). A detached tensor."""
+    _check_attack_args(x, y, eps, steps, norm, loss)
+    if not 0 < rho <= 1 or restarts < 1:
+        raise ValueError(f"rho={rho}, restarts={restarts}: expected 0 < rho <= 1 and restarts >= 1")
+    if delta0 is not None and delta0.shape != x.shape:
+        raise ValueError(f"delta0 {tuple(delta0.shape)}: expected the shape of x, {tuple(x.shape)}")
+    x0 = x.detach()
+    out = x0.clone()
+    todo = torch.ones(len(x0), dtype=torch.bool, device=x0.device)
+    with eval_mode(model), torch.enable_grad():
+        for r in range(restarts):
+            idx = todo.nonzero().squeeze(1) if r else torch.arange(len(x0), device=x0.device)
+            if len(idx) == 0:
+                break
+            e = eps[idx] if torch.is_tensor(eps) else eps
+            start = delta0 if delta0 is not None and r == 0 else _apgd_start(x0[idx], e, norm, generator)
+            adv, fooled = _apgd_run(model, x0[idx], y[idx], e, steps, norm, loss, rho, clip, start)
+            out[idx] = torch.where(_bview(fooled, adv), adv, out[idx]) if r else adv  # (a restart keeps its successes)
+            todo[idx] = ~fooled
+    return out.detach()
+
+
+def _apgd_run(model, x0, y, eps, steps, norm, loss, rho, clip, delta0):
+    """One APGD run from x0 + delta0 (see `apgd`). Returns (adversarial per sample, misclassified at some iterate)."""
+
+    e = _per_sample(eps, x0)
+
+    def project(v):
+        if norm == "linf":
+            return _clip(torch.minimum(torch.maximum(v, x0 - e), x0 + e), clip)
+        d = v - x0
+        n = _l2(d)
+        cap = torch.minimum(n, eps) if torch.is_tensor(eps) else n.clamp(max=eps)  # min(eps, ||delta||)
+        return _clip(x0 + d / _bview(n + 1e-12, d) * _bview(cap, d), clip)
+
+    def direction(g):
+        return g.sign() if norm == "linf" else _unit_l2(g)
+
+    xa = _clip(x0 + delta0, clip)
+    logits, obj, grad = _objective_and_grad(model, xa, y, loss)
+    correct = logits.argmax(1) == y
+    x_best, obj_best, grad_best, x_fooled = xa.clone(), obj.clone(), grad.clone(), xa.clone()
+    history = torch.zeros(steps, len(x0), dtype=obj.dtype, device=x0.device)
+    eta = (2.0 * torch.as_tensor(eps, dtype=x0.dtype, device=x0.device)).expand(len(x0)).clone()
+    checks = dict(_apgd_windows(steps))
+    obj_at_check, halved_at_check = obj_best.clone(), torch.ones_like(correct)
+    x_prev = xa
+    for i in range(steps):
+        with torch.no_grad():
+            a = 0.75 if i > 0 else 1.0
+            z = project(xa + _bview(eta, xa) * direction(grad))
+            xa, x_prev = project(xa + a * (z - xa) + (1 - a) * (xa - x_prev)), xa
+        logits, obj, grad = _objective_and_grad(model, xa, y, loss)
+        with torch.no_grad():
+            wrong = logits.argmax(1) != y
+            correct = correct & ~wrong
+            x_fooled = torch.where(_bview(wrong, xa), xa, x_fooled)
+            history[i] = obj
+            better = obj > obj_best
+            x_best = torch.where(_bview(better, xa), xa, x_best)
+            grad_best = torch.where(_bview(better, grad), grad, grad_best)
+            obj_best = torch.where(better, obj, obj_best)
+            if i in checks:
+                k = checks[i]
+                rises = sum((history[i - j] > history[i - j - 1]).to(obj.dtype) for j in range(k))  # [-1]: see apgd
+                halve = (rises <= k * rho) | (~halved_at_check & (obj_at_check >= obj_best))
+                halved_at_check, obj_at_check = halve, obj_best.clone()
+                eta = torch.where(halve, eta / 2, eta)
+                xa = torch.where(_bview(halve, xa), x_best, xa)
+                grad = torch.where(_bview(halve, grad), grad_best, grad)
+    fooled = ~correct
+    return torch.where(_bview(fooled, xa), x_fooled, x_best), fooled
 
 
 @torch.no_grad()
@@ -983,7 +1138,8 @@ def accuracy(model, x, y, batch_size=1000, input_fn=None):
 def run_attack(model, x, y, spec, generator=None):
     """Apply one evaluation spec to a batch. spec['kind']: clean | noise (x + sigma*N(0, I), clipped
     to spec['clip'] if given) | fgsm | bim | pgd (all other keys are passed on: eps, steps,
-    step_size, norm, loss, kappa, targeted, clip; rand_init=True or restarts: `pgd_random_starts`)."""
+    step_size, norm, loss, kappa, targeted, clip; rand_init=True or restarts: `pgd_random_starts`) | apgd (eps,
+    steps, norm, loss 'ce' or 'dlr', rho, restarts, clip; its random starts from `generator`)."""
     kind = spec["kind"]
     kw = {k: v for k, v in spec.items() if k not in ("kind", "name", "sigma")}
     if kind == "clean":
@@ -999,7 +1155,9 @@ def run_attack(model, x, y, spec, generator=None):
         return pgd_random_starts(model, x, y, generator=generator, **kw)
     if kind == "pgd":
         return pgd(model, x, y, **kw)
-    raise ValueError(f"attack kind={kind!r} is not one of clean, noise, fgsm, bim, pgd")
+    if kind == "apgd":
+        return apgd(model, x, y, generator=generator, **kw)
+    raise ValueError(f"attack kind={kind!r} is not one of clean, noise, fgsm, bim, pgd, apgd")
 
 
 def check_attack(model, x, y, spec, n=100, large=10.0, seed=0):
@@ -1040,6 +1198,65 @@ def check_attack(model, x, y, spec, n=100, large=10.0, seed=0):
         flags.append(f"{zero:.0%} zero input gradients")
     return {"zero_grad": zero, "acc_x0.5": acc[0.5], "acc_x1": acc[1.0], "acc_x2": acc[2.0], "acc_onestep": one,
             "acc_large": acc[large], "flags": "; ".join(flags)}
+
+
+def minimal_eps(model, x, y, attack, hi, iters=8, batch_size=500):
+    """Per-sample smallest budget at which `attack` finds an adversarial input: a budget-free robustness statistic
+    (its median over samples does not depend on a chosen eps, and varies far less across seeds than the accuracy at
+    one budget on the steep part of the accuracy-vs-eps curve).
+
+    attack(xb, yb, eps) -> adversarial xb, for a (B,) tensor of per-sample budgets (e.g. `pgd` or `apgd` with a
+    step size that scales with eps). Bisection on [0, hi], `iters` halvings, all samples of a batch at once:
+    0 for a sample misclassified clean; inf if the attack does not break it at hi; else the budget of the last
+    success, within hi / 2^iters above the smallest budget at which this attack succeeds when success grows with
+    the budget (always an upper bound: the attack found an adversarial input there). Costs iters + 1 attacks.
+    Returns a float64 CPU tensor (B,)."""
+    _check_xy(x, y)
+    if not (hi > 0 and math.isfinite(hi)) or iters < 0:
+        raise ValueError(f"minimal_eps: hi={hi}, iters={iters}: expected a finite hi > 0 and iters >= 0")
+    out = []
+    with eval_mode(model):
+        for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+            def fooled(eps):
+                xa = attack(xb, yb, eps)
+                with torch.no_grad():
+                    return model(xa).argmax(1) != yb
+            with torch.no_grad():
+                wrong = model(xb).argmax(1) != yb
+            up = torch.full((len(xb),), float(hi), dtype=xb.dtype, device=xb.device)
+            lo = torch.zeros_like(up)
+            broken = wrong | fooled(up)
+            for _ in range(iters):
+                mid = (lo + up) / 2
+                ok = fooled(mid)
+                up, lo = torch.where(ok, mid, up), torch.where(ok, lo, mid)
+            found = torch.where(wrong, 0.0, up.double())
+            out.append(torch.where(broken, found, float("inf")).cpu())
+    return torch.cat(out)
+
+
+def accuracy_curve(model, x, y, attack, grid, batch_size=500):
+    """Accuracy under attack(xb, yb, eps) at every budget of `grid` (measured, one attack per budget): the
+    accuracy-vs-eps curve. Returns a list of fractions, one per budget."""
+    _check_xy(x, y)
+    out = []
+    for eps in grid:
+        correct = 0
+        for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+            xa = attack(xb, yb, eps)
+            with torch.no_grad(), eval_mode(model):
+                correct += (model(xa).argmax(1) == yb).sum()
+        out.append(float(correct) / len(y))
+    return out
+
+
+def curve_area(grid, acc):
+    """Normalised area under an accuracy-vs-eps curve: the trapezoid integral over the grid divided by its span
+    (1 for a model the attack never breaks, 0 for one wrong everywhere)."""
+    g, a = np.asarray(grid, dtype=float), np.asarray(acc, dtype=float)
+    if len(g) < 2 or np.any(np.diff(g) <= 0):
+        raise ValueError(f"curve_area: the grid must hold at least two increasing budgets, got {list(grid)}")
+    return float(np.sum((a[1:] + a[:-1]) / 2 * np.diff(g)) / (g[-1] - g[0]))
 
 
 # ================================================================================================

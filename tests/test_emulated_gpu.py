@@ -96,6 +96,33 @@ def test_bn_statistics_are_the_cumulative_average_without_waiting():
     assert all(m.momentum == 0.1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))  # restored
 
 
+def apgd_on_the_gpu(steps):
+    """APGD-DLR with a restart and a PGD bisection of minimal_eps on the emulated GPU: (results on the CPU, waits)."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.rand(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)
+    base = common.make_model("vgg8", norm="bn", width=1 / 16, num_classes=10, in_channels=3)
+    with emulated_cuda() as emu:
+        model = common.make_model("vgg8", norm="bn", width=1 / 16, num_classes=10, in_channels=3)
+        model.load_state_dict(base.state_dict())
+        model, xg, yg = model.to("cuda"), x.to("cuda"), y.to("cuda")
+        before = sum(emu.syncs.values())
+        adv = common.apgd(model, xg, yg, 0.05, steps=steps, loss="dlr", restarts=2,
+                          generator=torch.Generator("cuda").manual_seed(0))
+        waits = sum(emu.syncs.values()) - before
+        eps = common.minimal_eps(model, xg, yg, lambda a, b, e: common.pgd(model, a, b, e, steps=2), hi=0.1, iters=3)
+        adv = adv.cpu()
+    cpu = common.apgd(base, x, y, 0.05, steps=steps, loss="dlr", restarts=2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(adv, cpu)
+    assert torch.equal(eps, common.minimal_eps(base, x, y, lambda a, b, e: common.pgd(base, a, b, e, steps=2), 0.1, 3))
+    return waits
+
+
+def test_apgd_and_minimal_eps_run_on_the_gpu_waiting_per_restart_not_per_step():
+    """The CPU's numbers on the emulated GPU; APGD waits for the device once per restart (to pick the samples still
+    standing), not per step or checkpoint."""
+    assert apgd_on_the_gpu(4) == apgd_on_the_gpu(12) <= 2
+
+
 def run(script, *args, gpu=False, syncs=None):
     cmd = [sys.executable, *([EMULATOR] if gpu else []), script, *map(str, args), "--device", "cuda" if gpu else "cpu"]
     env = dict(__import__("os").environ, **({"EMULATED_CUDA_SYNCS": str(syncs)} if syncs else {}))
