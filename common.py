@@ -823,7 +823,11 @@ def _check_attack_args(x, y, eps, steps, norm, loss, step_size=None, kappa=50.0)
             raise ValueError(f"eps: a tensor of budgets must have shape ({len(x)},) and finite values >= 0")
     elif not (eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"eps={eps}: expected a finite number >= 0")
-    if step_size is not None and not ((step_size > 0 or eps == step_size == 0) and math.isfinite(step_size)):
+    if torch.is_tensor(step_size):  # per sample, with per-sample budgets
+        if step_size.shape != (len(x),) or not bool(((step_size > 0) | (step_size == eps)).all()
+                                                    & torch.isfinite(step_size).all() & (step_size >= 0).all()):
+            raise ValueError("step_size: a tensor of step sizes must have shape (B,) and finite values > 0 (0 where eps is)")
+    elif step_size is not None and not ((step_size > 0 or eps == step_size == 0) and math.isfinite(step_size)):
         raise ValueError(f"step_size={step_size}: expected a finite number > 0")  # a negative step is a defence
     if not kappa >= 0:
         raise ValueError(f"kappa={kappa}: expected a number >= 0")
@@ -1139,7 +1143,8 @@ def run_attack(model, x, y, spec, generator=None):
     """Apply one evaluation spec to a batch. spec['kind']: clean | noise (x + sigma*N(0, I), clipped
     to spec['clip'] if given) | fgsm | bim | pgd (all other keys are passed on: eps, steps,
     step_size, norm, loss, kappa, targeted, clip; rand_init=True or restarts: `pgd_random_starts`) | apgd (eps,
-    steps, norm, loss 'ce' or 'dlr', rho, restarts, clip; its random starts from `generator`)."""
+    steps, norm, loss 'ce' or 'dlr', rho, restarts, clip; its random starts from `generator`) | worst (spec['attacks'],
+    a list of specs: per sample the first adversarial input any of them finds, the worst case)."""
     kind = spec["kind"]
     kw = {k: v for k, v in spec.items() if k not in ("kind", "name", "sigma")}
     if kind == "clean":
@@ -1157,7 +1162,15 @@ def run_attack(model, x, y, spec, generator=None):
         return pgd(model, x, y, **kw)
     if kind == "apgd":
         return apgd(model, x, y, generator=generator, **kw)
-    raise ValueError(f"attack kind={kind!r} is not one of clean, noise, fgsm, bim, pgd, apgd")
+    if kind == "worst":  # per sample, the first of the attacks that fools the model (x itself if none does)
+        out, done = x, torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        for sub in spec["attacks"]:
+            xa = run_attack(model, x, y, sub, generator)
+            with torch.no_grad(), eval_mode(model):
+                take = (model(xa).argmax(1) != y) & ~done
+            out, done = torch.where(_bview(take, xa), xa, out), done | take
+        return out
+    raise ValueError(f"attack kind={kind!r} is not one of clean, noise, fgsm, bim, pgd, apgd, worst")
 
 
 def check_attack(model, x, y, spec, n=100, large=10.0, seed=0):
@@ -1233,21 +1246,6 @@ def minimal_eps(model, x, y, attack, hi, iters=8, batch_size=500):
             found = torch.where(wrong, 0.0, up.double())
             out.append(torch.where(broken, found, float("inf")).cpu())
     return torch.cat(out)
-
-
-def accuracy_curve(model, x, y, attack, grid, batch_size=500):
-    """Accuracy under attack(xb, yb, eps) at every budget of `grid` (measured, one attack per budget): the
-    accuracy-vs-eps curve. Returns a list of fractions, one per budget."""
-    _check_xy(x, y)
-    out = []
-    for eps in grid:
-        correct = 0
-        for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
-            xa = attack(xb, yb, eps)
-            with torch.no_grad(), eval_mode(model):
-                correct += (model(xa).argmax(1) == yb).sum()
-        out.append(float(correct) / len(y))
-    return out
 
 
 def curve_area(grid, acc):

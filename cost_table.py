@@ -92,6 +92,8 @@ class Tally:
 
 
 def attack_steps(spec):
+    if spec["kind"] == "worst":  # every attack of the worst case runs on every sample
+        return sum(attack_steps(s) for s in spec["attacks"])
     return {"clean": 0, "noise": 0, "fgsm": 1}.get(spec["kind"], spec.get("steps", 0) * spec.get("restarts", 1))
 
 
@@ -114,8 +116,12 @@ def cost_table1(args):
         t.train(a, shape, n_train, r["epochs"], seeds, batch=r["batch_size"], **kw)
         space = exp_table1.ARTIFACTS[args.artifact]["runs"]["space"]
         specs = exp_table1.attack_suite(args, space, d, (1.0, 1.0, 1.0))
+        specs |= exp_table1.strong_suite(args, specs) if args.attacks == "strong" else {}
         measured = 2 if r.get("select") == "best_test" else 1  # the final and the selected epoch
-        t.model(a, shape, fb=measured * seeds * n_test * sum(attack_steps(s) for s in specs.values()), kind="attack", **kw)
+        steps = sum(attack_steps(s) for s in specs.values())
+        n_eval = min(args.n_eval or n_test, n_test)
+        bisect = 2 * (args.min_eps_iters + 1) * args.attack_steps * min(args.min_eps_n, n_eval) if args.min_eps_iters else 0
+        t.model(a, shape, fb=measured * seeds * (n_test * steps + bisect), kind="attack", **kw)  # (+ the two bisections)
         t.model(a, shape, fwd=measured * seeds * (n_test * len(specs) + n_train) + (r["epochs"] * seeds * n_test if
                 measured == 2 else 0), **kw)  # (+ the training set for the generalization gap; + per-epoch selection)
     return t

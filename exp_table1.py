@@ -2,7 +2,9 @@
 
 Reproduces P1 Tables 1, 2, 8 and P2 Tables 1, 2 (= Table 9), 3, 8 and P2 App. A.2 (PGD vs BIM; longer PGD):
 train each (dataset, arch, norm, seed), then measure clean, Gaussian-noise and adversarial
-accuracy. The papers' claim: normalization keeps or raises clean accuracy and lowers robust accuracy.
+accuracy. The papers' claim: normalization keeps or raises clean accuracy and lowers robust accuracy. Beside the
+papers' budgets, each model's median minimal PGD budget (budget-free) and, with --attacks strong, the worst case of
+PGD, APGD-CE and APGD-DLR (DECISIONS.md D34).
 
 Quick results (update_readme.py writes this from results/quick/):
     python exp_table1.py --preset quick
@@ -18,22 +20,23 @@ Run it:
 Two input spaces (DECISIONS.md D2): P1 artifacts attack [0,1] pixels (the model standardizes
 inside); P2 artifacts attack standardized inputs with the papers' clip ranges. P2 Table 5 (torchvision
 ImageNet weights) and P1's ImageNet rows need files that cannot be had offline: they are listed as
-skipped. Deviations: P2 Table 2 selected the epoch with the best *test* accuracy; we report the
-final epoch (DECISIONS.md D18).
+skipped. P2 Table 2 selected the epoch with the best *test* accuracy: both the final and that epoch are
+measured and labelled, its claims use the selected one (DECISIONS.md D18).
 """
 import copy
 import functools
 import math
+import textwrap
 import time
 
 import torch
 
 from common import (DATASETS, DataError, NORMS, P2_INPUT, Sweep, accuracy, add_run_flags, arch_seeds_arg, build_dataset,
-                    cache_path, check_attack, check_numbers, claim, class_balanced_subset, evaluate, fmt_mean_sem,
-                    log_to, make_model, make_parser, mean_sem, merge_runs, model_in_space, model_key, model_kwargs,
-                    paper_recipe, parse_with_presets, pick_device, prepare_run_dir, print_config, read_cifar101,
-                    run_script, save_figure, set_seed, show, train_model, with_overrides, write_claims, write_config,
-                    write_text_atomic)
+                    cache_path, check_attack, check_numbers, claim, class_balanced_subset, curve_area, evaluate,
+                    fmt_mean_sem, log_to, make_model, make_parser, mean_sem, merge_runs, minimal_eps, model_in_space,
+                    model_key, model_kwargs, paper_recipe, parse_with_presets, pgd, pick_device, prepare_run_dir,
+                    print_config, read_cifar101, run_script, save_figure, set_seed, show, train_model, with_overrides,
+                    write_claims, write_config, write_text_atomic)
 
 
 # ================================================================================================
@@ -182,6 +185,53 @@ def attack_suite(args, space, dataset, std):
     return specs
 
 
+def strong_suite(args, specs):
+    """--attacks strong: for PGD-ℓ2 and PGD-ℓ∞, each sample's worst case over the artifact's PGD, APGD-CE and
+    APGD-DLR (Croce & Hein 2020; --apgd-steps, AutoAttack's 100) at the same budget, so that a BN-vs-none
+    difference can be checked against a stronger attack. Measured beside the standard ones (acc_pgd_*_strong)."""
+    out = {}
+    for name in ("pgd_l2", "pgd_linf"):
+        s = specs[name]
+        apgd = dict(kind="apgd", norm=s["norm"], eps=s["eps"], steps=args.apgd_steps, clip=s.get("clip"))
+        out[f"{name}_strong"] = dict(kind="worst", attacks=[s, apgd | dict(loss="ce"), apgd | dict(loss="dlr")])
+    return out
+
+
+BUDGET_GRID = (0.25, 0.5, 1, 2, 4, 8, 16)  # the accuracy-vs-eps curve at these multiples of the artifact's budget
+
+
+def budget_free(args, m, x, y, specs):
+    """Robustness without a chosen budget, for PGD-ℓ2 and PGD-ℓ∞ with the artifact's steps and step rule (the step
+    scales with the budget): each sample's minimal budget by bisection on [0, --min-eps-range x the budget]
+    (common.minimal_eps, --min-eps-iters halvings: resolution range / 2^iters, 1/16 of the budget by default). Keys:
+    min_eps_* (median over the samples; samples the attack does not break within the range count as beyond it, so
+    the median is exact unless over half of them are censored, when it is the range's end: min_eps_*_censored says
+    how many), curve_* (the accuracy they imply at BUDGET_GRID x the budget) and auc_* (its normalised area,
+    common.curve_area, over [0, range x budget])."""
+    out = {}
+    for name in ("pgd_l2", "pgd_linf"):
+        s = specs[name]
+        eps, key = s["eps"], name[4:]
+        if not eps > 0:
+            continue
+        kw = {k: v for k, v in s.items() if k not in ("kind", "eps", "step_size")}
+        ratio = None if s.get("step_size") is None else s["step_size"] / eps  # (P2: eps / --step-div)
+
+        def attack(xb, yb, e, kw=kw, ratio=ratio):
+            return pgd(m, xb, yb, e, step_size=None if ratio is None else e * ratio, **kw)
+
+        hi = args.min_eps_range * eps
+        d = minimal_eps(m, x, y, attack, hi, iters=args.min_eps_iters)
+        censored = torch.isinf(d)
+        out[f"min_eps_{key}"] = float(torch.where(censored, hi, d).median())
+        out[f"min_eps_{key}_censored"] = float(censored.double().mean())
+        acc = lambda e: float((d > e).double().mean())  # noqa: B023 (used at once)
+        out[f"curve_{key}"] = [acc(f * eps) for f in BUDGET_GRID if f * eps <= hi]
+        grid = [0.0] + [f * eps for f in BUDGET_GRID if f * eps < hi] + [hi]
+        out[f"auc_{key}"] = curve_area(grid, [acc(e) for e in grid])
+    return out
+
+
 CHECKED = ("pgd_l2", "pgd_linf", "bim")  # attacks that get the sanity checks of common.check_attack
 
 
@@ -214,9 +264,17 @@ def run_one(args, data, dataset, arch, norm, seed, device, ckpt, log):
             spec["sigma"] = spec["sigma"].to(device)
     to_input = input_fn or (lambda t: t)
 
+    strong = strong_suite(args, specs) if args.attacks == "strong" else {}
+    sub = class_balanced_subset(y, max(1, args.min_eps_n // data.num_classes)) if args.min_eps_n < len(y) else \
+        torch.arange(len(y), device=y.device)  # (the minimal budgets' samples)
+
     def measure(m, prefix):
         """Every measurement of model m, its keys prefixed: acc_* for the final epoch, sel_acc_* for the selected."""
         accs = evaluate(m, x, y, specs, batch_size=500, seed=seed)
+        if strong:
+            t1 = time.time()
+            accs |= evaluate(m, x, y, strong, batch_size=500, seed=seed)
+            log(f"[{dataset} {arch} {norm} s{seed}] --attacks strong: {time.time() - t1:.1f}s")
         if dataset == "cifar10" and args.artifact in ("p2_t2", "p2_t9"):  # CIFAR-10.1: clean and noise (P2 Table 2)
             try:
                 x1, y1 = read_cifar101(args.data_root)
@@ -231,6 +289,8 @@ def run_one(args, data, dataset, arch, norm, seed, device, ckpt, log):
         # train_acc is the running train-mode accuracy on augmented batches)
         out[f"{prefix}acc_train_eval"] = accuracy(m, data.x_train, data.y_train, input_fn=input_fn)
         out[f"{prefix}gen_gap"] = out[f"{prefix}acc_train_eval"] - out[f"{prefix}acc_clean"]
+        if args.min_eps_iters:
+            out |= {prefix + k: v for k, v in budget_free(args, m, x[sub], y[sub], specs).items()}
         log(f"[{dataset} {arch} {norm} s{seed}] {prefix or 'final '}" + " | ".join(f"{k} {v:.4f}" for k, v in accs.items()))
         return out
 
@@ -384,13 +444,34 @@ CLAIMS["p2_pgd_steps"] = [
     claim_pp("p2a2_steps", "P2 App. A.2", "40 PGD steps of eps/20 find hardly more than 20 of eps/10 (within 1 point)",
              "28.9 → 28.5 (−0.4 ± 0.5)", "long_minus_pgd_linf", {}, None, ">", ref=-0.01, per=("dataset", "arch", "norm"))]
 
-METRICS = ["clean", "noise", "pgd_l2", "pgd_linf", "pgd_linf_long", "cw_l2", "cw_linf", "fgsm", "bim", "c101_clean",
-           "c101_noise"]
+METRICS = ["clean", "noise", "pgd_l2", "pgd_linf", "pgd_l2_strong", "pgd_linf_strong", "pgd_linf_long", "cw_l2", "cw_linf",
+           "fgsm", "bim", "c101_clean", "c101_noise"]
+
+
+def with_twins(claims, rows):
+    """Every claim on PGD accuracy is also tested where measured: on the strong attack's accuracy (--attacks strong)
+    and budget-free on the median minimal PGD budget (a less robust model has a smaller one, as it has a lower
+    accuracy at a budget, so the predicted sign is the same)."""
+    out = list(claims)
+    for c in claims:
+        prefix = "sel_" if c["metric"].startswith("sel_") else ""
+        base = c["metric"][len(prefix):]
+        if base not in ("acc_pgd_l2", "acc_pgd_linf"):
+            continue
+        if any(c["metric"] + "_strong" in r for r in rows):
+            out.append(c | dict(id=c["id"] + "_strong", metric=c["metric"] + "_strong",
+                                claim=c["claim"] + " (worst case of PGD, APGD-CE, APGD-DLR)"))
+        key = prefix + "min_eps_" + base[len("acc_pgd_"):]
+        if any(key in r for r in rows):
+            out.append(c | dict(id=c["id"] + "_mineps", metric=key, scale=1.0, paper_value="— (budget-free)",
+                                claim=c["claim"] + " (median minimal PGD budget)"))
+    return out
 
 
 COLORS = dict(none="0.25", bn="C0", **{"in": "C1"}, ln="C2", gn="C3", fixup="C4")  # one colour per norm in every panel
 
 LABELS = dict(clean="clean", noise="noise", pgd_l2="PGD-ℓ2", pgd_linf="PGD-ℓ∞", pgd_linf_long="PGD-ℓ∞ 2x steps of 1/2",
+              pgd_l2_strong="PGD-ℓ2 strong", pgd_linf_strong="PGD-ℓ∞ strong",
               cw_l2="CW-ℓ2", cw_linf="CW-ℓ∞", fgsm="FGSM",
               bim="BIM", c101_clean="CIFAR-10.1 clean", c101_noise="CIFAR-10.1 noise")
 
@@ -420,6 +501,16 @@ def make_table(records, header):
             lines.append(f"| {d} | {a} | {n} | {len(rs)} | " + " | ".join(
                 fmt_mean_sem([r.get(f"{prefix}{'' if m == 'gen_gap' else 'acc_'}{m}") for r in rs])
                 for m in metrics + ["gen_gap"]) + " |")
+    if any("min_eps_l2" in r for r in ok):
+        lines += ["", "Budget-free: each sample's minimal PGD budget (bisection), its median over the samples, and the "
+                  "normalised area under the accuracy-vs-ε curve it implies; mean ± SEM over seeds (units of the "
+                  "attack's input space).", "",
+                  "| dataset | arch | norm | n | median min ε ℓ2 | median min ε ℓ∞ | area ℓ2 | area ℓ∞ |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for (d, a, n), rs in g.items():
+            lines.append(f"| {d} | {a} | {n} | {len(rs)} | " + " | ".join(
+                fmt_mean_sem([r.get(k) for r in rs], scale=1.0, digits=3)
+                for k in ("min_eps_l2", "min_eps_linf", "auc_l2", "auc_linf")) + " |")
     diffs = []
     for (d, a, n), rs in g.items():  # difference to the unnormalized model (Fixup for a Fixup-vs-BN WRN)
         ref = g.get((d, a, "none")) or g.get((d, a, "fixup"))
@@ -453,8 +544,26 @@ def make_figure(records, path, title):
     ok = [r for r in records if r["status"] == "ok"]
     panels = sorted({(r["dataset"], r["arch"]) for r in ok})
     metrics = [m for m in METRICS if any(f"acc_{m}" in r for r in ok)]
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6 * max(1, len(panels)), 3.6), squeeze=False)
+    curves = [k for k in ("l2", "linf") if any(f"curve_{k}" in r for r in ok)]  # budget-free rows, when measured
+    fig, axes = plt.subplots(1 + len(curves), max(1, len(panels)), figsize=(6 * max(1, len(panels)), 3.6 * (1 + len(curves))),
+                             squeeze=False)
     g = groups(ok)
+    for row, k in enumerate(curves, 1):  # accuracy vs eps implied by the per-sample minimal budgets, mean over seeds
+        for ax, (d, a) in zip(axes[row], panels):
+            for n in [n for n in list(NORMS) + ["fixup"] if (d, a, n) in g]:
+                cs = [r[f"curve_{k}"] for r in g[(d, a, n)] if r.get(f"curve_{k}")]
+                if cs:
+                    m = min(map(len, cs))
+                    ax.plot(BUDGET_GRID[:m], [100 * sum(c[i] for c in cs) / len(cs) for i in range(m)], "o-",
+                            color=COLORS[n], label=n, ms=3)
+            ax.axvline(1.0, color="0.6", ls="--", lw=1)  # the artifact's (the paper's) budget
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel(f"ε / the artifact's {'ℓ2' if k == 'l2' else 'ℓ∞'} budget (dashed)")
+            ax.set_ylabel("accuracy (%)")
+            ax.set_ylim(-3, 103)
+            ax.set_title(f"{a} on {d}: PGD-{'ℓ2' if k == 'l2' else 'ℓ∞'} vs ε (from each sample's minimal budget)",
+                         fontsize=9)
+            ax.legend(fontsize=8)
     for ax, (d, a) in zip(axes[0], panels):
         norms = [n for n in list(NORMS) + ["fixup"] if (d, a, n) in g]
         w = 0.8 / len(norms)
@@ -462,13 +571,14 @@ def make_figure(records, path, title):
             stats = [mean_sem([r.get(f"acc_{m}") for r in g[(d, a, n)]]) for m in metrics]
             ax.bar([j + i * w for j in range(len(metrics))], [100 * s[0] for s in stats], w, color=COLORS[n],
                    yerr=[100 * s[1] if s[2] > 1 else 0 for s in stats], capsize=2, label=n)
-        ax.set_xticks([j + 0.4 - w / 2 for j in range(len(metrics))], [LABELS[m] for m in metrics])
+        ax.set_xticks([j + 0.4 - w / 2 for j in range(len(metrics))], [LABELS[m] for m in metrics], rotation=25,
+                      ha="right", fontsize=8)
         ax.set_ylabel("accuracy (%)")
         ax.set_ylim(0, 115)
         ax.set_yticks(range(0, 101, 20))
         ax.set_title(f"{a} on {d}")
         ax.legend(fontsize=8, ncol=len(norms), loc="upper center")
-    fig.suptitle(title)
+    fig.suptitle(textwrap.fill(title, 60 * max(1, len(panels))), fontsize=10)
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
 
@@ -490,7 +600,8 @@ def write_outputs(run_dir, records, cfg):
     rows = [r | ({"bim_minus_pgd_linf": r["acc_bim"] - r["acc_pgd_linf"]} if "acc_bim" in r else {})
             | ({"long_minus_pgd_linf": r["acc_pgd_linf_long"] - r["acc_pgd_linf"]} if "acc_pgd_linf_long" in r else {})
             for r in records]
-    write_claims(run_dir, claims_for(art), rows, f"# Claims: {ARTIFACTS[art]['title']} ({art}, preset {preset}, {datasets})",
+    write_claims(run_dir, with_twins(claims_for(art), rows), rows,
+                 f"# Claims: {ARTIFACTS[art]['title']} ({art}, preset {preset}, {datasets})",
                  records, lambda r: f"{r['dataset']} {r['arch']} {r['norm']} s{r['seed']}")
 
 
@@ -530,6 +641,14 @@ def get_args(argv=None):
     g.add_argument("--eps-linf", type=float, help="PGD-ℓ∞, CW-ℓ∞ and BIM budget")
     g.add_argument("--eps-fgsm", type=float, help="FGSM budget (P1 Table 8: 4/255)")
     g.add_argument("--noise-std", type=float, help="Gaussian noise std in standardized units (P2: variance 1/4)")
+    g.add_argument("--attacks", choices=["standard", "strong"], default="standard", help="strong: also measure PGD-ℓ2 "
+                   "and PGD-ℓ∞ as each sample's worst case over PGD, APGD-CE and APGD-DLR (acc_pgd_*_strong)")
+    g.add_argument("--apgd-steps", type=int, default=100, help="--attacks strong: APGD iterations (AutoAttack: 100)")
+    g.add_argument("--min-eps-iters", type=int, default=8, help="bisection halvings of each sample's minimal PGD budget "
+                   "(ℓ2 and ℓ∞; 0: not measured)")
+    g.add_argument("--min-eps-range", type=float, default=16.0, help="the bisection searches [0, RANGE x the budget]")
+    g.add_argument("--min-eps-n", type=int, default=1000, help="evaluation samples (class-balanced) whose minimal budget "
+                   "is searched (a median over 1000 is precise to a few %%)")
     g = add_run_flags(p, "exp_table1", unit="runs", data="cifar-10-batches-py/, svhn/, mnist/",
                          cache="shared checkpoint cache: reuse a model trained by any script with the same dataset, "
                                "architecture, norm, width, recipe and seed", outputs="table.md, claims.md and the figure")
@@ -541,9 +660,10 @@ def get_args(argv=None):
         return args
     args.max_seed_tries = args.max_seed_tries or ARTIFACTS[args.artifact]["runs"].get("max_tries", args.seeds)
     check_numbers(p, args, at_least_one=("epochs", "batch_size", "attack_steps", "n_eval", "seeds", "max_seed_tries",
-                                         "size", "gn_groups"),
-                  positive=("width", "lr", "step_div", "bim_step_div"),
-                  non_negative=("eps_l2", "eps_linf", "eps_fgsm", "noise_std", "weight_decay", "warmup_epochs"))
+                                         "size", "gn_groups", "apgd_steps", "min_eps_n"),
+                  positive=("width", "lr", "step_div", "bim_step_div", "min_eps_range"),
+                  non_negative=("eps_l2", "eps_linf", "eps_fgsm", "noise_std", "weight_decay", "warmup_epochs",
+                                "min_eps_iters"))
     if args.max_seed_tries < args.seeds:
         p.error(f"--max-seed-tries {args.max_seed_tries} < --seeds {args.seeds}")
     return args

@@ -24,7 +24,8 @@ def run(*args, timeout=None, gpu=False):  # no fixed limit: a slow machine is no
 
 def test_smoke_preset_writes_records_table_and_figure(tmp_path):
     out = tmp_path / "run"
-    r = run("--preset", "smoke", "--epochs", "2", "--out", out, gpu=True)  # (the preset's 3 epochs, less one: time)
+    r = run("--preset", "smoke", "--epochs", "2", "--min-eps-iters", "3", "--min-eps-n", "30", "--out", out,
+            gpu=True)  # (the preset's epochs less one, a small search: time; --attacks strong: the P2 test below)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "config: " in r.stdout  # the resolved configuration is printed at start
     res = json.loads((out / "results.json").read_text())
@@ -35,6 +36,8 @@ def test_smoke_preset_writes_records_table_and_figure(tmp_path):
     for x in recs:
         assert {"artifact", "dataset", "arch", "norm", "seed", "status"} <= set(x) and x["dataset"] == "synthetic"
     ok = [x for x in recs if x["status"] == "ok"]
+    cfg_eps = dict(l2=json.loads((out / "config.json").read_text())["args"]["eps_l2"],
+                   linf=json.loads((out / "config.json").read_text())["args"]["eps_linf"])
     assert len(ok) >= 6, [(x["arch"], x["norm"], x["reason"]) for x in recs if x["status"] != "ok"]
     for x in ok:
         assert all(0.0 <= x[m] <= 1.0 for m in METRICS), x
@@ -43,6 +46,10 @@ def test_smoke_preset_writes_records_table_and_figure(tmp_path):
         assert x["acc_clean"] > 0.2  # well above chance on the synthetic task
         for m in ("acc_pgd_l2", "acc_pgd_linf", "acc_cw_l2", "acc_cw_linf"):
             assert x[m] <= x["acc_clean"] + 0.02, (m, x)  # an attack never helps (beyond float noise)
+        for k in ("l2", "linf"):  # budget-free statistics beside the accuracies
+            assert 0 <= x[f"min_eps_{k}"] <= 16 * cfg_eps[k] and 0 <= x[f"min_eps_{k}_censored"] <= 1
+            assert len(x[f"curve_{k}"]) == 7 and 0 <= x[f"auc_{k}"] <= 1
+            assert x[f"curve_{k}"] == sorted(x[f"curve_{k}"], reverse=True)  # accuracy falls with the budget
     assert all(x["reason"] for x in recs if x["status"] != "ok")
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["args"]["preset"] == "smoke" and cfg["args"]["epochs"] == 2 and "git_commit" in cfg and "torch" in cfg
@@ -50,6 +57,7 @@ def test_smoke_preset_writes_records_table_and_figure(tmp_path):
     assert len((out / "results.csv").read_text().strip().splitlines()) == len(recs) + 1
     table = (out / "table.md").read_text()
     assert "| synthetic | vgg8 | bn |" in table and "Difference to the unnormalized model" in table
+    assert "median min ε ℓ2" in table and "(median minimal PGD budget)" in (out / "claims.md").read_text()
     assert (out / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     (out / "table.md").unlink()
@@ -126,13 +134,17 @@ def test_p2_convention_on_cifar10_format_with_cifar101_and_bim(tmp_path):
     common_args = ["--preset", "smoke", "--dataset", "cifar10", "--arch", "vgg8", "--norm", "none", "bn",
                    "--data-root", tmp_path / "data", "--epochs", "4"]
     out = tmp_path / "p2t2"
-    r = run("--artifact", "p2_t2", *common_args, "--out", out)
+    r = run("--artifact", "p2_t2", *common_args, "--out", out, "--attacks", "strong", "--apgd-steps", "5",
+            "--min-eps-iters", "0")
     assert r.returncode == 0, r.stderr[-3000:]
     recs = [x for x in json.loads((out / "results.json").read_text())["records"] if x["status"] == "ok"]
     assert recs, r.stdout[-3000:]
     for x in recs:  # P2 columns: clean, noise, PGD-linf, PGD-l2 (standardized space, clip [-2, 2]), CIFAR-10.1 clean/noise
         assert {"acc_clean", "acc_noise", "acc_pgd_linf", "acc_pgd_l2", "acc_c101_clean", "acc_c101_noise"} <= set(x)
-        assert "acc_cw_l2" not in x and x["n_eval"] == 100
+        assert "acc_cw_l2" not in x and x["n_eval"] == 100 and "min_eps_l2" not in x
+        for k in ("l2", "linf"):  # --attacks strong: the worst case includes the (deterministic) PGD itself
+            assert x[f"acc_pgd_{k}_strong"] <= x[f"acc_pgd_{k}"] and x[f"sel_acc_pgd_{k}_strong"] <= x[f"sel_acc_pgd_{k}"]
+    assert "(worst case of PGD, APGD-CE, APGD-DLR)" in (out / "claims.md").read_text()
     assert "CIFAR-10.1 clean" in (out / "table.md").read_text()
     out = tmp_path / "bim"
     r = run("--artifact", "p2_pgd_vs_bim", *common_args, "--out", out)
