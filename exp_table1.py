@@ -91,7 +91,7 @@ PRESETS = {  # the paper's values; attack budgets by convention in resolve()
                   eps_l2=1.0, eps_linf=4 / 255, eps_fgsm=16 / 255),
     "smoke": dict(dataset="synthetic", arch=["vgg8", "resnet18"], norm=list(NORMS), seeds=1, width=1 / 16, epochs=3, lr=0.02,
                   batch_size=32, weight_decay=5e-4, warmup_epochs=0.0, n_eval=100, attack_steps=3, size=None, gn_groups=2,
-                  eps_l2=1.0, eps_linf=4 / 255, eps_fgsm=16 / 255),
+                  eps_l2=1.0, eps_linf=4 / 255, eps_fgsm=16 / 255, min_eps_iters=3, min_eps_n=30, apgd_steps=5),
 }
 
 
