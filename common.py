@@ -1029,7 +1029,6 @@ def apgd(model, x, y, eps, steps=100, norm="linf", loss="ce", rho=0.75, restarts
 
 def _apgd_run(model, x0, y, eps, steps, norm, loss, rho, clip, delta0):
     """One APGD run from x0 + delta0 (see `apgd`). Returns (adversarial per sample, misclassified at some iterate)."""
-
     e = _per_sample(eps, x0)
 
     def project(v):
