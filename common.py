@@ -823,10 +823,11 @@ def _check_attack_args(x, y, eps, steps, norm, loss, step_size=None, kappa=50.0)
             raise ValueError(f"eps: a tensor of budgets must have shape ({len(x)},) and finite values >= 0")
     elif not (eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"eps={eps}: expected a finite number >= 0")
-    if torch.is_tensor(step_size):  # per sample, with per-sample budgets
-        if step_size.shape != (len(x),) or not bool(((step_size > 0) | (step_size == eps)).all()
-                                                    & torch.isfinite(step_size).all() & (step_size >= 0).all()):
-            raise ValueError("step_size: a tensor of step sizes must have shape (B,) and finite values > 0 (0 where eps is)")
+    if torch.is_tensor(step_size):  # per sample, with per-sample budgets: > 0, or 0 where the budget is 0
+        if step_size.shape != (len(x),) or not bool((torch.isfinite(step_size) & ((step_size > 0) | (
+                (step_size == 0) & (torch.as_tensor(eps) == 0)))).all()):
+            raise ValueError(f"step_size: a tensor of step sizes must have shape ({len(x)},) and finite values > 0 "
+                             "(0 only where the budget is 0)")
     elif step_size is not None and not ((step_size > 0 or eps == step_size == 0) and math.isfinite(step_size)):
         raise ValueError(f"step_size={step_size}: expected a finite number > 0")  # a negative step is a defence
     if not kappa >= 0:
@@ -850,17 +851,26 @@ def _random_start(x0, eps, norm, generator):
     return _unit_l2(g) * _bview(r, g)
 
 
+def _objective_and_grad(model, xa, y, loss, kappa=50.0, targeted=False):
+    """(logits, per-sample `attack_objective`, its input gradient) at xa, logits detached. For CE the gradient is
+    J^T (softmax - onehot) with the cancellation-free `softmax_residual`: a confidently classified sample (p_y rounds
+    to 1 in float32) still gets its true step direction, instead of a zero or wrong one that would stall the attack
+    and overstate robustness."""
+    with torch.enable_grad():
+        xa = xa.detach().requires_grad_(True)
+        logits = model(xa).float()  # (under bf16 autocast the objective and its residual stay float32)
+        if loss == "ce":
+            g, = torch.autograd.grad(logits, xa, grad_outputs=softmax_residual(logits.detach(), y))
+            obj = attack_objective(logits.detach(), y, loss, kappa, targeted)
+            return logits.detach(), obj, -g if targeted else g
+        obj = attack_objective(logits, y, loss, kappa, targeted)
+        g, = torch.autograd.grad(obj.sum(), xa)
+    return logits.detach(), obj.detach(), g
+
+
 def _objective_grad(model, xa, y, loss, kappa, targeted):
-    """Input gradient of the summed `attack_objective`. For CE it is J^T (softmax - onehot) with the
-    cancellation-free `softmax_residual`: a confidently classified sample (p_y rounds to 1 in
-    float32) still gets its true step direction, instead of a zero or wrong one that would stall the
-    attack and overstate robustness."""
-    if loss == "ce":
-        g = ce_input_grad(model, xa, y)
-        return -g if targeted else g
-    xa = xa.detach().requires_grad_(True)
-    g, = torch.autograd.grad(attack_objective(model(xa).float(), y, loss, kappa, targeted).sum(), xa)
-    return g
+    """Input gradient of the summed `attack_objective` (see `_objective_and_grad`)."""
+    return _objective_and_grad(model, xa, y, loss, kappa, targeted)[2]
 
 
 def pgd(model, x, y, eps, steps, step_size=None, norm="linf", loss="ce", kappa=50.0, targeted=False,
@@ -971,18 +981,6 @@ def _apgd_start(x0, eps, norm, generator):
         return _per_sample(eps, t) * t / _bview(t.flatten(1).abs().amax(1) + 1e-12, t)
     t = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     return _per_sample(eps, t) * t / _bview(_l2(t) + 1e-12, t)
-
-
-def _objective_and_grad(model, xa, y, loss):
-    """(logits, per-sample objective, its input gradient) at xa; CE through `softmax_residual` (no cancellation)."""
-    xa = xa.detach().requires_grad_(True)
-    logits = model(xa).float()
-    if loss == "ce":
-        g, = torch.autograd.grad(logits, xa, grad_outputs=softmax_residual(logits.detach(), y))
-        return logits.detach(), F.cross_entropy(logits.detach(), y, reduction="none"), g
-    obj = attack_objective(logits, y, loss)
-    g, = torch.autograd.grad(obj.sum(), xa)
-    return logits.detach(), obj.detach(), g
 
 
 def apgd(model, x, y, eps, steps=100, norm="linf", loss="ce", rho=0.75, restarts=1, clip=(0.0, 1.0), delta0=None,

@@ -225,10 +225,9 @@ def budget_free(args, m, x, y, specs):
         censored = torch.isinf(d)
         out[f"min_eps_{key}"] = float(torch.where(censored, hi, d).median())
         out[f"min_eps_{key}_censored"] = float(censored.double().mean())
-        acc = lambda e: float((d > e).double().mean())  # noqa: B023 (used at once)
-        out[f"curve_{key}"] = [acc(f * eps) for f in BUDGET_GRID if f * eps <= hi]
+        out[f"curve_{key}"] = [float((d > f * eps).double().mean()) for f in BUDGET_GRID if f * eps <= hi]
         grid = [0.0] + [f * eps for f in BUDGET_GRID if f * eps < hi] + [hi]
-        out[f"auc_{key}"] = curve_area(grid, [acc(e) for e in grid])
+        out[f"auc_{key}"] = curve_area(grid, [float((d > e).double().mean()) for e in grid])
     return out
 
 

@@ -78,3 +78,18 @@ def test_curve_area_closed_forms():
     assert curve_area([0.0, 1.0, 3.0], [1.0, 0.0, 0.0]) == pytest.approx(1 / 6)
     with pytest.raises(ValueError, match="increasing"):
         curve_area([0, 0], [1, 1])
+
+
+def test_the_worst_case_of_several_attacks_fools_a_sample_if_any_of_them_does():
+    """run_attack kind 'worst' (--attacks strong): per sample the first adversarial input any attack finds, so its
+    accuracy is the share of samples that every attack leaves correct, and never above any one attack's."""
+    lin, x, y, _, margin = linear_two_class(seed=1)
+    half = (torch.arange(len(x)) < len(x) // 2).double()  # per-sample budgets: each attack reaches one half only
+    specs = [dict(kind="pgd", norm="linf", eps=0.1 * half, steps=5, clip=None),
+             dict(kind="pgd", norm="l2", eps=0.5 * (1 - half), steps=5, clip=None)]
+    wrong = lambda xa: lin(xa).argmax(1) != y
+    each = [wrong(common.run_attack(lin, x, y, s)) for s in specs]
+    worst = common.run_attack(lin, x, y, dict(kind="worst", attacks=specs))
+    assert torch.equal(wrong(worst), each[0] | each[1]) and not torch.equal(each[0], each[1])
+    fooled_first = each[0] & wrong(worst)
+    assert torch.equal(worst[fooled_first], common.run_attack(lin, x, y, specs[0])[fooled_first])  # the first wins
