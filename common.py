@@ -1464,14 +1464,15 @@ def evaluate(model, x, y, specs, batch_size=500, seed=0):
 
 
 def epoch_metrics(model, x_all, y_all, x_sub, y_sub, eps, steps, sigma=0.01, seed=0, perturbations=("gaussian",),
-                  batch_size=250):
+                  batch_size=250, sigma_dm=None):
     """P1 Sec. 4 per-epoch measurements (App. B.2): clean accuracy on the whole test set; l2 PGD
     robust accuracy (eps, `steps` steps of 2.5*eps/steps) and LIGS (P1 Eq. 1) for each perturbation on
     a fixed class-balanced subset. LIGS noise is the same draw at every call (seeded), so a curve
     over epochs shows the model changing, not the noise. The clean input gradient of the subset is
     computed once and shared by the PGD's first step and every LIGS perturbation (bit-identical to
     computing it in each). Keys: clean_acc, robust_acc, ligs (Gaussian), ligs_<perturbation>, and the
-    matching *_skipped counts."""
+    matching *_skipped counts; with `sigma_dm`, also ligs_dm: Gaussian LIGS at that sigma (the dimension-matched
+    sigma of inputs smaller than CIFAR's, `ligs_sigma_matched`)."""
     out = dict(clean_acc=evaluate(model, x_all, y_all, {"c": dict(kind="clean")})["c"])
     with eval_mode(model):
         g0 = torch.cat([ce_input_grad(model, xb, yb) for xb, yb in zip(x_sub.split(batch_size), y_sub.split(batch_size))])
@@ -1487,7 +1488,18 @@ def epoch_metrics(model, x_all, y_all, x_sub, y_sub, eps, steps, sigma=0.01, see
         value, skipped = ligs(model, x_sub, y_sub, perturbation=p, sigma=sigma, generator=g, batch_size=batch_size, g0=g0)
         key = "ligs" if p == "gaussian" else f"ligs_{p}"
         out[key], out[key + "_skipped"] = value, skipped
+    if sigma_dm is not None:
+        g = torch.Generator(device=x_sub.device).manual_seed(seed)
+        out["ligs_dm"], out["ligs_dm_skipped"] = ligs(model, x_sub, y_sub, sigma=sigma_dm, generator=g,
+                                                      batch_size=batch_size, g0=g0)
     return out
+
+
+def ligs_sigma_matched(sigma, shape, d_ref=3 * 32 * 32):
+    """P1's LIGS sigma (0.01 on CIFAR's 3x32x32 = 3072 values) for inputs of another `shape`, keeping the noise's
+    expected l2 norm sigma*sqrt(d) the same: sigma * sqrt(3072 / d). On the 256 values of a 16x16 digit it is 3.5x
+    larger; the same sigma there is a relatively smaller perturbation."""
+    return sigma * math.sqrt(d_ref / math.prod(shape))
 
 
 def landscape_probe(model, x, y, step_sizes):
@@ -2524,13 +2536,26 @@ def ddp_unwrap(model, ddp):
 # ================================================================================================
 
 
-def claim(id, paper, text, paper_value, metric, a, b=None, expect="<", per=(), scale=1.0, **kw):
+def claim(id, paper, text, paper_value, metric, a, b=None, expect="<", per=(), scale=1.0, paper_effect=None, **kw):
     """A claim of a paper as data, tested by `evaluate_claims` on a script's rows: mean(metric | rows matching `a`)
     minus mean(metric | rows matching `b`) (or the mean of `a` alone when b is None) is expected `expect` 0,
     separately for every combination of the fields in `per`. `scale` = 100 reports fractions as percentage points;
+    `paper_effect` is the paper's own effect in those display units (its smallest reported row where it gives several;
+    None where it gives no number on this metric), used to say when seeds are too few to decide it (`seeds_needed`);
     extra keys (e.g. `where`, a filter on every row) are passed on."""
     return dict(id=id, paper=paper, claim=text, paper_value=paper_value, metric=metric, a=a, b=b, expect=expect, per=per,
-                scale=scale, **kw)
+                scale=scale, paper_effect=paper_effect, **kw)
+
+
+Z_POWER = 1.959964 + 0.841621  # z_0.975 + z_0.80: a two-sided 5 % test with 80 % power
+
+
+def seeds_needed(sd_a, sd_b, effect):
+    """Seeds per group for 80 % power to find `effect` (the paper's, in the metric's units) at the 5 % level, given the
+    measured seed-to-seed standard deviations (sd_b None for a one-sample claim): n = (z_.975 + z_.8)^2 (sd_a^2 +
+    sd_b^2) / effect^2, the normal approximation (Cohen 1988, ch. 2), at least 2."""
+    var = sd_a ** 2 + (sd_b ** 2 if sd_b is not None else 0.0)
+    return max(2, math.ceil(Z_POWER ** 2 * var / effect ** 2))
 
 
 def t_quantile(p, df):
@@ -2586,6 +2611,15 @@ def _matches(row, flt):
     return all(row.get(k) in (v if isinstance(v, (list, tuple)) else [v]) for k, v in (flt or {}).items())
 
 
+def _sd(values):
+    """Sample standard deviation of the finite values (0 for fewer than 2)."""
+    v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
+    if len(v) < 2:
+        return 0.0
+    m = sum(v) / len(v)
+    return math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
+
+
 def evaluate_claims(claims, rows, level=0.95):
     """Test the papers' claims on per-run rows (one dict per trained model and seed).
     Each claim is a dict (declared next to its artifact in every exp_*.py):
@@ -2596,7 +2630,10 @@ def evaluate_claims(claims, rows, level=0.95):
       mean(a) - mean(b) the paper predicts), scale (display factor: 100 for accuracies in points).
     The effect mean(a) - mean(b) gets Welch's t interval at `level` across seeds (`welch_interval`);
     the verdict is "held" when the interval lies entirely on the predicted side, "reversed" when
-    entirely on the other, and "inconclusive" when it contains 0 or a group has fewer than 2 seeds.
+    entirely on the other, and "inconclusive" when it contains 0 or a group has fewer than 2 seeds -- or
+    "underpowered" when it contains 0 and, at the measured seed spread, more seeds per group than were run would be
+    needed for 80 % power against the paper's own effect (`paper_effect`, `seeds_needed`: then the run cannot tell
+    the paper's effect from none; a plain "inconclusive" with enough seeds means a paper-sized effect was not found).
     Rows with status other than "ok" are left out."""
     expanded = []
     for c in claims:  # `per`: test the claim separately in every group of these keys (e.g. each dataset and arch)
@@ -2614,6 +2651,7 @@ def evaluate_claims(claims, rows, level=0.95):
             ref = c.get("ref", 0.0)
             effect, lo, hi = effect - ref, lo - ref, hi - ref
         sign = 1 if c["expect"] == ">" else -1
+        need = None
         if not math.isfinite(lo):
             verdict = "not run" if (na == 0 or (c.get("b") is not None and nb == 0)) else "inconclusive"
         elif min(sign * lo, sign * hi) > 0:
@@ -2622,10 +2660,14 @@ def evaluate_claims(claims, rows, level=0.95):
             verdict = "reversed"
         else:
             verdict = "inconclusive"
-        out.append({k: c.get(k) for k in ("id", "paper", "claim", "paper_value", "metric", "expect", "scale")} |
+            if c.get("paper_effect"):  # too few seeds to decide an effect of the paper's size? (D25)
+                need = seeds_needed(_sd(va), None if vb is None else _sd(vb), c["paper_effect"] / c.get("scale", 1.0))
+                verdict = "underpowered" if need > min(na, nb if vb is not None else na) else verdict
+        out.append({k: c.get(k) for k in ("id", "paper", "claim", "paper_value", "metric", "expect", "scale",
+                                           "paper_effect")} |
                    dict(a=c["a"], b=c.get("b"), where=c.get("where"), ref=c.get("ref", 0.0), effect=effect, lo=lo, hi=hi,
                         n_a=na, n_b=nb, level=level, method="Welch t" if c.get("b") is not None else "one-sample t",
-                        verdict=verdict))
+                        verdict=verdict, seeds_needed=need))
     return out
 
 
@@ -2653,7 +2695,8 @@ def comparison_text(c):
 CLAIMS_LEGEND = ("Effect = mean(a) − mean(b) over seeds (accuracies in percentage points), with a 95 % Welch t interval "
                  "(one-sample t where the claim compares to a fixed value; DECISIONS.md D25). Verdict: **held** (interval "
                  "on the paper's side of 0), **reversed** (entirely on the other side), **inconclusive** (contains 0, or "
-                 "fewer than 2 seeds per group).")
+                 "fewer than 2 seeds per group), **underpowered** (contains 0, and at the measured seed spread ~n seeds per "
+                 "group would be needed to find the paper's own effect size with 80 % power: the run cannot decide it).")
 
 
 def claims_table(results):
@@ -2662,8 +2705,9 @@ def claims_table(results):
              "|---|---|---|---|---|---|---|"]
     for c in results:
         n = f"{c['n_a']}" + (f" vs {c['n_b']}" if c.get("b") is not None else "")
+        need = f" (~{c['seeds_needed']} seeds)" if c["verdict"] == "underpowered" else ""
         lines.append(f"| {c['claim']} | {c['paper']} | {c['paper_value']} | {comparison_text(c)} | {fmt_effect(c)} | {n} | "
-                     f"**{c['verdict']}** |")
+                     f"**{c['verdict']}**{need} |")
     return lines
 
 

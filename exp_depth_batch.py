@@ -9,15 +9,15 @@ with Paninski's interval. The grid runs cell by cell; --resume continues an inte
 
 Quick results (update_readme.py writes this from results/quick/):
     python exp_depth_batch.py --preset quick
-        0 held / 0 reversed / 4 inconclusive
+        0 held / 0 reversed / 4 inconclusive / 0 underpowered
         P2 Figs 2, 5: At trainable depths BN nets are less robust to BIM than unnormalized ones (cells >= 90 % clean,
           pooled over depths): -3.9 [-54.6, +46.9] (inconclusive)
     python exp_depth_batch.py --preset quick --artifact fig5a
-        0 held / 0 reversed / 4 inconclusive
+        0 held / 0 reversed / 4 inconclusive / 0 underpowered
         P2 Figs 2, 5: At trainable depths BN nets are less robust to BIM than unnormalized ones (cells >= 90 % clean,
           pooled over depths): -1.6 [-42.3, +39.1] (inconclusive)
     python exp_depth_batch.py --preset quick --artifact fig5b
-        0 held / 0 reversed / 4 inconclusive
+        0 held / 0 reversed / 4 inconclusive / 0 underpowered
         P2 Figs 2, 5: At trainable depths BN nets are less robust to BIM than unnormalized ones (cells >= 90 % clean,
           pooled over depths): +3.3 [-2.7, +9.3] (inconclusive)
 
@@ -57,9 +57,9 @@ PRESETS = {  # DECISIONS.md D21
     "paper": dict(dataset="mnist", depths=list(range(10, 61, 5)), batches=[5, 10, 15, 20, 50, 100, 200, 500], width=384,
                   lr_per_sample=1e-5, seeds=3, n_eval=None, epoch_scale=1.0),
     # Digits (1,500 training images) give ~40x fewer steps per epoch than MNIST, so c = 1e-3 (DECISIONS.md D23) and a
-    # reduced grid with width 64 and one seed to fit a CPU; epochs as in the paper's figure.
+    # reduced grid with width 64 to fit a CPU, 3 seeds as the paper (DECISIONS.md D35); epochs as in the paper's figure.
     "quick": dict(dataset="digits", depths=[2, 6, 10, 20, 30, 40], batches=[8, 32, 128], width=64, lr_per_sample=1e-3,
-                  seeds=1, n_eval=None, epoch_scale=1.0),
+                  seeds=3, n_eval=None, epoch_scale=1.0),
     "smoke": dict(dataset="digits", depths=[2, 6], batches=[8, 32], width=16, lr_per_sample=1e-3, seeds=1, n_eval=100,
                   epoch_scale=0.1),
 }

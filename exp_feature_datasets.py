@@ -10,18 +10,18 @@ accuracies aligned with the robust and with the non-robust features. Reproduces 
 
 Quick results (update_readme.py writes this from results/quick/):
     python exp_feature_datasets.py --preset quick --artifact build --cache cache
-        0 held / 0 reversed / 0 inconclusive
+        0 held / 0 reversed / 0 inconclusive / 0 underpowered
     python exp_feature_datasets.py --preset quick --artifact fig12 --cache cache
-        3 held / 0 reversed / 1 inconclusive
+        3 held / 0 reversed / 1 inconclusive / 0 underpowered
         P1 Fig 12: LIGS on D_NR is above LIGS on D_rand: +0.018 [+0.013, +0.023] (held)
     python exp_feature_datasets.py --preset quick --artifact fig13 --cache cache
-        2 held / 1 reversed / 1 inconclusive
+        2 held / 1 reversed / 1 inconclusive / 0 underpowered
         P1 Fig 13: Without BN, RF-aligned accuracy stays above NRF-aligned accuracy: -73.6 [-95.6, -51.6] (held)
     python exp_feature_datasets.py --preset quick --artifact fig6 --cache cache
-        5 held / 1 reversed / 4 inconclusive
+        5 held / 1 reversed / 4 inconclusive / 0 underpowered
         P1 Fig 6: LIGS of a model trained on D_R is above 0.9: +0.095 [+0.094, +0.096] (held)
     python exp_feature_datasets.py --preset quick --artifact fig7 --cache cache
-        1 held / 0 reversed / 3 inconclusive
+        1 held / 0 reversed / 3 inconclusive / 0 underpowered
         P1 Fig 7: Without BN, RF-aligned accuracy stays above NRF-aligned accuracy: -69.1 [-123.0, -15.2] (held)
 
 Run it:
@@ -495,7 +495,7 @@ def aligned_claims(fig, kind):
 FIG6_CLAIMS = [
     claim("fig6_robust", "P1 Fig 6", "Training on D_R gives higher robust accuracy than on D_rand", "D_R fairly high, "
           "D_rand about 0 (Ilyas et al.: 48 % vs 0 %)", "robust_acc", dict(kind="d_r"), dict(kind="d_rand"), ">",
-          per=("norm",), scale=100.0),
+          per=("norm",), scale=100.0, paper_effect=48.0),
     claim("fig6_dr_ligs", "P1 Fig 6", "LIGS of a model trained on D_R is above 0.9", "above 0.9 (figure only)", "ligs",
           dict(kind="d_r"), None, ">", per=("norm",), ref=0.9),
     claim("fig6_drand_ligs", "P1 Fig 6", "LIGS on D_rand ends below LIGS on D_R", "very low (figure only)", "ligs",

@@ -15,7 +15,7 @@ standardized; attacks are in standardized units with no clipping (DECISIONS.md D
 
 Quick results (update_readme.py writes this from results/quick/):
     python exp_input_dim.py --preset quick
-        7 held / 0 reversed / 8 inconclusive
+        7 held / 0 reversed / 8 inconclusive / 0 underpowered
         P2 Table 11: The adversarial damage (FGSM loss - clean loss) grows with the input dimension (k = 4 vs 1):
           +0.200 [+0.195, +0.205] (held)
 
@@ -307,9 +307,9 @@ CLAIMS = {  # the papers' claims each artifact tests (common.claim; verdicts by 
     claim_pp("t11_wd", "P2 Table 11", "Weight decay restores FGSM accuracy at k = 4", "ratio back to ≈ 1",
           "acc_fgsm01", dict(table="t11", k=4, wd=True), T11 | dict(k=4), ">")],
     "t6": [claim_pp("t6_bim", "P2 Tables 6, 12", "One BN layer lowers BIM accuracy", "about −40 points at every k",
-          "acc_bim", dict(table="t6", norm="bn"), dict(table="t6", norm="none"), per=("k",)),
+          "acc_bim", dict(table="t6", norm="bn"), dict(table="t6", norm="none"), per=("k",), paper_effect=-40.0),
     claim_pp("t6_noise", "P2 Tables 6, 12", "One BN layer lowers noise accuracy", "−13 to −16 points",
-          "acc_noise", dict(table="t6", norm="bn"), dict(table="t6", norm="none"), per=("k",))],
+          "acc_noise", dict(table="t6", norm="bn"), dict(table="t6", norm="none"), per=("k",), paper_effect=-13.0)],
     "t7": [claim_pp("t7_wd", "P2 Table 7", "Weight decay raises BIM accuracy", "always helps",
           "acc_bim", dict(table="t7"), dict(table="t6"), ">", per=("k", "norm")),
     claim_pp("t7_bn", "P2 Table 7", "BN lowers BIM accuracy also with weight decay", "always hurts",
@@ -317,7 +317,7 @@ CLAIMS = {  # the papers' claims each artifact tests (common.claim; verdicts by 
     "fig4": [],
     "appb": [claim_pp(f"appb_{name}", "P2 App. B", f"Weight decay beats BN on the invariance-based examples ({name})",
                       "86 vs 74 % (which of the two files: not stated)", f"acc_{name}", dict(table="appb", variant="wd"),
-                      dict(table="appb", variant="bn"), ">") for name in INVARIANCE],
+                      dict(table="appb", variant="bn"), ">", paper_effect=12.0) for name in INVARIANCE],
 }
 
 

@@ -8,18 +8,18 @@ shortcut (16) and Fixup vs BN on ResNet-20 and ResNet-56 (17, as its caption).
 
 Quick results (update_readme.py writes this from results/quick/):
     python exp_landscape.py --preset quick --artifact fig14
-        0 held / 0 reversed / 2 inconclusive
+        0 held / 0 reversed / 2 inconclusive / 0 underpowered
         P1 Fig 14: BN makes the ResNet18 landscape smoother than none (β-smoothness): +14.164 (inconclusive)
     python exp_landscape.py --preset quick --artifact fig15
-        0 held / 0 reversed / 5 inconclusive
+        0 held / 0 reversed / 5 inconclusive / 0 underpowered
         P1 Fig 15: BN makes the VGG16 landscape smoother than none (β-smoothness): -24.008 (inconclusive)
     python exp_landscape.py --preset quick --artifact fig16
-        0 held / 0 reversed / 0 inconclusive
+        0 held / 0 reversed / 0 inconclusive / 0 underpowered
     python exp_landscape.py --preset quick --artifact fig17
-        0 held / 0 reversed / 2 inconclusive
+        0 held / 0 reversed / 2 inconclusive / 0 underpowered
         P1 Fig 17: Fixup gives less stable gradients than BN (resnet20, β-smoothness): +16.538 (inconclusive)
     python exp_landscape.py --preset quick --artifact fig9
-        0 held / 0 reversed / 1 inconclusive
+        0 held / 0 reversed / 1 inconclusive / 0 underpowered
         P1 Fig 9: BN gives lower LIGS than Fixup (ResNet-20): -0.013 (inconclusive)
 
 Run it:
@@ -74,7 +74,8 @@ PRESETS = {  # DECISIONS.md D14 (training), D17 (probes)
     # Bundled digits with the exp_table1 quick recipe (batch 16, LR 0.02, 2 warm-up epochs: trains every norm);
     # ResNets see 16x16 digits, VGG16 32x32 (IN on 1x1 maps outputs a constant). ResNet-20/56 at width 0.5.
     # 10 epochs: Fixup ResNet-20 stays at chance for the first ~4 epochs (measured: 14 % train accuracy after 6).
-    "quick": dict(dataset="digits", width=0.125, seeds=1, epochs=10, lr=0.02, milestones=[5, 8], batch_size=16,
+    # 3 seeds, so that a difference can be told from seed noise (DECISIONS.md D35).
+    "quick": dict(dataset="digits", width=0.125, seeds=3, epochs=10, lr=0.02, milestones=[5, 8], batch_size=16,
                   weight_decay=5e-4, warmup_epochs=2.0, probe_every=10, probe_epochs=10, per_class=20, attack_steps=10,
                   eps=1.0, size=None, gn_groups=2),
     "smoke": dict(dataset="synthetic", width=1 / 16, seeds=1, epochs=2, lr=0.05, milestones=[1], batch_size=32,

@@ -8,16 +8,16 @@ epoch 0 (before any step) and after every epoch, on a fixed class-balanced evalu
 
 Quick results (update_readme.py writes this from results/quick/):
     python exp_ligs_trend.py --preset quick --artifact fig2
-        4 held / 0 reversed / 0 inconclusive
+        4 held / 0 reversed / 0 inconclusive / 0 underpowered
         P1 Fig 2: none keeps higher LIGS than BN (uniform perturbation): +0.007 [+0.005, +0.009] (held)
     python exp_ligs_trend.py --preset quick --artifact fig4
-        5 held / 2 reversed / 0 inconclusive
+        5 held / 2 reversed / 0 inconclusive / 0 underpowered
         P1 Fig 4: Adversarial training keeps LIGS close to 1 (above 0.95): +0.046 [+0.045, +0.046] (held)
     python exp_ligs_trend.py --preset quick --artifact fig5
-        1 held / 0 reversed / 3 inconclusive
+        1 held / 0 reversed / 3 inconclusive / 0 underpowered
         P1 Fig 5: The LIGS regularizer (λ = 10) raises LIGS: +0.011 [+0.001, +0.022] (held)
     python exp_ligs_trend.py --preset quick --artifact fig8
-        0 held / 0 reversed / 5 inconclusive
+        0 held / 0 reversed / 5 inconclusive / 0 underpowered
         P1 Fig 8: A wider net has slightly higher LIGS: +0.009 (inconclusive)
 
 Run it:
@@ -32,12 +32,16 @@ batch 128, LR 0.01, 150 epochs, /10 at 50 and 100, crop+flip. Adversarial traini
 targeted random labels in train mode). LIGS: Gaussian sigma 0.01, no clipping,
 eval mode (DECISIONS.md D12). Fig 11 (ImageNet) is not implemented: it is listed as skipped.
 """
+import math
 import time
 
+import torch
+
 from common import (DATASETS, NORMS, Sweep, add_run_flags, build_dataset, cache_path, check_attack, check_numbers, claim,
-                    class_balanced_subset, epoch_metrics, fast_layout, fmt_mean_sem, log_to, make_model, make_parser, mean_sem,
-                    merge_runs, parse_with_presets, pick_device, prepare_run_dir, print_config, run_script, save_figure,
-                    set_seed, show, train_model, write_claims, write_config, write_text_atomic)
+                    class_balanced_subset, epoch_metrics, fast_layout, fmt_mean_sem, ligs_sigma_matched, log_to, make_model,
+                    make_parser, mean_sem, merge_runs, minimal_eps, parse_with_presets, pgd, pick_device, prepare_run_dir,
+                    print_config, run_script, save_figure, set_seed, show, train_model, write_claims, write_config,
+                    write_text_atomic)
 
 
 # ================================================================================================
@@ -87,7 +91,7 @@ PRESETS = {  # DECISIONS.md D14 (base run), D15 (adversarial training)
 }
 
 
-QUICK_SEEDS = {"fig5": 3, "fig8": 1}  # quick: fewer seeds where a run costs more (fig5: double backprop) or many runs
+QUICK_SEEDS = {"fig5": 3, "fig8": 3}  # quick: fewer seeds where a run costs more (fig5: double backprop) or many runs
 
 
 def resolve(preset, artifact):
@@ -151,12 +155,15 @@ def run_one(args, data, subset, variant, o, seed, device, ckpt):
                   ligs_lambda=o.get("ligs_lambda", 0.0), ligs_sigma=args.sigma)
     x_sub, y_sub = data.x_test[subset], data.y_test[subset]
     perturbations = ("gaussian", "uniform", "fgsm", "pgd") if o.get("all_perturbations") else ("gaussian",)
+    sigma_dm = ligs_sigma_matched(args.sigma, data.shape)  # LIGS at the same relative noise as on CIFAR-10 as well
+    sigma_dm = None if math.isclose(sigma_dm, args.sigma) else sigma_dm
     on_epoch = lambda e, m: epoch_metrics(m, data.x_test, data.y_test, x_sub, y_sub, args.eps, args.attack_steps,
-                                          args.sigma, seed, perturbations)  # P1 Sec. 4: eps 0.25, 10 steps
+                                          args.sigma, seed, perturbations, sigma_dm=sigma_dm)  # P1 Sec. 4
     key = dict(dataset=args.dataset, size=args.size, arch=arch, recipe=recipe, seed=seed, amp=args.amp,
                model=dict(norm=o["norm"], width=width, act=o.get("act", "relu"), **kw),
                measure=dict(eps=args.eps, steps=args.attack_steps, per_class=args.per_class, sigma=args.sigma,
-                            perturbations=perturbations))  # everything behind the weights and the history
+                            perturbations=perturbations) | ({} if sigma_dm is None else dict(sigma_dm=sigma_dm)))
+    # (the key: everything behind the weights and the history)
     res = train_model(model, data, recipe, seed=seed, ckpt=cache_path(args.cache, key) or ckpt, amp=args.amp,
                       on_epoch=on_epoch, tag=f"[{variant} s{seed}]", key=key, ddp_bn=args.ddp_bn)
     base = dict(artifact=args.artifact, dataset=args.dataset, arch=arch, norm=o["norm"], seed=seed, variant=variant,
@@ -166,6 +173,12 @@ def run_one(args, data, subset, variant, o, seed, device, ckpt):
     if res["status"] == "ok":  # Carlini et al. 2019 checks of the robust-accuracy attack, on the final model
         spec = dict(kind="pgd", norm="l2", eps=args.eps, steps=args.attack_steps, clip=(0.0, 1.0))
         rows[-1] |= {f"chk_pgd_l2_{k}": v for k, v in check_attack(model, x_sub, y_sub, spec, seed=seed).items()}
+        if args.min_eps_iters:  # budget-free robustness of the final model (DECISIONS.md D34)
+            hi = args.min_eps_range * args.eps
+            d = minimal_eps(model, x_sub, y_sub, lambda xb, yb, e: pgd(model, xb, yb, e, args.attack_steps, norm="l2"),
+                            hi, iters=args.min_eps_iters)
+            rows[-1] |= dict(min_eps_l2=float(torch.where(torch.isinf(d), hi, d).median()),
+                             min_eps_l2_censored=float(torch.isinf(d).double().mean()))
     return rows
 
 
@@ -210,10 +223,20 @@ STD, ADV = dict(training="standard"), dict(training="adversarial")
 FIG4_CLAIMS = [
     claim("fig4_ligs_falls", "P1 Fig 4", "LIGS falls during standard training", "falls over training (figure only)",
           "ligs_change", STD, per=("norm",)),
+    claim("fig4_ligs_falls_useful", "P1 Fig 4", "LIGS falls during standard training, from the first useful epoch "
+          "(clean accuracy >= --useful-acc)", "falls over training (figure only)", "ligs_change_useful", STD,
+          per=("norm",)),
+    claim("fig4_ligs_dm_falls_useful", "P1 Fig 4", "LIGS at the dimension-matched sigma falls from the first useful epoch",
+          "falls over training (figure only)", "ligs_dm_change_useful", STD, per=("norm",)),
     claim("fig4_bn_ligs", "P1 Fig 4", "BN gives lower LIGS than none (standard training)", "clearly lower during the "
           "whole run (figure only)", "ligs", STD | dict(norm="bn"), STD | dict(norm="none")),
+    claim("fig4_bn_ligs_dm", "P1 Fig 4", "BN gives lower LIGS than none at the dimension-matched sigma (standard "
+          "training)", "clearly lower during the whole run (figure only)", "ligs_dm", STD | dict(norm="bn"),
+          STD | dict(norm="none")),
     claim("fig4_bn_robust", "P1 Fig 4", "BN gives lower robust accuracy than none (standard training)", "lower (figure "
           "only)", "robust_acc", STD | dict(norm="bn"), STD | dict(norm="none"), scale=100.0),
+    claim("fig4_bn_robust_mineps", "P1 Fig 4", "BN gives a smaller median minimal PGD-ℓ2 budget than none (standard "
+          "training, final model)", "— (budget-free)", "min_eps_l2", STD | dict(norm="bn"), STD | dict(norm="none")),
     claim("fig4_bn_clean", "P1 Fig 4", "BN gives slightly higher clean accuracy (standard training)", "slightly higher "
           "(figure only)", "clean_acc", STD | dict(norm="bn"), STD | dict(norm="none"), ">", scale=100.0),
     *[claim(f"fig10_{n}_ligs", "P1 Fig 10", f"{n.upper()} gives lower LIGS than none (standard training)", "like BN "
@@ -370,8 +393,11 @@ def make_figures(records, run_dir, artifact, title):
         save_figure(fig, run_dir / "fig8.png")
 
 
-def claim_rows(records):
-    """One row per run (variant, seed): its final epoch, plus ligs_change = final LIGS - epoch-0 LIGS."""
+def claim_rows(records, useful_acc=0.9):
+    """One row per run (variant, seed): its final epoch, plus ligs_change = final LIGS - epoch-0 LIGS (as P1 Fig 4 is
+    read), and ligs_change_useful (ligs_dm_change_useful) = final LIGS - LIGS at the first epoch with clean accuracy
+    >= `useful_acc` (None if reached only at the last epoch or never): a random-init network's LIGS says nothing about learned features, and at
+    small scale it sits below a trained one's (DECISIONS.md D35)."""
     runs = {}
     for r in records:
         if "step" not in r:
@@ -380,8 +406,13 @@ def claim_rows(records):
     for rows in runs.values():
         rows = sorted(rows, key=lambda r: r["epoch"])
         first, last = rows[0], rows[-1]
-        change = last["ligs"] - first["ligs"] if last.get("ligs") is not None and first.get("ligs") is not None else None
-        out.append(last | dict(ligs_change=change))
+        useful = next((r for r in rows[:-1] if r.get("clean_acc", 0.0) >= useful_acc), None)  # (a trend: >= 2 epochs)
+        row = dict(last)
+        for key, start in (("ligs", first), ("ligs", useful), ("ligs_dm", useful)):
+            name = f"{key}_change" + ("_useful" if start is useful else "")
+            ok = start is not None and last.get(key) is not None and start.get(key) is not None
+            row[name] = last[key] - start[key] if ok else None
+        out.append(row | dict(useful_epoch=None if useful is None else useful["epoch"]))
     return out
 
 
@@ -391,8 +422,8 @@ def write_outputs(run_dir, records, cfg):
     write_text_atomic(run_dir / "table.md", make_table(records, header))
     budgets = f" | robust acc: l2 PGD eps {cfg['eps']:g}, {cfg['attack_steps']} steps; error bars: SEM over seeds"
     make_figures(records, run_dir, artifact, header[2:] + budgets)
-    write_claims(run_dir, CLAIMS[artifact], claim_rows(records), "# Claims: " + header[2:], records,
-                 lambda r: f"{r['variant']} s{r['seed']}")
+    write_claims(run_dir, CLAIMS[artifact], claim_rows(records, cfg.get("useful_acc", 0.9)), "# Claims: " + header[2:],
+                 records, lambda r: f"{r['variant']} s{r['seed']}")
 
 
 # ================================================================================================
@@ -424,7 +455,13 @@ def get_args(argv=None):
     g.add_argument("--per-class", type=int, help="evaluation subset per class (P1 App. B.2: 100)")
     g.add_argument("--eps", type=float, help="l2 budget of the per-epoch robust accuracy (P1 App. B.2: 0.25)")
     g.add_argument("--attack-steps", type=int, help="its PGD steps, of 2.5*eps/steps each (P1 App. B.2: 10)")
-    g.add_argument("--sigma", type=float, default=0.01, help="LIGS perturbation scale (P1 App. B.4)")
+    g.add_argument("--sigma", type=float, default=0.01, help="LIGS perturbation scale (P1 App. B.4); on inputs of "
+                   "other than 3072 values LIGS is also measured at sigma * sqrt(3072 / d), the same noise norm (ligs_dm)")
+    g.add_argument("--min-eps-iters", type=int, default=6, help="bisection halvings of each subset sample's minimal "
+                   "PGD-ℓ2 budget, final model (0: not measured; DECISIONS.md D34)")
+    g.add_argument("--min-eps-range", type=float, default=4.0, help="the bisection searches [0, RANGE x --eps]")
+    g.add_argument("--useful-acc", type=float, default=0.9, help="LIGS trends are also measured from the first epoch "
+                   "with at least this clean accuracy (DECISIONS.md D35)")
     g = add_run_flags(p, "exp_ligs_trend", unit="runs", data="the datasets",
                          cache="shared checkpoint cache: reuse a model (with its per-epoch measurements) trained with the "
                                "same data, model, recipe, measurements and seed")
@@ -434,8 +471,8 @@ def get_args(argv=None):
         return args
     check_numbers(p, args, at_least_one=("epochs", "batch_size", "attack_steps", "per_class", "seeds", "adv_steps", "size",
                                          "gn_groups", "milestones"),
-                  positive=("width", "lr", "eps", "adv_eps", "adv_step_size", "sigma"),
-                  non_negative=("weight_decay", "warmup_epochs", "lambdas"))
+                  positive=("width", "lr", "eps", "adv_eps", "adv_step_size", "sigma", "useful_acc", "min_eps_range"),
+                  non_negative=("weight_decay", "warmup_epochs", "lambdas", "min_eps_iters"))
     return args
 
 

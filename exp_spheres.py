@@ -11,7 +11,7 @@ models that reached 100 % training accuracy at the smallest learning rate (P2: B
 
 Quick results (update_readme.py writes this from results/quick/):
     python exp_spheres.py --preset quick
-        2 held / 0 reversed / 1 inconclusive
+        2 held / 0 reversed / 1 inconclusive / 0 underpowered
         P2 Fig 8: The BN net cannot be trained to 100 % training accuracy at η = 0.01 (fewer than half the seeds):
           -0.500 [-0.500, -0.500] (held)
 
@@ -307,7 +307,7 @@ CLAIMS = {  # the papers' claims each artifact tests (common.claim; verdicts by 
           None, ">", ref=0.5),
     claim("appc_noise", "P2 App. C", "BN lowers noisy-test accuracy (models at 100 % training accuracy)",
           "94.83 vs 96.06 (η = 0.001)", "noisy_test_acc", dict(norm="bn", fits=1.0),
-          dict(norm="none", fits=1.0), per=("lr",), scale=100.0)],
+          dict(norm="none", fits=1.0), per=("lr",), scale=100.0, paper_effect=-1.23)],
 }
 
 

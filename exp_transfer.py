@@ -12,10 +12,10 @@ offline substitute (CIFAR-10 or the digits, VGGs trained here), labelled as such
 
 Quick results (update_readme.py writes this from results/quick/):
     python exp_transfer.py --preset quick --artifact p1_t3 --cache cache
-        0 held / 3 reversed / 5 inconclusive
+        0 held / 3 reversed / 5 inconclusive / 0 underpowered
         P1 Table 3: Among standard sources, no norm transfers better than BN: -18.0 [-23.7, -12.3] (reversed)
     python exp_transfer.py --preset quick --artifact p2_t10 --cache cache
-        0 held / 2 reversed / 7 inconclusive
+        0 held / 2 reversed / 6 inconclusive / 1 underpowered
         P2 Table 10: A BN source fools an unnormalized VGG13 less than an unnormalized source fools VGG13-BN: -7.7
           [-13.8, -1.7] (reversed)
 
@@ -342,14 +342,14 @@ P1T3_CLAIMS = [
 P2T10_CLAIMS = [
     *[claim_pp(f"t10_bn_src_weaker_{d}", "P2 Table 10", f"A BN source fools an unnormalized VGG{d} less than an "
             f"unnormalized source fools VGG{d}-BN", "top-1 10.5-16.4 points higher", "top1",
-            dict(source="vgg11_bn", target=f"vgg{d}"), dict(source="vgg11", target=f"vgg{d}_bn"), ">")
+            dict(source="vgg11_bn", target=f"vgg{d}"), dict(source="vgg11", target=f"vgg{d}_bn"), ">", paper_effect=10.5)
       for d in (13, 16, 19)],
     *[claim_pp(f"t10_none_src_vs_none_{d}", "P2 Table 10", f"Against unnormalized VGG{d}, the unnormalized source is "
             f"the stronger attacker", "16.5-20.4 points lower top-1", "top1", dict(source="vgg11", target=f"vgg{d}"),
-            dict(source="vgg11_bn", target=f"vgg{d}"), "<") for d in (13, 16, 19)],
+            dict(source="vgg11_bn", target=f"vgg{d}"), "<", paper_effect=-16.5) for d in (13, 16, 19)],
     *[claim_pp(f"t10_none_src_vs_bn_{d}", "P2 Table 10", f"Against VGG{d}-BN, the unnormalized source is still slightly "
             f"stronger", "2.1-4.9 points lower top-1", "top1", dict(source="vgg11", target=f"vgg{d}_bn"),
-            dict(source="vgg11_bn", target=f"vgg{d}_bn"), "<") for d in (13, 16, 19)],
+            dict(source="vgg11_bn", target=f"vgg{d}_bn"), "<", paper_effect=-2.1) for d in (13, 16, 19)],
 ]
 
 CLAIMS = {  # the papers' claims each artifact tests (common.claim; verdicts by common.evaluate_claims)

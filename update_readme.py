@@ -38,9 +38,9 @@ def runs_of(script):
         argv, shown = cfg["argv"], []
         argv[0] = pathlib.Path(argv[0]).name
         skip = False
-        for a in argv:  # the command without --out DIR
-            if skip or a == "--out":
-                skip = a == "--out"
+        for a in argv:  # the command without --out DIR and --shard K/N (the run is the union of its shards)
+            if skip or a in ("--out", "--shard"):
+                skip = a in ("--out", "--shard")
                 continue
             shown.append(a)
         claims = json.loads((cfg_path.parent / "results.json").read_text()).get("claims", [])
@@ -53,8 +53,8 @@ def section(script):
     its command, tally and claims table."""
     runs = runs_of(script)
     n = tally([c for _, _, cs in runs for c in cs])
-    lines = [f"**Quick-preset verdicts:** {n['held']} held, {n['reversed']} reversed, {n['inconclusive']} inconclusive "
-             f"({len(runs)} run{'s' if len(runs) != 1 else ''}).", "",
+    lines = [f"**Quick-preset verdicts:** {n['held']} held, {n['reversed']} reversed, {n['inconclusive']} inconclusive, "
+             f"{n['underpowered']} underpowered ({len(runs)} run{'s' if len(runs) != 1 else ''}).", "",
              "<details><summary>Every claim, per run: the command, the paper's number, the effect and its interval"
              "</summary>", ""]
     for command, run_dir, claims in runs:
@@ -66,10 +66,11 @@ def section(script):
 CARD = re.compile(r"(Quick results \(update_readme\.py writes this from results/quick/\):\n)(.*?)(\n\n)", re.S)
 GLANCE = re.compile(r"(<!-- glance -->\n)(.*?)(<!-- /glance -->)", re.S)
 SCRIPTS = sorted(p.name for p in ROOT.glob("exp_*.py"))
+VERDICTS = ("held", "reversed", "inconclusive", "underpowered")
 
 
 def tally(claims):
-    return {v: sum(c["verdict"] == v for c in claims) for v in ("held", "reversed", "inconclusive")}
+    return {v: sum(c["verdict"] == v for c in claims) for v in VERDICTS}
 
 
 def headline(claims):
@@ -86,7 +87,8 @@ def card(script):
     for command, run_dir, claims in runs_of(script):
         n = tally(claims)
         lines.append(f"    {command}")
-        lines.append(f"        {n['held']} held / {n['reversed']} reversed / {n['inconclusive']} inconclusive")
+        lines.append(f"        {n['held']} held / {n['reversed']} reversed / {n['inconclusive']} inconclusive / "
+                     f"{n['underpowered']} underpowered")
         h = headline(claims)
         if h:
             lines += textwrap.wrap(f"{h['paper']}: {h['claim']}: {fmt_effect(h)} ({h['verdict']})", 117,
@@ -104,9 +106,9 @@ def gpu_hours(text):
 
 def glance(text):
     hours = gpu_hours(text)
-    rows = ["| script | the papers' artifacts | quick runs | held | reversed | inconclusive | paper scale, H100-hours |",
-            "|---|---|---|---|---|---|---|"]
-    total = dict(held=0, reversed=0, inconclusive=0)
+    rows = ["| script | the papers' artifacts | quick runs | held | reversed | inconclusive | underpowered | "
+            "paper scale, H100-hours |", "|---|---|---|---|---|---|---|---|"]
+    total = dict.fromkeys(VERDICTS, 0)
     for script in SCRIPTS:
         runs = runs_of(script)
         n = tally([c for _, _, cs in runs for c in cs])
@@ -114,9 +116,9 @@ def glance(text):
         mod = importlib.import_module(script[:-3])
         what = ", ".join(dict.fromkeys(a["title"].split(":")[0] for a in mod.ARTIFACTS.values()))
         h = f"{hours[script]:.0f}" if script in hours else "–"
-        rows.append(f"| `{script}` | {what} | {len(runs)} | {n['held']} | {n['reversed']} | {n['inconclusive']} | {h} |")
-    rows.append(f"| **all** | | | **{total['held']}** | **{total['reversed']}** | **{total['inconclusive']}** | "
-                f"**{sum(hours.values()):.0f}** |")
+        rows.append(f"| `{script}` | {what} | {len(runs)} | " + " | ".join(str(n[v]) for v in VERDICTS) + f" | {h} |")
+    rows.append("| **all** | | | " + " | ".join(f"**{total[v]}**" for v in VERDICTS) +
+                f" | **{sum(hours.values()):.0f}** |")
     return "\n".join(rows) + "\n"
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common import (build_dataset, cache_path, check_attack, claims_markdown, epoch_metrics, evaluate_claims, ligs,
-                    make_model, pgd, t_quantile, train_model, welch_interval)
+from common import (Z_POWER, build_dataset, cache_path, check_attack, claims_markdown, epoch_metrics, evaluate_claims,
+                    ligs, make_model, pgd, seeds_needed, t_quantile, train_model, welch_interval)
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
@@ -59,6 +59,27 @@ def test_verdicts():
     failed = rows([0.1, 0.12, 0.11], [0.5, 0.52, 0.49])
     failed[0] |= dict(status="failed", acc=0.9)  # failed runs are left out, not counted
     assert evaluate_claims([CLAIM], failed)[0]["n_a"] == 2
+
+
+def test_underpowered_when_the_seeds_cannot_decide_the_papers_effect():
+    assert Z_POWER == pytest.approx(scipy_stats.norm.ppf(0.975) + scipy_stats.norm.ppf(0.8), abs=1e-6)
+    sized = CLAIM | dict(paper_effect=-20.0)  # the paper's effect: -20 points
+    wide = rows([0.1, 0.5, 0.3], [0.2, 0.4, 0.35])  # sd 20 and 10 points: (2.80 * 22.4 / 20)^2 -> 10 seeds
+    res = evaluate_claims([sized], wide)[0]
+    assert res["verdict"] == "underpowered" and res["seeds_needed"] == seeds_needed(0.2, 0.1, 0.2) == 10
+    assert "**underpowered** (~10 seeds)" in claims_markdown([res], "# c")
+    narrow = rows([0.30, 0.31, 0.29, 0.30], [0.30, 0.29, 0.31, 0.305])  # enough seeds, no paper-sized effect
+    res = evaluate_claims([sized], narrow)[0]
+    assert res["verdict"] == "inconclusive" and res["seeds_needed"] == 2
+    assert evaluate_claims([CLAIM], wide)[0]["verdict"] == "inconclusive"  # no number from the paper: no power verdict
+    assert evaluate_claims([sized], rows([0.1, 0.12, 0.11], [0.5, 0.52, 0.49]))[0]["verdict"] == "held"
+    # the seeds it asks for do find the paper's effect about 80 % of the time (a little less: Welch's t, not z)
+    g = torch.Generator().manual_seed(0)
+    n = seeds_needed(0.15, 0.15, 0.2)
+    found = sum(evaluate_claims([sized], rows((0.3 + 0.15 * torch.randn(n, generator=g)).tolist(),
+                                              (0.5 + 0.15 * torch.randn(n, generator=g)).tolist()))[0]["verdict"] == "held"
+                for _ in range(400)) / 400
+    assert n == 9 and 0.65 < found < 0.9
 
 
 def test_per_group_claims_and_one_sample_claims():

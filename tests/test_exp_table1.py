@@ -24,7 +24,8 @@ def run(*args, timeout=None, gpu=False):  # no fixed limit: a slow machine is no
 
 def test_smoke_preset_writes_records_table_and_figure(tmp_path):
     out = tmp_path / "run"
-    r = run("--preset", "smoke", "--epochs", "2", "--out", out, gpu=True)  # (the preset's epochs less one: time)
+    r = run("--preset", "smoke", "--epochs", "2", "--out", out, "--first-seed", "3", "--arch-lr", "vgg8=0.03",
+            gpu=True)  # (the preset's epochs less one: time)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "config: " in r.stdout  # the resolved configuration is printed at start
     res = json.loads((out / "results.json").read_text())
@@ -34,6 +35,7 @@ def test_smoke_preset_writes_records_table_and_figure(tmp_path):
     assert {(x["arch"], x["norm"]) for x in recs} == {(a, n) for a in ("vgg8", "resnet18") for n in NORMS}
     for x in recs:
         assert {"artifact", "dataset", "arch", "norm", "seed", "status"} <= set(x) and x["dataset"] == "synthetic"
+        assert x["seed"] == 3 and x["lr"] == (0.03 if x["arch"] == "vgg8" else 0.02)  # --first-seed, --arch-lr
     ok = [x for x in recs if x["status"] == "ok"]
     cfg_eps = dict(l2=json.loads((out / "config.json").read_text())["args"]["eps_l2"],
                    linf=json.loads((out / "config.json").read_text())["args"]["eps_linf"])
@@ -42,6 +44,7 @@ def test_smoke_preset_writes_records_table_and_figure(tmp_path):
         assert all(0.0 <= x[m] <= 1.0 for m in METRICS), x
         # P2's clean generalization gap: eval-mode accuracy over the whole training set minus test accuracy
         assert 0.0 <= x["acc_train_eval"] <= 1.0 and x["gen_gap"] == x["acc_train_eval"] - x["acc_clean"]
+        assert 0.0 < x["loss_train_eval"] < 2.3  # eval-mode training cross-entropy, below chance's log(10)
         assert x["acc_clean"] > 0.2  # well above chance on the synthetic task
         for m in ("acc_pgd_l2", "acc_pgd_linf", "acc_cw_l2", "acc_cw_linf"):
             assert x[m] <= x["acc_clean"] + 0.02, (m, x)  # an attack never helps (beyond float noise)
