@@ -1245,6 +1245,15 @@ def minimal_eps(model, x, y, attack, hi, iters=8, batch_size=500):
     return torch.cat(out)
 
 
+
+def median_minimal_eps(model, x, y, attack, hi, iters=8):
+    """`minimal_eps` summarised as the scripts record it: (median over the samples, share censored). A sample the
+    attack does not break within hi counts as hi, so the median is exact unless over half are censored, when it is
+    hi (the censored share says so)."""
+    d = minimal_eps(model, x, y, attack, hi, iters=iters)
+    censored = torch.isinf(d)
+    return float(torch.where(censored, hi, d).median()), float(censored.double().mean())
+
 def curve_area(grid, acc):
     """Normalised area under an accuracy-vs-eps curve: the trapezoid integral over the grid divided by its span
     (1 for a model the attack never breaks, 0 for one wrong everywhere)."""

@@ -37,10 +37,11 @@ import time
 
 import torch
 
-from common import (Data, Sweep, add_run_flags, build_dataset, check_attack, check_numbers, claim, cumulative_bn_stats,
+from common import (Data, Sweep, add_run_flags, bim, build_dataset, check_attack, check_numbers, claim, cumulative_bn_stats,
                     entropy_ci_bits, eval_mode, evaluate, log_to, make_model, make_parser, max_trainable_depth, mean_sem,
-                    merge_runs, parse_with_presets, pick_device, prepare_run_dir, print_config, quantized_entropy_bits,
-                    run_script, save_figure, set_seed, show, train_model, write_claims, write_config, write_text_atomic)
+                    median_minimal_eps, merge_runs, parse_with_presets, pick_device, prepare_run_dir, print_config,
+                    quantized_entropy_bits, run_script, save_figure, set_seed, show, train_model, write_claims, write_config,
+                    write_text_atomic)
 
 
 # ================================================================================================
@@ -116,6 +117,11 @@ def run_one(args, data, norm, depth, batch, seed, device, ckpt):
                  bim=dict(kind="bim", eps=args.bim_eps, steps=args.bim_steps, step_size=args.bim_step, clip=None))
     rec |= {f"acc_{k}": v for k, v in evaluate(model, data.x_test, data.y_test, specs, seed=seed).items()}
     rec |= {f"chk_bim_{k}": v for k, v in check_attack(model, data.x_test, data.y_test, specs["bim"], seed=seed).items()}
+    if args.min_eps_iters:  # budget-free (DECISIONS.md D34): each test sample's minimal BIM budget, the step scaled with it
+        ratio = args.bim_step / args.bim_eps
+        attack = lambda xb, yb, e: bim(model, xb, yb, e, args.bim_steps, step_size=e * ratio, clip=None)
+        rec["min_eps_bim"], rec["min_eps_bim_censored"] = median_minimal_eps(
+            model, data.x_test, data.y_test, attack, args.min_eps_range * args.bim_eps, iters=args.min_eps_iters)
     with torch.no_grad(), eval_mode(model):
         probs = torch.cat([model(xb).softmax(1) for xb in data.x_train.split(2000)]).cpu()
     rec["entropy_bits"] = quantized_entropy_bits(probs, bits=7)  # P2 Fig 3: H(T) of the 7-bit softmax output
@@ -165,6 +171,9 @@ GRID_CLAIMS = [
     claim_pp("grid_bim", "P2 Figs 2, 5", "At trainable depths BN nets are less robust to BIM than unnormalized ones "
           "(cells >= 90 % clean, pooled over depths)", "figure only", "acc_bim", dict(norm="bn", trained=True),
           dict(norm="none", trained=True), per=("batch",)),
+    claim("grid_bim_mineps", "P2 Figs 2, 5", "At trainable depths BN nets need a smaller BIM budget than unnormalized "
+          "ones (median minimal budget; cells >= 90 % clean, pooled over depths)", "— (budget-free)", "min_eps_bim",
+          dict(norm="bn", trained=True), dict(norm="none", trained=True), per=("batch",)),
     claim_pp("grid_bn_batch", "P2 Fig 2", "BN's BIM accuracy falls as the batch size grows (largest vs smallest B, "
           "trained cells)", "figure only", "acc_bim", dict(norm="bn", trained=True, largest_batch=True),
           dict(norm="bn", trained=True, smallest_batch=True)),
@@ -305,12 +314,16 @@ def get_args(argv=None):
     g.add_argument("--bim-eps", type=float, default=0.1, help="BIM budget, standardized units (P2: 0.1)")
     g.add_argument("--bim-steps", type=int, default=20, help="BIM iterations")
     g.add_argument("--bim-step", type=float, default=0.01, help="BIM step size")
+    g.add_argument("--min-eps-iters", type=int, default=6, help="bisection halvings of each test sample's minimal BIM "
+                   "budget (step = budget x BIM_STEP / BIM_EPS; 0: not measured; DECISIONS.md D34)")
+    g.add_argument("--min-eps-range", type=float, default=4.0, help="the bisection searches [0, RANGE x --bim-eps]")
     add_run_flags(p, "exp_depth_batch", unit="cells", data="the datasets")
     args = parse_with_presets(p, resolve, argv)
     if args.plot_only:
         return args
     check_numbers(p, args, at_least_one=("depths", "width", "seeds", "n_eval", "bim_steps"),
-                  positive=("lr_per_sample", "epoch_scale", "bn_eps", "bim_eps", "bim_step"), non_negative=("noise_var",))
+                  positive=("lr_per_sample", "epoch_scale", "bn_eps", "bim_eps", "bim_step", "min_eps_range"),
+                  non_negative=("noise_var", "min_eps_iters"))
     if min(args.batches) < 2:
         p.error(f"--batches {args.batches}: expected batch sizes >= 2 (BN needs two samples)")
     return args

@@ -18,7 +18,7 @@ Quick results (update_readme.py writes this from results/quick/):
         2 held / 1 reversed / 1 inconclusive / 0 underpowered
         P1 Fig 13: Without BN, RF-aligned accuracy stays above NRF-aligned accuracy: -73.6 [-95.6, -51.6] (held)
     python exp_feature_datasets.py --preset quick --artifact fig6 --cache cache
-        5 held / 1 reversed / 4 inconclusive / 0 underpowered
+        7 held / 1 reversed / 4 inconclusive / 0 underpowered
         P1 Fig 6: LIGS of a model trained on D_R is above 0.9: +0.095 [+0.094, +0.096] (held)
     python exp_feature_datasets.py --preset quick --artifact fig7 --cache cache
         1 held / 0 reversed / 3 inconclusive / 0 underpowered
@@ -47,9 +47,10 @@ import torch.nn.functional as F
 
 from common import (Data, DataError, Sweep, accuracy, add_run_flags, build_dataset, cache_path, check_numbers, claim,
                     class_balanced_subset, ddp_rank, epoch_metrics, eval_mode, feature_distance, fmt_mean_sem, invert_features,
-                    load_tensors, log_to, make_model, make_parser, mean_sem, merge_runs, model_key, other_label_indices,
-                    parse_with_presets, pgd, pick_device, prepare_run_dir, print_config, read_ilyas_dataset, run_script,
-                    save_atomic, save_figure, set_seed, show, train_model, write_claims, write_config, write_text_atomic)
+                    load_tensors, log_to, make_model, make_parser, mean_sem, median_minimal_eps, merge_runs, model_key,
+                    other_label_indices, parse_with_presets, pgd, pick_device, prepare_run_dir, print_config,
+                    read_ilyas_dataset, run_script, save_atomic, save_figure, set_seed, show, train_model, write_claims,
+                    write_config, write_text_atomic)
 
 
 # ================================================================================================
@@ -386,7 +387,12 @@ def run_one(args, kind, ds, ds_hash, data, subset, norm, seed, device, ckpt):
     status = "failed" if res["status"] == "failed" and res["reason"].startswith("diverged") else "ok"
     base = dict(artifact=args.artifact, dataset=args.dataset, kind=kind, name=NAMES[kind], norm=norm, seed=seed,
                 status=status, reason=res["reason"])
-    return [base | h for h in res["history"]]
+    rows = [base | h for h in res["history"]]
+    if args.min_eps_iters and status == "ok":  # budget-free robustness of the final model (DECISIONS.md D34)
+        attack = lambda xb, yb, e: pgd(model, xb, yb, e, args.eval_steps, norm="l2")
+        rows[-1]["min_eps_l2"], rows[-1]["min_eps_l2_censored"] = median_minimal_eps(
+            model, x_sub, y_sub, attack, args.min_eps_range * args.eps, iters=args.min_eps_iters)
+    return rows
 
 
 # ================================================================================================
@@ -496,6 +502,8 @@ FIG6_CLAIMS = [
     claim("fig6_robust", "P1 Fig 6", "Training on D_R gives higher robust accuracy than on D_rand", "D_R fairly high, "
           "D_rand about 0 (Ilyas et al.: 48 % vs 0 %)", "robust_acc", dict(kind="d_r"), dict(kind="d_rand"), ">",
           per=("norm",), scale=100.0, paper_effect=48.0),
+    claim("fig6_robust_mineps", "P1 Fig 6", "Training on D_R gives a larger median minimal PGD-ℓ2 budget than on D_rand "
+          "(final model)", "— (budget-free)", "min_eps_l2", dict(kind="d_r"), dict(kind="d_rand"), ">", per=("norm",)),
     claim("fig6_dr_ligs", "P1 Fig 6", "LIGS of a model trained on D_R is above 0.9", "above 0.9 (figure only)", "ligs",
           dict(kind="d_r"), None, ">", per=("norm",), ref=0.9),
     claim("fig6_drand_ligs", "P1 Fig 6", "LIGS on D_rand ends below LIGS on D_R", "very low (figure only)", "ligs",
@@ -739,6 +747,9 @@ def get_args(argv=None):
     g.add_argument("--eps", type=float, help="l2 budget of the per-epoch robust accuracy (P1: 0.25)")
     g.add_argument("--eval-steps", type=int, help="its PGD steps, of 2.5*eps/steps each (P1: 10)")
     g.add_argument("--sigma", type=float, default=0.01, help="LIGS perturbation scale (P1 App. B.4)")
+    g.add_argument("--min-eps-iters", type=int, default=6, help="bisection halvings of each subset sample's minimal "
+                   "PGD-ℓ2 budget, final model (0: not measured; DECISIONS.md D34)")
+    g.add_argument("--min-eps-range", type=float, default=4.0, help="the bisection searches [0, RANGE x --eps]")
     g = add_run_flags(p, "exp_feature_datasets", unit="runs", data="cifar-10-batches-py/ and release_datasets/",
                          download="fetch CIFAR-10 if missing (md5-checked)",
                          cache="shared cache: trained sources and targets, and built datasets, reused when everything "
@@ -758,8 +769,8 @@ def get_args(argv=None):
                                          "epochs", "batch_size", "seeds", "rand_seeds", "per_class", "eval_steps", "size",
                                          "channels", "gn_groups", "milestones", "source_milestones"),
                   positive=("source_width", "source_lr", "adv_eps", "adv_step_size", "inv_step", "attack_eps",
-                            "attack_step", "width", "lr", "eps", "sigma"),
-                  non_negative=("inv_steps", "weight_decay", "warmup_epochs", "build_seed"))
+                            "attack_step", "width", "lr", "eps", "sigma", "min_eps_range"),
+                  non_negative=("inv_steps", "weight_decay", "warmup_epochs", "build_seed", "min_eps_iters"))
     if args.datasets_from == "released":
         if args.dataset != "cifar10":
             p.error(f"--datasets-from released: Ilyas et al.'s sets are CIFAR-10, not --dataset {args.dataset}")

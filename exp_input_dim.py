@@ -15,7 +15,7 @@ standardized; attacks are in standardized units with no clipping (DECISIONS.md D
 
 Quick results (update_readme.py writes this from results/quick/):
     python exp_input_dim.py --preset quick
-        7 held / 0 reversed / 8 inconclusive / 0 underpowered
+        8 held / 0 reversed / 12 inconclusive / 0 underpowered
         P2 Table 11: The adversarial damage (FGSM loss - clean loss) grows with the input dimension (k = 4 vs 1):
           +0.200 [+0.195, +0.205] (held)
 
@@ -32,8 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common import bim as bim_attack
 from common import (Data, DataError, Sweep, add_run_flags, build_dataset, check_attack, check_numbers, claim, eval_mode,
-                    fmt_mean_sem, is_main_process, log_to, make_model, make_parser, mean_sem, merge_runs,
+                    fmt_mean_sem, is_main_process, log_to, make_model, make_parser, mean_sem, median_minimal_eps, merge_runs,
                     parse_with_presets, pick_device, prepare_run_dir, print_config, resize_images, run_attack,
                     run_script, save_figure, set_seed, show, train_model, write_claims, write_config, write_text_atomic)
 
@@ -178,6 +179,11 @@ def run_mlp(args, base, device, run_dir, table, k, norm, seed):
         rec["acc_bim"], rec["loss_bim"] = acc_and_loss(model, data.x_test, data.y_test, bim)
         chk = check_attack(model, data.x_test, data.y_test, bim, seed=seed)
         rec |= {f"chk_bim_{k}": v for k, v in chk.items()}
+        if args.min_eps_iters:  # budget-free (DECISIONS.md D34): each test sample's minimal BIM budget, step scaled
+            ratio = args.bim_step / args.bim_eps
+            attack = lambda xb, yb, e: bim_attack(model, xb, yb, e, args.bim_steps, step_size=e * ratio, clip=None)
+            rec["min_eps_bim"], rec["min_eps_bim_censored"] = median_minimal_eps(
+                model, data.x_test, data.y_test, attack, args.min_eps_range * args.bim_eps, iters=args.min_eps_iters)
     return rec
 
 
@@ -308,12 +314,16 @@ CLAIMS = {  # the papers' claims each artifact tests (common.claim; verdicts by 
           "acc_fgsm01", dict(table="t11", k=4, wd=True), T11 | dict(k=4), ">")],
     "t6": [claim_pp("t6_bim", "P2 Tables 6, 12", "One BN layer lowers BIM accuracy", "about −40 points at every k",
           "acc_bim", dict(table="t6", norm="bn"), dict(table="t6", norm="none"), per=("k",), paper_effect=-40.0),
+    claim("t6_bim_mineps", "P2 Tables 6, 12", "One BN layer lowers the median minimal BIM budget", "— (budget-free)",
+          "min_eps_bim", dict(table="t6", norm="bn"), dict(table="t6", norm="none"), per=("k",)),
     claim_pp("t6_noise", "P2 Tables 6, 12", "One BN layer lowers noise accuracy", "−13 to −16 points",
           "acc_noise", dict(table="t6", norm="bn"), dict(table="t6", norm="none"), per=("k",), paper_effect=-13.0)],
     "t7": [claim_pp("t7_wd", "P2 Table 7", "Weight decay raises BIM accuracy", "always helps",
           "acc_bim", dict(table="t7"), dict(table="t6"), ">", per=("k", "norm")),
     claim_pp("t7_bn", "P2 Table 7", "BN lowers BIM accuracy also with weight decay", "always hurts",
-          "acc_bim", dict(table="t7", norm="bn"), dict(table="t7", norm="none"), per=("k",))],
+          "acc_bim", dict(table="t7", norm="bn"), dict(table="t7", norm="none"), per=("k",)),
+    claim("t7_bn_mineps", "P2 Table 7", "BN lowers the median minimal BIM budget also with weight decay",
+          "— (budget-free)", "min_eps_bim", dict(table="t7", norm="bn"), dict(table="t7", norm="none"), per=("k",))],
     "fig4": [],
     "appb": [claim_pp(f"appb_{name}", "P2 App. B", f"Weight decay beats BN on the invariance-based examples ({name})",
                       "86 vs 74 % (which of the two files: not stated)", f"acc_{name}", dict(table="appb", variant="wd"),
@@ -439,6 +449,9 @@ def get_args(argv=None):
     g.add_argument("--bim-eps", type=float, default=0.1, help="BIM budget (P2: 0.1)")
     g.add_argument("--bim-steps", type=int, help="BIM iterations (P2: 100)")
     g.add_argument("--bim-step", type=float, help="BIM step size (P2: 1e-3)")
+    g.add_argument("--min-eps-iters", type=int, default=6, help="bisection halvings of each test sample's minimal BIM "
+                   "budget, Tables 6/7 (step = budget x BIM_STEP / BIM_EPS; 0: not measured; DECISIONS.md D34)")
+    g.add_argument("--min-eps-range", type=float, default=4.0, help="the bisection searches [0, RANGE x --bim-eps]")
     g.add_argument("--noise-std", type=float, default=1.0, help="std of the noise added before upscaling (P2 footnote 6)")
     g.add_argument("--n-plot", type=int, help="training points drawn in Fig 4")
     g.add_argument("--inv-lambda", type=float, default=0.01, help="appb: weight decay of the 'weight decay' MLP (P2 gives "
@@ -452,7 +465,8 @@ def get_args(argv=None):
         return args
     check_numbers(p, args, at_least_one=("seeds", "mlp_seeds", "epochs", "mlp_epochs", "bottleneck_epochs", "bim_steps",
                                          "batch_size", "n_plot"),
-                  positive=("fgsm_eps", "bim_eps", "bim_step", "lr"), non_negative=("noise_std", "snapshots", "inv_lambda"))
+                  positive=("fgsm_eps", "bim_eps", "bim_step", "lr", "min_eps_range"),
+                  non_negative=("noise_std", "snapshots", "inv_lambda", "min_eps_iters"))
     if args.artifact == "appb" and args.dataset != "mnist":
         p.error("--artifact appb: needs --dataset mnist (the invariance examples are 28x28 MNIST images)")
     if any(e > args.bottleneck_epochs for e in args.snapshots):

@@ -35,13 +35,11 @@ eval mode (DECISIONS.md D12). Fig 11 (ImageNet) is not implemented: it is listed
 import math
 import time
 
-import torch
-
 from common import (DATASETS, NORMS, Sweep, add_run_flags, build_dataset, cache_path, check_attack, check_numbers, claim,
                     class_balanced_subset, epoch_metrics, fast_layout, fmt_mean_sem, ligs_sigma_matched, log_to, make_model,
-                    make_parser, mean_sem, merge_runs, minimal_eps, parse_with_presets, pgd, pick_device, prepare_run_dir,
-                    print_config, run_script, save_figure, set_seed, show, train_model, write_claims, write_config,
-                    write_text_atomic)
+                    make_parser, mean_sem, median_minimal_eps, merge_runs, parse_with_presets, pgd, pick_device,
+                    prepare_run_dir, print_config, run_script, save_figure, set_seed, show, train_model, write_claims,
+                    write_config, write_text_atomic)
 
 
 # ================================================================================================
@@ -174,11 +172,10 @@ def run_one(args, data, subset, variant, o, seed, device, ckpt):
         spec = dict(kind="pgd", norm="l2", eps=args.eps, steps=args.attack_steps, clip=(0.0, 1.0))
         rows[-1] |= {f"chk_pgd_l2_{k}": v for k, v in check_attack(model, x_sub, y_sub, spec, seed=seed).items()}
         if args.min_eps_iters:  # budget-free robustness of the final model (DECISIONS.md D34)
-            hi = args.min_eps_range * args.eps
-            d = minimal_eps(model, x_sub, y_sub, lambda xb, yb, e: pgd(model, xb, yb, e, args.attack_steps, norm="l2"),
-                            hi, iters=args.min_eps_iters)
-            rows[-1] |= dict(min_eps_l2=float(torch.where(torch.isinf(d), hi, d).median()),
-                             min_eps_l2_censored=float(torch.isinf(d).double().mean()))
+            med, censored = median_minimal_eps(model, x_sub, y_sub,
+                                               lambda xb, yb, e: pgd(model, xb, yb, e, args.attack_steps, norm="l2"),
+                                               args.min_eps_range * args.eps, iters=args.min_eps_iters)
+            rows[-1] |= dict(min_eps_l2=med, min_eps_l2_censored=censored)
     return rows
 
 
@@ -396,8 +393,8 @@ def make_figures(records, run_dir, artifact, title):
 def claim_rows(records, useful_acc=0.9):
     """One row per run (variant, seed): its final epoch, plus ligs_change = final LIGS - epoch-0 LIGS (as P1 Fig 4 is
     read), and ligs_change_useful (ligs_dm_change_useful) = final LIGS - LIGS at the first epoch with clean accuracy
-    >= `useful_acc` (None if reached only at the last epoch or never): a random-init network's LIGS says nothing about learned features, and at
-    small scale it sits below a trained one's (DECISIONS.md D35)."""
+    >= `useful_acc` (None if reached only at the last epoch or never): a random-init network's LIGS says nothing
+    about learned features, and at small scale it sits below a trained one's (DECISIONS.md D35)."""
     runs = {}
     for r in records:
         if "step" not in r:

@@ -45,6 +45,20 @@ def test_minimal_eps_is_the_distance_to_the_decision_boundary_of_a_linear_model(
         assert common.accuracy(lin, attack(x, y, e), y) == float((true > e).double().mean())
 
 
+def test_median_minimal_eps_counts_unbroken_samples_at_the_range_end():
+    lin, x, y, v, margin = linear_two_class()
+    true = margin / v.norm(dim=1)
+    x, y, true = x[true > 0], y[true > 0], true[true > 0]  # correctly classified samples only
+    attack = lambda xb, yb, eps: pgd(lin, xb, yb, eps, steps=10, norm="l2", clip=None)
+    for q in (0.3, 0.7):  # the range's end below and above the median distance
+        hi = float(true.quantile(q))
+        d = minimal_eps(lin, x, y, attack, hi, iters=10)
+        med, censored = common.median_minimal_eps(lin, x, y, attack, hi, iters=10)
+        assert censored == float(torch.isinf(d).double().mean()) == pytest.approx(float((true >= hi).double().mean()))
+        assert med == float(torch.where(torch.isinf(d), hi, d).median())
+        assert (med == hi) == (censored > 0.5)  # the median is the range's end exactly when over half are censored
+
+
 @pytest.mark.parametrize("attack", ["pgd", "apgd"])
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_per_sample_budgets_equal_one_budget_per_call(attack, norm):

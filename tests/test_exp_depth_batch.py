@@ -28,6 +28,7 @@ def test_smoke_grid(tmp_path):
         assert x["lr"] == 1e-3 * x["batch"]  # eta proportional to the batch size
         if x["status"] == "ok":
             assert 0 <= x["acc_bim"] <= x["acc_clean"] + 0.02
+            assert 0 <= x["min_eps_bim"] <= 4 * 0.1 and 0 <= x["min_eps_bim_censored"] <= 1  # budget-free BIM
             assert 0 <= x["entropy_bits"] <= 10.6  # at most log2(1500 training images)
     table = (out / "table.md").read_text()
     assert "B=8: 27.5" in table  # Yang et al.'s depth limit for B = 8

@@ -33,6 +33,7 @@ def test_smoke_all_tables_and_fig4(tmp_path):
         if x["table"] != "t11" and x["status"] == "ok":
             for m in ("acc_clean", "acc_noise", "acc_bim"):
                 assert 0 <= x[m] <= 1 and math.isfinite(x[m.replace("acc", "loss")])
+            assert 0 <= x["min_eps_bim"] <= 4 * 0.1 and 0 <= x["min_eps_bim_censored"] <= 1  # budget-free BIM
     table = (out / "table.md").read_text()
     assert "Table 11" in table and "Table 12" in table and "Table 7" in table
     assert (out / "fig4.png").read_bytes()[:4] == b"\x89PNG" and (out / "fig4_activations.npz").exists()

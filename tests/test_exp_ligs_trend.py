@@ -49,6 +49,8 @@ def test_smoke_artifact(tmp_path, artifact):
         assert rows[0]["epoch"] == 0 and "ligs" in rows[0]
         if rows[0]["status"] == "ok":
             assert [x["epoch"] for x in rows] == [0, 1]
+            assert 0 <= rows[-1]["min_eps_l2"] <= 4 * 0.25 and "min_eps_l2" not in rows[0]  # the final model's
+            assert all("ligs_dm" in x for x in rows)  # 16x16 inputs: LIGS also at the dimension-matched sigma
     if artifact == "fig2":
         assert all({"ligs_uniform", "ligs_fgsm", "ligs_pgd"} <= set(x) for x in recs if "ligs" in x)
     if artifact == "fig4":
