@@ -152,21 +152,22 @@ class Standardize(nn.Module):
     """(x - mean) / std per channel as the model's first layer, so that attacks and LIGS work in
     [0,1] pixel space (P1 convention; the robustness-library `Normalize` layer)."""
 
-    def __init__(self, mean, std):
+    def __init__(self, mean, std, persistent=True):
         super().__init__()
         mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
         if mean.shape != std.shape or (std <= 0).any():
             raise ValueError(f"Standardize: mean and std need the same shape and std > 0, got {mean.tolist()}, {std.tolist()}")
-        self.register_buffer("mean", mean.reshape(-1))
-        self.register_buffer("std", std.reshape(-1))
+        # (persistent=False: not in state_dict, so that torchvision's weight files load with strict=True)
+        self.register_buffer("mean", mean.reshape(-1), persistent=persistent)
+        self.register_buffer("std", std.reshape(-1), persistent=persistent)
 
     def forward(self, x):
         shape = (1, -1) + (1,) * (x.dim() - 2)  # (1, C, 1, 1) for images, (1, D) for vectors
         return (x - self.mean.view(shape)) / self.std.view(shape)
 
 
-def _input_layer(mean, std):
-    return nn.Identity() if mean is None and std is None else Standardize(mean, std)
+def _input_layer(mean, std, persistent=True):
+    return nn.Identity() if mean is None and std is None else Standardize(mean, std, persistent)
 
 
 def _ch(c, width):
@@ -648,6 +649,155 @@ class DeepLinear(nn.Module):
 
 
 # ================================================================================================
+# 6b. ImageNet models whose state_dict is torchvision's (P1 Table 1 ImageNet rows, Fig 11; P2 Tables 5, 10)
+# ================================================================================================
+
+
+TV_WEIGHT_FILES = {  # torchvision's released ImageNet weights (IMAGENET1K_V1); the 8 hex digits start the sha256
+    "vgg11": "vgg11-8a719046.pth", "vgg13": "vgg13-19584684.pth", "vgg16": "vgg16-397923af.pth",
+    "vgg19": "vgg19-dcbb9e9d.pth", "vgg11_bn": "vgg11_bn-6002323d.pth", "vgg13_bn": "vgg13_bn-abd245e5.pth",
+    "vgg16_bn": "vgg16_bn-6c64b313.pth", "vgg19_bn": "vgg19_bn-c79401a0.pth", "resnet18": "resnet18-f37072fd.pth",
+    "resnet50": "resnet50-0676ba61.pth",
+}
+TV_URL = "https://download.pytorch.org/models/"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's pretrained models
+
+
+class ImageNetVGG(nn.Module):
+    """Simonyan & Zisserman's VGG as torchvision builds it, so that its weight files load with strict=True:
+    `features` = [conv3x3 (bias), BatchNorm2d if bn, ReLU] per conv and MaxPool2d(2) per "M" of VGG_CFGS; `avgpool` =
+    AdaptiveAvgPool2d(7); `classifier` = Linear(25088, 4096), ReLU, Dropout, Linear(4096, 4096), ReLU, Dropout,
+    Linear(4096, classes) -- keys features.<i>.*, classifier.{0,3,6}.*. mean/std: a first layer standardizing [0,1]
+    pixels (P1's convention), kept out of the state_dict."""
+
+    def __init__(self, depth=16, bn=False, num_classes=1000, mean=None, std=None):
+        super().__init__()
+        check_choice("vgg depth", depth, (11, 13, 16, 19))
+        self.input_norm = _input_layer(mean, std, persistent=False)
+        layers, c_in = [], 3
+        for v in VGG_CFGS[depth]:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+                continue
+            layers += [nn.Conv2d(c_in, v, 3, padding=1)] + ([nn.BatchNorm2d(v)] if bn else []) + [nn.ReLU(inplace=True)]
+            c_in = v
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(7)
+        self.classifier = nn.Sequential(nn.Linear(512 * 7 * 7, 4096), nn.ReLU(True), nn.Dropout(), nn.Linear(4096, 4096),
+                                        nn.ReLU(True), nn.Dropout(), nn.Linear(4096, num_classes))
+        for m in self.modules():  # torchvision's init (for training from scratch)
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.classifier(self.avgpool(self.features(self.input_norm(x))).flatten(1))
+
+
+class _TVBlock(nn.Module):
+    """torchvision's ResNet blocks (keys conv1, bn1, conv2, bn2[, conv3, bn3], downsample.{0,1}), with any norm of
+    `norm_layer` in the bn* places (none: identity, no parameters). Bottleneck strides in its 3x3 conv (ResNet v1.5,
+    as torchvision's weights)."""
+
+    def __init__(self, c_in, planes, stride, bottleneck, norm, gn_groups=None):
+        super().__init__()
+        self.expansion = 4 if bottleneck else 1
+        c_out, nl = planes * self.expansion, lambda c: norm_layer(norm, c, gn_groups=gn_groups)
+        if bottleneck:
+            self.conv1, self.bn1 = conv1x1(c_in, planes), nl(planes)
+            self.conv2, self.bn2 = conv3x3(planes, planes, stride), nl(planes)
+            self.conv3, self.bn3 = conv1x1(planes, c_out), nl(c_out)
+        else:
+            self.conv1, self.bn1 = conv3x3(c_in, planes, stride), nl(planes)
+            self.conv2, self.bn2 = conv3x3(planes, planes), nl(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = nn.Sequential(conv1x1(c_in, c_out, stride), nl(c_out)) if stride != 1 or c_in != c_out else None
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if hasattr(self, "conv3"):
+            out = self.bn3(self.conv3(self.relu(out)))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ImageNetResNet(nn.Module):
+    """He et al.'s ImageNet ResNet-18/50 as torchvision builds it (7x7 stride-2 stem, 3x3 max-pool, four stages,
+    average pool, fc; keys conv1, bn1, layer<k>.<i>.*, fc), with P1's norm option (Sec. 4.3, Fig 11: none | bn | in
+    | ln | gn in every bn* place; no conv biases with any norm, D10). torchvision's init: He fan-out convs, norm
+    weights 1, biases 0."""
+
+    def __init__(self, depth=50, norm="bn", num_classes=1000, gn_groups=None, mean=None, std=None):
+        super().__init__()
+        check_choice("imagenet resnet depth", depth, (18, 50))
+        bottleneck, blocks = depth == 50, [2, 2, 2, 2] if depth == 18 else [3, 4, 6, 3]
+        self.input_norm = _input_layer(mean, std, persistent=False)
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = norm_layer(norm, 64, gn_groups=gn_groups)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        c_in = 64
+        for k, (planes, n) in enumerate(zip((64, 128, 256, 512), blocks)):
+            stage = []
+            for i in range(n):
+                stage.append(_TVBlock(c_in, planes, 2 if k > 0 and i == 0 else 1, bottleneck, norm, gn_groups))
+                c_in = stage[-1].expansion * planes
+            setattr(self, f"layer{k + 1}", nn.Sequential(*stage))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c_in, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def features(self, x):
+        """Penultimate representation g(x): the average-pooled output of layer4."""
+        out = self.maxpool(self.relu(self.bn1(self.conv1(self.input_norm(x)))))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return self.avgpool(out).flatten(1)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+def tv_weights_path(folder, name):
+    """The torchvision weight file of model `name` (e.g. vgg16_bn) in `folder`, checked as torch.hub checks it: named
+    <name>-<hex>.pth (the release name, TV_WEIGHT_FILES, or an older release of the same model, e.g.
+    vgg11-bbd30ac9.pth) with the file's sha256 starting with those hex digits. One DataError line otherwise."""
+    check_choice("torchvision model", name, tuple(TV_WEIGHT_FILES))
+    folder = pathlib.Path(folder)
+    pattern = rf"{re.escape(name)}-[0-9a-f]{{8,64}}\.pth"
+    found = sorted(p for p in folder.glob(f"{name}-*.pth") if re.fullmatch(pattern, p.name))
+    if not found:
+        raise DataError(f"{folder / TV_WEIGHT_FILES[name]}: missing; put torchvision's {name} ImageNet weights there "
+                        f"under their release name (or pass --download): {TV_URL}{TV_WEIGHT_FILES[name]}")
+    path = next((p for p in found if p.name == TV_WEIGHT_FILES[name]), found[0])
+    prefix = path.stem.rsplit("-", 1)[1]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    if not h.hexdigest().startswith(prefix):
+        raise DataError(f"{path}: sha256 {h.hexdigest()[:8]}... does not start with {prefix}, as its name says: a renamed, "
+                        "truncated or corrupt file")
+    return path
+
+
+def load_tv_weights(model, folder, name):
+    """Load torchvision's released weights of `name` into `model` (ImageNetVGG / ImageNetResNet) from `folder`:
+    hash-checked (`tv_weights_path`), weights_only=True, strict=True (a key or shape mismatch is one DataError)."""
+    path = tv_weights_path(folder, name)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise DataError(f"{path}: does not fit {name}: {str(e).splitlines()[0]}") from None
+    return model
+
+
+# ================================================================================================
 # 7. make_model: the single entry point for scripts
 # ================================================================================================
 
@@ -656,14 +806,17 @@ RESNET_SPECS = {  # name -> (block kind, blocks per stage)
     "resnet18": ("basic", [2, 2, 2, 2]), "resnet34": ("basic", [3, 4, 6, 3]), "resnet50": ("bottleneck", [3, 4, 6, 3]),
     **{f"resnet{d}": ("basic", [(d - 2) // 6] * 3) for d in (20, 32, 44, 56, 110)},
 }
-ARCHS = tuple(f"vgg{d}" for d in VGG_CFGS) + tuple(RESNET_SPECS) + ("wrn<depth>_<k>", "mlp", "deep_linear")
+ARCHS = tuple(f"vgg{d}" for d in VGG_CFGS) + tuple(RESNET_SPECS) + ("wrn<depth>_<k>", "mlp", "deep_linear") + \
+    ("imagenet_vgg11|13|16|19", "imagenet_resnet18|50")
 
 
 def make_model(arch, norm="bn", width=1.0, num_classes=10, in_channels=3, **kw):
     """Build any model of both papers by name (the architectures of P1 and P2).
 
     arch: vgg8|vgg11|vgg13|vgg16|vgg19, resnet18|resnet34|resnet50, resnet20|32|44|56|110,
-          wrn<depth>_<k> (e.g. wrn28_10), mlp (needs in_dim=, hidden=), deep_linear.
+          wrn<depth>_<k> (e.g. wrn28_10), mlp (needs in_dim=, hidden=), deep_linear; imagenet_vgg11|13|16|19 (norm
+          none|bn) and imagenet_resnet18|50 (any norm): torchvision's ImageNet models, whose weight files load into
+          them (`load_tv_weights`; pass num_classes=1000 for those); width and in_channels do not apply.
     norm: none|bn|in|ln|gn, or 'fixup' for the ResNets and WRNs (Fixup init, no norm layers).
     width: channel multiplier (smoke runs use e.g. 1/16); for wrn the width is k.
     kw: passed to the class (act, shortcut, gn_groups, n_fc, final_bn, mean/std, ...).
@@ -671,6 +824,14 @@ def make_model(arch, norm="bn", width=1.0, num_classes=10, in_channels=3, **kw):
     """
     arch = str(arch).lower()
     fixup = norm == "fixup"
+    tv = re.fullmatch(r"imagenet_(vgg|resnet)(\d+)", arch)
+    if tv:  # torchvision's ImageNet models (state_dict keys and shapes), 1000 classes unless num_classes says otherwise
+        check_choice("norm", norm, ("none", "bn") if tv[1] == "vgg" else NORMS)
+        kw = {k: v for k, v in kw.items() if k in ("mean", "std", "gn_groups")}
+        if tv[1] == "vgg":
+            kw.pop("gn_groups", None)
+            return ImageNetVGG(int(tv[2]), norm == "bn", num_classes, **kw)
+        return ImageNetResNet(int(tv[2]), norm, num_classes, **kw)
     wrn = re.fullmatch(r"wrn(\d+)_(\d+)", arch)
     if fixup and not (arch in RESNET_SPECS or wrn):
         raise ValueError(f"norm='fixup' applies to resnet*/wrn* only, not arch={arch!r}")
