@@ -2262,20 +2262,179 @@ def read_ilyas_dataset(root, kind):
     return x.float(), y.long()
 
 
-def imagenet_folder(root, split="val", size=224):
-    """ImageNet in the standard folder layout (root/{train,val}/<wnid>/*.JPEG) as a torchvision
-    ImageFolder with [0,1] tensors (resize 256, centre crop). The only place torchvision is needed,
-    so it is imported here, lazily (it cannot be imported with the CPU torch on our machines)."""
-    path = pathlib.Path(root) / split
-    if not path.is_dir():
-        raise DataError(f"ImageNet not found: expected class folders under {path}")
-    try:
-        import torchvision
-    except Exception as e:
-        raise DataError(f"ImageNet needs torchvision, which failed to import: {e.__class__.__name__}") from None
-    t = torchvision.transforms
-    tf = t.Compose([t.Resize(256 * size // 224), t.CenterCrop(size), t.ToTensor()])
-    return torchvision.datasets.ImageFolder(str(path), transform=tf)
+def _pil_resize_short(img, size):
+    """torchvision's Resize(size) on a PIL image: the short side to `size`, the long side to int(size * long / short),
+    PIL bilinear (which filters when it shrinks, as torchvision's PIL path does)."""
+    from PIL import Image
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    if short == size:
+        return img
+    new_long = int(size * long / short)
+    return img.resize((size, new_long) if w <= h else (new_long, size), Image.BILINEAR)
+
+
+def _pil_center_crop(img, size):
+    """torchvision's CenterCrop(size) on a PIL image at least `size` on each side: top = int(round((h - size) / 2)),
+    left likewise."""
+    w, h = img.size
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
+
+
+def _pil_random_resized_crop(img, size, g, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop(size) (Szegedy et al.'s crop, He et al.'s ImageNet augmentation) with draws from
+    the torch.Generator g: up to 10 tries of an area share in `scale` and a log-uniform aspect ratio in `ratio`, else
+    the whole image cropped to the nearest allowed ratio, centred; resized to size x size, bilinear."""
+    from PIL import Image
+    w, h = img.size
+    area = w * h
+    u = lambda lo, hi: lo + (hi - lo) * float(torch.rand((), generator=g))
+    for _ in range(10):
+        target = area * u(*scale)
+        aspect = math.exp(u(math.log(ratio[0]), math.log(ratio[1])))
+        cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            top = int(torch.randint(0, h - ch + 1, (), generator=g))
+            left = int(torch.randint(0, w - cw + 1, (), generator=g))
+            break
+    else:
+        in_ratio = w / h
+        cw, ch = (w, int(round(w / min(ratio)))) if in_ratio < min(ratio) else \
+            (int(round(h * max(ratio))), h) if in_ratio > max(ratio) else (w, h)
+        top, left = (h - ch) // 2, (w - cw) // 2
+    return img.crop((left, top, left + cw, top + ch)).resize((size, size), Image.BILINEAR)
+
+
+def pil_to_tensor01(img):
+    """An RGB PIL image as a float32 (3, H, W) tensor in [0, 1] (torchvision's ToTensor)."""
+    a = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(a.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+class ImageNetFolder(torch.utils.data.Dataset):
+    """ImageNet from its files with Pillow alone (no torchvision). Two layouts:
+      root/<split>/<wnid>/*.JPEG -- class index = position of the wnid among the sorted wnids (the order of
+          torchvision's ImageFolder, hence of its pretrained models' outputs);
+      root/val/ILSVRC2012_val_*.JPEG flat, with the devkit's ground truth: root/ILSVRC2012_devkit_t12/data/
+          ILSVRC2012_validation_ground_truth.txt (one ILSVRC2012_ID per image, in file-name order) and meta.mat (ID ->
+          wnid; read with scipy, as the SVHN .mat files), labels mapped to the sorted-wnid index.
+    Items are ([0,1] float tensor (3, size, size), label). Evaluation (train=False): resize the short side to
+    256 * size / 224 and centre-crop size (torchvision's Resize(256), CenterCrop(224) on the PIL image); train=True:
+    RandomResizedCrop(size) and a horizontal flip with probability 1/2, drawn from a generator seeded by (seed, epoch,
+    index), so any worker order gives the same images (call set_epoch each epoch). A missing folder, an empty class or
+    an unreadable image is one DataError line naming the path."""
+
+    EXTENSIONS = (".jpeg", ".jpg", ".png")
+
+    def __init__(self, root, split="val", size=224, train=False, seed=0):
+        root = pathlib.Path(root)
+        folder = root / split
+        if not folder.is_dir():
+            raise DataError(f"ImageNet not found: expected {folder}/<wnid>/*.JPEG (or the flat validation folder with "
+                            f"the devkit)")
+        self.size, self.train, self.seed, self.epoch = size, train, seed, 0
+        wnids = sorted(d.name for d in folder.iterdir() if d.is_dir())
+        if wnids:
+            self.classes = wnids
+            self.samples = []
+            for k, wnid in enumerate(wnids):
+                files = sorted(f for f in (folder / wnid).iterdir() if f.suffix.lower() in self.EXTENSIONS)
+                if not files:
+                    raise DataError(f"{folder / wnid}: an empty class folder (expected *.JPEG images)")
+                self.samples += [(f, k) for f in files]
+        else:
+            self.classes, self.samples = self._flat_val(root, folder)
+
+    @staticmethod
+    def _flat_val(root, folder):
+        files = sorted(f for f in folder.iterdir() if f.suffix.lower() in ImageNetFolder.EXTENSIONS)
+        data = root / "ILSVRC2012_devkit_t12" / "data"
+        gt, meta = data / "ILSVRC2012_validation_ground_truth.txt", data / "meta.mat"
+        if not files:
+            raise DataError(f"ImageNet not found: no class folders and no images in {folder}")
+        if not gt.is_file() or not meta.is_file():
+            raise DataError(f"{folder}: a flat validation folder needs the devkit's {gt} and {meta} (or move the images "
+                            f"into {folder}/<wnid>/)")
+        ids = [int(t) for t in gt.read_text().split()]
+        if len(ids) != len(files):
+            raise DataError(f"{gt}: {len(ids)} labels for {len(files)} images in {folder}")
+        try:
+            import scipy.io
+        except ImportError:
+            raise DataError(f"{meta}: reading the devkit's meta.mat needs scipy (pip install scipy), or use "
+                            f"{folder}/<wnid>/ folders") from None
+        synsets = scipy.io.loadmat(str(meta), squeeze_me=True)["synsets"]
+        id_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
+        wnids = sorted(id_to_wnid.values())
+        index = {w: k for k, w in enumerate(wnids)}
+        return wnids, [(f, index[id_to_wnid[i]]) for f, i in zip(files, ids)]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def load(self, i):
+        """The i-th image as an RGB PIL image (torchvision's loader converts every image to RGB)."""
+        from PIL import Image
+        path = self.samples[i][0]
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: unreadable image ({e.__class__.__name__}: {e})") from None
+
+    def __getitem__(self, i):
+        img, label = self.load(i), self.samples[i][1]
+        if self.train:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 100_000_007 + i)
+            img = _pil_random_resized_crop(img, self.size, g)
+            if float(torch.rand((), generator=g)) < 0.5:
+                from PIL import Image
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        else:
+            img = _pil_center_crop(_pil_resize_short(img, 256 * self.size // 224), self.size)
+        return pil_to_tensor01(img), label
+
+
+def imagenet_loader(dataset, batch_size, workers=4, shuffle=False, seed=0):
+    """A DataLoader streaming `dataset` (ImageNet does not fit on the device like CIFAR) with `workers` worker
+    processes; shuffled by a seeded generator when asked."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                                       generator=g, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+
+
+def imagenet_subset(dataset, n, seed=0):
+    """(x, y) tensors of n images drawn without replacement with a fixed seed (class-stratified draws are not needed at
+    n in the thousands), loaded through `imagenet_loader`, with a progress line in images/s."""
+    n = min(n, len(dataset))
+    pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    loader = imagenet_loader(torch.utils.data.Subset(dataset, pick), batch_size=64, workers=min(4, os.cpu_count() or 1))
+    xs, ys, t0 = [], [], time.time()
+    for xb, yb in worker_errors(loader):
+        xs.append(xb)
+        ys.append(yb)
+        done = sum(len(b) for b in ys)
+        print(f"\rImageNet: {done}/{n} images, {done / max(time.time() - t0, 1e-9):.0f} images/s", end="", flush=True)
+    print()
+    return torch.cat(xs), torch.cat(ys)
+
+
+def worker_errors(loader):
+    """Iterate a DataLoader, turning a DataError raised in a worker process (which the loader re-raises with the
+    worker's traceback in its message) back into its own one line."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except DataError as e:
+            raise DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
+        yield batch
 
 
 def resize_images(x, size, mode="nearest"):

@@ -30,17 +30,16 @@ Models are trained with exp_corruption.py's (P1) and exp_table1.py's (P2 Table 3
 keys, so --cache reuses models those scripts trained (DECISIONS.md D30).
 """
 import functools
-import pathlib
 import time
 
 import torch
 
-from common import (Data, NORMS, Standardize, Sweep, accuracy, add_run_flags, build_dataset, cache_path, check_numbers, claim,
-                    class_balanced_subset, eval_mode, fmt_mean_sem, imagenet_folder, invert_features, load_tensors, log_to,
-                    make_model, make_parser, mean_sem, merge_runs, model_in_space, model_key, model_kwargs,
-                    other_label_indices, paper_recipe, parse_with_presets, pgd, pick_device, prepare_run_dir, print_config,
-                    run_script, save_figure, set_seed, show, train_model, with_overrides, write_claims, write_config,
-                    write_text_atomic)
+from common import (Data, DataError, IMAGENET_MEAN, IMAGENET_STD, ImageNetFolder, NORMS, Standardize, Sweep, TV_WEIGHT_FILES,
+                    accuracy, add_run_flags, build_dataset, cache_path, check_numbers, claim, class_balanced_subset, eval_mode,
+                    fmt_mean_sem, imagenet_subset, invert_features, load_tv_weights, log_to, make_model, make_parser, mean_sem,
+                    merge_runs, model_in_space, model_key, model_kwargs, other_label_indices, paper_recipe, parse_with_presets,
+                    pgd, pick_device, prepare_run_dir, print_config, run_script, save_figure, set_seed, show, train_model,
+                    tv_weights_path, with_overrides, write_claims, write_config, write_text_atomic)
 
 
 # ================================================================================================
@@ -54,13 +53,9 @@ ARTIFACTS = {
                    runs=dict(space="standardized", norms=["none", "bn"], archs=["vgg11", "vgg13", "vgg16", "vgg19"])),
 }
 
-TV_WEIGHTS = {  # torchvision's released ImageNet weights (IMAGENET1K_V1), as downloaded by torchvision
-    "vgg11": "vgg11-8a719046.pth", "vgg11_bn": "vgg11_bn-6002323d.pth", "vgg13": "vgg13-19584684.pth",
-    "vgg13_bn": "vgg13_bn-abd245e5.pth", "vgg16": "vgg16-397923af.pth", "vgg16_bn": "vgg16_bn-6c64b313.pth",
-    "vgg19": "vgg19-dcbb9e9d.pth", "vgg19_bn": "vgg19_bn-c79401a0.pth"}
+TV_NAMES = [f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn")]  # torchvision's ImageNet VGGs (P2 Table 10)
 
 
-IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 RETRAIN = dict(epochs=150, lr=0.01, milestones=(50, 100), augment=True)        # P1 Table 6, D_NR row
 
@@ -203,37 +198,42 @@ def run_p1_t3(args, data, device, run_dir, seed, training, records, save):
 
 
 def imagenet_models(args, device):
-    """torchvision's VGGs with their released ImageNet weights, from --weights-dir (no download at run time;
-    torchvision is imported only here)."""
-    folder = pathlib.Path(args.weights_dir)  # every file is there: imagenet_ready checked
-    import torchvision
+    """torchvision's VGGs with their released ImageNet weights from --weights-dir, in this project's torchvision-
+    compatible models (common.ImageNetVGG; no torchvision, no download at run time)."""
     models = {}
-    for name, f in TV_WEIGHTS.items():
-        m = getattr(torchvision.models, name)(weights=None)
-        m.load_state_dict(load_tensors(folder / f, "torchvision weight file"))
-        models[name] = m.to(device).eval()
+    for name in tv_names(args):
+        arch, bn = name.split("_")[0], name.endswith("_bn")
+        m = make_model(f"imagenet_{arch}", norm="bn" if bn else "none", num_classes=1000)
+        models[name] = load_tv_weights(m, args.weights_dir, name).to(device).eval()
     return models
 
 
 def imagenet_ready(args):
-    """None when P2's own ImageNet setting can run, else the one-line reason the substitute runs instead."""
-    if not args.imagenet_root or not args.weights_dir:
+    """None when P2's own ImageNet setting runs (both --imagenet-root and --weights-dir given; then a missing folder or a
+    missing, renamed or corrupt weight file is one DataError line, never a silent fallback), else the one-line reason
+    the offline substitute runs instead."""
+    if not args.imagenet_root and not args.weights_dir:
         return "no --imagenet-root and --weights-dir given"
-    if not (pathlib.Path(args.imagenet_root) / "val").is_dir():
-        return f"ImageNet not found: no class folders under {pathlib.Path(args.imagenet_root) / 'val'}"
-    missing = [f for f in TV_WEIGHTS.values() if not (pathlib.Path(args.weights_dir) / f).exists()]
-    if missing:
-        return f"--weights-dir {args.weights_dir} lacks {missing[0]} (and {len(missing) - 1} more)"
+    if not args.imagenet_root or not args.weights_dir:
+        raise DataError("p2_t10 on ImageNet needs both --imagenet-root and --weights-dir")
+    ImageNetFolder(args.imagenet_root, "val")  # (checks the layout: one DataError line)
+    for name in tv_names(args):
+        tv_weights_path(args.weights_dir, name)
     return None
+
+
+def tv_names(args):
+    """torchvision's names of the VGGs this run evaluates (--arch x --norm), e.g. vgg11, vgg11_bn."""
+    return [f"{a}{'_bn' if n == 'bn' else ''}" for a in args.arch for n in args.norm]
 
 
 def run_p2_t10(args, data, device, run_dir, seed, setting):
     """One seed: BIM-linf from VGG11 +-BN (standardized inputs), evaluated on every target; diagonal = white box."""
-    names = [f"{a}{'_bn' if n == 'bn' else ''}" for a in args.arch for n in args.norm]
+    names = tv_names(args)
     records = []
     if setting == "imagenet":
         nets = imagenet_models(args, device)
-        std_fn = Standardize(*IMAGENET_STATS).to(device)
+        std_fn = Standardize(IMAGENET_MEAN, IMAGENET_STD).to(device)
         models = {k: (m, std_fn, "ok", "") for k, m in nets.items() if k in names}
         x, y = data
         clip = (-2.0, 2.0)  # P2's white-box ImageNet setting (standardized units)
@@ -285,11 +285,8 @@ def main(args):
         if why:
             print(f"p2_t10 on ImageNet skipped ({why}); running the offline substitute on {args.dataset}")
     if setting == "imagenet":
-        folder = imagenet_folder(args.imagenet_root)
-        n = min(args.n_eval or 2048, len(folder))
-        pick = torch.randperm(len(folder), generator=torch.Generator().manual_seed(0))[:n].tolist()
-        x = torch.stack([folder[i][0] for i in pick]).to(device)
-        data = (x, torch.tensor([folder.targets[i] for i in pick], device=device))
+        x, y = imagenet_subset(ImageNetFolder(args.imagenet_root, "val"), args.n_eval or 2048, seed=0)
+        data = (x.to(device), y.to(device))
     else:
         data = build_dataset(args.dataset, args.data_root, device, args.download, size=args.size, channels=args.channels,
                              n_train=1000 if args.dataset == "synthetic" else None)
@@ -514,7 +511,7 @@ def get_args(argv=None):
     g.add_argument("--imagenet-root", help="p2_t10: ImageNet folder (val/<wnid>/*.JPEG); with "
                    "--weights-dir it runs P2's own setting, otherwise the substitute runs")
     g.add_argument("--weights-dir", help="p2_t10: folder with torchvision's VGG weight files (" +
-                   ", ".join(TV_WEIGHTS.values()) + ")")
+                   ", ".join(TV_WEIGHT_FILES[n] for n in TV_NAMES) + ")")
     g.add_argument("--size", type=int, help="resize images to size x size (unset: the dataset's own)")
     g.add_argument("--channels", type=int, help="repeat grey images to this many channels")
     args = parse_with_presets(p, resolve, argv)

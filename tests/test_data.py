@@ -277,8 +277,8 @@ def test_cifar101_reader(tmp_path):
 
 def test_imagenet_folder_missing_is_clear_and_does_not_import_torchvision(tmp_path):
     import sys
-    with pytest.raises(DataError, match="ImageNet not found: expected class folders under"):
-        common.imagenet_folder(tmp_path)
+    with pytest.raises(DataError, match="ImageNet not found: expected"):
+        common.ImageNetFolder(tmp_path)
     assert "torchvision" not in sys.modules
 
 

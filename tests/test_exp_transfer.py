@@ -4,6 +4,9 @@ exp_corruption.py through the checkpoint cache, --plot-only, and one-line errors
 import json
 import pathlib
 import subprocess
+
+from PIL import Image
+
 from emulated_cuda import command
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -51,13 +54,18 @@ def test_p1_t3_retrain_mode_trains_each_target_on_the_extracted_images(tmp_path)
 
 def test_p2_t10_substitute_and_the_imagenet_message(tmp_path):
     (tmp_path / "imagenet" / "val" / "n01440764").mkdir(parents=True)
+    Image.new("RGB", (40, 30)).save(tmp_path / "imagenet" / "val" / "n01440764" / "a.JPEG")
     (tmp_path / "weights").mkdir()
-    out = tmp_path / "t10"
     r = run("--preset", "smoke", "--artifact", "p2_t10", "--imagenet-root", tmp_path / "imagenet", "--weights-dir",
-            tmp_path / "weights", "--arch", "vgg11", "vgg13", "--epochs", "2", "--lr", "0.05", "--out", out)
+            tmp_path / "weights", "--arch", "vgg11", "--out", tmp_path / "x")  # asked for ImageNet: no silent fallback
+    assert r.returncode != 0 and "vgg11-8a719046.pth: missing" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+    out = tmp_path / "t10"
+    r = run("--preset", "smoke", "--artifact", "p2_t10", "--arch", "vgg11", "vgg13", "--epochs", "2", "--lr", "0.05",
+            "--out", out)
     assert r.returncode == 0, r.stderr[-3000:]
     said = [line for line in r.stdout.splitlines() if "ImageNet skipped" in line]
-    assert len(said) == 1 and "vgg11-8a719046.pth" in said[0] and "substitute" in said[0]
+    assert len(said) == 1 and "no --imagenet-root and --weights-dir given" in said[0] and "substitute" in said[0]
     recs = json.loads((out / "results.json").read_text())["records"]
     assert {(x["source"], x["target"]) for x in recs} == {(s, t) for s in ("vgg11", "vgg11_bn")
                                                           for t in ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn")}
@@ -67,8 +75,6 @@ def test_p2_t10_substitute_and_the_imagenet_message(tmp_path):
             assert 0 <= x["top1"] <= x["top5"] <= 1 and x["diagonal"] == (x["source"] == x["target"])
     table = (out / "table.md").read_text()
     assert "SUBSTITUTE" in table and "**top1**" in table and "**top5**" in table
-    r = run("--preset", "smoke", "--artifact", "p2_t10", "--arch", "vgg11", "--epochs", "1", "--out", tmp_path / "n")
-    assert r.returncode == 0 and "no --imagenet-root and --weights-dir given" in r.stdout
 
 
 def test_models_trained_by_exp_corruption_are_reused(tmp_path):
