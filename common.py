@@ -785,6 +785,16 @@ def tv_weights_path(folder, name):
     return path
 
 
+def fetch_tv_weights(folder, name):
+    """Download torchvision's released weights of `name` into `folder` under their release name, sha256-checked
+    (--download; for a user with a network). Returns the path."""
+    path = pathlib.Path(folder) / TV_WEIGHT_FILES[name]
+    if not path.is_file():
+        print(f"downloading {TV_URL}{path.name} to {folder}")
+        download(TV_URL + path.name, path, sha256_prefix=path.stem.rsplit("-", 1)[1], timeout=600.0)
+    return tv_weights_path(folder, name)
+
+
 def load_tv_weights(model, folder, name):
     """Load torchvision's released weights of `name` into `model` (ImageNetVGG / ImageNetResNet) from `folder`:
     hash-checked (`tv_weights_path`), weights_only=True, strict=True (a key or shape mismatch is one DataError)."""
@@ -2037,14 +2047,14 @@ SOURCES = {
 DIGITS_FILE = pathlib.Path(__file__).resolve().parent / "data" / "digits.npz"
 
 
-def download(url, dest, md5, timeout=60.0, chunk=1 << 20):
-    """Fetch `url` to `dest`, checking the byte count announced by the server and the md5.
-    Streams into `dest.part` and renames only after both checks pass, so an interrupted or corrupt
-    transfer leaves nothing at `dest`."""
+def download(url, dest, md5=None, timeout=60.0, chunk=1 << 20, sha256_prefix=None):
+    """Fetch `url` to `dest`, checking the byte count announced by the server and the md5 (or, for torch.hub-style
+    files, that the sha256 starts with `sha256_prefix`). Streams into `dest.part` and renames only after the checks
+    pass, so an interrupted or corrupt transfer leaves nothing at `dest`."""
     dest = pathlib.Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    h, n = hashlib.md5(), 0
+    h, h256, n = hashlib.md5(), hashlib.sha256(), 0
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp, open(part, "wb") as f:
             expected = resp.headers.get("Content-Length")
@@ -2054,11 +2064,15 @@ def download(url, dest, md5, timeout=60.0, chunk=1 << 20):
                     break
                 f.write(block)
                 h.update(block)
+                h256.update(block)
                 n += len(block)
         if expected is not None and n != int(expected):
             raise DataError(f"download of {url} was interrupted ({n} of {expected} bytes); run again")
-        if h.hexdigest() != md5:
+        if md5 is not None and h.hexdigest() != md5:
             raise DataError(f"download of {url} failed its checksum (md5 {h.hexdigest()}, expected {md5}); nothing was kept")
+        if sha256_prefix is not None and not h256.hexdigest().startswith(sha256_prefix):
+            raise DataError(f"download of {url} failed its checksum (sha256 {h256.hexdigest()[:8]}..., expected "
+                            f"{sha256_prefix}...); nothing was kept")
         os.replace(part, dest)
     except (OSError, http.client.HTTPException) as e:
         raise DataError(f"download of {url} failed: {e.__class__.__name__}: {e}") from None

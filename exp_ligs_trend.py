@@ -11,7 +11,7 @@ Quick results (update_readme.py writes this from results/quick/):
         4 held / 0 reversed / 0 inconclusive / 0 underpowered
         P1 Fig 2: none keeps higher LIGS than BN (uniform perturbation): +0.007 [+0.005, +0.009] (held)
     python exp_ligs_trend.py --preset quick --artifact fig4
-        5 held / 2 reversed / 0 inconclusive / 0 underpowered
+        7 held / 2 reversed / 4 inconclusive / 0 underpowered
         P1 Fig 4: Adversarial training keeps LIGS close to 1 (above 0.95): +0.046 [+0.045, +0.046] (held)
     python exp_ligs_trend.py --preset quick --artifact fig5
         1 held / 0 reversed / 3 inconclusive / 0 underpowered

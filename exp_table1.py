@@ -18,10 +18,10 @@ Run it:
     python exp_table1.py --plot-only runs/exp_table1/<run> # redraw table.md, claims.md, figure
 
 Two input spaces (DECISIONS.md D2): P1 artifacts attack [0,1] pixels (the model standardizes
-inside); P2 artifacts attack standardized inputs with the papers' clip ranges. P2 Table 5 (torchvision
-ImageNet weights) and P1's ImageNet rows need files that cannot be had offline: they are listed as
-skipped. P2 Table 2 selected the epoch with the best *test* accuracy: both the final and that epoch are
-measured and labelled, its claims use the selected one (DECISIONS.md D18).
+inside); P2 artifacts attack standardized inputs with the papers' clip ranges. P2 Table 5 and P1 Table 1's ImageNet
+VGG rows evaluate torchvision's released weights in this project's models on ImageNet's validation set, streamed
+from local files (--imagenet-root, --weights-dir; no torchvision). P2 Table 2 selected the epoch with the best *test*
+accuracy: both the final and that epoch are measured and labelled, its claims use the selected one (DECISIONS.md D18).
 """
 import argparse
 import copy
@@ -33,12 +33,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import (DATASETS, DataError, NORMS, P2_INPUT, Sweep, accuracy, add_run_flags, arch_seeds_arg, build_dataset,
-                    cache_path, check_attack, eval_mode, check_numbers, claim, class_balanced_subset, curve_area, evaluate,
-                    fmt_mean_sem, log_to, make_model, make_parser, mean_sem, merge_runs, minimal_eps, model_in_space,
-                    model_key, model_kwargs, paper_recipe, parse_with_presets, pgd, pick_device, prepare_run_dir,
-                    print_config, read_cifar101, run_script, save_figure, set_seed, show, train_model, with_overrides,
-                    write_claims, write_config, write_text_atomic)
+from common import (DATASETS, DataError, IMAGENET_MEAN, IMAGENET_STD, ImageNetFolder, NORMS, P2_INPUT, Standardize, Sweep,
+                    TV_WEIGHT_FILES, accuracy, add_run_flags, arch_seeds_arg, build_dataset, cache_path, check_attack,
+                    check_numbers, claim, class_balanced_subset, curve_area, eval_mode, evaluate, fetch_tv_weights,
+                    fmt_mean_sem, imagenet_loader, load_tv_weights, log_to, make_model, make_parser, mean_sem, merge_runs,
+                    minimal_eps, model_in_space, model_key, model_kwargs, paper_recipe, parse_with_presets, pgd, pick_device,
+                    prepare_run_dir, print_config, read_cifar101, run_attack, run_script, save_figure, set_seed, show,
+                    train_model, tv_weights_path, with_overrides, worker_errors, write_claims, write_config, write_text_atomic)
 
 
 # ================================================================================================
@@ -74,8 +75,17 @@ ARTIFACTS = {  # name -> title, runs (input space, {dataset: [archs]}, norms, se
                          runs=STANDARDIZED | dict(models={"cifar10": ["vgg16"]}, norms=["bn"], seeds=3)),
 }
 ARTIFACTS["p2_t9"] = ARTIFACTS["p2_t2"]
-SKIPPED = {"p2_t5": "P2 Table 5 needs ImageNet and torchvision's pretrained VGG weights, which cannot be fetched offline",
-           "p1_t1_imagenet": "P1 Table 1's ImageNet rows need ImageNet and pretrained weights (not available offline)"}
+# ImageNet with torchvision's released weights (evaluation only, --imagenet-root and --weights-dir; no torchvision):
+# P2 Table 5 (VGG11-19 +-BN, top-1 and top-5, its budgets: noise N(0, 1/4), PGD-linf 0.01 in 20 steps of 0.001, clip
+# [-2, 2], standardized) and P1 Table 1's VGG rows (VGG16/19 +-BN, P1's budgets in [0,1] pixels).
+IMAGENET_VGGS = ["vgg11", "vgg13", "vgg16", "vgg19"]
+ARTIFACTS["p2_t5"] = dict(title="P2 Table 5: torchvision's ImageNet VGGs +-BN",
+                          runs=STANDARDIZED | dict(models={"imagenet": IMAGENET_VGGS}, norms=["none", "bn"], seeds=1,
+                                                   pretrained=True, budgets=dict(eps_linf=0.01)))
+ARTIFACTS["p1_t1_imagenet"] = dict(title="P1 Table 1: ImageNet VGG rows (torchvision's weights)",
+                                   runs=PIXELS | dict(models={"imagenet": ["vgg16", "vgg19"]}, norms=["none", "bn"],
+                                                      seeds=1, pretrained=True))
+SKIPPED = {}
 
 PRESETS = {  # the paper's values; attack budgets by convention in resolve()
     "paper": dict(dataset=None, arch=None, norm=None, width=1.0, batch_size=128, weight_decay=5e-4, warmup_epochs=0.0,
@@ -105,10 +115,12 @@ P2_BUDGETS = dict(eps_l2=0.03 * math.sqrt(3072), eps_linf=0.03, eps_fgsm=0.03, n
 def resolve(preset, artifact):
     """The values that run for this preset and artifact (shown by --help, saved in config.json)."""
     art = ARTIFACTS.get(artifact, ARTIFACTS["p1_t1"])["runs"]
-    return (P1_BUDGETS if art["space"] == "pixels" else P2_BUDGETS) | dict(seeds=art["seeds"], max_seed_tries=None,
-                                                                         arch_seeds=art.get("arch_seeds", {}), arch_lr={},
-                                                                         select=art.get("select", "final")) \
-        | PRESETS[preset]
+    budgets = (P1_BUDGETS if art["space"] == "pixels" else P2_BUDGETS) | art.get("budgets", {})
+    v = budgets | dict(seeds=art["seeds"], max_seed_tries=None, arch_seeds=art.get("arch_seeds", {}), arch_lr={},
+                       select=art.get("select", "final")) | PRESETS[preset]
+    if art.get("pretrained"):  # torchvision's ImageNet models: the artifact's own models whatever the preset
+        v |= dict(dataset=None, arch=None, norm=None, seeds=1)
+    return v
 
 
 def seeds_for(args, arch):
@@ -330,6 +342,8 @@ def main(args):
         write_outputs(run_dir, records, cfg)
         print(f"redrew {run_dir / 'table.md'}, claims.md and {run_dir / 'figure.png'}")
         return
+    if ARTIFACTS[args.artifact]["runs"].get("pretrained"):
+        return main_pretrained(args)
     device = pick_device(args.device)
     todo = plan(args)
     datasets = {}  # every input is checked before the run directory is created
@@ -376,6 +390,85 @@ def main(args):
             print(f"[{dataset} {arch} {norm}] only {n_ok} of {wanted} seeds trained in {tries} tries")
         print(f"model {k + 1} of {len(todo)} done | {time.time() - t0:.0f}s | ETA "
               f"{(time.time() - t0) / (k + 1) * (len(todo) - k - 1):.0f}s")
+    write_outputs(run_dir, sweep.records(), vars(args))
+    show(run_dir / "table.md")
+    show(run_dir / "claims.md")
+    print(f"wrote {run_dir}/results.json, results.csv, table.md, claims.md, figure.png" + sweep.report())
+
+
+def imagenet_specs(args, space):
+    """The ImageNet artifacts' measurements: P1 App. B.2 in [0,1] pixels (PGD and CW, l2 and linf, 2.5*eps/steps);
+    P2 Table 5 in standardized units (noise, PGD-linf with step eps/--step-div, clip [-2, 2])."""
+    k = args.attack_steps
+    if space == "pixels":
+        clip = (0.0, 1.0)
+        return dict(clean=dict(kind="clean"),
+                    pgd_l2=dict(kind="pgd", norm="l2", eps=args.eps_l2, steps=k, clip=clip),
+                    pgd_linf=dict(kind="pgd", norm="linf", eps=args.eps_linf, steps=k, clip=clip),
+                    cw_l2=dict(kind="pgd", norm="l2", loss="cw", eps=args.eps_l2, steps=k, clip=clip),
+                    cw_linf=dict(kind="pgd", norm="linf", loss="cw", eps=args.eps_linf, steps=k, clip=clip))
+    return dict(clean=dict(kind="clean"), noise=dict(kind="noise", sigma=args.noise_std),
+                pgd_linf=dict(kind="pgd", norm="linf", eps=args.eps_linf, steps=k, step_size=args.eps_linf / args.step_div,
+                              clip=(-2.0, 2.0)))
+
+
+def evaluate_stream(model, loader, specs, to_input, device, seed, tag):
+    """Top-1 and top-5 accuracy of every spec, batch by batch from a DataLoader (ImageNet does not fit in memory);
+    the noise of batch b is drawn from a generator seeded by (seed, b), so a rerun measures the same."""
+    hits = {k: [0, 0] for k in specs}
+    n, t0 = 0, time.time()
+    for b, (xb, yb) in enumerate(worker_errors(loader)):
+        xb, yb = to_input(xb.to(device)), yb.to(device)
+        for k, spec in specs.items():
+            g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
+            xa = run_attack(model, xb, yb, spec, generator=g)
+            with torch.no_grad(), eval_mode(model):
+                top5 = model(xa).topk(5, dim=1).indices
+            hits[k][0] += int((top5[:, 0] == yb).sum())
+            hits[k][1] += int((top5 == yb[:, None]).any(1).sum())
+        n += len(yb)
+        print(f"\r{tag} {n}/{len(loader.dataset)} images, {n / max(time.time() - t0, 1e-9):.1f} images/s", end="", flush=True)
+    print()
+    return {f"acc_{k}": h[0] / n for k, h in hits.items()} | {f"acc_top5_{k}": h[1] / n for k, h in hits.items()}
+
+
+def main_pretrained(args):
+    """P2 Table 5 and P1 Table 1's ImageNet VGG rows: torchvision's released weights in this project's models,
+    evaluated on (a fixed random subset of, --n-eval) ImageNet's validation set, streamed from disk."""
+    device = pick_device(args.device)
+    space = ARTIFACTS[args.artifact]["runs"]["space"]
+    if not args.imagenet_root or not args.weights_dir:
+        raise DataError(f"--artifact {args.artifact}: needs --imagenet-root (ImageNet's val/<wnid>/*.JPEG) and --weights-dir "
+                        "(torchvision's weight files; --download fetches them)")
+    names = {(a, n): f"{a}{'_bn' if n == 'bn' else ''}" for _, a, n in plan(args)}
+    for name in names.values():  # every input is checked before the run directory is created
+        (fetch_tv_weights if args.download else tv_weights_path)(args.weights_dir, name)
+    val = ImageNetFolder(args.imagenet_root, "val")
+    if args.n_eval and args.n_eval < len(val):  # a fixed random subset (seed 0), the same for every model
+        val = torch.utils.data.Subset(val, torch.randperm(len(val), generator=torch.Generator().manual_seed(0))
+                                      [:args.n_eval].tolist())
+    run_dir = prepare_run_dir("exp_table1", args.out, args.resume, args.shard)
+    log_to(run_dir, args.shard)
+    print_config(args)
+    print(f"run directory: {run_dir} | device: {device} | artifact: {ARTIFACTS[args.artifact]['title']} | "
+          f"{len(val)} validation images")
+    write_config(run_dir, args, __file__, device)
+    sweep = Sweep(run_dir, planned_runs(args), args.shard)
+    specs = imagenet_specs(args, space)
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    to_input = (lambda t: t) if space == "pixels" else Standardize(mean, std).to(device)  # (P2: standardized outside)
+    loader = imagenet_loader(val, args.batch_size, workers=args.workers)
+    for _, name, m in sweep.todo():
+        t0 = time.time()
+        arch, norm = m["arch"], m["norm"]
+        kw = dict(mean=mean, std=std) if space == "pixels" else {}  # (P1: the model standardizes [0,1] pixels inside)
+        model = make_model(f"imagenet_{arch}", norm=norm, num_classes=1000, **kw)
+        model = load_tv_weights(model, args.weights_dir, names[(arch, norm)]).to(device).eval()
+        rec = dict(artifact=args.artifact, dataset="imagenet", arch=arch, norm=norm, seed=0, status="ok", reason="",
+                   weights=TV_WEIGHT_FILES[names[(arch, norm)]], n_eval=len(val))
+        rec |= evaluate_stream(model, loader, specs, to_input, device, seed=0, tag=f"[imagenet {arch} {norm}]")
+        sweep.save(name, [rec | dict(time_s=round(time.time() - t0, 1))])
+        print(f"[imagenet {arch} {norm}] " + " | ".join(f"{k} {v:.4f}" for k, v in rec.items() if k.startswith("acc_")))
     write_outputs(run_dir, sweep.records(), vars(args))
     show(run_dir / "table.md")
     show(run_dir / "claims.md")
@@ -447,7 +540,32 @@ P2_T3_CLAIMS = [
           per=("dataset",), paper_effect=-25.6),
 ]
 
+# The ImageNet artifacts have one model per architecture (torchvision's weights): the architectures are the replicates.
+claim_in = functools.partial(claim, scale=100.0, per=("dataset",))
+P2_T5_CLAIMS = [
+    claim_in("p2t5_top5_pgd", "P2 Table 5", "BN lowers top-5 PGD-ℓ∞ accuracy (VGG11-19, ImageNet)", "−8.54 to −11.00 "
+             "points", "acc_top5_pgd_linf", BN, NONE, paper_effect=-8.54),
+    claim_in("p2t5_top1_pgd", "P2 Table 5", "BN lowers top-1 PGD-ℓ∞ accuracy (VGG11-19, ImageNet)", "−2.38 to −4.17 "
+             "points", "acc_pgd_linf", BN, NONE, paper_effect=-2.38),
+    claim_in("p2t5_top5_clean", "P2 Table 5", "BN raises top-5 clean accuracy (VGG11-19, ImageNet)", "+0.96 to +1.18 "
+             "points", "acc_top5_clean", BN, NONE, ">", paper_effect=0.96),
+]
+P1_T1_IMAGENET_CLAIMS = [
+    claim_in("p1t1in_clean", "P1 Table 1", "BN raises clean accuracy (VGG16/19, ImageNet)", "+1.78, +1.86", "acc_clean", BN,
+             NONE, ">", paper_effect=1.78),
+    claim_in("p1t1in_pgd_l2", "P1 Table 1", "BN lowers PGD-ℓ2 accuracy (VGG16/19, ImageNet)", "15.55 → 6.04, 16.52 → 6.94",
+             "acc_pgd_l2", BN, NONE, paper_effect=-9.51),
+    claim_in("p1t1in_pgd_linf", "P1 Table 1", "BN lowers PGD-ℓ∞ accuracy (VGG16/19, ImageNet)", "1.79 → 0.55, 2.18 → 0.69",
+             "acc_pgd_linf", BN, NONE, paper_effect=-1.24),
+    claim_in("p1t1in_cw_l2", "P1 Table 1", "BN lowers CW-ℓ2 accuracy (VGG16/19, ImageNet)", "16.66 → 6.82, 17.46 → 7.66",
+             "acc_cw_l2", BN, NONE, paper_effect=-9.8),
+    claim_in("p1t1in_cw_linf", "P1 Table 1", "BN lowers CW-ℓ∞ accuracy (VGG16/19, ImageNet)", "0.23 → 0.02, 0.30 → 0.03",
+             "acc_cw_linf", BN, NONE, paper_effect=-0.21),
+]
+
 CLAIMS = {  # the papers' claims each artifact tests (common.claim; verdicts by common.evaluate_claims)
+    "p2_t5": P2_T5_CLAIMS,
+    "p1_t1_imagenet": P1_T1_IMAGENET_CLAIMS,
     "p1_t1": P1_T1_CLAIMS,
     "p1_t2": P1_T1_CLAIMS + P1_T2_CLAIMS,
     "p1_t8": [claim_pp("p1t8_fgsm", "P1 Table 8", "BN is *more* accurate under FGSM (a reversal)",
@@ -467,8 +585,8 @@ CLAIMS["p2_pgd_steps"] = [
     claim_pp("p2a2_steps", "P2 App. A.2", "40 PGD steps of eps/20 find hardly more than 20 of eps/10 (within 1 point)",
              "28.9 → 28.5 (−0.4 ± 0.5)", "long_minus_pgd_linf", {}, None, ">", ref=-0.01, per=("dataset", "arch", "norm"))]
 
-METRICS = ["clean", "noise", "pgd_l2", "pgd_linf", "pgd_l2_strong", "pgd_linf_strong", "pgd_linf_long", "cw_l2", "cw_linf",
-           "fgsm", "bim", "c101_clean", "c101_noise"]
+METRICS = ["clean", "top5_clean", "noise", "top5_noise", "pgd_l2", "pgd_linf", "top5_pgd_linf", "pgd_l2_strong",
+           "pgd_linf_strong", "pgd_linf_long", "cw_l2", "cw_linf", "fgsm", "bim", "c101_clean", "c101_noise"]
 
 
 def with_twins(claims, rows):
@@ -493,7 +611,8 @@ def with_twins(claims, rows):
 
 COLORS = dict(none="0.25", bn="C0", **{"in": "C1"}, ln="C2", gn="C3", fixup="C4")  # one colour per norm in every panel
 
-LABELS = dict(clean="clean", noise="noise", pgd_l2="PGD-ℓ2", pgd_linf="PGD-ℓ∞", pgd_linf_long="PGD-ℓ∞ 2x steps of 1/2",
+LABELS = dict(clean="clean", top5_clean="clean top-5", top5_noise="noise top-5", top5_pgd_linf="PGD-ℓ∞ top-5",
+              noise="noise", pgd_l2="PGD-ℓ2", pgd_linf="PGD-ℓ∞", pgd_linf_long="PGD-ℓ∞ 2x steps of 1/2",
               pgd_l2_strong="PGD-ℓ2 strong", pgd_linf_strong="PGD-ℓ∞ strong",
               cw_l2="CW-ℓ2", cw_linf="CW-ℓ∞", fgsm="FGSM",
               bim="BIM", c101_clean="CIFAR-10.1 clean", c101_noise="CIFAR-10.1 noise")
@@ -608,7 +727,7 @@ def make_figure(records, path, title):
 
 def claims_for(artifact):
     """An artifact's claims; P1 Tables 1, 2 and 8 share their models and attacks, so a P1 run tests all three."""
-    if ARTIFACTS[artifact]["runs"]["space"] == "pixels":
+    if ARTIFACTS[artifact]["runs"]["space"] == "pixels" and artifact != "p1_t1_imagenet":
         return list({c["id"]: c for a in ("p1_t1", "p1_t2", "p1_t8") for c in CLAIMS[a]}.values())
     return CLAIMS[artifact]
 
@@ -695,6 +814,11 @@ def get_args(argv=None):
                                "architecture, norm, width, recipe and seed", outputs="table.md, claims.md and the figure")
     g.add_argument("--size", type=int, help="resize images to size x size (unset: the dataset's own; "
                    "digits 32 for VGG, 16 otherwise)")
+    g.add_argument("--imagenet-root", help="p2_t5, p1_t1_imagenet: ImageNet folder with val/<wnid>/*.JPEG (or the flat "
+                   "validation folder with ILSVRC2012_devkit_t12/)")
+    g.add_argument("--weights-dir", help="p2_t5, p1_t1_imagenet: torchvision's weight files under their release names "
+                   "(e.g. vgg16-397923af.pth; --download fetches them)")
+    g.add_argument("--workers", type=int, default=4, help="ImageNet: DataLoader worker processes")
     args = parse_with_presets(p, resolve, argv)
     args.arch_seeds = dict(args.arch_seeds or {})  # (ARCH=N pairs from the command line, a dict from a preset)
     args.arch_lr = dict(args.arch_lr or {})

@@ -109,11 +109,13 @@ def test_bad_input_gives_one_clear_line(tmp_path):
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_help_and_skipped_artifacts():
+def test_help_and_the_imagenet_artifacts_without_files(tmp_path):
     r = run("--help")
     assert r.returncode == 0 and "--artifact" in r.stdout and "--preset" in r.stdout
-    r = run("--artifact", "p2_t5")
-    assert r.returncode == 0 and "skipped p2_t5" in r.stdout
+    r = run("--artifact", "p2_t5", "--out", tmp_path / "a")  # nothing is skipped: it says which files it needs
+    assert r.returncode != 0 and "needs --imagenet-root" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run("--artifact", "p2_t5", "--imagenet-root", tmp_path, "--weights-dir", tmp_path, "--out", tmp_path / "b")
+    assert r.returncode != 0 and "vgg11-8a719046.pth: missing" in r.stderr and not (tmp_path / "b").exists()
 
 
 def write_fake_cifar(root):

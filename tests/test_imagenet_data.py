@@ -142,3 +142,43 @@ def test_p2_table_10_runs_on_imagenet_files_without_torchvision(tmp_path, monkey
         exp_transfer.main(exp_transfer.get_args(["--preset", "smoke", "--artifact", "p2_t10", "--arch", "vgg11", "vgg13",
                                                  "--imagenet-root", str(root), "--weights-dir", str(weights),
                                                  "--out", str(tmp_path / "run2")]))
+
+
+@pytest.mark.parametrize("artifact", ["p2_t5", "p1_t1_imagenet"])
+def test_imagenet_tables_run_on_local_files_and_resume(tmp_path, monkeypatch, artifact):
+    """exp_table1's ImageNet artifacts end to end on a self-written ImageNet tree and hash-named weight files (TinyVGG
+    stands in for the 0.5 GB VGGs): streaming evaluation, top-1 <= top-5, claims, and a resume that adds nothing."""
+    import hashlib
+    import json
+
+    import exp_table1
+    root, weights = tree(tmp_path / "imagenet", per_class=3), tmp_path / "weights"
+    weights.mkdir()
+    torch.manual_seed(0)
+    archs = exp_table1.ARTIFACTS[artifact]["runs"]["models"]["imagenet"]
+    for name in [f"{a}{bn}" for a in archs for bn in ("", "_bn")]:
+        torch.save(TinyVGG(name.endswith("_bn")).state_dict(), weights / "tmp.pth")
+        digest = hashlib.sha256((weights / "tmp.pth").read_bytes()).hexdigest()
+        (weights / "tmp.pth").rename(weights / f"{name}-{digest[:8]}.pth")
+    monkeypatch.setattr(exp_table1, "make_model", lambda arch, norm, num_classes, **kw: TinyVGG(norm == "bn"))
+    monkeypatch.setattr("sys.argv", ["exp_table1.py"])  # (the parser's name, which --resume checks)
+    out = tmp_path / "run"
+    argv = ["--preset", "smoke", "--artifact", artifact, "--imagenet-root", str(root), "--weights-dir", str(weights),
+            "--workers", "1", "--batch-size", "4", "--out", str(out)]
+    exp_table1.main(exp_table1.get_args(argv))
+    res = json.loads((out / "results.json").read_text())
+    recs = res["records"]
+    assert {(r["arch"], r["norm"]) for r in recs} == {(a, n) for a in archs for n in ("none", "bn")}
+    for r in recs:
+        assert r["dataset"] == "imagenet" and r["n_eval"] == 9 and r["weights"].startswith(r["arch"])
+        for k in [k for k in r if k.startswith("acc_") and not k.startswith("acc_top5")]:
+            assert 0 <= r[k] <= r["acc_top5_" + k[4:]] <= 1  # top-1 never above top-5
+    claims = {c["id"] for c in res["claims"]}
+    assert claims == ({"p2t5_top5_pgd", "p2t5_top1_pgd", "p2t5_top5_clean"} if artifact == "p2_t5" else
+                      {"p1t1in_clean", "p1t1in_pgd_l2", "p1t1in_pgd_linf", "p1t1in_cw_l2", "p1t1in_cw_linf"})
+    table = (out / "table.md").read_text()
+    assert "| imagenet | " in table and "top-5" in table
+    exp_table1.main(exp_table1.get_args(argv[:-2] + ["--resume", "--out", str(out)]))  # nothing left to do
+    assert json.loads((out / "results.json").read_text())["records"] == recs
+    with pytest.raises(DataError, match="needs --imagenet-root"):
+        exp_table1.main(exp_table1.get_args(["--preset", "smoke", "--artifact", artifact, "--out", str(tmp_path / "x")]))
