@@ -2023,6 +2023,7 @@ class DataError(ValueError):
 # Per-channel statistics for the in-model `Standardize` layer (P1) or for standardizing outside (P2).
 STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "imagenet100": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet's, as torchvision's models
     "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
     "mnist": ((0.1307,), (0.3081,)),
 }
@@ -2413,6 +2414,37 @@ class ImageNetFolder(torch.utils.data.Dataset):
         return pil_to_tensor01(img), label
 
 
+def read_imagenet100(root, size=64, workers=None):
+    """P1 Fig 11's labelled substitute: 100 ImageNet classes (every 10th of the sorted wnids of root/imagenet/train)
+    at size x size (short side resized to 256/224 * size, centre crop: torchvision's evaluation transform, scaled),
+    train and val, as uint8 arrays {x_train, y_train, x_test, y_test} with labels 0..99 in sorted-wnid order. Read
+    through a DataLoader with worker processes (the ~130,000 training JPEGs)."""
+    base = pathlib.Path(root) / "imagenet"
+    out = {}
+    keep = None
+    for split, key in (("train", "train"), ("val", "test")):
+        ds = ImageNetFolder(base, split, size=size)
+        if keep is None:
+            keep = ds.classes[::max(1, len(ds.classes) // 100)][:100]
+        missing = sorted(set(keep) - set(ds.classes))
+        if missing:
+            raise DataError(f"{base / split}: lacks the class folder {missing[0]} (and {len(missing) - 1} more) that "
+                            f"{base / 'train'} has")
+        index = {ds.classes.index(w): k for k, w in enumerate(keep)}
+        ds.samples = [(f, index[c]) for f, c in ds.samples if c in index]
+        loader = imagenet_loader(ds, batch_size=256, workers=min(8, os.cpu_count() or 1) if workers is None else workers)
+        xs, ys, t0 = [], [], time.time()
+        for xb, yb in worker_errors(loader):
+            xs.append((xb * 255).round().to(torch.uint8))
+            ys.append(yb)
+            n = sum(len(b) for b in ys)
+            print(f"\rImageNet-100 {split}: {n}/{len(ds)} images, {n / max(time.time() - t0, 1e-9):.0f} images/s", end="",
+                  flush=True)
+        print()
+        out[f"x_{key}"], out[f"y_{key}"] = torch.cat(xs).numpy(), torch.cat(ys).numpy()
+    return out
+
+
 def imagenet_loader(dataset, batch_size, workers=4, shuffle=False, seed=0):
     """A DataLoader streaming `dataset` (ImageNet does not fit on the device like CIFAR) with `workers` worker
     processes; shuffled by a seeded generator when asked."""
@@ -2532,7 +2564,7 @@ class Data:
         return tuple(self.x_train.shape[1:])
 
 
-DATASETS = ("cifar10", "svhn", "mnist", "digits", "synthetic")
+DATASETS = ("cifar10", "svhn", "mnist", "digits", "synthetic", "imagenet100")
 
 
 def build_dataset(name, root="data", device="cpu", download=False, size=None, channels=None, upscale="nearest",
@@ -2544,7 +2576,11 @@ def build_dataset(name, root="data", device="cpu", download=False, size=None, ch
     size/channels resize and repeat channels; n_train/n_test take the first samples (after the fixed
     split), for smoke runs."""
     check_choice("dataset", name, DATASETS)
-    if name == "digits":
+    if name == "imagenet100":
+        d = {k: torch.from_numpy(v) for k, v in read_imagenet100(root, size or 64).items()}
+        d = {k: v.float() / 255.0 if k.startswith("x") else v for k, v in d.items()}
+        num_classes = int(d["y_train"].max()) + 1
+    elif name == "digits":
         d = load_digits(size or 8, channels or 1, upscale, root=root)
     elif name == "synthetic":
         s, c = size or 16, channels or 3
@@ -2568,7 +2604,8 @@ def build_dataset(name, root="data", device="cpu", download=False, size=None, ch
     else:  # computed from the training split (digits, synthetic, or channels changed)
         mean = d["x_train"].mean((0, 2, 3)).tolist()
         std = d["x_train"].std((0, 2, 3)).clamp_min(1e-3).tolist()
-    return Data(name, *(d[k].to(device) for k in ("x_train", "y_train", "x_test", "y_test")), mean, std)
+    return Data(name, *(d[k].to(device) for k in ("x_train", "y_train", "x_test", "y_test")), mean, std,
+                num_classes=num_classes if name == "imagenet100" else 10)
 
 
 def class_balanced_subset(y, per_class, seed=0):

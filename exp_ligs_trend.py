@@ -30,7 +30,8 @@ P1 Table 4/5 are empty, so the training setup is DECISIONS.md D14: ResNet18, SGD
 batch 128, LR 0.01, 150 epochs, /10 at 50 and 100, crop+flip. Adversarial training: l2 PGD eps 0.5,
 7 steps of 0.1, adversarial examples only (DECISIONS.md D15), generated in eval mode (the authors' code used
 targeted random labels in train mode). LIGS: Gaussian sigma 0.01, no clipping,
-eval mode (DECISIONS.md D12). Fig 11 (ImageNet) is not implemented: it is listed as skipped.
+eval mode (DECISIONS.md D12). Fig 11 runs on a labelled substitute of ImageNet, 100 of its classes at 64x64
+(--data-root holding imagenet/{train,val}/<wnid>/*.JPEG).
 """
 import math
 import time
@@ -64,10 +65,16 @@ ARTIFACTS = {  # name -> title, runs (what varies), claims
     "fig5": dict(title="P1 Fig 5: LIGS regularizer, ResNet18-BN", runs=dict(norms=["bn"], lambdas=LAMBDAS)),
     "fig8": dict(title="P1 Fig 8: width, depth, activation, weight decay, learning rate, optimizer (ResNet18-BN)",
                  runs=dict(norms=["bn"], factors=FACTORS)),
+    # P1 Fig 11 trains on ImageNet; here on a labelled substitute: 100 ImageNet classes at 64x64
+    # (common.read_imagenet100), torchvision's ResNet18/50 layout with each norm, He et al.'s recipe.
+    "fig11": dict(title="P1 Fig 11: ResNet18/50 x norms on ImageNet -- SUBSTITUTE: 100 classes at 64x64",
+                  runs=dict(norms=list(NORMS), archs=["imagenet_resnet18", "imagenet_resnet50"])),
 }
+FIG11_PAPER = dict(dataset="imagenet100", size=64, epochs=90, lr=0.1, milestones=[30, 60], batch_size=256,
+                   weight_decay=1e-4, per_class=10)  # He et al. 2016's ImageNet recipe; 1,000 LIGS/PGD samples
 
 
-SKIPPED = {"fig11": "P1 Fig 11 trains ResNet18/50 on ImageNet, which is not implemented here (no ImageNet offline)"}
+SKIPPED = {}
 
 PRESETS = {  # DECISIONS.md D14 (base run), D15 (adversarial training)
     "paper": dict(dataset="cifar10", arch="resnet18", width=1.0, seeds=1, epochs=150, lr=0.1, milestones=[50, 100],
@@ -98,6 +105,8 @@ def resolve(preset, artifact):
     if preset == "quick":
         v["seeds"] = QUICK_SEEDS.get(artifact, v["seeds"])
     v["norm"] = v["norm"] if artifact == "fig4" and v["norm"] else ARTIFACTS.get(artifact, ARTIFACTS["fig4"])["runs"]["norms"]
+    if artifact == "fig11" and preset == "paper":
+        v |= FIG11_PAPER
     return v
 
 
@@ -115,6 +124,9 @@ def runs(args):
         return [(f"standard {n}", dict(norm=n, all_perturbations=True)) for n in args.norm]
     if args.artifact == "fig5":
         return [(f"lambda={lam:g}", dict(norm="bn", ligs_lambda=lam)) for lam in args.lambdas]
+    if args.artifact == "fig11":  # (--arch imagenet_resnet18 runs one of the two)
+        archs = [args.arch] if args.arch.startswith("imagenet_") else ARTIFACTS["fig11"]["runs"]["archs"]
+        return [(f"{a.split('_')[1]} {n}", dict(norm=n, arch=a)) for a in archs for n in args.norm]
     out = []
     for f in args.factors:  # fig8
         for v in FACTORS[f]:
@@ -268,7 +280,16 @@ FIG8_CLAIMS = [
           dict(factor="optimizer", value="adam"), dict(factor="optimizer", value="sgd"), ">"),
 ]
 
+FIG11_CLAIMS = [  # P1 Sec. 4.3 on Fig 11: on ImageNet too, every norm gives lower LIGS than none
+    *[claim(f"fig11_{n}_ligs", "P1 Fig 11", f"{n.upper()} gives lower LIGS than none (ImageNet; here the 100-class "
+            "64x64 substitute)", "lower (figure only)", "ligs", dict(norm=n), dict(norm="none"), per=("arch",))
+      for n in ("bn", "in", "ln", "gn")],
+    claim("fig11_bn_clean", "P1 Fig 11", "BN gives higher clean accuracy than none (ImageNet; here the substitute)",
+          "higher (figure only)", "clean_acc", dict(norm="bn"), dict(norm="none"), ">", per=("arch",), scale=100.0),
+]
+
 CLAIMS = {  # the papers' claims each artifact tests (common.claim; verdicts by common.evaluate_claims)
+    "fig11": FIG11_CLAIMS,
     "fig4": FIG4_CLAIMS,
     "fig2": FIG2_CLAIMS,
     "fig5": FIG5_CLAIMS,
@@ -358,6 +379,17 @@ def make_figures(records, run_dir, artifact, title):
         ax.set_title("P1 Fig 3, measured (all epochs; size = epoch)", fontsize=10)
         fig.tight_layout()
         save_figure(fig, run_dir / "fig3_scatter.png")
+    elif artifact == "fig11":  # one column per architecture, the norms as curves (P1 Fig 11: ResNet18 top, ResNet50)
+        archs = [a for a in ("resnet18", "resnet50") if any(v.startswith(a) for v in V)]
+        fig, axes = plt.subplots(3, len(archs), figsize=(5 * len(archs), 9), squeeze=False)
+        for j, a in enumerate(archs):
+            for i, (k, yl, sc) in enumerate(metrics):
+                panel(axes[i][j], [v for v in V if v.startswith(a)], k, yl, lambda v: v.split()[1], sc)
+            axes[0][j].set_title(a)
+            axes[0][j].legend(fontsize=8)
+        fig.suptitle(title)
+        fig.tight_layout()
+        save_figure(fig, run_dir / "fig11.png")
     elif artifact == "fig2":
         fig, axes = plt.subplots(1, 4, figsize=(18, 4), squeeze=False)
         for ax, (k, name) in zip(axes[0], [("ligs", "Gaussian"), ("ligs_uniform", "uniform"), ("ligs_fgsm", "FGSM"),

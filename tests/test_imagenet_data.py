@@ -1,6 +1,8 @@
 """ImageNet read with Pillow alone, from tiny trees the tests write in both layouts: class order, the devkit's flat
 validation folder, torchvision's evaluation preprocessing on a known image, the training augmentation's determinism,
 and one-line errors for a missing folder, an empty class and a truncated JPEG."""
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -182,3 +184,36 @@ def test_imagenet_tables_run_on_local_files_and_resume(tmp_path, monkeypatch, ar
     assert json.loads((out / "results.json").read_text())["records"] == recs
     with pytest.raises(DataError, match="needs --imagenet-root"):
         exp_table1.main(exp_table1.get_args(["--preset", "smoke", "--artifact", artifact, "--out", str(tmp_path / "x")]))
+
+
+def test_fig11_on_the_100_class_substitute_from_imagenet_files(tmp_path):
+    """P1 Fig 11's labelled substitute end to end: ImageNet class folders under --data-root/imagenet/{train,val}, read
+    at 32x32, torchvision's ResNet18 layout with and without BN, LIGS per epoch, the substitute named in the table."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.test_project import ROOT
+    for split in ("train", "val"):
+        tree_root = tmp_path / "data" / "imagenet"
+        for k, wnid in enumerate(WNIDS):
+            (tree_root / split / wnid).mkdir(parents=True)
+            for i in range(4 if split == "train" else 2):
+                image(80 + 8 * i, 70 + 5 * k, 100 * k + i + (50 if split == "val" else 0)).save(
+                    tree_root / split / wnid / f"{split}_{i}.JPEG")
+    out = tmp_path / "fig11"
+    r = subprocess.run([sys.executable, "exp_ligs_trend.py", "--preset", "smoke", "--artifact", "fig11", "--dataset",
+                        "imagenet100", "--data-root", str(tmp_path / "data"), "--size", "32", "--arch", "imagenet_resnet18",
+                        "--norm", "none", "bn", "--epochs", "1", "--milestones", "--per-class", "2", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = json.loads((out / "results.json").read_text())["records"]
+    assert {x["variant"] for x in recs} == {"resnet18 none", "resnet18 bn"}
+    assert all(x["dataset"] == "imagenet100" and -1 <= x["ligs"] <= 1 for x in recs if "ligs" in x)
+    assert "SUBSTITUTE: 100 classes at 64x64" in (out / "table.md").read_text() and (out / "fig11.png").exists()
+    shutil.rmtree(tmp_path / "data" / "imagenet" / "val" / WNIDS[0])  # a class folder missing from val: one line
+    r = subprocess.run([sys.executable, "exp_ligs_trend.py", "--preset", "smoke", "--artifact", "fig11", "--dataset",
+                        "imagenet100", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "x")],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and f"lacks the class folder {WNIDS[0]}" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
