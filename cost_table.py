@@ -36,29 +36,16 @@ import exp_transfer
 
 ROOT = pathlib.Path(__file__).resolve().parent
 SIZES = {"cifar10": (50000, 10000, (3, 32, 32)), "svhn": (73257, 26032, (3, 32, 32)), "mnist": (60000, 10000, (1, 28, 28)),
-         "imagenet": (1281167, 50000, (3, 224, 224))}
+         "imagenet": (1281167, 50000, (3, 224, 224)), "imagenet100": (128_000, 5000, (3, 64, 64))}  # (100 classes)
 MARK = ("<!-- cost-table:start -->", "<!-- cost-table:end -->")
-
-
-def imagenet_vgg(depth, bn):
-    """torchvision's ImageNet VGG (Simonyan & Zisserman's configurations, 4096-4096-1000 head), for its FLOPs only:
-    torchvision itself is not importable with the CPU torch of our machines."""
-    blocks = {11: (1, 1, 2, 2, 2), 13: (2, 2, 2, 2, 2), 16: (2, 2, 3, 3, 3), 19: (2, 2, 4, 4, 4)}[depth]
-    layers, c_in = [], 3
-    for c, n in zip((64, 128, 256, 512, 512), blocks):
-        for _ in range(n):
-            layers += [torch.nn.Conv2d(c_in, c, 3, padding=1)] + ([torch.nn.BatchNorm2d(c)] if bn else []) + [torch.nn.ReLU()]
-            c_in = c
-        layers.append(torch.nn.MaxPool2d(2))
-    return torch.nn.Sequential(*layers, torch.nn.Flatten(), torch.nn.Linear(512 * 7 * 7, 4096), torch.nn.ReLU(),
-                               torch.nn.Linear(4096, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 1000))
 
 
 @functools.lru_cache(maxsize=None)
 def flops(arch, shape, **kw):
     """(forward, forward+backward) FLOPs of one sample through make_model(arch, **kw) on inputs of `shape`."""
     with torch.device("meta"):  # parameters without storage; the passes below then run on meta tensors too
-        model = imagenet_vgg(int(arch[3:]), kw["norm"] == "bn") if kw.get("imagenet") else common.make_model(arch, **kw)
+        model = common.make_model(f"imagenet_{arch}", norm=kw["norm"], num_classes=1000) if kw.get("imagenet") else \
+            common.make_model(arch, **kw)
     x = torch.empty(2, *shape, device="meta")
     with FlopCounterMode(display=False) as fb:
         model(x).sum().backward()
@@ -178,7 +165,8 @@ def cost_ligs_trend(args):
     n_train, n_test, shape = SIZES[args.dataset]
     for _, o in exp_ligs_trend.runs(args):
         arch, norm = o.get("arch", args.arch), o.get("norm", "bn")
-        kw = dict(norm=norm, num_classes=10, in_channels=3, width=o.get("width", args.width))
+        kw = dict(norm=norm, num_classes=100 if args.dataset == "imagenet100" else 10, in_channels=3,
+                  width=o.get("width", args.width))
         epochs = o.get("epochs", args.epochs)
         lam = o.get("ligs_lambda", 0.0)
         t.train(arch, shape, n_train, epochs, args.seeds, batch=args.batch_size,
