@@ -9,20 +9,20 @@ with Paninski's interval. The grid runs cell by cell; --resume continues an inte
 
 Quick results (update_readme.py writes this from results/quick/):
     python exp_depth_batch.py --preset quick
-        0 held / 0 reversed / 4 inconclusive / 0 underpowered
+        2 held / 0 reversed / 5 inconclusive / 0 underpowered
         P2 Figs 2, 5: At trainable depths BN nets are less robust to BIM than unnormalized ones (cells >= 90 % clean,
-          pooled over depths): -3.9 [-54.6, +46.9] (inconclusive)
+          pooled over depths): -9.9 [-15.6, -4.3] (held)
     python exp_depth_batch.py --preset quick --artifact fig5a
-        0 held / 0 reversed / 4 inconclusive / 0 underpowered
+        1 held / 0 reversed / 6 inconclusive / 0 underpowered
         P2 Figs 2, 5: At trainable depths BN nets are less robust to BIM than unnormalized ones (cells >= 90 % clean,
-          pooled over depths): -1.6 [-42.3, +39.1] (inconclusive)
+          pooled over depths): -7.0 [-13.2, -0.7] (held)
     python exp_depth_batch.py --preset quick --artifact fig5b
-        0 held / 0 reversed / 4 inconclusive / 0 underpowered
+        0 held / 0 reversed / 7 inconclusive / 0 underpowered
         P2 Figs 2, 5: At trainable depths BN nets are less robust to BIM than unnormalized ones (cells >= 90 % clean,
-          pooled over depths): +3.3 [-2.7, +9.3] (inconclusive)
+          pooled over depths): +2.4 [-1.4, +6.2] (inconclusive)
 
 Run it:
-    python exp_depth_batch.py --preset quick                 # digits, a reduced grid, CPU (~4 min)
+    python exp_depth_batch.py --preset quick                 # digits, a reduced grid, 3 seeds, CPU (~7 min)
     python exp_depth_batch.py --dataset mnist --download     # paper preset: depths 10..60 x batch 5..500
     python exp_depth_batch.py --artifact fig5b               # both nets 40 epochs (fig5a: 10; fig2: BN 10 / none 40)
 

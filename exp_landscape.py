@@ -8,19 +8,22 @@ shortcut (16) and Fixup vs BN on ResNet-20 and ResNet-56 (17, as its caption).
 
 Quick results (update_readme.py writes this from results/quick/):
     python exp_landscape.py --preset quick --artifact fig14
-        0 held / 0 reversed / 2 inconclusive / 0 underpowered
-        P1 Fig 14: BN makes the ResNet18 landscape smoother than none (β-smoothness): +14.164 (inconclusive)
+        0 held / 1 reversed / 1 inconclusive / 0 underpowered
+        P1 Fig 14: BN makes the ResNet18 landscape smoother than none (β-smoothness): +12.621 [+8.382, +16.859]
+          (reversed)
     python exp_landscape.py --preset quick --artifact fig15
         0 held / 0 reversed / 5 inconclusive / 0 underpowered
-        P1 Fig 15: BN makes the VGG16 landscape smoother than none (β-smoothness): -24.008 (inconclusive)
+        P1 Fig 15: BN makes the VGG16 landscape smoother than none (β-smoothness): -41.573 [-88.900, +5.754]
+          (inconclusive)
     python exp_landscape.py --preset quick --artifact fig16
         0 held / 0 reversed / 0 inconclusive / 0 underpowered
     python exp_landscape.py --preset quick --artifact fig17
-        0 held / 0 reversed / 2 inconclusive / 0 underpowered
-        P1 Fig 17: Fixup gives less stable gradients than BN (resnet20, β-smoothness): +16.538 (inconclusive)
+        0 held / 0 reversed / 4 inconclusive / 0 underpowered
+        P1 Fig 17: Fixup gives less stable gradients than BN (resnet20, β-smoothness): +14.495 [-21.307, +50.297]
+          (inconclusive)
     python exp_landscape.py --preset quick --artifact fig9
         0 held / 0 reversed / 1 inconclusive / 0 underpowered
-        P1 Fig 9: BN gives lower LIGS than Fixup (ResNet-20): -0.013 (inconclusive)
+        P1 Fig 9: BN gives lower LIGS than Fixup (ResNet-20): -0.009 [-0.066, +0.049] (inconclusive)
 
 Run it:
     python exp_landscape.py --artifact fig14 --download     # paper preset, CIFAR-10

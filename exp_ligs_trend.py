@@ -17,12 +17,12 @@ Quick results (update_readme.py writes this from results/quick/):
         1 held / 0 reversed / 3 inconclusive / 0 underpowered
         P1 Fig 5: The LIGS regularizer (λ = 10) raises LIGS: +0.011 [+0.001, +0.022] (held)
     python exp_ligs_trend.py --preset quick --artifact fig8
-        0 held / 0 reversed / 5 inconclusive / 0 underpowered
-        P1 Fig 8: A wider net has slightly higher LIGS: +0.009 (inconclusive)
+        0 held / 2 reversed / 3 inconclusive / 0 underpowered
+        P1 Fig 8: A wider net has slightly higher LIGS: +0.015 [-0.006, +0.036] (inconclusive)
 
 Run it:
     python exp_ligs_trend.py --norm bn                      # P1 Fig 4, BN only (CIFAR-10; --download fetches it)
-    python exp_ligs_trend.py --preset quick                 # Figs 4/10 on the bundled digits, CPU, ~4 min
+    python exp_ligs_trend.py --preset quick                 # Figs 4/10 on the bundled digits, CPU, ~10-15 min
     python exp_ligs_trend.py --preset quick --artifact fig5 # the regularizer; also fig2, fig8
     python exp_ligs_trend.py --plot-only runs/exp_ligs_trend/<run>
 
