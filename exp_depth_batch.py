@@ -62,7 +62,7 @@ PRESETS = {  # DECISIONS.md D21
     "quick": dict(dataset="digits", depths=[2, 6, 10, 20, 30, 40], batches=[8, 32, 128], width=64, lr_per_sample=1e-3,
                   seeds=3, n_eval=None, epoch_scale=1.0),
     "smoke": dict(dataset="digits", depths=[2, 6], batches=[8, 32], width=16, lr_per_sample=1e-3, seeds=1, n_eval=100,
-                  epoch_scale=0.1),
+                  epoch_scale=0.1, min_eps_iters=2),
 }
 
 

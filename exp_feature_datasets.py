@@ -108,7 +108,7 @@ PRESETS = {
                   n_build=48, chunk=16, build_batch=16, inv_steps=3, inv_step=0.5, attack_eps=0.5, attack_step=0.2,
                   attack_steps=2, arch="resnet18", width=1 / 16, epochs=2, milestones=[1], batch_size=16,
                   weight_decay=5e-4, warmup_epochs=0.0, per_class=3, eps=0.25, eval_steps=2, seeds=1, rand_seeds=1,
-                  gn_groups=2, lrs={k: v["lr"] for k, v in TABLE6.items()}),
+                  gn_groups=2, lrs={k: v["lr"] for k, v in TABLE6.items()}, min_eps_iters=2),
 }
 
 

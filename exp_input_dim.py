@@ -75,7 +75,7 @@ PRESETS = {
     "quick": dict(dataset="digits", seeds=5, mlp_seeds=5, epochs=50, mlp_epochs=50, bottleneck_epochs=500,
                   bim_steps=100, bim_step=1e-3, snapshots=[0, 20, 500], n_plot=1500),
     "smoke": dict(dataset="digits", seeds=2, mlp_seeds=1, epochs=3, mlp_epochs=2, bottleneck_epochs=4,
-                  bim_steps=3, bim_step=0.04, snapshots=[0, 2, 4], n_plot=300),
+                  bim_steps=3, bim_step=0.04, snapshots=[0, 2, 4], n_plot=300, min_eps_iters=2),
 }
 
 

@@ -92,7 +92,7 @@ PRESETS = {  # DECISIONS.md D14 (base run), D15 (adversarial training)
     "smoke": dict(dataset="synthetic", arch="resnet18", width=1 / 16, seeds=1, epochs=2, lr=0.05, milestones=[1],
                   batch_size=32, weight_decay=5e-4, warmup_epochs=0.0, per_class=5, attack_steps=3, eps=0.25,
                   adv_eps=0.5, adv_steps=2, adv_step_size=0.1, size=16, gn_groups=2, norm=None,
-                  training=["standard", "adversarial"], lambdas=LAMBDAS),
+                  training=["standard", "adversarial"], lambdas=LAMBDAS, min_eps_iters=2),
 }
 
 

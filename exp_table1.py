@@ -829,7 +829,7 @@ def get_args(argv=None):
                                          "size", "gn_groups", "apgd_steps", "min_eps_n"),
                   positive=("width", "lr", "step_div", "bim_step_div", "min_eps_range"),
                   non_negative=("eps_l2", "eps_linf", "eps_fgsm", "noise_std", "weight_decay", "warmup_epochs", "first_seed",
-                                "min_eps_iters"))
+                                "workers", "min_eps_iters"))
     if args.max_seed_tries < args.seeds:
         p.error(f"--max-seed-tries {args.max_seed_tries} < --seeds {args.seeds}")
     return args

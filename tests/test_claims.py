@@ -78,7 +78,7 @@ def test_underpowered_when_the_seeds_cannot_decide_the_papers_effect():
     n = seeds_needed(0.15, 0.15, 0.2)
     found = sum(evaluate_claims([sized], rows((0.3 + 0.15 * torch.randn(n, generator=g)).tolist(),
                                               (0.5 + 0.15 * torch.randn(n, generator=g)).tolist()))[0]["verdict"] == "held"
-                for _ in range(400)) / 400
+                for _ in range(150)) / 150
     assert n == 9 and 0.65 < found < 0.9
 
 
