@@ -1416,14 +1416,18 @@ def minimal_eps(model, x, y, attack, hi, iters=8, batch_size=500):
     return torch.cat(out)
 
 
-
-def median_minimal_eps(model, x, y, attack, hi, iters=8):
-    """`minimal_eps` summarised as the scripts record it: (median over the samples, share censored). A sample the
-    attack does not break within hi counts as hi, so the median is exact unless over half are censored, when it is
-    hi (the censored share says so)."""
-    d = minimal_eps(model, x, y, attack, hi, iters=iters)
+def min_eps_summary(d, hi):
+    """Per-sample minimal budgets `d` (from `minimal_eps` with range end hi) as the scripts record them: (median over
+    the samples, share censored). A sample not broken within hi counts as hi, so the median is exact unless over half
+    are censored, when it is hi (the censored share says so)."""
     censored = torch.isinf(d)
     return float(torch.where(censored, hi, d).median()), float(censored.double().mean())
+
+
+def median_minimal_eps(model, x, y, attack, hi, iters=8):
+    """`minimal_eps` summarised by `min_eps_summary`: (median minimal budget, share censored)."""
+    return min_eps_summary(minimal_eps(model, x, y, attack, hi, iters=iters), hi)
+
 
 def curve_area(grid, acc):
     """Normalised area under an accuracy-vs-eps curve: the trapezoid integral over the grid divided by its span
@@ -2297,30 +2301,6 @@ def _pil_center_crop(img, size):
     return img.crop((left, top, left + size, top + size))
 
 
-def _pil_random_resized_crop(img, size, g, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """torchvision's RandomResizedCrop(size) (Szegedy et al.'s crop, He et al.'s ImageNet augmentation) with draws from
-    the torch.Generator g: up to 10 tries of an area share in `scale` and a log-uniform aspect ratio in `ratio`, else
-    the whole image cropped to the nearest allowed ratio, centred; resized to size x size, bilinear."""
-    from PIL import Image
-    w, h = img.size
-    area = w * h
-    u = lambda lo, hi: lo + (hi - lo) * float(torch.rand((), generator=g))
-    for _ in range(10):
-        target = area * u(*scale)
-        aspect = math.exp(u(math.log(ratio[0]), math.log(ratio[1])))
-        cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-        if 0 < cw <= w and 0 < ch <= h:
-            top = int(torch.randint(0, h - ch + 1, (), generator=g))
-            left = int(torch.randint(0, w - cw + 1, (), generator=g))
-            break
-    else:
-        in_ratio = w / h
-        cw, ch = (w, int(round(w / min(ratio)))) if in_ratio < min(ratio) else \
-            (int(round(h * max(ratio))), h) if in_ratio > max(ratio) else (w, h)
-        top, left = (h - ch) // 2, (w - cw) // 2
-    return img.crop((left, top, left + cw, top + ch)).resize((size, size), Image.BILINEAR)
-
-
 def pil_to_tensor01(img):
     """An RGB PIL image as a float32 (3, H, W) tensor in [0, 1] (torchvision's ToTensor)."""
     a = np.asarray(img, dtype=np.uint8)
@@ -2334,21 +2314,20 @@ class ImageNetFolder(torch.utils.data.Dataset):
       root/val/ILSVRC2012_val_*.JPEG flat, with the devkit's ground truth: root/ILSVRC2012_devkit_t12/data/
           ILSVRC2012_validation_ground_truth.txt (one ILSVRC2012_ID per image, in file-name order) and meta.mat (ID ->
           wnid; read with scipy, as the SVHN .mat files), labels mapped to the sorted-wnid index.
-    Items are ([0,1] float tensor (3, size, size), label). Evaluation (train=False): resize the short side to
-    256 * size / 224 and centre-crop size (torchvision's Resize(256), CenterCrop(224) on the PIL image); train=True:
-    RandomResizedCrop(size) and a horizontal flip with probability 1/2, drawn from a generator seeded by (seed, epoch,
-    index), so any worker order gives the same images (call set_epoch each epoch). A missing folder, an empty class or
-    an unreadable image is one DataError line naming the path."""
+    Items are ([0,1] float tensor (3, size, size), label): the short side resized to 256 * size / 224 and a centre
+    crop of size (torchvision's Resize(256), CenterCrop(224) on the PIL image; the only transform the ImageNet
+    artifacts use: evaluation, and Fig 11's substitute read once at 64x64). A missing folder, an empty class or an
+    unreadable image is one DataError line naming the path."""
 
     EXTENSIONS = (".jpeg", ".jpg", ".png")
 
-    def __init__(self, root, split="val", size=224, train=False, seed=0):
+    def __init__(self, root, split="val", size=224):
         root = pathlib.Path(root)
         folder = root / split
         if not folder.is_dir():
             raise DataError(f"ImageNet not found: expected {folder}/<wnid>/*.JPEG (or the flat validation folder with "
                             f"the devkit)")
-        self.size, self.train, self.seed, self.epoch = size, train, seed, 0
+        self.size = size
         wnids = sorted(d.name for d in folder.iterdir() if d.is_dir())
         if wnids:
             self.classes = wnids
@@ -2388,9 +2367,6 @@ class ImageNetFolder(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.samples)
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
     def load(self, i):
         """The i-th image as an RGB PIL image (torchvision's loader converts every image to RGB)."""
         from PIL import Image
@@ -2402,16 +2378,8 @@ class ImageNetFolder(torch.utils.data.Dataset):
             raise DataError(f"{path}: unreadable image ({e.__class__.__name__}: {e})") from None
 
     def __getitem__(self, i):
-        img, label = self.load(i), self.samples[i][1]
-        if self.train:
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 100_000_007 + i)
-            img = _pil_random_resized_crop(img, self.size, g)
-            if float(torch.rand((), generator=g)) < 0.5:
-                from PIL import Image
-                img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        else:
-            img = _pil_center_crop(_pil_resize_short(img, 256 * self.size // 224), self.size)
-        return pil_to_tensor01(img), label
+        img = _pil_center_crop(_pil_resize_short(self.load(i), 256 * self.size // 224), self.size)
+        return pil_to_tensor01(img), self.samples[i][1]
 
 
 def read_imagenet100(root, size=64, workers=None):
@@ -2433,15 +2401,8 @@ def read_imagenet100(root, size=64, workers=None):
         index = {ds.classes.index(w): k for k, w in enumerate(keep)}
         ds.samples = [(f, index[c]) for f, c in ds.samples if c in index]
         loader = imagenet_loader(ds, batch_size=256, workers=min(8, os.cpu_count() or 1) if workers is None else workers)
-        xs, ys, t0 = [], [], time.time()
-        for xb, yb in worker_errors(loader):
-            xs.append((xb * 255).round().to(torch.uint8))
-            ys.append(yb)
-            n = sum(len(b) for b in ys)
-            print(f"\rImageNet-100 {split}: {n}/{len(ds)} images, {n / max(time.time() - t0, 1e-9):.0f} images/s", end="",
-                  flush=True)
-        print()
-        out[f"x_{key}"], out[f"y_{key}"] = torch.cat(xs).numpy(), torch.cat(ys).numpy()
+        x, y = collect(loader, f"ImageNet-100 {split}", uint8=True)
+        out[f"x_{key}"], out[f"y_{key}"] = x.numpy(), y.numpy()
     return out
 
 
@@ -2459,12 +2420,19 @@ def imagenet_subset(dataset, n, seed=0):
     n = min(n, len(dataset))
     pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].tolist()
     loader = imagenet_loader(torch.utils.data.Subset(dataset, pick), batch_size=64, workers=min(4, os.cpu_count() or 1))
+    return collect(loader, "ImageNet")
+
+
+def collect(loader, tag, uint8=False):
+    """Every batch of an ImageNet DataLoader as (x, y) tensors (x as uint8 0..255 when asked: a quarter of the memory),
+    with a progress line in images/s."""
     xs, ys, t0 = [], [], time.time()
     for xb, yb in worker_errors(loader):
-        xs.append(xb)
+        xs.append((xb * 255).round().to(torch.uint8) if uint8 else xb)
         ys.append(yb)
-        done = sum(len(b) for b in ys)
-        print(f"\rImageNet: {done}/{n} images, {done / max(time.time() - t0, 1e-9):.0f} images/s", end="", flush=True)
+        n = sum(len(b) for b in ys)
+        print(f"\r{tag}: {n}/{len(loader.dataset)} images, {n / max(time.time() - t0, 1e-9):.0f} images/s", end="",
+              flush=True)
     print()
     return torch.cat(xs), torch.cat(ys)
 

@@ -37,9 +37,10 @@ from common import (DATASETS, DataError, IMAGENET_MEAN, IMAGENET_STD, ImageNetFo
                     TV_WEIGHT_FILES, accuracy, add_run_flags, arch_seeds_arg, build_dataset, cache_path, check_attack,
                     check_numbers, claim, class_balanced_subset, curve_area, eval_mode, evaluate, fetch_tv_weights,
                     fmt_mean_sem, imagenet_loader, load_tv_weights, log_to, make_model, make_parser, mean_sem, merge_runs,
-                    minimal_eps, model_in_space, model_key, model_kwargs, paper_recipe, parse_with_presets, pgd, pick_device,
-                    prepare_run_dir, print_config, read_cifar101, run_attack, run_script, save_figure, set_seed, show,
-                    train_model, tv_weights_path, with_overrides, worker_errors, write_claims, write_config, write_text_atomic)
+                    min_eps_summary, minimal_eps, model_in_space, model_key, model_kwargs, paper_recipe, parse_with_presets,
+                    pgd, pick_device, prepare_run_dir, print_config, read_cifar101, run_attack, run_script, save_figure,
+                    set_seed, show, train_model, tv_weights_path, with_overrides, worker_errors, write_claims, write_config,
+                    write_text_atomic)
 
 
 # ================================================================================================
@@ -239,9 +240,7 @@ def budget_free(args, m, x, y, specs):
 
         hi = args.min_eps_range * eps
         d = minimal_eps(m, x, y, attack, hi, iters=args.min_eps_iters)
-        censored = torch.isinf(d)
-        out[f"min_eps_{key}"] = float(torch.where(censored, hi, d).median())
-        out[f"min_eps_{key}_censored"] = float(censored.double().mean())
+        out[f"min_eps_{key}"], out[f"min_eps_{key}_censored"] = min_eps_summary(d, hi)
         out[f"curve_{key}"] = [float((d > f * eps).double().mean()) for f in BUDGET_GRID if f * eps <= hi]
         grid = [0.0] + [f * eps for f in BUDGET_GRID if f * eps < hi] + [hi]
         out[f"auc_{key}"] = curve_area(grid, [float((d > e).double().mean()) for e in grid])
