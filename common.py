@@ -36,6 +36,7 @@ Input spaces (DECISIONS.md D2; INPUT_SPACES) -- the attacks do not care which on
 Importing this module has no side effects (no argparse parsing, no global torch flags, no I/O).
 """
 import argparse
+import collections
 import contextlib
 import copy
 import csv
@@ -657,7 +658,7 @@ TV_WEIGHT_FILES = {  # torchvision's released ImageNet weights (IMAGENET1K_V1); 
     "vgg11": "vgg11-8a719046.pth", "vgg13": "vgg13-19584684.pth", "vgg16": "vgg16-397923af.pth",
     "vgg19": "vgg19-dcbb9e9d.pth", "vgg11_bn": "vgg11_bn-6002323d.pth", "vgg13_bn": "vgg13_bn-abd245e5.pth",
     "vgg16_bn": "vgg16_bn-6c64b313.pth", "vgg19_bn": "vgg19_bn-c79401a0.pth", "resnet18": "resnet18-f37072fd.pth",
-    "resnet50": "resnet50-0676ba61.pth",
+    "resnet50": "resnet50-0676ba61.pth", "alexnet": "alexnet-owt-7be5be79.pth", "densenet121": "densenet121-a639ec97.pth",
 }
 TV_URL = "https://download.pytorch.org/models/"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's pretrained models
@@ -762,14 +763,108 @@ class ImageNetResNet(nn.Module):
         return self.fc(self.features(x))
 
 
+class ImageNetAlexNet(nn.Module):
+    """Krizhevsky's one-GPU AlexNet ("one weird trick") as torchvision builds it (P2 Table 5's AlexNet row): five
+    convs (keys features.{0,3,6,8,10}), AdaptiveAvgPool2d(6), classifier Dropout, Linear(9216, 4096), ReLU, Dropout,
+    Linear(4096, 4096), ReLU, Linear(4096, classes) (keys classifier.{1,4,6}). No normalization."""
+
+    def __init__(self, num_classes=1000, mean=None, std=None):
+        super().__init__()
+        self.input_norm = _input_layer(mean, std, persistent=False)
+        conv = lambda c_in, c_out, k, **kw: [nn.Conv2d(c_in, c_out, k, **kw), nn.ReLU(inplace=True)]
+        pool = lambda: [nn.MaxPool2d(3, stride=2)]
+        self.features = nn.Sequential(*conv(3, 64, 11, stride=4, padding=2), *pool(), *conv(64, 192, 5, padding=2),
+                                      *pool(), *conv(192, 384, 3, padding=1), *conv(384, 256, 3, padding=1),
+                                      *conv(256, 256, 3, padding=1), *pool())
+        self.avgpool = nn.AdaptiveAvgPool2d(6)
+        self.classifier = nn.Sequential(nn.Dropout(), nn.Linear(256 * 6 * 6, 4096), nn.ReLU(True), nn.Dropout(),
+                                        nn.Linear(4096, 4096), nn.ReLU(True), nn.Linear(4096, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.avgpool(self.features(self.input_norm(x))).flatten(1))
+
+
+class _DenseLayer(nn.Module):
+    """DenseNet-BC layer (keys norm1, conv1, norm2, conv2): BN-ReLU-conv1x1 to 4k channels, BN-ReLU-conv3x3 to k."""
+
+    def __init__(self, c_in, growth=32, bn_size=4):
+        super().__init__()
+        self.norm1, self.relu1 = nn.BatchNorm2d(c_in), nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(c_in, bn_size * growth, 1, bias=False)
+        self.norm2, self.relu2 = nn.BatchNorm2d(bn_size * growth), nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(bn_size * growth, growth, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        return self.conv2(self.relu2(self.norm2(self.conv1(self.relu1(self.norm1(x))))))
+
+
+class _DenseBlock(nn.Module):
+    """Each layer sees the concatenation of the block's input and every earlier layer's output (keys denselayer<i>)."""
+
+    def __init__(self, n, c_in, growth=32):
+        super().__init__()
+        for i in range(n):
+            self.add_module(f"denselayer{i + 1}", _DenseLayer(c_in + i * growth, growth))
+
+    def forward(self, x):
+        for layer in self.children():
+            x = torch.cat([x, layer(x)], 1)
+        return x
+
+
+class ImageNetDenseNet(nn.Module):
+    """Huang et al.'s DenseNet-121 (growth 32, blocks 6-12-24-16, BC compression 1/2) as torchvision builds it (P2
+    Table 5's DenseNet121 row): `features` = conv0, norm0, relu0, pool0, denseblock1..4 with transition1..3 (norm,
+    relu, conv, pool) between them, norm5; then ReLU, global average pool, `classifier`. torchvision's released
+    file keeps the old names denselayer<i>.norm.1 (for norm1) etc.; `load_tv_weights` renames them as torchvision
+    does."""
+
+    def __init__(self, num_classes=1000, mean=None, std=None, growth=32, blocks=(6, 12, 24, 16)):
+        super().__init__()
+        self.input_norm = _input_layer(mean, std, persistent=False)
+        c = 64
+        self.features = nn.Sequential(collections.OrderedDict(
+            conv0=nn.Conv2d(3, c, 7, stride=2, padding=3, bias=False), norm0=nn.BatchNorm2d(c), relu0=nn.ReLU(True),
+            pool0=nn.MaxPool2d(3, stride=2, padding=1)))
+        for i, n in enumerate(blocks):
+            self.features.add_module(f"denseblock{i + 1}", _DenseBlock(n, c, growth))
+            c += n * growth
+            if i < len(blocks) - 1:
+                self.features.add_module(f"transition{i + 1}", nn.Sequential(collections.OrderedDict(
+                    norm=nn.BatchNorm2d(c), relu=nn.ReLU(True), conv=nn.Conv2d(c, c // 2, 1, bias=False),
+                    pool=nn.AvgPool2d(2, stride=2))))
+                c //= 2
+        self.features.add_module("norm5", nn.BatchNorm2d(c))
+        self.classifier = nn.Linear(c, num_classes)
+        for m in self.modules():  # torchvision's init (He fan-in convs; norm weights 1 and biases 0 by default)
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.classifier(F.adaptive_avg_pool2d(F.relu(self.features(self.input_norm(x))), 1).flatten(1))
+
+
+def _legacy_densenet_keys(state):
+    """torchvision's DenseNet files name a dense layer's modules norm.1, relu.1, conv.1, ... (dots were allowed in
+    module names then); torchvision renames them to norm1, ... when it loads them, and so does this."""
+    old = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var))$")
+    for k in list(state):  # in place: the file's _metadata (module versions) stays with it
+        if m := old.match(k):
+            state[m[1] + m[2]] = state.pop(k)
+    return state
+
+
 def tv_weights_path(folder, name):
     """The torchvision weight file of model `name` (e.g. vgg16_bn) in `folder`, checked as torch.hub checks it: named
     <name>-<hex>.pth (the release name, TV_WEIGHT_FILES, or an older release of the same model, e.g.
-    vgg11-bbd30ac9.pth) with the file's sha256 starting with those hex digits. One DataError line otherwise."""
+    vgg11-bbd30ac9.pth, alexnet-owt-4df8aa71.pth) with the file's sha256 starting with those hex digits. One DataError
+    line otherwise."""
     check_choice("torchvision model", name, tuple(TV_WEIGHT_FILES))
-    folder = pathlib.Path(folder)
-    pattern = rf"{re.escape(name)}-[0-9a-f]{{8,64}}\.pth"
-    found = sorted(p for p in folder.glob(f"{name}-*.pth") if re.fullmatch(pattern, p.name))
+    folder, base = pathlib.Path(folder), TV_WEIGHT_FILES[name].rsplit("-", 1)[0]  # (alexnet's is alexnet-owt)
+    pattern = rf"{re.escape(base)}-[0-9a-f]{{8,64}}\.pth"
+    found = sorted(p for p in folder.glob(f"{base}-*.pth") if re.fullmatch(pattern, p.name))
     if not found:
         raise DataError(f"{folder / TV_WEIGHT_FILES[name]}: missing; put torchvision's {name} ImageNet weights there "
                         f"under their release name (or pass --download): {TV_URL}{TV_WEIGHT_FILES[name]}")
@@ -800,6 +895,8 @@ def load_tv_weights(model, folder, name):
     hash-checked (`tv_weights_path`), weights_only=True, strict=True (a key or shape mismatch is one DataError)."""
     path = tv_weights_path(folder, name)
     state = torch.load(path, map_location="cpu", weights_only=True)
+    if name.startswith("densenet"):
+        state = _legacy_densenet_keys(state)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -817,7 +914,7 @@ RESNET_SPECS = {  # name -> (block kind, blocks per stage)
     **{f"resnet{d}": ("basic", [(d - 2) // 6] * 3) for d in (20, 32, 44, 56, 110)},
 }
 ARCHS = tuple(f"vgg{d}" for d in VGG_CFGS) + tuple(RESNET_SPECS) + ("wrn<depth>_<k>", "mlp", "deep_linear") + \
-    ("imagenet_vgg11|13|16|19", "imagenet_resnet18|50")
+    ("imagenet_vgg11|13|16|19", "imagenet_resnet18|50", "imagenet_alexnet", "imagenet_densenet121")
 
 
 def make_model(arch, norm="bn", width=1.0, num_classes=10, in_channels=3, **kw):
@@ -825,7 +922,8 @@ def make_model(arch, norm="bn", width=1.0, num_classes=10, in_channels=3, **kw):
 
     arch: vgg8|vgg11|vgg13|vgg16|vgg19, resnet18|resnet34|resnet50, resnet20|32|44|56|110,
           wrn<depth>_<k> (e.g. wrn28_10), mlp (needs in_dim=, hidden=), deep_linear; imagenet_vgg11|13|16|19 (norm
-          none|bn) and imagenet_resnet18|50 (any norm): torchvision's ImageNet models, whose weight files load into
+          none|bn), imagenet_resnet18|50 (any norm), imagenet_alexnet (none), imagenet_densenet121 (bn):
+          torchvision's ImageNet models, whose weight files load into
           them (`load_tv_weights`; pass num_classes=1000 for those); width and in_channels do not apply.
     norm: none|bn|in|ln|gn, or 'fixup' for the ResNets and WRNs (Fixup init, no norm layers).
     width: channel multiplier (smoke runs use e.g. 1/16); for wrn the width is k.
@@ -834,6 +932,10 @@ def make_model(arch, norm="bn", width=1.0, num_classes=10, in_channels=3, **kw):
     """
     arch = str(arch).lower()
     fixup = norm == "fixup"
+    if arch in ("imagenet_alexnet", "imagenet_densenet121"):  # P2 Table 5's other torchvision models, as released
+        check_choice("norm", norm, ("none",) if arch.endswith("alexnet") else ("bn",))
+        kw = {k: v for k, v in kw.items() if k in ("mean", "std")}
+        return (ImageNetAlexNet if arch.endswith("alexnet") else ImageNetDenseNet)(num_classes, **kw)
     tv = re.fullmatch(r"imagenet_(vgg|resnet)(\d+)", arch)
     if tv:  # torchvision's ImageNet models (state_dict keys and shapes), 1000 classes unless num_classes says otherwise
         check_choice("norm", norm, ("none", "bn") if tv[1] == "vgg" else NORMS)
@@ -2301,6 +2403,28 @@ def _pil_center_crop(img, size):
     return img.crop((left, top, left + size, top + size))
 
 
+def random_resized_crop_box(w, h, g, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """The box (left, top, width, height) of Szegedy et al.'s random-resized crop (He et al.'s ImageNet augmentation)
+    drawn from generator `g` with torchvision's RandomResizedCrop rule: up to 10 tries of an area fraction uniform in
+    `scale` and a log-uniform aspect ratio in `ratio`, rounded, kept if it fits, placed uniformly; otherwise the
+    centred crop of the whole image clamped to `ratio`."""
+    area, lo, hi = w * h, math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        u = torch.rand(4, generator=g, dtype=torch.float64).tolist()
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+        aspect = math.exp(lo + (hi - lo) * u[1])
+        cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            return int(u[2] * (w - cw + 1)), int(u[3] * (h - ch + 1)), cw, ch
+    if w / h < ratio[0]:
+        cw, ch = w, int(round(w / ratio[0]))
+    elif w / h > ratio[1]:
+        cw, ch = int(round(h * ratio[1])), h
+    else:
+        cw, ch = w, h
+    return (w - cw) // 2, (h - ch) // 2, cw, ch
+
+
 def pil_to_tensor01(img):
     """An RGB PIL image as a float32 (3, H, W) tensor in [0, 1] (torchvision's ToTensor)."""
     a = np.asarray(img, dtype=np.uint8)
@@ -2314,20 +2438,23 @@ class ImageNetFolder(torch.utils.data.Dataset):
       root/val/ILSVRC2012_val_*.JPEG flat, with the devkit's ground truth: root/ILSVRC2012_devkit_t12/data/
           ILSVRC2012_validation_ground_truth.txt (one ILSVRC2012_ID per image, in file-name order) and meta.mat (ID ->
           wnid; read with scipy, as the SVHN .mat files), labels mapped to the sorted-wnid index.
-    Items are ([0,1] float tensor (3, size, size), label): the short side resized to 256 * size / 224 and a centre
-    crop of size (torchvision's Resize(256), CenterCrop(224) on the PIL image; the only transform the ImageNet
-    artifacts use: evaluation, and Fig 11's substitute read once at 64x64). A missing folder, an empty class or an
-    unreadable image is one DataError line naming the path."""
+    Items are ([0,1] float tensor (3, size, size), label). Evaluation: the short side resized to 256 * size / 224
+    and a centre crop of size (torchvision's Resize(256), CenterCrop(224) on the PIL image). train=True: He et al.'s
+    augmentation, a random-resized crop to size x size (`random_resized_crop_box`, bilinear) and a horizontal flip
+    with probability 1/2, drawn from a generator seeded by (`epoch_seed`, index): the draws of an image depend on
+    neither the worker that loads it nor the order, so a resumed epoch is the uninterrupted one (set epoch_seed
+    before each epoch). A missing folder, an empty class or an unreadable image is one DataError line naming the
+    path."""
 
     EXTENSIONS = (".jpeg", ".jpg", ".png")
 
-    def __init__(self, root, split="val", size=224):
+    def __init__(self, root, split="val", size=224, train=False):
         root = pathlib.Path(root)
         folder = root / split
         if not folder.is_dir():
             raise DataError(f"ImageNet not found: expected {folder}/<wnid>/*.JPEG (or the flat validation folder with "
                             f"the devkit)")
-        self.size = size
+        self.size, self.train, self.epoch_seed = size, train, 0
         wnids = sorted(d.name for d in folder.iterdir() if d.is_dir())
         if wnids:
             self.classes = wnids
@@ -2378,7 +2505,16 @@ class ImageNetFolder(torch.utils.data.Dataset):
             raise DataError(f"{path}: unreadable image ({e.__class__.__name__}: {e})") from None
 
     def __getitem__(self, i):
-        img = _pil_center_crop(_pil_resize_short(self.load(i), 256 * self.size // 224), self.size)
+        img = self.load(i)
+        if self.train:
+            from PIL import Image
+            g = torch.Generator().manual_seed(self.epoch_seed * 100_000_007 + i)
+            left, top, cw, ch = random_resized_crop_box(*img.size, g)
+            img = img.crop((left, top, left + cw, top + ch)).resize((self.size, self.size), Image.BILINEAR)  # resized_crop
+            if float(torch.rand(1, generator=g)) < 0.5:
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        else:
+            img = _pil_center_crop(_pil_resize_short(img, 256 * self.size // 224), self.size)
         return pil_to_tensor01(img), self.samples[i][1]
 
 

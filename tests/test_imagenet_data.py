@@ -19,11 +19,12 @@ def image(w, h, seed):
     return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
-def tree(root, per_class=2):
+def tree(root, per_class=2, split="val"):
     for k, wnid in enumerate(WNIDS):
-        (root / "val" / wnid).mkdir(parents=True)
+        (root / split / wnid).mkdir(parents=True)
         for i in range(per_class):
-            image(300 + 40 * i, 260 + 30 * k, 10 * k + i).save(root / "val" / wnid / f"img_{i}.JPEG", quality=95)
+            image(300 + 40 * i, 260 + 30 * k, 10 * k + i + 1000 * (split == "train")).save(
+                root / split / wnid / f"img_{i}.JPEG", quality=95)
     return root
 
 
@@ -50,6 +51,53 @@ def test_evaluation_preprocessing_is_torchvisions_resize_256_center_crop_224(tmp
     gray = Image.fromarray(np.full((240, 250), 7, np.uint8))  # a grayscale JPEG is converted to RGB
     gray.save(tmp_path / "val" / "n01440764" / "b.JPEG")
     assert ImageNetFolder(tmp_path, "val")[1][0].shape == (3, 224, 224)
+
+
+def test_random_resized_crop_is_torchvisions_rule():
+    """torchvision's RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3)): boxes inside the image with an area fraction
+    and aspect ratio in range (up to the rounding to pixels); an image where no try fits takes the centred crop of
+    the whole image clamped to the ratio -- for 1000 x 10 (every try is over 10 pixels high) that is 13 x 10 at
+    left (1000 - 13) // 2 = 493, and for 10 x 1000 10 x 13 at top 493."""
+    g = torch.Generator().manual_seed(0)
+    fractions = []
+    for _ in range(2000):
+        left, top, w, h = common.random_resized_crop_box(500, 375, g)
+        assert 0 <= left and left + w <= 500 and 0 <= top and top + h <= 375
+        assert 0.75 - 0.02 <= w / h <= 4 / 3 + 0.02 and 0.08 - 0.005 <= w * h / (500 * 375) <= 1.0
+        fractions.append(w * h / (500 * 375))
+    assert min(fractions) < 0.1 and max(fractions) > 0.9  # the whole range of areas is drawn
+    assert common.random_resized_crop_box(1000, 10, g) == (493, 0, 13, 10)
+    assert common.random_resized_crop_box(10, 1000, g) == (0, 493, 10, 13)  # h = round(10 / (3/4)) = 13 rows
+    assert common.random_resized_crop_box(50, 50, torch.Generator().manual_seed(5)) == \
+        common.random_resized_crop_box(50, 50, torch.Generator().manual_seed(5))
+
+
+def test_training_items_are_random_resized_crops_and_flips_fixed_by_epoch_and_index(tmp_path):
+    """train=True: item i of epoch seed e is the crop+resize (PIL bilinear, as torchvision's resized_crop) of the box
+    drawn from (e, i), flipped on the next draw < 1/2; the same (e, i) gives the same tensor in any process."""
+    root = tree(tmp_path, per_class=2, split="train")
+    ds = ImageNetFolder(root, "train", size=48, train=True)
+    img = ds.load(3)
+    ds.epoch_seed = 7
+    g = torch.Generator().manual_seed(7 * 100_000_007 + 3)
+    left, top, w, h = common.random_resized_crop_box(*img.size, g)
+    want = img.crop((left, top, left + w, top + h)).resize((48, 48), Image.BILINEAR)
+    if float(torch.rand(1, generator=g)) < 0.5:
+        want = want.transpose(Image.FLIP_LEFT_RIGHT)
+    x, y = ds[3]
+    assert torch.equal(x, common.pil_to_tensor01(want)) and y == 1
+    assert torch.equal(ds[3][0], x)
+    flips = 0
+    for e in range(40):  # other epochs, other crops; about half of them flipped
+        ds.epoch_seed = e
+        g = torch.Generator().manual_seed(e * 100_000_007 + 3)
+        common.random_resized_crop_box(*img.size, g)
+        flips += float(torch.rand(1, generator=g)) < 0.5
+    assert 10 <= flips <= 30
+    ds.epoch_seed = 8
+    assert not torch.equal(ds[3][0], x)
+    xs, _ = common.collect(common.imagenet_loader(ds, batch_size=3, workers=2), "t")  # in worker processes: the same
+    assert torch.equal(xs[3], ds[3][0])
 
 
 def test_flat_validation_folder_with_the_devkit(tmp_path):
@@ -141,41 +189,90 @@ def test_p2_table_10_runs_on_imagenet_files_without_torchvision(tmp_path, monkey
 @pytest.mark.parametrize("artifact", ["p2_t5", "p1_t1_imagenet"])
 def test_imagenet_tables_run_on_local_files_and_resume(tmp_path, monkeypatch, artifact):
     """exp_table1's ImageNet artifacts end to end on a self-written ImageNet tree and hash-named weight files (TinyVGG
-    stands in for the 0.5 GB VGGs): streaming evaluation, top-1 <= top-5, claims, and a resume that adds nothing."""
+    stands in for torchvision's 0.03-0.5 GB models): streaming evaluation, top-1 <= top-5, claims on the BN/none pairs
+    only, and a resume that adds nothing. P1 Table 1 trains its ResNet18 with and without BN here (32 x 32 crops)."""
     import hashlib
     import json
 
     import exp_table1
     root, weights = tree(tmp_path / "imagenet", per_class=3), tmp_path / "weights"
+    tree(root, per_class=4, split="train")
     weights.mkdir()
     torch.manual_seed(0)
-    archs = exp_table1.ARTIFACTS[artifact]["runs"]["models"]["imagenet"]
-    for name in [f"{a}{bn}" for a in archs for bn in ("", "_bn")]:
-        torch.save(TinyVGG(name.endswith("_bn")).state_dict(), weights / "tmp.pth")
+    archs = ["vgg16", "resnet18"] if artifact == "p1_t1_imagenet" else \
+        exp_table1.ARTIFACTS[artifact]["runs"]["models"]["imagenet"]
+    trained = exp_table1.ARTIFACTS[artifact]["runs"].get("train", [])
+    released = [(a, n) for a in archs for n in ("none", "bn") if a not in trained and exp_table1.tv_name(a, n)]
+    for a, n in released:
+        torch.save(TinyVGG(n == "bn").state_dict(), weights / "tmp.pth")
         digest = hashlib.sha256((weights / "tmp.pth").read_bytes()).hexdigest()
-        (weights / "tmp.pth").rename(weights / f"{name}-{digest[:8]}.pth")
-    monkeypatch.setattr(exp_table1, "make_model", lambda arch, norm, num_classes, **kw: TinyVGG(norm == "bn"))
+        base = common.TV_WEIGHT_FILES[exp_table1.tv_name(a, n)].rsplit("-", 1)[0]
+        (weights / "tmp.pth").rename(weights / f"{base}-{digest[:8]}.pth")
+    real = exp_table1.make_model
+    monkeypatch.setattr(exp_table1, "make_model", lambda arch, norm, num_classes, **kw: real(
+        arch, norm=norm, num_classes=num_classes, **kw) if arch[9:] in trained else TinyVGG(norm == "bn"))
     monkeypatch.setattr("sys.argv", ["exp_table1.py"])  # (the parser's name, which --resume checks)
     out = tmp_path / "run"
-    argv = ["--preset", "smoke", "--artifact", artifact, "--imagenet-root", str(root), "--weights-dir", str(weights),
-            "--workers", "1", "--batch-size", "4", "--out", str(out)]
+    argv = ["--preset", "smoke", "--artifact", artifact, "--arch", *archs, "--imagenet-root", str(root), "--weights-dir",
+            str(weights), "--workers", "1", "--batch-size", "4", "--size", "32", "--epochs", "1", "--out", str(out)]
     exp_table1.main(exp_table1.get_args(argv))
     res = json.loads((out / "results.json").read_text())
     recs = res["records"]
-    assert {(r["arch"], r["norm"]) for r in recs} == {(a, n) for a in archs for n in ("none", "bn")}
+    want = released + [(a, n) for a in trained if a in archs for n in ("none", "bn")]
+    assert sorted((r["arch"], r["norm"]) for r in recs) == sorted(want)
     for r in recs:
-        assert r["dataset"] == "imagenet" and r["n_eval"] == 9 and r["weights"].startswith(r["arch"])
+        assert r["dataset"] == "imagenet" and r["n_eval"] == 9
+        assert r["weights"] == "trained here" if r["arch"] in trained else r["weights"].startswith(r["arch"])
         for k in [k for k in r if k.startswith("acc_") and not k.startswith("acc_top5")]:
             assert 0 <= r[k] <= r["acc_top5_" + k[4:]] <= 1  # top-1 never above top-5
-    claims = {c["id"] for c in res["claims"]}
-    assert claims == ({"p2t5_top5_pgd", "p2t5_top1_pgd", "p2t5_top5_clean"} if artifact == "p2_t5" else
-                      {"p1t1in_clean", "p1t1in_pgd_l2", "p1t1in_pgd_linf", "p1t1in_cw_l2", "p1t1in_cw_linf"})
+    claims = {c["id"]: c for c in res["claims"]}
+    if artifact == "p2_t5":
+        assert {(a, n) for a, n in want if a in ("alexnet", "densenet121", "resnet18")} == \
+            {("alexnet", "none"), ("densenet121", "bn"), ("resnet18", "bn")}
+        assert set(claims) == {"p2t5_top5_pgd", "p2t5_top1_pgd", "p2t5_top5_clean"}
+        assert all(c["n_a"] == c["n_b"] == 4 for c in claims.values())  # the four VGG pairs, not the unpaired models
+    else:
+        assert set(claims) == {"p1t1in_clean", "p1t1in_pgd_l2", "p1t1in_pgd_linf", "p1t1in_cw_l2", "p1t1in_cw_linf"}
+        assert all(c["n_a"] == c["n_b"] == 2 for c in claims.values())
+        assert (out / "ckpt" / "imagenet_resnet18_bn_s0.pt").exists()
     table = (out / "table.md").read_text()
-    assert "| imagenet | " in table and "top-5" in table
+    assert "| imagenet | " in table and "top-5" in table and "The paper's numbers" in table
     exp_table1.main(exp_table1.get_args(argv[:-2] + ["--resume", "--out", str(out)]))  # nothing left to do
     assert json.loads((out / "results.json").read_text())["records"] == recs
     with pytest.raises(DataError, match="needs --imagenet-root"):
         exp_table1.main(exp_table1.get_args(["--preset", "smoke", "--artifact", artifact, "--out", str(tmp_path / "x")]))
+
+
+def test_imagenet_resnet_training_resumes_exactly_and_falls_back_when_it_diverges(tmp_path, monkeypatch):
+    """P1 Table 1's ImageNet ResNets: a run interrupted after its first epoch resumes from the checkpoint and ends with
+    the weights of an uninterrupted run; a no-norm ResNet that diverges is retrained with the warm-up and clipping
+    fallback, and its record says so."""
+    import exp_table1
+    root = tree(tmp_path / "imagenet", per_class=4, split="train")
+    args = exp_table1.get_args(["--preset", "smoke", "--artifact", "p1_t1_imagenet", "--imagenet-root", str(root),
+                                "--size", "32", "--epochs", "2", "--batch-size", "4", "--workers", "0"])
+    train_set = ImageNetFolder(root, "train", size=32, train=True)
+    device = torch.device("cpu")
+    whole, _ = exp_table1.trained_resnet(args, tmp_path / "a", train_set, "resnet18", "bn", device)
+    saves = []
+    real_save = exp_table1.save_atomic
+
+    def save_then_stop(obj, path):
+        real_save(obj, path)
+        saves.append(path)
+        raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
+    monkeypatch.setattr(exp_table1, "save_atomic", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        exp_table1.trained_resnet(args, tmp_path / "b", train_set, "resnet18", "bn", device)
+    monkeypatch.setattr(exp_table1, "save_atomic", real_save)
+    resumed, info = exp_table1.trained_resnet(args, tmp_path / "b", train_set, "resnet18", "bn", device)
+    assert len(saves) == 1 and info["status"] == "ok" and not info["fallback"]
+    for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    args.lr = 1e6  # a no-norm ResNet at an absurd LR diverges
+    _, info = exp_table1.trained_resnet(args, tmp_path / "c", train_set, "resnet18", "none", device)
+    assert info["fallback"] and (tmp_path / "c" / "ckpt" / "imagenet_resnet18_none_s0_fallback.pt").exists()
+    assert info["status"] == "ok" or "diverged" in info["reason"]
 
 
 def test_fig11_on_the_100_class_substitute_from_imagenet_files(tmp_path):

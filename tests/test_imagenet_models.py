@@ -13,7 +13,7 @@ PARAMS = {  # torchvision's published num_params of each IMAGENET1K_V1 weight
     ("vgg11", "none"): 132_863_336, ("vgg11", "bn"): 132_868_840, ("vgg13", "none"): 133_047_848,
     ("vgg13", "bn"): 133_053_736, ("vgg16", "none"): 138_357_544, ("vgg16", "bn"): 138_365_992,
     ("vgg19", "none"): 143_667_240, ("vgg19", "bn"): 143_678_248, ("resnet18", "bn"): 11_689_512,
-    ("resnet50", "bn"): 25_557_032,
+    ("resnet50", "bn"): 25_557_032, ("alexnet", "none"): 61_100_840, ("densenet121", "bn"): 7_978_856,
 }
 
 
@@ -55,6 +55,41 @@ def test_resnet_keys_and_strides_are_torchvisions():
     assert not any(k.startswith("layer") and ".bn" in k for k in meta("resnet50", "none").state_dict())
 
 
+def test_alexnet_and_densenet_keys_are_torchvisions():
+    """P2 Table 5's other models: torchvision's AlexNet (convs at features.0/3/6/8/10, classifier.1/4/6) and
+    DenseNet-121 (features.conv0 ... denseblock4.denselayer16, norm5, classifier; 58 dense layers, 3 transitions)."""
+    sd = meta("alexnet", "none").state_dict()
+    assert list(sd) == [f"features.{i}.{t}" for i in (0, 3, 6, 8, 10) for t in ("weight", "bias")] + \
+        [f"classifier.{i}.{t}" for i in (1, 4, 6) for t in ("weight", "bias")]
+    assert sd["features.0.weight"].shape == (64, 3, 11, 11) and sd["classifier.1.weight"].shape == (4096, 9216)
+    sd = meta("densenet121", "bn").state_dict()
+    layers = {k.rsplit(".", 2)[0] for k in sd if ".denselayer" in k}
+    assert len(layers) == 6 + 12 + 24 + 16 and "features.denseblock4.denselayer16" in layers
+    assert sd["features.denseblock1.denselayer1.conv1.weight"].shape == (128, 64, 1, 1)
+    assert sd["features.denseblock1.denselayer1.conv2.weight"].shape == (32, 128, 3, 3)
+    assert sd["features.transition3.conv.weight"].shape == (512, 1024, 1, 1)
+    assert sd["features.norm5.weight"].shape == (1024,) and sd["classifier.weight"].shape == (1000, 1024)
+    assert not any(".bias" in k and "conv" in k for k in sd)
+
+
+def test_densenet_file_with_torchvisions_legacy_names_loads(tmp_path):
+    """torchvision's densenet121-a639ec97.pth (2017) names a dense layer's modules norm.1, conv.1, norm.2, conv.2 and has
+    no num_batches_tracked; torchvision renames the keys when it loads the file, and so does load_tv_weights."""
+    import re
+    torch.manual_seed(0)
+    src = make_model("imagenet_densenet121", norm="bn", num_classes=1000).eval()
+    legacy = {re.sub(r"(denselayer\d+\.(?:norm|conv))([12])\.", r"\1.\2.", k): v for k, v in src.state_dict().items()
+              if not k.endswith("num_batches_tracked")}
+    assert "features.denseblock2.denselayer3.norm.1.running_var" in legacy
+    torch.save(legacy, tmp_path / "tmp.pth")
+    digest = hashlib.sha256((tmp_path / "tmp.pth").read_bytes()).hexdigest()
+    (tmp_path / "tmp.pth").rename(tmp_path / f"densenet121-{digest[:8]}.pth")
+    dst = load_tv_weights(make_model("imagenet_densenet121", norm="bn", num_classes=1000), tmp_path, "densenet121").eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(dst(x), src(x))
+
+
 def write_weights(folder, name, model, named=True):
     path = folder / "tmp.pth"
     torch.save(model.state_dict(), path)
@@ -85,6 +120,8 @@ def test_weight_files_load_strictly_and_bad_files_are_one_line(tmp_path):
     with pytest.raises(DataError, match="sha256 .* does not start with"):
         tv_weights_path(tmp_path, "resnet18")
     path.rename(tmp_path / "resnet18.pth")  # a renamed file is not taken
+    with pytest.raises(DataError, match=r"alexnet-owt-7be5be79\.pth: missing"):  # (its release name is alexnet-owt-<hex>)
+        tv_weights_path(tmp_path, "alexnet")
     with pytest.raises(DataError, match=r"resnet18-f37072fd\.pth: missing"):
         tv_weights_path(tmp_path, "resnet18")
     (tmp_path / "resnet18.pth").unlink()
