@@ -2452,8 +2452,8 @@ class ImageNetFolder(torch.utils.data.Dataset):
         root = pathlib.Path(root)
         folder = root / split
         if not folder.is_dir():
-            raise DataError(f"ImageNet not found: expected {folder}/<wnid>/*.JPEG (or the flat validation folder with "
-                            f"the devkit)")
+            raise DataError(f"ImageNet not found: expected {folder}/<wnid>/*.JPEG" +
+                            (" (or the flat validation folder with the devkit)" if split == "val" else ""))
         self.size, self.train, self.epoch_seed = size, train, 0
         wnids = sorted(d.name for d in folder.iterdir() if d.is_dir())
         if wnids:

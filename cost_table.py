@@ -94,11 +94,15 @@ def epoch_metrics_cost(t, arch, shape, n_test, n_sub, steps, perturbations, runs
 
 def cost_table1(args):
     t = Tally()
-    if exp_table1.ARTIFACTS[args.artifact]["runs"].get("pretrained"):  # torchvision's ImageNet VGGs: evaluation only
-        specs = exp_table1.imagenet_specs(args, exp_table1.ARTIFACTS[args.artifact]["runs"]["space"])
+    art = exp_table1.ARTIFACTS[args.artifact]["runs"]
+    if art.get("imagenet"):  # torchvision's released models (evaluation only) and P1's ResNets (trained, then evaluated)
+        specs = exp_table1.imagenet_specs(args, art["space"])
         n_eval = args.n_eval or 50_000  # ImageNet's validation set
         for _, a, n in exp_table1.plan(args):
             kw = dict(norm=n, num_classes=1000, in_channels=3, imagenet=True)
+            if a in art.get("train", ()):
+                r = exp_table1.imagenet_recipe(args, a, n)
+                t.train(a, (3, 224, 224), SIZES["imagenet"][0], r["epochs"], 1, batch=r["batch_size"], **kw)
             t.model(a, (3, 224, 224), fb=n_eval * sum(attack_steps(s) for s in specs.values()), kind="attack", **kw)
             t.model(a, (3, 224, 224), fwd=n_eval * len(specs), **kw)
         return t

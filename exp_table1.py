@@ -19,8 +19,9 @@ Run it:
 
 Two input spaces (DECISIONS.md D2): P1 artifacts attack [0,1] pixels (the model standardizes
 inside); P2 artifacts attack standardized inputs with the papers' clip ranges. P2 Table 5 and P1 Table 1's ImageNet
-VGG rows evaluate torchvision's released weights in this project's models on ImageNet's validation set, streamed
-from local files (--imagenet-root, --weights-dir; no torchvision). P2 Table 2 selected the epoch with the best *test*
+block evaluate torchvision's released weights in this project's models on ImageNet's validation set, streamed from
+local files (--imagenet-root, --weights-dir; no torchvision); P1's ImageNet ResNets are trained here (He et al.'s
+recipe, DECISIONS.md D36). P2 Table 2 selected the epoch with the best *test*
 accuracy: both the final and that epoch are measured and labelled, its claims use the selected one (DECISIONS.md D18).
 """
 import argparse
@@ -954,11 +955,11 @@ def get_args(argv=None):
                          cache="shared checkpoint cache: reuse a model trained by any script with the same dataset, "
                                "architecture, norm, width, recipe and seed", outputs="table.md, claims.md and the figure")
     g.add_argument("--size", type=int, help="resize images to size x size (unset: the dataset's own; "
-                   "digits 32 for VGG, 16 otherwise)")
+                   "digits 32 for VGG, 16 otherwise; ImageNet's crop, 224)")
     g.add_argument("--imagenet-root", help="p2_t5, p1_t1_imagenet: ImageNet folder with val/<wnid>/*.JPEG (or the flat "
-                   "validation folder with ILSVRC2012_devkit_t12/)")
+                   "validation folder with ILSVRC2012_devkit_t12/) and, to train P1's ResNets, train/<wnid>/*.JPEG")
     g.add_argument("--weights-dir", help="p2_t5, p1_t1_imagenet: torchvision's weight files under their release names "
-                   "(e.g. vgg16-397923af.pth; --download fetches them)")
+                   "(e.g. vgg16-397923af.pth; --download fetches them); not needed for the ResNets P1 trains")
     g.add_argument("--workers", type=int, default=4, help="ImageNet: DataLoader worker processes")
     args = parse_with_presets(p, resolve, argv)
     args.arch_seeds = dict(args.arch_seeds or {})  # (ARCH=N pairs from the command line, a dict from a preset)
