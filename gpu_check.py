@@ -8,6 +8,8 @@ Checks, each reported as passed or failed with its time in gpu_check/report.json
   smoke        every exp_*.py's smoke preset on --device (with --amp and --deterministic on CUDA, where they apply);
   portability  a checkpoint written on the CPU resumed on the device, and the reverse (train_model);
   cache        exp_table1.py trained into a --cache and then served from it (no training epoch the second time);
+  imagenet     P1 Table 1's ImageNet ResNet18 +-BN trained 2 epochs on a small JPEG tree written here (224 crops streamed
+               by DataLoader workers, bf16 on CUDA), evaluated, then resumed from its checkpoints with nothing to redo;
   throughput   images/s of a training step and of one PGD step for the paper presets' models at their paper batch
                size, float32 and bf16 autocast, with the achieved TFLOP/s (FLOPs from cost_table.flops) -- written to
                gpu_check/throughput.json, which cost_table.py reads in place of its assumed utilization.
@@ -118,6 +120,30 @@ def portability(device, tmp):
         print(f"  a checkpoint written on {a.type} resumed on {b.type}")
 
 
+def imagenet(device, tmp, quick):
+    """exp_table1.py --artifact p1_t1_imagenet on a JPEG tree of 3 classes (32 training, 8 validation images each, at
+    ImageNet's typical 500 x 375): the streaming training and evaluation path of P1's ImageNet ResNets, and a rerun
+    that resumes from the finished models."""
+    import numpy as np
+    from PIL import Image
+    root = tmp / "imagenet"
+    for split, n in (("train", 32), ("val", 8)):
+        for k, wnid in enumerate(("n01440764", "n02102040", "n02979186")):
+            (root / split / wnid).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                rng = np.random.default_rng(1000 * k + i + (500 if split == "val" else 0))
+                Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)).save(root / split / wnid / f"{i}.JPEG")
+    args = ["--artifact", "p1_t1_imagenet", "--arch", "resnet18", "--imagenet-root", str(root), "--epochs", "2",
+            "--batch-size", "8" if quick else "32", "--workers", "2" if quick else "4"] + \
+        (["--size", "32"] if quick else []) + (["--amp"] if device.type == "cuda" else [])
+    first = run_script("exp_table1", args, device, tmp / "imagenet_run")
+    speed = [line.rsplit("images/s", 1)[0].rsplit(", ", 1)[-1].strip() for line in first.replace("\r", "\n").splitlines()
+             if "epoch 2/2:" in line and "images/s" in line]
+    print(f"  trained and evaluated ResNet18 none and bn; last training progress: {speed[-1:]} images/s")
+    second = run_script("exp_table1", args + ["--resume"], device, tmp / "imagenet_run")
+    assert "epoch 1/2" not in second, "the resumed run trained again"
+
+
 def run_script(name, args, device, out):
     cmd = [sys.executable, f"{name}.py", "--preset", "smoke", *args, "--device", device.type, "--out", str(out)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -130,7 +156,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", choices=["cpu", "cuda"], help="the device to check (default: cuda)")
     p.add_argument("--quick", action="store_true", help="tiny models and few repetitions (what the tests run)")
-    p.add_argument("--only", nargs="+", choices=["smoke", "portability", "cache", "throughput"],
+    p.add_argument("--only", nargs="+", choices=["smoke", "portability", "cache", "imagenet", "throughput"],
                    help="run only these checks (default: all)")
     p.add_argument("--scripts", nargs="+", choices=list(SMOKE), help="smoke: only these scripts (default: all)")
     p.add_argument("--out", default="gpu_check", help="folder for report.json and throughput.json (default: gpu_check)")
@@ -152,7 +178,7 @@ def main():
                                          error=f"{e.__class__.__name__}: {e}"))
             print(f"  FAILED: {e.__class__.__name__}: {e}")
 
-    todo = args.only or ["smoke", "portability", "cache", "throughput"]
+    todo = args.only or ["smoke", "portability", "cache", "imagenet", "throughput"]
     if "smoke" in todo:
         for name in args.scripts or SMOKE:
             extra = ["--amp"] if device.type == "cuda" else []
@@ -168,6 +194,8 @@ def main():
             first, second = (run_script("exp_table1", base, device, tmp / f"cache{i}") for i in (1, 2))
             assert "epoch   1/1" in first and "epoch   1/1" not in second and "resumed from" in second
         check("cache", cache)
+    if "imagenet" in todo:
+        check("imagenet", lambda: imagenet(device, tmp, args.quick))
     if "throughput" in todo:
         def measure():
             table = throughput(device, args.quick)
