@@ -2021,6 +2021,74 @@ def train_model(model, data, recipe, seed=0, ckpt=None, log=print, amp=False, on
     return dict(status=state["status"], reason=state["reason"], history=state["history"], best=best)
 
 
+# He et al. 2016 Sec. 3.4, the ImageNet recipe P1 App. B.1 names for its ImageNet ResNets (Table 1, Fig 11): SGD with
+# momentum 0.9, batch 256, weight decay 1e-4, LR 0.1 divided by 10 at epochs 30 and 60, 90 epochs, random-resized
+# crops and flips (ImageNetFolder(train=True))
+HE_IMAGENET = dict(epochs=90, lr=0.1, milestones=(30, 60), batch_size=256, weight_decay=1e-4)
+
+
+def train_stream(model, train_set, r, ckpt=None, key=None, seed=0, workers=4, amp=False, on_epoch=None, tag="",
+                 num_classes=1000):
+    """Train `model` (on its device) on a dataset streamed from disk (ImageNet: ImageNetFolder with train=True) by
+    `workers` DataLoader processes, recipe `r`: epochs, lr, milestones, batch_size, weight_decay, warmup_epochs, clip
+    (the gradient norm's bound, or None). SGD with momentum 0.9, the LR of `lr_at` per iteration, bf16 autocast with
+    amp on CUDA. Epoch e visits a permutation seeded by (seed, e) and augments image i from (seed, e, i), so a run
+    resumed from its per-epoch checkpoint `ckpt` trains on the batches of an uninterrupted one, whatever `workers`.
+    on_epoch(epoch, model) -> dict adds measurements to the history (epoch 0 = before training), as in
+    `train_model`; a progress line says images/s. Divergence, or a final training accuracy no better than the chance
+    of a `num_classes`-way classifier, fails the run (`end_epoch`). Returns dict(status='ok'|'failed', reason,
+    history)."""
+    dev = next(model.parameters()).device
+    opt = make_optimizer("sgd", model.parameters(), r["lr"], 0.9, r["weight_decay"])
+    g_unused = torch.Generator()  # (load_checkpoint restores two generators; this loop draws from neither)
+    amp = amp and dev.type == "cuda"
+    with checkpoint_lock(ckpt, print, tag) as refresh:
+        state = load_checkpoint(ckpt, key, model, opt, g_unused, torch.Generator(), lambda e: 0)
+        if state is not None:
+            print(f"{tag} resumed from {ckpt} after epoch {state['epoch']} ({state['status']})")
+        state = state or dict(epoch=0, history=[dict(epoch=0, **(on_epoch(0, model) if on_epoch else {}))],
+                              status="running", reason="")
+        while state["status"] == "running" and state["epoch"] < r["epochs"]:
+            epoch, t0 = state["epoch"], time.time()
+            train_set.epoch_seed = seed * 1000 + epoch
+            loader = imagenet_loader(train_set, r["batch_size"], workers=workers, shuffle=True, seed=seed * 1000 + epoch)
+            model.train()
+            loss_sum, correct, n = torch.zeros((), device=dev), torch.zeros((), device=dev), 0
+            for i, (xb, yb) in enumerate(worker_errors(loader)):
+                xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(epoch + i / len(loader), r["lr"], r["milestones"], 0.1, r["warmup_epochs"])
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                    logits = model(xb)
+                loss = F.cross_entropy(logits.float(), yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if r.get("clip"):
+                    nn.utils.clip_grad_norm_(model.parameters(), r["clip"])
+                opt.step()
+                loss_sum += loss.detach() * len(yb)
+                correct += (logits.argmax(1) == yb).sum()
+                n += len(yb)
+                if i % 20 == 0 or i == len(loader) - 1:  # (a host sync every 20 steps; a diverged loss stops the epoch)
+                    if not math.isfinite(float(loss_sum)):
+                        break
+                    print(f"\r{tag} epoch {epoch + 1}/{r['epochs']}: {n}/{len(train_set)} images, "
+                          f"{n / max(time.time() - t0, 1e-9):.0f} images/s, loss {float(loss_sum) / n:.3f}", end="",
+                          flush=True)
+            print()
+            row = end_epoch(state, r["epochs"], float(loss_sum) / max(n, 1), float(correct) / max(n, 1), num_classes,
+                            lr=opt.param_groups[0]["lr"], time_s=time.time() - t0)
+            if on_epoch and state["status"] != "failed":
+                row |= on_epoch(state["epoch"], model)
+            print(f"{tag} epoch {state['epoch']}/{r['epochs']} | " + " | ".join(
+                f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "lr", "time_s")) + f" | {row['time_s']:.0f}s")
+            if ckpt is not None:
+                save_atomic(dict(model=model.state_dict(), opt=opt.state_dict(), g_data=g_unused.get_state(),
+                                 g_attack=g_unused.get_state(), g_attack_device="cpu", state=state, key=key), ckpt)
+                refresh()
+    return dict(status=state["status"], reason=state["reason"], history=state["history"])
+
+
 def keep_best(state, row, model, data, input_fn):
     """Model selection by clean test accuracy (P2 Table 2, "the best model in terms of test accuracy"): the epoch's
     test accuracy goes into its history row, and the weights of the best epoch so far into the training state (so

@@ -41,7 +41,7 @@ from common import (DATASETS, DataError, IMAGENET_MEAN, IMAGENET_STD, ImageNetFo
                     min_eps_summary, minimal_eps, model_in_space, model_key, model_kwargs, paper_recipe, parse_with_presets,
                     pgd, pick_device, prepare_run_dir, print_config, read_cifar101, run_attack, run_script, save_figure,
                     set_seed, show, train_model, tv_weights_path, with_overrides, worker_errors, write_claims, write_config,
-                    write_text_atomic, checkpoint_lock, end_epoch, load_checkpoint, lr_at, make_optimizer, save_atomic)
+                    write_text_atomic, HE_IMAGENET, train_stream)
 
 
 # ================================================================================================
@@ -90,11 +90,9 @@ ARTIFACTS["p1_t1_imagenet"] = dict(title="P1 Table 1: ImageNet (torchvision's VG
                                    runs=PIXELS | dict(models={"imagenet": ["vgg16", "vgg19", "resnet18", "resnet50"]},
                                                       norms=["none", "bn"], seeds=1, imagenet=True,
                                                       train=["resnet18", "resnet50"]))
-# He et al. 2016 Sec. 3.4, which P1 App. B.1 names for its ImageNet ResNets: SGD with momentum 0.9, batch 256, weight
-# decay 1e-4, LR 0.1 divided by 10 at epochs 30 and 60, 90 epochs ("up to 60 x 10^4 iterations"), random-resized crops
-# and flips. A no-norm ResNet may diverge at LR 0.1: it is then retrained with a 5-epoch warm-up and the gradient
-# norm clipped at 5, and the record says so (`fallback`).
-HE_IMAGENET = dict(epochs=90, lr=0.1, milestones=(30, 60), batch_size=256, weight_decay=1e-4)
+# P1 App. B.1 trains its ImageNet ResNets with He et al.'s recipe (common.HE_IMAGENET). A no-norm ResNet may diverge
+# at LR 0.1: it is then retrained with a 5-epoch warm-up and the gradient norm clipped at 5, and the record says so
+# (`fallback`).
 NO_NORM_FALLBACK = dict(warmup_epochs=5.0, clip=5.0)
 
 
@@ -464,61 +462,6 @@ def imagenet_recipe(args, arch, norm, fallback=False):
     return r | (NO_NORM_FALLBACK if fallback else {})
 
 
-def train_imagenet(args, model, train_set, r, ckpt, key, device, seed, tag):
-    """Train an ImageNet ResNet (P1 Table 1) with recipe `r` on `train_set` (ImageNetFolder with train=True: random-
-    resized crops and flips) streamed from disk by --workers processes: SGD with momentum 0.9, the LR of common.lr_at
-    per iteration (warm-up, steps at the milestones), bf16 autocast with --amp, the gradient norm clipped at
-    r["clip"] when set. Epoch e visits a permutation seeded by (seed, e) and augments image i from (seed, e, i), so a
-    run resumed from its per-epoch checkpoint `ckpt` trains on the batches of an uninterrupted one. A progress line
-    says images/s. Returns dict(status='ok'|'failed', reason, history) as common.train_model."""
-    opt = make_optimizer("sgd", model.parameters(), r["lr"], 0.9, r["weight_decay"])
-    g_unused = torch.Generator()  # (common.load_checkpoint restores two generators; this loop needs none)
-    amp = args.amp and device.type == "cuda"
-    with checkpoint_lock(ckpt, print, tag) as refresh:
-        state = load_checkpoint(ckpt, key, model, opt, g_unused, torch.Generator(), lambda e: 0)
-        if state is not None:
-            print(f"{tag} resumed from {ckpt} after epoch {state['epoch']} ({state['status']})")
-        state = state or dict(epoch=0, history=[dict(epoch=0)], status="running", reason="")
-        while state["status"] == "running" and state["epoch"] < r["epochs"]:
-            epoch, t0 = state["epoch"], time.time()
-            train_set.epoch_seed = seed * 1000 + epoch
-            loader = imagenet_loader(train_set, r["batch_size"], workers=args.workers, shuffle=True,
-                                     seed=seed * 1000 + epoch)
-            model.train()
-            loss_sum, correct, n = torch.zeros((), device=device), torch.zeros((), device=device), 0
-            for i, (xb, yb) in enumerate(worker_errors(loader)):
-                xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(epoch + i / len(loader), r["lr"], r["milestones"], 0.1, r["warmup_epochs"])
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                    logits = model(xb)
-                loss = F.cross_entropy(logits.float(), yb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if r["clip"]:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), r["clip"])
-                opt.step()
-                loss_sum += loss.detach() * len(yb)
-                correct += (logits.argmax(1) == yb).sum()
-                n += len(yb)
-                if i % 20 == 0 or i == len(loader) - 1:  # (a host sync every 20 steps; a diverged loss stops the epoch)
-                    if not math.isfinite(float(loss_sum)):
-                        break
-                    print(f"\r{tag} epoch {epoch + 1}/{r['epochs']}: {n}/{len(train_set)} images, "
-                          f"{n / max(time.time() - t0, 1e-9):.0f} images/s, loss {float(loss_sum) / n:.3f}", end="",
-                          flush=True)
-            print()
-            row = end_epoch(state, r["epochs"], float(loss_sum) / max(n, 1), float(correct) / max(n, 1), 1000,
-                            lr=opt.param_groups[0]["lr"], time_s=time.time() - t0)
-            print(f"{tag} epoch {state['epoch']}/{r['epochs']} | loss {row['train_loss']:.4f} | train acc "
-                  f"{row['train_acc']:.4f} | {row['time_s']:.0f}s")
-            if ckpt is not None:
-                save_atomic(dict(model=model.state_dict(), opt=opt.state_dict(), g_data=g_unused.get_state(),
-                                 g_attack=g_unused.get_state(), g_attack_device="cpu", state=state, key=key), ckpt)
-                refresh()
-    return dict(status=state["status"], reason=state["reason"], history=state["history"])
-
-
 def trained_resnet(args, run_dir, train_set, arch, norm, device):
     """P1 Table 1's ImageNet ResNet (arch, norm), trained here (or resumed, or taken from --cache) on `train_set`; a
     no-norm ResNet that diverges is retrained with NO_NORM_FALLBACK. Returns (model, record fields)."""
@@ -529,7 +472,8 @@ def trained_resnet(args, run_dir, train_set, arch, norm, device):
         key = model_key("imagenet", args.size or 224, f"imagenet_{arch}", dict(norm=norm), r, 0, args.amp, "pixels",
                         IMAGENET_MEAN, IMAGENET_STD)
         ckpt = cache_path(args.cache, key) or run_dir / "ckpt" / f"imagenet_{arch}_{norm}_s0{'_fallback' * fallback}.pt"
-        res = train_imagenet(args, model, train_set, r, ckpt, key, device, 0, f"[imagenet {arch} {norm}]")
+        res = train_stream(model, train_set, r, ckpt=ckpt, key=key, seed=0, workers=args.workers, amp=args.amp,
+                           tag=f"[imagenet {arch} {norm}]")
         info = dict(status=res["status"], reason=res["reason"], epochs=r["epochs"], lr=r["lr"], fallback=fallback,
                     train_acc=res["history"][-1].get("train_acc"))
         if res["status"] == "ok" or norm != "none" or fallback or "diverged" not in res["reason"]:

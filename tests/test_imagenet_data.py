@@ -255,16 +255,16 @@ def test_imagenet_resnet_training_resumes_exactly_and_falls_back_when_it_diverge
     device = torch.device("cpu")
     whole, _ = exp_table1.trained_resnet(args, tmp_path / "a", train_set, "resnet18", "bn", device)
     saves = []
-    real_save = exp_table1.save_atomic
+    real_save = common.save_atomic
 
     def save_then_stop(obj, path):
         real_save(obj, path)
         saves.append(path)
         raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
-    monkeypatch.setattr(exp_table1, "save_atomic", save_then_stop)
+    monkeypatch.setattr(common, "save_atomic", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         exp_table1.trained_resnet(args, tmp_path / "b", train_set, "resnet18", "bn", device)
-    monkeypatch.setattr(exp_table1, "save_atomic", real_save)
+    monkeypatch.setattr(common, "save_atomic", real_save)
     resumed, info = exp_table1.trained_resnet(args, tmp_path / "b", train_set, "resnet18", "bn", device)
     assert len(saves) == 1 and info["status"] == "ok" and not info["fallback"]
     for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
