@@ -169,15 +169,15 @@ def cost_ligs_trend(args):
     n_train, n_test, shape = SIZES[args.dataset]
     for _, o in exp_ligs_trend.runs(args):
         arch, norm = o.get("arch", args.arch), o.get("norm", "bn")
-        kw = dict(norm=norm, num_classes=100 if args.dataset == "imagenet100" else 10, in_channels=3,
-                  width=o.get("width", args.width))
+        classes = {"imagenet100": 100, "imagenet": 1000}.get(args.dataset, 10)
+        kw = dict(norm=norm, num_classes=classes, in_channels=3, width=o.get("width", args.width))
         epochs = o.get("epochs", args.epochs)
         lam = o.get("ligs_lambda", 0.0)
         t.train(arch, shape, n_train, epochs, args.seeds, batch=args.batch_size,
                 adv_steps=args.adv_steps if o.get("adversarial") else 0,
                 extra=3.0 if lam > 0 else 1.0, **kw)  # the LIGS penalty: double backprop, ~3 passes
         perts = common.PERTURBATIONS if o.get("all_perturbations") else ("gaussian",)
-        epoch_metrics_cost(t, arch, shape, n_test, args.per_class * 10, args.attack_steps, perts,
+        epoch_metrics_cost(t, arch, shape, n_test, args.per_class * classes, args.attack_steps, perts,
                            args.seeds * (epochs + 1), **kw)
     return t
 

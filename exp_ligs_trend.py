@@ -30,13 +30,20 @@ P1 Table 4/5 are empty, so the training setup is DECISIONS.md D14: ResNet18, SGD
 batch 128, LR 0.01, 150 epochs, /10 at 50 and 100, crop+flip. Adversarial training: l2 PGD eps 0.5,
 7 steps of 0.1, adversarial examples only (DECISIONS.md D15), generated in eval mode (the authors' code used
 targeted random labels in train mode). LIGS: Gaussian sigma 0.01, no clipping,
-eval mode (DECISIONS.md D12). Fig 11 runs on a labelled substitute of ImageNet, 100 of its classes at 64x64
-(--data-root holding imagenet/{train,val}/<wnid>/*.JPEG).
+eval mode (DECISIONS.md D12). Fig 11 trains on ImageNet itself, streamed from --data-root/imagenet/{train,val}/<wnid>/
+(He et al.'s recipe, 224 crops, 1,000 validation images for LIGS and PGD, clean accuracy on the whole validation set),
+or on a labelled substitute, 100 of its classes at 64x64 read into memory (--dataset imagenet100 --size 64
+--per-class 10).
 """
 import math
+import pathlib
 import time
 
-from common import (DATASETS, NORMS, Sweep, add_run_flags, build_dataset, cache_path, check_attack, check_numbers, claim,
+import torch
+
+from common import (DATASETS, HE_IMAGENET, IMAGENET_MEAN, IMAGENET_STD, NORMS, ImageNetFolder, collect, eval_mode,
+                    imagenet_loader, train_stream, worker_errors, Sweep, add_run_flags, build_dataset, cache_path,
+                    check_attack, check_numbers, claim,
                     class_balanced_subset, epoch_metrics, fast_layout, fmt_mean_sem, ligs_sigma_matched, log_to, make_model,
                     make_parser, mean_sem, median_minimal_eps, merge_runs, parse_with_presets, pgd, pick_device,
                     prepare_run_dir, print_config, run_script, save_figure, set_seed, show, train_model, write_claims,
@@ -65,13 +72,16 @@ ARTIFACTS = {  # name -> title, runs (what varies), claims
     "fig5": dict(title="P1 Fig 5: LIGS regularizer, ResNet18-BN", runs=dict(norms=["bn"], lambdas=LAMBDAS)),
     "fig8": dict(title="P1 Fig 8: width, depth, activation, weight decay, learning rate, optimizer (ResNet18-BN)",
                  runs=dict(norms=["bn"], factors=FACTORS)),
-    # P1 Fig 11 trains on ImageNet; here on a labelled substitute: 100 ImageNet classes at 64x64
-    # (common.read_imagenet100), torchvision's ResNet18/50 layout with each norm, He et al.'s recipe.
-    "fig11": dict(title="P1 Fig 11: ResNet18/50 x norms on ImageNet -- SUBSTITUTE: 100 classes at 64x64",
+    # P1 Fig 11: torchvision's ResNet18/50 layout with each norm on ImageNet, He et al.'s recipe (common.HE_IMAGENET),
+    # streamed from disk (common.train_stream); or, labelled as such, on 100 ImageNet classes at 64x64
+    # (common.read_imagenet100: --dataset imagenet100 --size 64 --per-class 10), trained in memory
+    "fig11": dict(title="P1 Fig 11: ResNet18/50 x norms on ImageNet",
                   runs=dict(norms=list(NORMS), archs=["imagenet_resnet18", "imagenet_resnet50"])),
 }
-FIG11_PAPER = dict(dataset="imagenet100", size=64, epochs=90, lr=0.1, milestones=[30, 60], batch_size=256,
-                   weight_decay=1e-4, per_class=10)  # He et al. 2016's ImageNet recipe; 1,000 LIGS/PGD samples
+FIG11_SUBSTITUTE = " -- SUBSTITUTE: 100 classes at 64x64"  # (in every title of a run on imagenet100)
+FIG11_PAPER = dict(dataset="imagenet", size=224, epochs=HE_IMAGENET["epochs"], lr=HE_IMAGENET["lr"],
+                   milestones=list(HE_IMAGENET["milestones"]), batch_size=HE_IMAGENET["batch_size"],
+                   weight_decay=HE_IMAGENET["weight_decay"], per_class=1)  # 1,000 LIGS/PGD samples
 
 
 SKIPPED = {}
@@ -179,8 +189,12 @@ def run_one(args, data, subset, variant, o, seed, device, ckpt):
     base = dict(artifact=args.artifact, dataset=args.dataset, arch=arch, norm=o["norm"], seed=seed, variant=variant,
                 training="adversarial" if adv else "standard", factor=o.get("factor"), value=str(o.get("value")),
                 ligs_lambda=o.get("ligs_lambda", 0.0), status=res["status"], reason=res["reason"])
-    rows = [base | h for h in res["history"]]
-    if res["status"] == "ok":  # Carlini et al. 2019 checks of the robust-accuracy attack, on the final model
+    return final_checks(args, model, x_sub, y_sub, [base | h for h in res["history"]], seed)
+
+
+def final_checks(args, model, x_sub, y_sub, rows, seed):
+    """The final model's attack sanity checks and budget-free robustness, added to the last history row."""
+    if rows[-1]["status"] == "ok":  # Carlini et al. 2019 checks of the robust-accuracy attack, on the final model
         spec = dict(kind="pgd", norm="l2", eps=args.eps, steps=args.attack_steps, clip=(0.0, 1.0))
         rows[-1] |= {f"chk_pgd_l2_{k}": v for k, v in check_attack(model, x_sub, y_sub, spec, seed=seed).items()}
         if args.min_eps_iters:  # budget-free robustness of the final model (DECISIONS.md D34)
@@ -189,6 +203,50 @@ def run_one(args, data, subset, variant, o, seed, device, ckpt):
                                                args.min_eps_range * args.eps, iters=args.min_eps_iters)
             rows[-1] |= dict(min_eps_l2=med, min_eps_l2_censored=censored)
     return rows
+
+
+def run_imagenet(args, train_set, val_loader, x_sub, y_sub, variant, o, seed, device, ckpt):
+    """P1 Fig 11 on ImageNet itself: one ResNet trained with common.train_stream (He et al.'s recipe, random-resized
+    crops and flips streamed from disk), measured before training and after every epoch as P1 Sec. 4 does: clean
+    accuracy on the whole validation set (streamed), PGD-ℓ2 robust accuracy and LIGS on the fixed subset in memory."""
+    set_seed(seed)
+    kw = dict(gn_groups=args.gn_groups) if args.gn_groups else {}
+    model = make_model(o["arch"], norm=o["norm"], num_classes=1000, mean=IMAGENET_MEAN, std=IMAGENET_STD, **kw).to(device)
+    recipe = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, milestones=args.milestones,
+                  weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, clip=None)
+
+    def on_epoch(e, m):
+        out = epoch_metrics(m, x_sub, y_sub, x_sub, y_sub, args.eps, args.attack_steps, args.sigma, seed,
+                            sigma_dm=ligs_sigma_matched(args.sigma, x_sub.shape[1:]))
+        hits = n = 0
+        with torch.no_grad(), eval_mode(m):
+            for xb, yb in worker_errors(val_loader):
+                hits += int((m(xb.to(device)).argmax(1) == yb.to(device)).sum())
+                n += len(yb)
+        return out | dict(clean_acc=hits / n)  # (the whole validation set, not the subset)
+    key = dict(dataset="imagenet", size=args.size, arch=o["arch"], recipe=recipe, seed=seed, amp=args.amp,
+               model=dict(norm=o["norm"], **kw), measure=dict(eps=args.eps, steps=args.attack_steps, n=len(y_sub),
+                                                              sigma=args.sigma, val=len(val_loader.dataset)))
+    res = train_stream(model, train_set, recipe, ckpt=cache_path(args.cache, key) or ckpt, key=key, seed=seed,
+                       workers=args.workers, amp=args.amp, on_epoch=on_epoch, tag=f"[{variant} s{seed}]")
+    base = dict(artifact=args.artifact, dataset="imagenet", arch=o["arch"], norm=o["norm"], seed=seed, variant=variant,
+                training="standard", factor=None, value="None", ligs_lambda=0.0, status=res["status"],
+                reason=res["reason"])
+    return final_checks(args, model.eval(), x_sub, y_sub, [base | h for h in res["history"]], seed)
+
+
+def imagenet_inputs(args, device):
+    """P1 Fig 11's ImageNet: the training set streamed with augmentation, a loader of the validation set, and
+    --per-class validation images of every class (the first of each class in file order) on the device."""
+    root = pathlib.Path(args.data_root) / "imagenet"
+    train_set = ImageNetFolder(root, "train", size=args.size, train=True)
+    val = ImageNetFolder(root, "val", size=args.size)
+    first = {}
+    for i, (_, c) in enumerate(val.samples):
+        first.setdefault(c, []).append(i)
+    pick = [i for c in sorted(first) for i in first[c][:args.per_class]]
+    x_sub, y_sub = collect(imagenet_loader(torch.utils.data.Subset(val, pick), 64, workers=args.workers), "LIGS subset")
+    return train_set, imagenet_loader(val, args.batch_size, workers=args.workers), x_sub.to(device), y_sub.to(device)
 
 
 # ================================================================================================
@@ -202,21 +260,28 @@ def main(args):
         print(f"redrew the table, claims and figures in {run_dir}")
         return
     device = pick_device(args.device)
-    data = build_dataset(args.dataset, args.data_root, device, args.download, size=args.size,
-                         n_train=1000 if args.dataset == "synthetic" else None)
+    if args.dataset == "imagenet":  # P1 Fig 11 on ImageNet itself, streamed
+        inputs = imagenet_inputs(args, device)
+        described = f"train {len(inputs[0])} images, eval subset {len(inputs[3])}, validation {len(inputs[1].dataset)}"
+    else:
+        data = build_dataset(args.dataset, args.data_root, device, args.download, size=args.size,
+                             n_train=1000 if args.dataset == "synthetic" else None)
+        subset = class_balanced_subset(data.y_test, args.per_class)
+        described = f"train {tuple(data.x_train.shape)}, eval subset {len(subset)}"
     run_dir = prepare_run_dir("exp_ligs_trend", args.out, args.resume, args.shard)
     log_to(run_dir, args.shard)
     print_config(args)
     write_config(run_dir, args, __file__, device)
-    subset = class_balanced_subset(data.y_test, args.per_class)
-    print(f"run directory: {run_dir} | {args.dataset}: train {tuple(data.x_train.shape)}, eval subset {len(subset)} "
-          f"({args.per_class}/class) | robust eps {args.eps:g} (l2, {args.attack_steps} steps)")
+    print(f"run directory: {run_dir} | {args.dataset}: {described} ({args.per_class}/class) | robust eps {args.eps:g} "
+          f"(l2, {args.attack_steps} steps)")
     sweep = Sweep(run_dir, planned_runs(args), args.shard)
     overrides = dict(runs(args))
     t0 = time.time()
     for _, name, r in sweep.todo():
         ckpt = run_dir / "ckpt" / f"{name}.pt"
-        sweep.save(name, run_one(args, data, subset, r["variant"], overrides[r["variant"]], r["seed"], device, ckpt))
+        o = overrides[r["variant"]]
+        sweep.save(name, run_imagenet(args, *inputs, r["variant"], o, r["seed"], device, ckpt) if args.dataset == "imagenet"
+                   else run_one(args, data, subset, r["variant"], o, r["seed"], device, ckpt))
     write_outputs(run_dir, sweep.records(), vars(args))
     show(run_dir / "table.md")
     show(run_dir / "claims.md")
@@ -281,10 +346,10 @@ FIG8_CLAIMS = [
 ]
 
 FIG11_CLAIMS = [  # P1 Sec. 4.3 on Fig 11: on ImageNet too, every norm gives lower LIGS than none
-    *[claim(f"fig11_{n}_ligs", "P1 Fig 11", f"{n.upper()} gives lower LIGS than none (ImageNet; here the 100-class "
-            "64x64 substitute)", "lower (figure only)", "ligs", dict(norm=n), dict(norm="none"), per=("arch",))
+    *[claim(f"fig11_{n}_ligs", "P1 Fig 11", f"{n.upper()} gives lower LIGS than none (ImageNet, or its substitute where "
+            "the title says so)", "lower (figure only)", "ligs", dict(norm=n), dict(norm="none"), per=("arch",))
       for n in ("bn", "in", "ln", "gn")],
-    claim("fig11_bn_clean", "P1 Fig 11", "BN gives higher clean accuracy than none (ImageNet; here the substitute)",
+    claim("fig11_bn_clean", "P1 Fig 11", "BN gives higher clean accuracy than none (ImageNet, or its substitute)",
           "higher (figure only)", "clean_acc", dict(norm="bn"), dict(norm="none"), ">", per=("arch",), scale=100.0),
 ]
 
@@ -447,7 +512,9 @@ def claim_rows(records, useful_acc=0.9):
 
 def write_outputs(run_dir, records, cfg):
     artifact, preset = cfg["artifact"], cfg["preset"]
-    header = f"# {ARTIFACTS[artifact]['title']} (preset {preset}, {', '.join(sorted({r['dataset'] for r in records}))})"
+    datasets = sorted({r["dataset"] for r in records})
+    title = ARTIFACTS[artifact]["title"] + (FIG11_SUBSTITUTE if artifact == "fig11" and "imagenet100" in datasets else "")
+    header = f"# {title} (preset {preset}, {', '.join(datasets)})"
     write_text_atomic(run_dir / "table.md", make_table(records, header))
     budgets = f" | robust acc: l2 PGD eps {cfg['eps']:g}, {cfg['attack_steps']} steps; error bars: SEM over seeds"
     make_figures(records, run_dir, artifact, header[2:] + budgets)
@@ -464,7 +531,8 @@ def get_args(argv=None):
     g.add_argument("--norm", nargs="+", choices=list(NORMS), help="norms (fig4, fig2)")
     g.add_argument("--lambdas", nargs="+", type=float, help="fig5: regularizer weights")
     g.add_argument("--factors", nargs="+", default=list(FACTORS), choices=list(FACTORS), help="fig8: factors to vary")
-    g.add_argument("--dataset", choices=DATASETS, help="dataset")
+    g.add_argument("--dataset", choices=DATASETS + ("imagenet",), help="dataset (imagenet: fig11 only, streamed from "
+                   "--data-root/imagenet/{train,val}/<wnid>/; imagenet100: its labelled 100-class substitute)")
     g.add_argument("--arch", help="base architecture")
     g.add_argument("--seeds", type=int, help="seeds per run (P1 reports one)")
     g = p.add_argument_group("training")
@@ -494,14 +562,18 @@ def get_args(argv=None):
     g = add_run_flags(p, "exp_ligs_trend", unit="runs", data="the datasets",
                          cache="shared checkpoint cache: reuse a model (with its per-epoch measurements) trained with the "
                                "same data, model, recipe, measurements and seed")
-    g.add_argument("--size", type=int, help="resize images to size x size (unset: the dataset's own)")
+    g.add_argument("--size", type=int, help="resize images to size x size (unset: the dataset's own; ImageNet's crop)")
+    g.add_argument("--workers", type=int, default=4, help="ImageNet: DataLoader worker processes")
     args = parse_with_presets(p, resolve, argv)
     if args.plot_only:
         return args
+    if args.dataset == "imagenet" and args.artifact != "fig11":
+        p.error(f"--dataset imagenet: only --artifact fig11 trains on ImageNet (not {args.artifact})")
+    args.size = args.size or (224 if args.dataset == "imagenet" else None)
     check_numbers(p, args, at_least_one=("epochs", "batch_size", "attack_steps", "per_class", "seeds", "adv_steps", "size",
                                          "gn_groups", "milestones"),
                   positive=("width", "lr", "eps", "adv_eps", "adv_step_size", "sigma", "useful_acc", "min_eps_range"),
-                  non_negative=("weight_decay", "warmup_epochs", "lambdas", "min_eps_iters"))
+                  non_negative=("weight_decay", "warmup_epochs", "lambdas", "min_eps_iters", "workers"))
     return args
 
 

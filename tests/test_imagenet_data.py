@@ -300,6 +300,16 @@ def test_fig11_on_the_100_class_substitute_from_imagenet_files(tmp_path):
     assert {x["variant"] for x in recs} == {"resnet18 none", "resnet18 bn"}
     assert all(x["dataset"] == "imagenet100" and -1 <= x["ligs"] <= 1 for x in recs if "ligs" in x)
     assert "SUBSTITUTE: 100 classes at 64x64" in (out / "table.md").read_text() and (out / "fig11.png").exists()
+    out = tmp_path / "fig11_imagenet"  # P1 Fig 11 on ImageNet itself: streamed, 1000 outputs, the whole val set
+    r = subprocess.run([sys.executable, "exp_ligs_trend.py", "--preset", "smoke", "--artifact", "fig11", "--dataset",
+                        "imagenet", "--data-root", str(tmp_path / "data"), "--size", "32", "--arch", "imagenet_resnet18",
+                        "--norm", "bn", "--epochs", "1", "--milestones", "--per-class", "1", "--batch-size", "4",
+                        "--workers", "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = json.loads((out / "results.json").read_text())["records"]
+    assert [x["epoch"] for x in recs] == [0, 1] and all(x["dataset"] == "imagenet" for x in recs)
+    assert all(0 <= x["clean_acc"] <= 1 and -1 <= x["ligs"] <= 1 and "robust_acc" in x for x in recs)
+    assert "SUBSTITUTE" not in (out / "table.md").read_text() and "images/s" in r.stdout
     shutil.rmtree(tmp_path / "data" / "imagenet" / "val" / WNIDS[0])  # a class folder missing from val: one line
     r = subprocess.run([sys.executable, "exp_ligs_trend.py", "--preset", "smoke", "--artifact", "fig11", "--dataset",
                         "imagenet100", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "x")],
