@@ -2038,6 +2038,8 @@ def train_stream(model, train_set, r, ckpt=None, key=None, seed=0, workers=4, am
     `train_model`; a progress line says images/s. Divergence, or a final training accuracy no better than the chance
     of a `num_classes`-way classifier, fails the run (`end_epoch`). Returns dict(status='ok'|'failed', reason,
     history)."""
+    if is_distributed():  # (every rank would train its own copy): the models of an artifact are independent
+        raise ValueError("streamed ImageNet training runs in one process per GPU: use --shard k/N, not torchrun")
     dev = next(model.parameters()).device
     opt = make_optimizer("sgd", model.parameters(), r["lr"], 0.9, r["weight_decay"])
     g_unused = torch.Generator()  # (load_checkpoint restores two generators; this loop draws from neither)

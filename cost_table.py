@@ -101,7 +101,7 @@ def cost_table1(args):
         for _, a, n in exp_table1.plan(args):
             kw = dict(norm=n, num_classes=1000, in_channels=3, imagenet=True)
             if a in art.get("train", ()):
-                r = exp_table1.imagenet_recipe(args, a, n)
+                r = exp_table1.imagenet_recipe(args)
                 t.train(a, (3, 224, 224), SIZES["imagenet"][0], r["epochs"], 1, batch=r["batch_size"], **kw)
             t.model(a, (3, 224, 224), fb=n_eval * sum(attack_steps(s) for s in specs.values()), kind="attack", **kw)
             t.model(a, (3, 224, 224), fwd=n_eval * len(specs), **kw)

@@ -450,7 +450,7 @@ def evaluate_stream(model, loader, specs, to_input, device, seed, tag):
     return {f"acc_{k}": h[0] / n for k, h in hits.items()} | {f"acc_top5_{k}": h[1] / n for k, h in hits.items()}
 
 
-def imagenet_recipe(args, arch, norm, fallback=False):
+def imagenet_recipe(args, fallback=False):
     """He et al.'s ImageNet recipe (HE_IMAGENET) with --epochs (milestones kept at the same fraction), --lr,
     --batch-size, --weight-decay, --warmup-epochs; NO_NORM_FALLBACK on top when `fallback`."""
     r = dict(HE_IMAGENET, batch_size=args.batch_size, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
@@ -466,7 +466,7 @@ def trained_resnet(args, run_dir, train_set, arch, norm, device):
     """P1 Table 1's ImageNet ResNet (arch, norm), trained here (or resumed, or taken from --cache) on `train_set`; a
     no-norm ResNet that diverges is retrained with NO_NORM_FALLBACK. Returns (model, record fields)."""
     for fallback in (False, True):
-        r = imagenet_recipe(args, arch, norm, fallback)
+        r = imagenet_recipe(args, fallback)
         set_seed(0)  # model init
         model = make_model(f"imagenet_{arch}", norm=norm, num_classes=1000, mean=IMAGENET_MEAN, std=IMAGENET_STD).to(device)
         key = model_key("imagenet", args.size or 224, f"imagenet_{arch}", dict(norm=norm), r, 0, args.amp, "pixels",
