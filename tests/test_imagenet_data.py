@@ -275,6 +275,15 @@ def test_imagenet_resnet_training_resumes_exactly_and_falls_back_when_it_diverge
     assert info["status"] == "ok" or "diverged" in info["reason"]
 
 
+def test_streamed_training_refuses_torchrun(tmp_path, monkeypatch):
+    """Each torchrun rank would train its own copy of the model: one clear line pointing to --shard instead."""
+    monkeypatch.setattr(common, "is_distributed", lambda: True)
+    model = common.make_model("imagenet_resnet18", norm="bn", num_classes=1000)
+    train_set = ImageNetFolder(tree(tmp_path, split="train"), "train", size=32, train=True)
+    with pytest.raises(ValueError, match="use --shard k/N, not torchrun"):
+        common.train_stream(model, train_set, dict(common.HE_IMAGENET, epochs=1))
+
+
 def test_fig11_on_the_100_class_substitute_from_imagenet_files(tmp_path):
     """P1 Fig 11's labelled substitute end to end: ImageNet class folders under --data-root/imagenet/{train,val}, read
     at 32x32, torchvision's ResNet18 layout with and without BN, LIGS per epoch, the substitute named in the table."""
