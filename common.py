@@ -2038,8 +2038,7 @@ def train_stream(model, train_set, r, ckpt=None, key=None, seed=0, workers=4, am
     `train_model`; a progress line says images/s. Divergence, or a final training accuracy no better than the chance
     of a `num_classes`-way classifier, fails the run (`end_epoch`). Returns dict(status='ok'|'failed', reason,
     history)."""
-    if is_distributed():  # (every rank would train its own copy): the models of an artifact are independent
-        raise ValueError("streamed ImageNet training runs in one process per GPU: use --shard k/N, not torchrun")
+    single_process("streamed ImageNet training")
     dev = next(model.parameters()).device
     opt = make_optimizer("sgd", model.parameters(), r["lr"], 0.9, r["weight_decay"])
     g_unused = torch.Generator()  # (load_checkpoint restores two generators; this loop draws from neither)
@@ -2907,6 +2906,13 @@ def pick_device(name="auto"):
 def is_distributed():
     """True inside a torchrun job with more than one rank (after `init_distributed`)."""
     return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def single_process(what):
+    """Refuse torchrun for work that is not data-parallel (every rank would redo all of it): the models of such an
+    artifact are independent, so --shard k/N gives each GPU its own. Scripts call it before any long work starts."""
+    if is_distributed():
+        raise ValueError(f"{what} runs in one process per GPU: use --shard k/N, not torchrun")
 
 
 def is_main_process():

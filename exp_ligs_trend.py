@@ -46,8 +46,8 @@ from common import (DATASETS, HE_IMAGENET, IMAGENET_MEAN, IMAGENET_STD, NORMS, I
                     check_attack, check_numbers, claim,
                     class_balanced_subset, epoch_metrics, fast_layout, fmt_mean_sem, ligs_sigma_matched, log_to, make_model,
                     make_parser, mean_sem, median_minimal_eps, merge_runs, parse_with_presets, pgd, pick_device,
-                    prepare_run_dir, print_config, run_script, save_figure, set_seed, show, train_model, write_claims,
-                    write_config, write_text_atomic)
+                    prepare_run_dir, print_config, run_script, save_figure, set_seed, show, single_process, train_model,
+                    write_claims, write_config, write_text_atomic)
 
 
 # ================================================================================================
@@ -261,6 +261,7 @@ def main(args):
         return
     device = pick_device(args.device)
     if args.dataset == "imagenet":  # P1 Fig 11 on ImageNet itself, streamed
+        single_process("--dataset imagenet (each model is trained by common.train_stream)")
         inputs = imagenet_inputs(args, device)
         described = f"train {len(inputs[0])} images, eval subset {len(inputs[3])}, validation {len(inputs[1].dataset)}"
     else:

@@ -40,8 +40,8 @@ from common import (DATASETS, DataError, IMAGENET_MEAN, IMAGENET_STD, ImageNetFo
                     fmt_mean_sem, imagenet_loader, load_tv_weights, log_to, make_model, make_parser, mean_sem, merge_runs,
                     min_eps_summary, minimal_eps, model_in_space, model_key, model_kwargs, paper_recipe, parse_with_presets,
                     pgd, pick_device, prepare_run_dir, print_config, read_cifar101, run_attack, run_script, save_figure,
-                    set_seed, show, train_model, tv_weights_path, with_overrides, worker_errors, write_claims, write_config,
-                    write_text_atomic, HE_IMAGENET, train_stream)
+                    set_seed, show, single_process, train_model, tv_weights_path, with_overrides, worker_errors, write_claims,
+                    write_config, write_text_atomic, HE_IMAGENET, train_stream)
 
 
 # ================================================================================================
@@ -493,6 +493,8 @@ def main_imagenet(args):
                         f"{' and train/<wnid>/*.JPEG' if art.get('train') else ''}) and --weights-dir (torchvision's "
                         "weight files; --download fetches them)")
     names = {(a, n): tv_name(a, n) for _, a, n in plan(args) if a not in art.get("train", ())}
+    if len(names) < len(plan(args)):
+        single_process(f"--artifact {args.artifact}'s ResNet training")  # before hours of the VGGs' evaluation
     for name in names.values():  # every input is checked before the run directory is created
         (fetch_tv_weights if args.download else tv_weights_path)(args.weights_dir, name)
     train_set = ImageNetFolder(args.imagenet_root, "train", size=args.size or 224, train=True) \

@@ -276,12 +276,23 @@ def test_imagenet_resnet_training_resumes_exactly_and_falls_back_when_it_diverge
 
 
 def test_streamed_training_refuses_torchrun(tmp_path, monkeypatch):
-    """Each torchrun rank would train its own copy of the model: one clear line pointing to --shard instead."""
+    """Each torchrun rank would train its own copy of the model: one clear line pointing to --shard instead, from the
+    trainer and from both scripts before any run directory is made (exp_table1 would first evaluate the VGGs)."""
+    import exp_ligs_trend
+    import exp_table1
     monkeypatch.setattr(common, "is_distributed", lambda: True)
     model = common.make_model("imagenet_resnet18", norm="bn", num_classes=1000)
-    train_set = ImageNetFolder(tree(tmp_path, split="train"), "train", size=32, train=True)
+    train_set = ImageNetFolder(tree(tmp_path / "data" / "imagenet", split="train"), "train", size=32, train=True)
     with pytest.raises(ValueError, match="use --shard k/N, not torchrun"):
         common.train_stream(model, train_set, dict(common.HE_IMAGENET, epochs=1))
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="p1_t1_imagenet's ResNet training runs in one process per GPU"):
+        exp_table1.main(exp_table1.get_args(["--preset", "smoke", "--artifact", "p1_t1_imagenet", "--arch", "resnet18",
+                                             "--imagenet-root", str(tmp_path / "data" / "imagenet"), "--out", str(out)]))
+    with pytest.raises(ValueError, match="--dataset imagenet .* not torchrun"):
+        exp_ligs_trend.main(exp_ligs_trend.get_args(["--preset", "smoke", "--artifact", "fig11", "--dataset", "imagenet",
+                                                     "--data-root", str(tmp_path / "data"), "--out", str(out)]))
+    assert not out.exists()
 
 
 def test_fig11_on_the_100_class_substitute_from_imagenet_files(tmp_path):
